@@ -330,11 +330,13 @@ class CoBa:
             for index, loss in enumerate(losses):
                 if loss == 0:
                     self._zero_loss_counts[index] += 1
-                    logger.warning(
-                        "CoBa: validation loss of task %r is 0 at update %d; it is left out of the slope fit",
-                        self._task_names[index],
-                        self._num_updates,
-                    )
+                    if self._zero_loss_counts[index] == 1:  # once per task; zero_loss_counts keeps the tally
+                        logger.warning(
+                            "CoBa: validation loss of task %r is 0 at update %d; zero losses are left out of "
+                            "the slope fit and counted in CoBa.zero_loss_counts",
+                            self._task_names[index],
+                            self._num_updates,
+                        )
             self._ratio_history.append(
                 tuple(loss / reference for loss, reference in zip(losses, self._reference_losses))
             )
