@@ -1,0 +1,180 @@
+"""CadMtl model configuration."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext")
+TASKS = ("cls", "det", "seg")
+
+# Strides of the pyramid levels shared by the detection head and the segmentation decoder.
+PYRAMID_STRIDES = (8, 16, 32)
+
+
+def default_vit_out_indices(num_hidden_layers: int) -> list[int]:
+    """Three layers spread over the depth (shallow -> stride 8, deepest -> stride 32), e.g. [4, 8, 12]."""
+    if num_hidden_layers < 3:
+        return list(range(1, num_hidden_layers + 1))
+    return [round(num_hidden_layers * i / 3) for i in (1, 2, 3)]
+
+
+class CadMtlConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`CadMtlModel`]: one DINOv3 backbone (ViT or ConvNeXt) shared by a classification head, an
+    anchor-free (FCOS-style) detection head and a semantic segmentation decoder.
+
+    Args:
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+            Configuration of the backbone, a `DINOv3ViTConfig` (default, shaped like DINOv3 ViT-S/16 with 4 register
+            tokens) or a `DINOv3ConvNextConfig`. For a ViT, `out_indices` are the layers the heads read: either one
+            layer (a simple feature pyramid is built from it) or one layer per pyramid level (shallowest -> stride 8);
+            the last layer must be among them because the classification head reads its class token. For ConvNeXt
+            the stages at strides 8/16/32 (`stage2`, `stage3`, `stage4`) are used.
+        cls_labels (`list[str]`, *optional*):
+            Class names of the classification head.
+        det_labels (`list[str]`, *optional*):
+            Object categories of the detection head (no background class: scores are per-class sigmoids).
+        seg_labels (`list[str]`, *optional*):
+            Classes of the segmentation decoder; index 0 is the background.
+        neck_channels (`int`, *optional*, defaults to 128):
+            Channels of the feature pyramid and of the detection towers.
+        det_num_convs (`int`, *optional*, defaults to 2):
+            Number of 3x3 conv + GroupNorm + ReLU blocks in each detection tower (classification and box).
+        seg_channels (`int`, *optional*, defaults to 128):
+            Channels of the segmentation decoder.
+        cls_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout before the classification layer.
+        focal_alpha, focal_gamma (`float`):
+            Parameters of the sigmoid focal loss of the detection head.
+        center_sampling_radius (`float`, *optional*, defaults to 1.5):
+            A location is a positive for a box when it lies within this many strides of the box centre (FCOS).
+        det_box_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the GIoU loss inside the detection loss.
+        seg_dice_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the Dice loss added to the cross-entropy of the segmentation loss.
+        seg_ignore_index (`int`, *optional*, defaults to 255):
+            Label value ignored by the segmentation loss.
+        size_divisor (`int`, *optional*, defaults to 32):
+            Inputs are padded inside the model to a multiple of this (and of the patch size).
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal initialiser of the heads.
+
+    Example:
+
+    ```python
+    >>> from modeling_cadmtl import CadMtlConfig, CadMtlModel
+    >>> config = CadMtlConfig(cls_labels=["normal", "worn"], det_labels=["dent", "scratch"],
+    ...                       seg_labels=["background", "dent", "scratch"])
+    >>> model = CadMtlModel(config)
+    ```
+    """
+
+    model_type = "cadmtl"
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="dinov3_vit",
+            init_kwargs={"num_register_tokens": 4, "out_indices": [4, 8, 12], "pos_embed_rescale": None},
+        ),
+    }
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    cls_labels: list[str] | None = None
+    det_labels: list[str] | None = None
+    seg_labels: list[str] | None = None
+    neck_channels: int = 128
+    det_num_convs: int = 2
+    seg_channels: int = 128
+    cls_dropout: float = 0.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    center_sampling_radius: float = 1.5
+    det_box_loss_weight: float = 1.0
+    seg_dice_weight: float = 1.0
+    seg_ignore_index: int = 255
+    size_divisor: int = 32
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.cls_labels = list(self.cls_labels) if self.cls_labels is not None else ["normal", "anomaly"]
+        self.det_labels = list(self.det_labels) if self.det_labels is not None else ["defect"]
+        self.seg_labels = list(self.seg_labels) if self.seg_labels is not None else ["background", "defect"]
+        self._check_labels()
+        self._check_backbone()
+        # `id2label` is derived state that pipelines read: the classification labels here, and each task class
+        # swaps in its own task's labels (see `CadMtlFor*`). The per-task lists above are the source of truth.
+        self.set_task_labels("cls")
+
+    def _check_labels(self) -> None:
+        for task, labels, minimum in (
+            ("cls_labels", self.cls_labels, 1),
+            ("det_labels", self.det_labels, 1),
+            ("seg_labels", self.seg_labels, 2),
+        ):
+            if len(labels) < minimum:
+                raise ValueError(f"`{task}` needs at least {minimum} names, got {labels}.")
+            if not all(isinstance(name, str) and name for name in labels):
+                raise ValueError(f"`{task}` must be a list of non-empty strings, got {labels}.")
+            duplicates = sorted({name for name in labels if labels.count(name) > 1})
+            if duplicates:
+                raise ValueError(f"`{task}` has duplicate names: {duplicates}.")
+        if len(self.seg_labels) > self.seg_ignore_index:
+            raise ValueError(
+                f"{len(self.seg_labels)} segmentation classes collide with seg_ignore_index={self.seg_ignore_index}."
+            )
+
+    def _check_backbone(self) -> None:
+        backbone = self.backbone_config
+        if backbone.model_type not in SUPPORTED_BACKBONES:
+            raise ValueError(
+                f"Unsupported backbone model_type {backbone.model_type!r}; expected one of {SUPPORTED_BACKBONES}."
+            )
+        if backbone.model_type == "dinov3_vit":
+            last_stage = f"stage{backbone.num_hidden_layers}"
+            if last_stage not in backbone.out_features:
+                raise ValueError(
+                    f"The backbone's out_features {backbone.out_features} must include the last layer "
+                    f"({last_stage!r}): the classification head reads its class token."
+                )
+            if len(backbone.out_features) not in (1, len(PYRAMID_STRIDES)):
+                raise ValueError(
+                    f"A ViT backbone feeds the pyramid with 1 layer or {len(PYRAMID_STRIDES)} layers (one per "
+                    f"level), got out_features={backbone.out_features}."
+                )
+            # The backbone only fills `cls_tokens` when this (undeclared) attribute is set; it survives save/load.
+            backbone.return_class_token = True
+        else:
+            needed = ["stage2", "stage3", "stage4"]
+            if backbone.out_features != needed:
+                backbone.set_output_features_output_indices(out_features=needed, out_indices=None)
+
+    @property
+    def is_vit(self) -> bool:
+        return self.backbone_config.model_type == "dinov3_vit"
+
+    @property
+    def patch_size(self) -> int:
+        return self.backbone_config.patch_size if self.is_vit else 1
+
+    @property
+    def backbone_channels(self) -> list[int]:
+        """Channels of each feature map the backbone hands to the neck."""
+        if self.is_vit:
+            return [self.backbone_config.hidden_size] * len(self.backbone_config.out_features)
+        return list(self.backbone_config.hidden_sizes[1:4])
+
+    def set_task_labels(self, task: str) -> None:
+        """Point `id2label` / `label2id` at the labels of `task`."""
+        self.id2label = dict(enumerate(self.labels_for(task)))
+        self.label2id = {name: i for i, name in self.id2label.items()}
+
+    def labels_for(self, task: str) -> list[str]:
+        """The label names of `task` ("cls", "det" or "seg")."""
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
+        return {"cls": self.cls_labels, "det": self.det_labels, "seg": self.seg_labels}[task]
+
+
+__all__ = ["CadMtlConfig"]
