@@ -1,0 +1,284 @@
+"""Image processor of CadMtl: resize, normalise and (optionally) pad images, carrying detection boxes and
+segmentation masks along, plus the post-processing of each head's outputs into the formats pipelines expect."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torchvision.transforms.v2.functional as tvF
+from torch.nn import functional as F
+from torchvision.ops import batched_nms, box_convert
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+)
+
+
+def _first_field(outputs: Any, *names: str) -> torch.Tensor | None:
+    """The first of `names` that `outputs` (a ModelOutput or a dict) holds, so the post-processing accepts both the
+    multi-task `CadMtlOutput` and the single-task outputs of the `CadMtlFor*` classes."""
+    for name in names:
+        value = outputs.get(name) if hasattr(outputs, "get") else getattr(outputs, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _as_size_list(target_sizes: Any, batch_size: int) -> list[tuple[int, int]] | None:
+    if target_sizes is None:
+        return None
+    sizes = target_sizes.tolist() if isinstance(target_sizes, torch.Tensor) else list(target_sizes)
+    if len(sizes) != batch_size:
+        raise ValueError(f"Got {len(sizes)} target sizes for a batch of {batch_size} predictions.")
+    return [(int(h), int(w)) for h, w in sizes]
+
+
+class CadMtlImageProcessor(TorchvisionBackend):
+    r"""
+    Prepares images for [`CadMtlModel`] and turns its outputs into predictions.
+
+    Images are converted to RGB (grayscale, RGBA, CMYK are accepted), resized to `size` (default 512x512, the
+    whole image: no crop, so predictions map back exactly), rescaled to [0, 1] and normalised with the ImageNet
+    statistics DINOv3 was trained with. With `do_pad=True` and an aspect-preserving `size` such as
+    `{"shortest_edge": 512}`, a batch is padded at the bottom / right and `pixel_mask` marks the real pixels.
+
+    Detection annotations (COCO style, per image `{"image_id": ..., "annotations": [{"bbox": [x, y, w, h],
+    "category_id": c}, ...]}` in original-image pixels) become `labels`: `{"class_labels", "boxes"}` with
+    normalised (cx, cy, w, h) boxes; segmentation maps (class id per pixel) become `labels` `(B, H, W)` resized
+    with nearest-neighbour, padding filled with `ignore_index`.
+    """
+
+    resample = PILImageResampling.BILINEAR
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"height": 512, "width": 512}
+    default_to_square = True
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    do_pad = False
+    model_input_names = ["pixel_values", "pixel_mask"]
+    ignore_index = 255
+
+    def preprocess(
+        self,
+        images: Any,
+        annotations: list[dict[str, Any]] | dict[str, Any] | None = None,
+        segmentation_maps: Any = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        r"""
+        annotations: COCO-style detection annotations, one dict per image (see the class docstring).
+        segmentation_maps: one class-id map per image (PIL "L"/"P", numpy or tensor of shape (H, W)).
+        """
+        return super().preprocess(images, annotations, segmentation_maps, **kwargs)
+
+    def _preprocess_image_like_inputs(
+        self,
+        images: Any,
+        annotations: Any,
+        segmentation_maps: Any,
+        do_convert_rgb: bool,
+        input_data_format: ChannelDimension | None,
+        return_tensors: str | None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        if annotations is not None and segmentation_maps is not None:
+            raise ValueError(
+                "Pass detection `annotations` or `segmentation_maps`, not both: labels are per task."
+            )
+        images = self._prepare_image_like_inputs(
+            images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=device
+        )
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        do_pad = kwargs.pop("do_pad", False)
+        kwargs.pop("pad_size", None)
+        pixel_values = self._preprocess(images, do_pad=False, pad_size=None, return_tensors=None, **kwargs)[
+            "pixel_values"
+        ]
+        resized_sizes = [tuple(image.shape[-2:]) for image in pixel_values]
+        data: dict[str, Any] = {}
+        if do_pad:
+            pixel_values, pixel_mask = self.pad(pixel_values, return_mask=True)
+            data["pixel_mask"] = pixel_mask
+        elif return_tensors and len(set(resized_sizes)) > 1:
+            raise ValueError(
+                f"Images were resized to different sizes {sorted(set(resized_sizes))}; set do_pad=True to batch "
+                "them, or use a fixed size such as {'height': 512, 'width': 512}."
+            )
+        data["pixel_values"] = pixel_values
+
+        if segmentation_maps is not None:
+            data["labels"] = self._prepare_segmentation_maps(
+                segmentation_maps, original_sizes, resized_sizes, do_pad
+            )
+        batch = BatchFeature(data=data, tensor_type=return_tensors)
+        if annotations is not None:
+            batch["labels"] = self._prepare_annotations(annotations, original_sizes)
+        return batch
+
+    def _prepare_segmentation_maps(
+        self,
+        segmentation_maps: Any,
+        original_sizes: list[tuple[int, int]],
+        resized_sizes: list[tuple[int, int]],
+        do_pad: bool,
+    ) -> list[torch.Tensor]:
+        maps = self._prepare_image_like_inputs(
+            images=segmentation_maps,
+            expected_ndims=2,
+            do_convert_rgb=False,
+            input_data_format=ChannelDimension.FIRST,
+        )
+        if len(maps) != len(original_sizes):
+            raise ValueError(f"Got {len(maps)} segmentation maps for {len(original_sizes)} images.")
+        labels = []
+        for i, (mask, original, resized) in enumerate(zip(maps, original_sizes, resized_sizes)):
+            if tuple(mask.shape[-2:]) != original:
+                raise ValueError(
+                    f"Segmentation map {i} has size {tuple(mask.shape[-2:])} but its image has size {original} "
+                    "(height, width)."
+                )
+            mask = tvF.resize(mask, list(resized), interpolation=tvF.InterpolationMode.NEAREST_EXACT)
+            labels.append(mask[0].to(torch.int64))
+        if do_pad:
+            height = max(mask.shape[0] for mask in labels)
+            width = max(mask.shape[1] for mask in labels)
+            labels = [
+                F.pad(mask, (0, width - mask.shape[1], 0, height - mask.shape[0]), value=self.ignore_index)
+                for mask in labels
+            ]
+        return labels
+
+    def _prepare_annotations(
+        self, annotations: list[dict[str, Any]] | dict[str, Any], original_sizes: list[tuple[int, int]]
+    ) -> list[BatchFeature]:
+        if isinstance(annotations, dict):
+            annotations = [annotations]
+        if len(annotations) != len(original_sizes):
+            raise ValueError(f"Got {len(annotations)} annotation dicts for {len(original_sizes)} images.")
+        labels = []
+        for i, (target, (height, width)) in enumerate(zip(annotations, original_sizes)):
+            objects = target.get("annotations", [])
+            boxes = torch.tensor([obj["bbox"] for obj in objects], dtype=torch.float32).reshape(-1, 4)
+            if (boxes[:, 2:] < 0).any():
+                bad = (boxes[:, 2:] < 0).any(dim=1).nonzero().flatten().tolist()
+                raise ValueError(
+                    f"Image {i}: annotations {bad} have a negative box width or height (COCO xywh)."
+                )
+            boxes = box_convert(boxes, "xywh", "xyxy")
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+            normalised = box_convert(boxes, "xyxy", "cxcywh") / torch.tensor([width, height, width, height])
+            labels.append(
+                BatchFeature(
+                    {
+                        "class_labels": torch.tensor(
+                            [obj["category_id"] for obj in objects], dtype=torch.int64
+                        ),
+                        "boxes": normalised,
+                        "image_id": torch.tensor([target.get("image_id", i)]),
+                        "orig_size": torch.tensor([height, width]),
+                    }
+                )
+            )
+        return labels
+
+    # ------------------------------------------------------------------------------------------ post-processing
+    def post_process_image_classification(
+        self, outputs: Any, top_k: int = 5, id2label: dict[int, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Top-k classes of each image: `[{"scores": (k,), "labels": (k,), "label_names": [...]?}, ...]`.
+
+        Scores are softmax probabilities. `label_names` is added when `id2label` is given.
+        """
+        logits = _first_field(outputs, "logits", "cls_logits")
+        if logits is None:
+            raise ValueError("The outputs hold no classification logits (`logits` or `cls_logits`).")
+        probabilities = logits.float().softmax(dim=-1)
+        scores, labels = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
+        results = []
+        for image_scores, image_labels in zip(scores, labels):
+            result: dict[str, Any] = {"scores": image_scores, "labels": image_labels}
+            if id2label is not None:
+                result["label_names"] = [id2label[int(label)] for label in image_labels]
+            results.append(result)
+        return results
+
+    def post_process_object_detection(
+        self,
+        outputs: Any,
+        threshold: float = 0.5,
+        target_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
+        top_k: int = 100,
+        nms_threshold: float = 0.6,
+        pre_nms_top_k: int = 1000,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detections in the DETR format: one `{"scores", "labels", "boxes"}` dict per image.
+
+        A location's score for a class is `sqrt(sigmoid(class logit) * sigmoid(centerness logit))`. Candidates
+        above `threshold` (at most `pre_nms_top_k`) go through class-wise NMS at `nms_threshold`, and the best
+        `top_k` are kept, sorted by score. Boxes are absolute (x_min, y_min, x_max, y_max) in `target_sizes`
+        (one (height, width) per image; clipped to it), or normalised to [0, 1] when no sizes are given.
+        """
+        logits = _first_field(outputs, "logits", "det_logits")
+        pred_boxes = _first_field(outputs, "pred_boxes")
+        if logits is None or pred_boxes is None:
+            raise ValueError(
+                "The outputs hold no detection predictions (`logits`/`det_logits` and `pred_boxes`)."
+            )
+        centerness = _first_field(outputs, "centerness_logits", "det_centerness_logits")
+        probabilities = logits.float().sigmoid()
+        if centerness is not None:
+            probabilities = (probabilities * centerness.float().sigmoid()[..., None]).sqrt()
+        sizes = _as_size_list(target_sizes, len(logits))
+        num_classes = probabilities.shape[-1]
+
+        results = []
+        for i, (image_scores, image_boxes) in enumerate(zip(probabilities, pred_boxes.float())):
+            flat_scores = image_scores.flatten()
+            candidates = (flat_scores > threshold).nonzero().flatten()
+            if len(candidates) > pre_nms_top_k:
+                candidates = candidates[flat_scores[candidates].topk(pre_nms_top_k).indices]
+            scores = flat_scores[candidates]
+            labels = candidates % num_classes
+            boxes = box_convert(image_boxes[candidates // num_classes], "cxcywh", "xyxy")
+            if sizes is not None:
+                height, width = sizes[i]
+                boxes = boxes * boxes.new_tensor([width, height, width, height])
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+            else:
+                boxes = boxes.clamp(0, 1)
+            keep = batched_nms(boxes, scores, labels, nms_threshold)[:top_k]
+            results.append({"scores": scores[keep], "labels": labels[keep], "boxes": boxes[keep]})
+        return results
+
+    def post_process_semantic_segmentation(
+        self, outputs: Any, target_sizes: torch.Tensor | list[tuple[int, int]] | None = None
+    ) -> list[torch.Tensor]:
+        """One `(height, width)` class-id map per image, resized (bilinear on the logits) to `target_sizes`."""
+        logits = _first_field(outputs, "logits", "seg_logits")
+        if logits is None:
+            raise ValueError("The outputs hold no segmentation logits (`logits` or `seg_logits`).")
+        sizes = _as_size_list(target_sizes, len(logits))
+        if sizes is None:
+            return list(logits.argmax(dim=1))
+        return [
+            F.interpolate(image_logits[None].float(), size=size, mode="bilinear", align_corners=False)[
+                0
+            ].argmax(0)
+            for image_logits, size in zip(logits, sizes)
+        ]
+
+
+CadMtlImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = ["CadMtlImageProcessor"]
