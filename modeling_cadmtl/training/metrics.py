@@ -747,7 +747,8 @@ class DetectionMetrics(_StreamingMetric):
             raise ValueError(
                 "DetectionMetrics.update: either every prediction has an 'image_id' or none does"
             )
-        missing = [str(image_id) for image_id in prediction_ids if image_id not in set(target_ids)]
+        known = set(target_ids)
+        missing = [str(image_id) for image_id in prediction_ids if image_id not in known]
         if missing:
             raise ValueError(
                 f"DetectionMetrics.update: predictions for image_id {', '.join(missing[:5])} have no ground truth "
