@@ -1,0 +1,170 @@
+"""Add one config split converted from COCO, YOLO, class folders or mask folders to a repo folder.
+
+    python -m dataset_scripts.convert {coco,yolo,folders,masks} SOURCE --out REPO_DIR --config NAME
+        [--split train] [--mapping FILE] [--strict] [--drop-unmapped] [--overwrite | --append] ...
+
+SOURCE is the COCO JSON file, or the dataset folder for the other formats. The command prints the
+validation report, writes it to ``REPO_DIR/reports/<config>/<split>.{json,md}``, (re)writes the dataset
+card and exits 1 when the conversion failed (nothing is written then), 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .converters import FORMAT_TASKS, read_coco, read_folders, read_masks, read_yolo
+from .images import DEFAULT_MAX_PIXELS
+from .mapping import load_mapping
+from .pipeline import ConversionResult, ConvertOptions, convert_source
+from .report import ValidationError
+from .schema import task_of_config
+from .taxonomy import load_taxonomy
+from .writer import DEFAULT_MAX_SHARD_SIZE
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """``"384MB"`` -> bytes (binary units: 1 MB = 1024**2 bytes)."""
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size (e.g. 384MB, 1GB, 500000000)")
+    unit = (match[2] or "").lower().rstrip("b").rstrip("i")
+    return int(float(match[1]) * _UNITS[unit])
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments every command that writes a split shares (also used by ``synthesize``)."""
+    parser.add_argument("--out", required=True, type=Path, help="repo folder to create or update")
+    parser.add_argument("--config", required=True, help="config name, <name>_<cls|det|seg>")
+    parser.add_argument("--split", default="train", help="split to write (default: train)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace the split if it exists")
+    existing.add_argument("--append", action="store_true", help="add rows to the split if it exists")
+    parser.add_argument(
+        "--strict", action="store_true", help="turn every skipped sample or annotation into an error"
+    )
+    parser.add_argument("--num-shards", type=int, help="shard count (default: by size, a power of two)")
+    parser.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help="target shard size (default 384MB)",
+    )
+    parser.add_argument("--taxonomy", type=Path, help="taxonomy YAML (default: the packaged one)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def existing_policy(args: argparse.Namespace) -> str:
+    return "replace" if args.overwrite else "append" if args.append else "error"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dataset_scripts.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("format", choices=sorted(FORMAT_TASKS), help="source format")
+    parser.add_argument(
+        "source", type=Path, help="COCO JSON file, or the YOLO / folders / masks dataset folder"
+    )
+    add_output_arguments(parser)
+    parser.add_argument("--mapping", type=Path, help="YAML mapping source label -> taxonomy node")
+    parser.add_argument(
+        "--drop-unmapped", action="store_true", help="drop (and count) labels the mapping lacks"
+    )
+    parser.add_argument(
+        "--label-set",
+        choices=["taxonomy", "present"],
+        help="class list: every class of the CAD domain (default for CAD configs) or only the mapped ones",
+    )
+    parser.add_argument("--images", type=Path, help="COCO: image folder (default: the JSON file's folder)")
+    parser.add_argument("--classes", type=Path, help="YOLO / masks: class list file, one name per line")
+    parser.add_argument(
+        "--source-kind",
+        choices=["real", "converted"],
+        default="converted",
+        help="value of the source column: real (own captures) or converted (default: public data)",
+    )
+    parser.add_argument("--domain", default="", help="hierarchy override for every sample")
+    parser.add_argument("--system", default="", help="hierarchy override for every sample")
+    parser.add_argument("--part", default="", help="hierarchy override for every sample")
+    parser.add_argument("--id-prefix", help="prefix of image ids (default: '<split>/')")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
+    parser.add_argument(
+        "--bbox-from",
+        choices=["annotation", "segmentation"],
+        default="annotation",
+        help="det: take boxes as annotated, or recompute them from polygons / RLE",
+    )
+    return parser
+
+
+def read_source(args: argparse.Namespace):
+    if args.format == "coco":
+        return read_coco(args.source, args.images)
+    if args.format == "yolo":
+        return read_yolo(args.source, split=args.split, classes_file=args.classes)
+    if args.format == "folders":
+        return read_folders(args.source)
+    return read_masks(args.source, classes_file=args.classes)
+
+
+def run(args: argparse.Namespace) -> ConversionResult:
+    task = task_of_config(args.config)
+    if task not in FORMAT_TASKS[args.format]:
+        raise ValueError(
+            f"{args.format} sources make {'/'.join(FORMAT_TASKS[args.format])} configs, not {args.config!r}"
+        )
+    taxonomy = load_taxonomy(args.taxonomy)
+    hierarchy = {
+        k: v for k, v in (("domain", args.domain), ("system", args.system), ("part", args.part)) if v
+    }
+    options = ConvertOptions(
+        repo_dir=args.out,
+        config=args.config,
+        split=args.split,
+        mapping=load_mapping(args.mapping, taxonomy),
+        taxonomy=taxonomy,
+        strict=args.strict,
+        drop_unmapped=args.drop_unmapped,
+        existing=existing_policy(args),
+        label_set=args.label_set,
+        id_prefix=args.id_prefix,
+        hierarchy=hierarchy,
+        source_kind=args.source_kind,
+        max_pixels=args.max_pixels,
+        bbox_from=args.bbox_from,
+        num_shards=args.num_shards,
+        max_shard_size=args.max_shard_size,
+        show_progress=not args.no_progress,
+    )
+    return convert_source(read_source(args), options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except ValidationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(result.report.to_markdown())
+    written = result.written
+    print(
+        f"wrote {written.num_rows} rows in {len(written.files)} shard(s) to {args.out / args.config} ({args.split})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
