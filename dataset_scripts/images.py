@@ -157,6 +157,13 @@ def read_image(
             width, height = image.size
             changed = True
             report.add("exif_transposed", item, f"EXIF orientation {orientation}")
+        else:
+            # The annotations match the raw pixels: keep them, but drop the tag by re-encoding, or every
+            # reader that honours EXIF (datasets.Image, the training decoder) would rotate the image away.
+            changed = True
+            report.add(
+                "reencoded", item, f"EXIF orientation {orientation} dropped: annotations fit the raw pixels"
+            )
     if expected_size is not None and tuple(expected_size) != (width, height):
         report.add(
             "size_mismatch",
