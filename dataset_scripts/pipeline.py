@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 from .card import write_card
 from .images import DEFAULT_MAX_PIXELS, StoredImage, encode_png, read_image, read_mask
 from .mapping import LabelMapping
-from .report import ValidationReport
+from .report import ValidationError, ValidationReport
 from .schema import IGNORE_INDEX, Task, features_for, label_names, task_of_config
 from .taxonomy import BACKGROUND, NORMAL, Taxonomy, load_taxonomy
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
+    SHARD_RE,
     ExistingPolicy,
     SplitWriter,
     SplitWriteResult,
@@ -110,25 +111,33 @@ class ConversionResult:
 
 
 # ---------------------------------------------------------------------------------------------- labels
-def _choose_label_names(
-    task: Task, targets: list[str], options: ConvertOptions, taxonomy: Taxonomy, old_names: list[str] | None
+def choose_label_names(
+    task: Task,
+    targets: list[str],
+    config: str,
+    taxonomy: Taxonomy,
+    label_set: LabelSet | None = None,
+    old_names: list[str] | None = None,
 ) -> list[str]:
-    cad_domain = taxonomy.domain_of_config(options.config)
-    label_set = options.label_set or ("taxonomy" if cad_domain else "present")
+    """The class list of ``config``: the CAD domain's full list (``label_set="taxonomy"``, default for CAD
+    configs) or the ``targets`` in taxonomy order (``"present"``); classes the config already has keep
+    their ids (``old_names`` first, new ones appended)."""
+    cad_domain = taxonomy.domain_of_config(config)
+    label_set = label_set or ("taxonomy" if cad_domain else "present")
     forbidden = {"cls": {BACKGROUND}, "det": {BACKGROUND, NORMAL}, "seg": {NORMAL}}[task]
     bad = sorted(set(targets) & forbidden)
     if bad:
-        raise ValueError(f"{options.config}: {bad} cannot be a {task} class (check the mapping)")
+        raise ValueError(f"{config}: {bad} cannot be a {task} class (check the mapping)")
     if label_set == "taxonomy":
         if cad_domain is None:
             raise ValueError(
-                f"--label-set taxonomy needs a CAD config name (<domain>_<task>), not {options.config!r}"
+                f"--label-set taxonomy needs a CAD config name (<domain>_<task>), not {config!r}"
             )
-        names = taxonomy.label_names(options.config)
+        names = taxonomy.label_names(config)
         outside = sorted(set(targets) - set(names))
         if outside:
             raise ValueError(
-                f"{options.config}: mapped labels {outside} are not classes of domain {cad_domain!r}; map them to "
+                f"{config}: mapped labels {outside} are not classes of domain {cad_domain!r}; map them to "
                 f"anomalies of that domain or use --label-set present"
             )
     else:
@@ -415,8 +424,6 @@ def _existing_splits(repo_dir: Path, config: str) -> list[str]:
     folder = repo_dir / config
     if not folder.is_dir():
         return []
-    from .writer import SHARD_RE
-
     return sorted({m["split"] for p in folder.iterdir() if (m := SHARD_RE.match(p.name))})
 
 
@@ -424,6 +431,81 @@ def _image_id(prefix: str, key: str, used: set[str]) -> str:
     stem = str(PurePosixPath(key).with_suffix(""))
     image_id = prefix + stem
     return prefix + key if image_id in used else image_id
+
+
+class SplitTarget:
+    """The config split being written: its class list (what the config already has, plus the new
+    classes appended), the images and ids already in the config (duplicates and id clashes are checked
+    against them) and the staged shard writer. Nothing replaces existing shards before :meth:`finish`."""
+
+    def __init__(
+        self,
+        repo_dir: str | Path,
+        config: str,
+        split: str,
+        targets: list[str],
+        taxonomy: Taxonomy,
+        *,
+        existing: ExistingPolicy = "error",
+        label_set: LabelSet | None = None,
+        num_shards: int | None = None,
+        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    ) -> None:
+        self.repo_dir, self.config, self.split = Path(repo_dir), config, split
+        self.task = task_of_config(config)
+        self.other_splits = [s for s in _existing_splits(self.repo_dir, config) if s != split]
+        reference = self.other_splits + ([split] if existing == "append" else [])
+        old_features = next(
+            (f for s in reference if (f := read_split_features(self.repo_dir, config, s)) is not None), None
+        )
+        self.old_names = label_names(old_features, self.task) if old_features is not None else None
+        self.names = choose_label_names(self.task, targets, config, taxonomy, label_set, self.old_names)
+        self.class_id = {name: index for index, name in enumerate(self.names)}
+        self.features = features_for(self.task, self.names)
+        self.known_hashes, self.used_ids = _existing_hashes_and_ids(self.repo_dir, config, reference)
+        self.writer = SplitWriter(
+            self.repo_dir,
+            config,
+            split,
+            self.features,
+            existing=existing,
+            num_shards=num_shards,
+            max_shard_size=max_shard_size,
+        )
+
+    def duplicate_of(self, image: StoredImage) -> str | None:
+        """Where the same image bytes already are in the config (``split:image_id``), if anywhere."""
+        return self.known_hashes.get(image.sha1)
+
+    def add(self, row: dict[str, Any], image: StoredImage, report: ValidationReport) -> None:
+        self.writer.add(row)
+        self.known_hashes[image.sha1] = f"{self.split}:{row['image_id']}"
+        self.used_ids.add(row["image_id"])
+        report.rows_written += 1
+
+    def abort(self, report: ValidationReport) -> None:
+        self.writer.abort()
+        report.save(self.repo_dir)
+
+    def finish(
+        self, report: ValidationReport, *, update_card: bool = True, show_progress: bool = False
+    ) -> SplitWriteResult:
+        """Fail (writing nothing) on errors or strict skips; else write the shards, the report and the card."""
+        if report.rows_written == 0:
+            report.error("no usable samples: every sample was skipped (see the counts above)")
+        try:
+            report.raise_if_failed()
+        except ValidationError:
+            self.abort(report)
+            raise
+        written = self.writer.close(show_progress=show_progress)
+        report.save(self.repo_dir)
+        if self.old_names is not None and self.names != self.old_names:
+            for split in self.other_splits:
+                _relabel_split(self.repo_dir, self.config, split, self.features)
+        if update_card:
+            write_card(self.repo_dir)
+        return written
 
 
 def convert_source(data: SourceData, options: ConvertOptions) -> ConversionResult:
@@ -453,27 +535,18 @@ def convert_source(data: SourceData, options: ConvertOptions) -> ConversionResul
         report.save(repo_dir)
         report.raise_if_failed()
 
-    other_splits = [s for s in _existing_splits(repo_dir, options.config) if s != options.split]
-    reference_splits = other_splits + ([options.split] if options.existing == "append" else [])
-    old_features = next(
-        (f for s in reference_splits if (f := read_split_features(repo_dir, options.config, s)) is not None),
-        None,
-    )
-    old_names = label_names(old_features, task) if old_features is not None else None
-    names = _choose_label_names(task, list(label_to_node.values()), options, taxonomy, old_names)
-    features = features_for(task, names)
-    known_hashes, used_ids = _existing_hashes_and_ids(repo_dir, options.config, reference_splits)
-
-    writer = SplitWriter(
+    target = SplitTarget(
         repo_dir,
         options.config,
         options.split,
-        features,
+        list(label_to_node.values()),
+        taxonomy,
         existing=options.existing,
+        label_set=options.label_set,
         num_shards=options.num_shards,
         max_shard_size=options.max_shard_size,
     )
-    builder = _RowBuilder(task, names, label_to_node, ignored, options, taxonomy, report)
+    builder = _RowBuilder(task, target.names, label_to_node, ignored, options, taxonomy, report)
     prefix = f"{options.split}/" if options.id_prefix is None else options.id_prefix
     try:
         for sample in tqdm(
@@ -492,37 +565,24 @@ def convert_source(data: SourceData, options: ConvertOptions) -> ConversionResul
             )
             if image is None:
                 continue
-            if image.sha1 in known_hashes:
-                report.add("duplicate_image", sample.key, f"same bytes as {known_hashes[image.sha1]}")
+            duplicate = target.duplicate_of(image)
+            if duplicate is not None:
+                report.add("duplicate_image", sample.key, f"same bytes as {duplicate}")
                 continue
-            image_id = _image_id(prefix, sample.key, used_ids)
-            if image_id in used_ids:
+            image_id = _image_id(prefix, sample.key, target.used_ids)
+            if image_id in target.used_ids:
                 report.error(
                     f"image id {image_id!r} of {sample.key} is already used in {options.config}; set --id-prefix"
                 )
                 continue
             row = builder.build(sample, image, image_id)
-            if row is None:
-                continue
-            known_hashes[image.sha1] = f"{options.split}:{image_id}"
-            used_ids.add(image_id)
-            writer.add(row)
-            report.rows_written += 1
-        if report.rows_written == 0:
-            report.error("no usable samples: every sample was skipped (see the counts above)")
-        report.raise_if_failed()
+            if row is not None:
+                target.add(row, image, report)
     except BaseException:
-        writer.abort()
-        report.save(repo_dir)
+        target.abort(report)
         raise
-    written = writer.close(show_progress=options.show_progress)
-    report.save(repo_dir)
-    if old_names is not None and names != old_names:
-        for split in other_splits:
-            _relabel_split(repo_dir, options.config, split, features)
-    if options.update_card:
-        write_card(repo_dir)
-    return ConversionResult(report, written, names)
+    written = target.finish(report, update_card=options.update_card, show_progress=options.show_progress)
+    return ConversionResult(report, written, target.names)
 
 
 def _relabel_split(repo_dir: Path, config: str, split: str, features: Features) -> None:
