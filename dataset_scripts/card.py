@@ -8,6 +8,7 @@ is kept, as are its ``pretty_name``, ``license`` and the default config.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,9 +278,13 @@ def write_card(
     license: str | None = None,
     intro: str | None = None,
     default_config: str | None = None,
-    repo_hint: str = "path/to/repo",
+    repo_hint: str | None = None,
 ) -> Path:
-    """(Re)write ``README.md`` of a repo folder from its shards and saved reports; returns its path."""
+    """(Re)write ``README.md`` of a repo folder from its shards and saved reports; returns its path.
+
+    ``repo_hint`` is the local path or Hub id shown in the intro's ``load_dataset`` example; given, it
+    also updates the example of an intro kept from the existing card.
+    """
     repo_dir = Path(repo_dir)
     configs = scan_repo(repo_dir)
     if not configs:
@@ -343,8 +348,12 @@ def write_card(
     intro_text = (
         intro
         or old_intro
-        or DEFAULT_INTRO.format(pretty_name=pretty_name, repo_hint=repo_hint, first_config=order[0])
+        or DEFAULT_INTRO.format(
+            pretty_name=pretty_name, repo_hint=repo_hint or "path/to/repo", first_config=order[0]
+        )
     )
+    if repo_hint:
+        intro_text = re.sub(r'load_dataset\("[^"]*"', f'load_dataset("{repo_hint}"', intro_text)
     body = [intro_text.strip("\n"), "", GENERATED_MARKER, "", *_statistics_section(configs, order)]
     body += [SCHEMA_SECTION, *_reports_section(repo_dir, order)]
     card = DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body).rstrip() + "\n")

@@ -74,7 +74,8 @@ def stored_from_array(array: np.ndarray, fmt: str = "PNG") -> StoredImage:
 def _is_16_bit(image: Image.Image) -> bool:
     if image.mode.startswith("I;16") or image.mode == "I":
         return True
-    rawmode = image.tile[0].args[0] if image.tile and isinstance(image.tile[0].args, tuple) else ""
+    tile = getattr(image, "tile", None)  # only files not yet loaded know their raw (on-disk) mode
+    rawmode = tile[0].args[0] if tile and isinstance(tile[0].args, tuple) else ""
     return isinstance(rawmode, str) and ";16" in rawmode
 
 
@@ -123,6 +124,7 @@ def read_image(
         image = Image.open(io.BytesIO(data))
         fmt = image.format or "PNG"
         width, height = image.size
+        sixteen_bit = _is_16_bit(image)
         if width * height > max_pixels:
             report.add("over_pixel_limit", item, f"{width}x{height} > {max_pixels} pixels")
             return None
@@ -171,8 +173,8 @@ def read_image(
             f"image is {width}x{height}, annotations say {expected_size[0]}x{expected_size[1]}",
         )
         return None
-    if image.mode != "RGB" or _is_16_bit(image):
-        detail = f"{image.mode}{' 16-bit' if _is_16_bit(image) and image.mode == 'RGB' else ''} -> RGB"
+    if image.mode != "RGB" or sixteen_bit:
+        detail = f"{image.mode}{' 16-bit' if sixteen_bit and image.mode == 'RGB' else ''} -> RGB"
         report.add("converted_mode", item, detail)
         image = _to_rgb(image)
         changed = True
