@@ -1,0 +1,123 @@
+"""Evaluate a CadMtl model on one task's split with the project's metrics (distributed-safe)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchvision.ops import box_convert
+from tqdm.auto import tqdm
+
+from ..image_processing_cadmtl import CadMtlImageProcessor
+from .metrics import ClassificationMetrics, DetectionMetrics, MetricsReport, SegmentationMetrics
+
+# COCO evaluation keeps up to 100 detections per image; a low threshold lets AP see the whole precision/recall curve.
+DETECTION_SCORE_THRESHOLD = 0.05
+
+
+def make_metric(task: str, label_names: list[str], ignore_index: int = 255):
+    if task == "cls":
+        return ClassificationMetrics(len(label_names), label_names=label_names)
+    if task == "det":
+        return DetectionMetrics(label_names=label_names)
+    if task == "seg":
+        return SegmentationMetrics(len(label_names), ignore_index=ignore_index, label_names=label_names)
+    raise ValueError(f"Unknown task {task!r}.")
+
+
+def absolute_xyxy(boxes: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Normalised (cx, cy, w, h) boxes -> absolute (x1, y1, x2, y2) in an image of `size` (height, width)."""
+    height, width = size.tolist()
+    return (
+        box_convert(boxes.float(), "cxcywh", "xyxy")
+        * boxes.new_tensor([width, height, width, height]).float()
+    )
+
+
+def lockstep(batches: Iterable[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any]]:
+    """Yield the batches so that every rank runs the same number of forward passes.
+
+    Sharded models (FSDP, DeepSpeed ZeRO-3) need every rank in every forward; evaluation shards can be uneven. A
+    rank that ran out gets a tiny placeholder batch marked `is_padding` (forward only, never scored). One small
+    all-reduce per batch; a no-op without `torch.distributed`.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        yield from batches
+        return
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        alive = torch.tensor([0 if batch is None else 1], device=device)
+        dist.all_reduce(alive)
+        if alive.item() == 0:
+            return
+        yield batch if batch is not None else {"pixel_values": torch.zeros(1, 3, 32, 32), "is_padding": True}
+
+
+@torch.no_grad()
+def evaluate_task(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, Any]],
+    task: str,
+    label_names: list[str],
+    *,
+    device: torch.device,
+    id_prefix: str = "",
+    autocast_dtype: torch.dtype | None = None,
+    show_progress: bool = True,
+    description: str = "evaluating",
+) -> MetricsReport:
+    """Run `model` on every batch (as `modeling_cadmtl.training.data.collate_fn` builds them) and compute the
+    task's metrics over all of them. Under `torch.distributed` every rank passes its own shard and gets the same
+    report (`compute_detailed` is collective); `model` may be the wrapped (DDP / FSDP) model, see `lockstep`.
+
+    Detection is scored in each image's original pixel frame (`orig_sizes`): boxes are scaled back from the
+    network input, so COCO's small / medium / large areas mean what they mean in the dataset. Segmentation is
+    scored at the network input resolution the labels were resized to (nearest neighbour).
+    """
+    processor = CadMtlImageProcessor()
+    metric = make_metric(task, label_names)
+    was_training = model.training
+    model.eval()
+    for batch in tqdm(lockstep(batches, device), desc=description, disable=not show_progress, leave=False):
+        pixel_values = batch["pixel_values"].to(device)
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
+            outputs = model(pixel_values, task=task)
+        if batch.get("is_padding"):
+            continue
+        if task == "cls":
+            metric.update(outputs.cls_logits.float().cpu(), batch["labels"].cpu())
+        elif task == "det":
+            orig_sizes = batch["orig_sizes"].cpu()
+            predictions = processor.post_process_object_detection(
+                {
+                    k: v.float()
+                    for k, v in outputs.items()
+                    if k in ("det_logits", "pred_boxes", "det_centerness_logits")
+                },
+                threshold=DETECTION_SCORE_THRESHOLD,
+                target_sizes=orig_sizes,
+            )
+            targets = []
+            for image_id, target, size, prediction in zip(
+                batch["image_ids"], batch["labels"], orig_sizes, predictions
+            ):
+                targets.append(
+                    {
+                        "boxes": absolute_xyxy(target["boxes"].cpu(), size),
+                        "labels": target["class_labels"].cpu(),
+                        "image_id": f"{id_prefix}{image_id}",
+                    }
+                )
+                prediction["image_id"] = f"{id_prefix}{image_id}"
+            metric.update(
+                [{k: v.cpu() if hasattr(v, "cpu") else v for k, v in p.items()} for p in predictions], targets
+            )
+        else:
+            metric.update(outputs.seg_logits.argmax(dim=1).cpu(), batch["labels"].cpu())
+    model.train(was_training)
+    return metric.compute_detailed()

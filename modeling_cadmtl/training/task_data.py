@@ -1,0 +1,196 @@
+"""Per-task data for multi-task training: which dataset configs feed each task, the merged label space of a task,
+resumable infinite training streams, CoBa's held-out batches and the evaluation passes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+
+from dataset_scripts.schema import label_names as dataset_label_names
+
+from .data import load_split, make_dataloader
+
+
+@dataclass
+class TaskSource:
+    """One dataset config feeding a task: its label names and the map from its ids to the model's ids."""
+
+    task: str
+    config: str
+    label_names: list[str]
+    label_map: dict[int, int] | None = None
+
+
+def available_configs(dataset: str) -> list[str]:
+    return datasets.get_dataset_config_names(dataset)
+
+
+def discover_sources(
+    dataset: str, configs_by_task: dict[str, list[str]], split: str
+) -> dict[str, list[TaskSource]]:
+    """Read each config's label names from its `split` features; unknown configs give one clear error."""
+    known = available_configs(dataset)
+    missing = sorted({c for configs in configs_by_task.values() for c in configs} - set(known))
+    if missing:
+        raise ValueError(f"Dataset {dataset} has no config {missing}; available configs: {known}.")
+    sources: dict[str, list[TaskSource]] = {}
+    for task, configs in configs_by_task.items():
+        for config in configs:
+            features = load_split(dataset, config, split, streaming=True).features
+            sources.setdefault(task, []).append(TaskSource(task, config, dataset_label_names(features, task)))
+    return sources
+
+
+def merged_labels(sources: list[TaskSource]) -> list[str]:
+    """The union of the configs' label names in first-seen order (so "background" stays first for seg)."""
+    merged: list[str] = []
+    for source in sources:
+        merged.extend(name for name in source.label_names if name not in merged)
+    return merged
+
+
+def attach_label_maps(sources: list[TaskSource], model_labels: list[str]) -> None:
+    """Map each config's label ids onto the model's; a name the model does not know is a clear error."""
+    for source in sources:
+        unknown = [name for name in source.label_names if name not in model_labels]
+        if unknown:
+            raise ValueError(
+                f"Dataset config {source.config} has {source.task} labels {unknown} that the model does not know "
+                f"(model labels: {model_labels}). Train a new model on this label set or remap the dataset."
+            )
+        source.label_map = {i: model_labels.index(name) for i, name in enumerate(source.label_names)}
+
+
+@dataclass
+class LoaderSettings:
+    dataset: str
+    split: str
+    image_sizes: dict[str, int]
+    batch_size: int
+    num_workers: int
+    shuffle_buffer: int
+    seed: int
+    rank: int
+    world_size: int
+
+
+class TrainStreams:
+    """An endless batch stream per task, drawing its configs in turn.
+
+    Resumable: the state is how many batches each config's stream has handed out; `load_state_dict` rebuilds the
+    streams from the same seed and fast-forwards them (skipping raw rows, see `TransformedStream`), so a resumed
+    run sees exactly the batches it would have.
+    """
+
+    def __init__(self, sources: dict[str, list[TaskSource]], settings: LoaderSettings):
+        self.sources = sources
+        self.settings = settings
+        self.consumed = {task: [0] * len(task_sources) for task, task_sources in sources.items()}
+        self._iterators: dict[tuple[str, int], Iterator[dict[str, Any]]] = {}
+
+    def _iterator(self, task: str, index: int) -> Iterator[dict[str, Any]]:
+        key = (task, index)
+        if key not in self._iterators:
+            source, s = self.sources[task][index], self.settings
+            loader = make_dataloader(
+                s.dataset,
+                source.config,
+                s.split,
+                task,
+                batch_size=s.batch_size,
+                image_size=s.image_sizes[task],
+                train=True,
+                label_map=source.label_map,
+                num_workers=s.num_workers,
+                seed=s.seed,
+                rank=s.rank,
+                world_size=s.world_size,
+                shuffle_buffer=s.shuffle_buffer,
+                infinite=True,
+                skip_batches=self.consumed[task][index],  # fast-forward after a resume
+            )
+            self._iterators[key] = iter(loader)
+        return self._iterators[key]
+
+    def next_batch(self, task: str) -> dict[str, Any]:
+        counts = self.consumed[task]
+        index = sum(counts) % len(counts)  # round robin over the task's configs
+        batch = next(self._iterator(task, index))
+        counts[index] += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed": {task: list(counts) for task, counts in self.consumed.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        consumed = state["consumed"]
+        if {t: len(c) for t, c in consumed.items()} != {t: len(c) for t, c in self.consumed.items()}:
+            raise ValueError(
+                f"The checkpoint's data streams {consumed} do not match this run's tasks and configs "
+                f"{ {t: [s.config for s in src] for t, src in self.sources.items()} }."
+            )
+        self.consumed = {task: list(counts) for task, counts in consumed.items()}
+        self._iterators.clear()
+
+
+def eval_batches(
+    sources: list[TaskSource],
+    settings: LoaderSettings,
+    task: str,
+    split: str,
+    batch_size: int,
+    max_batches: int | None = None,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """One exact pass over `split` of every config of the task (this rank's shards): (config, batch) pairs."""
+    for source in sources:
+        loader = make_dataloader(
+            settings.dataset,
+            source.config,
+            split,
+            task,
+            batch_size=batch_size,
+            image_size=settings.image_sizes[task],
+            train=False,
+            label_map=source.label_map,
+            num_workers=settings.num_workers,
+            seed=settings.seed,
+            rank=settings.rank,
+            world_size=settings.world_size,
+            infinite=False,
+        )
+        for number, batch in enumerate(loader):
+            if max_batches is not None and number >= max_batches:
+                break
+            yield source.config, batch
+
+
+def held_out_batches(
+    sources: list[TaskSource], settings: LoaderSettings, task: str, num_batches: int, batch_size: int
+) -> list[dict[str, Any]]:
+    """CoBa's fixed held-out batches of a task: the first `num_batches` of its validation split (this rank's
+    shards), repeated if the shard is shorter, so every rank runs the same number of forward passes."""
+    batches = []
+    for _, batch in eval_batches(sources, settings, task, settings.split, batch_size):
+        batches.append(batch)
+        if len(batches) == num_batches:
+            break
+    if not batches:
+        raise ValueError(
+            f"The {settings.split} split of {[s.config for s in sources]} gave rank {settings.rank} no {task} batch: "
+            "CoBa needs held-out data for every task (add a validation split, or use fewer processes)."
+        )
+    return [batches[i % len(batches)] for i in range(num_batches)]
+
+
+def move_to(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, Any]:
+    """pixel_values and labels of a collated batch on `device`."""
+    labels = batch["labels"]
+    if isinstance(labels, list):
+        labels = [{k: v.to(device) for k, v in target.items()} for target in labels]
+    else:
+        labels = labels.to(device)
+    return batch["pixel_values"].to(device, non_blocking=True), labels
