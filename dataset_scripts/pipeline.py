@@ -588,7 +588,7 @@ def convert_source(data: SourceData, options: ConvertOptions) -> ConversionResul
 def _relabel_split(repo_dir: Path, config: str, split: str, features: Features) -> None:
     """Rewrite a split's shards with ``features`` whose label lists grew at the end (ids unchanged)."""
     count = len(shard_files(repo_dir, config, split))
-    SplitWriter(repo_dir, config, split, features, existing="append", num_shards=count).close()
+    SplitWriter(repo_dir, config, split, features, existing="append", num_shards=count, shuffle_rows=False).close()
 
 
 def iter_rows(repo_dir: str | Path, config: str, split: str) -> Iterator[dict[str, Any]]:

@@ -3,7 +3,8 @@
 Rows are encoded straight to Arrow with the config's ``Features`` (the schema metadata carries the
 ``ClassLabel`` names, so ``load_dataset`` restores them without any YAML), staged in an Arrow IPC file
 next to the shards, then cut into equally sized shards once the row count and byte size are known. The
-shard count follows the ``n_shards`` rules of streaming (see :func:`choose_num_shards`). Output is
+shard count follows the ``n_shards`` rules of streaming (see :func:`choose_num_shards`). Rows are
+written in a seeded random order, so each shard is a random sample of the split. Output is
 byte-for-byte deterministic for the same rows and library versions.
 """
 
@@ -12,11 +13,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
@@ -115,6 +118,7 @@ class SplitWriter:
         existing: ExistingPolicy = "error",
         num_shards: int | None = None,
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+        shuffle_rows: bool = True,
     ) -> None:
         if not _SPLIT_NAME_RE.match(split):
             raise ValueError(f"split name {split!r} is not valid (letters, digits, '_' and '.' only)")
@@ -124,7 +128,7 @@ class SplitWriter:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         self.repo_dir = Path(repo_dir)
         self.config, self.split, self.features = config, split, features
-        self.num_shards, self.max_shard_size = num_shards, max_shard_size
+        self.num_shards, self.max_shard_size, self.shuffle_rows = num_shards, max_shard_size, shuffle_rows
         self._schema = features.arrow_schema
         self._columns = set(features)
         self._old_files = shard_files(self.repo_dir, config, split)
@@ -197,6 +201,12 @@ class SplitWriter:
         num_shards = min(num_shards, table.num_rows)
         folder = self.repo_dir / self.config
         bounds = [round(i * table.num_rows / num_shards) for i in range(num_shards + 1)]
+        # A seeded random row order makes every shard a random sample of the split (sources usually come
+        # sorted, e.g. by class folder), so streaming readers mix well with a small shuffle buffer.
+        order = None
+        if self.shuffle_rows:
+            seed = zlib.crc32(f"{self.config}/{self.split}".encode())
+            order = np.random.default_rng(seed).permutation(table.num_rows)
         temp_files = []
         for index in tqdm(
             range(num_shards),
@@ -204,7 +214,10 @@ class SplitWriter:
             disable=not show_progress,
             leave=False,
         ):
-            shard = table.slice(bounds[index], bounds[index + 1] - bounds[index])
+            if order is None:
+                shard = table.slice(bounds[index], bounds[index + 1] - bounds[index])
+            else:
+                shard = table.take(pa.array(order[bounds[index] : bounds[index + 1]]))
             temp = folder / f".tmp-{self.split}-{index:05d}.parquet"
             pq.write_table(shard, temp, row_group_size=ROW_GROUP_SIZE, compression="snappy")
             temp_files.append(temp)
@@ -256,6 +269,7 @@ def write_split(
     existing: ExistingPolicy = "error",
     num_shards: int | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    shuffle_rows: bool = True,
     show_progress: bool = False,
 ) -> SplitWriteResult:
     """Write ``rows`` (already in storage form: images as ``{"bytes": ..., "path": None}``, labels as
@@ -268,6 +282,7 @@ def write_split(
         existing=existing,
         num_shards=num_shards,
         max_shard_size=max_shard_size,
+        shuffle_rows=shuffle_rows,
     )
     try:
         writer.add_all(rows)

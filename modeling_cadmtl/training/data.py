@@ -17,6 +17,7 @@ resolution and resizing, and keeps the boxes exact (they are rescaled with the i
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
@@ -55,7 +56,19 @@ _GRAY_WEIGHTS = torch.tensor([0.2989, 0.587, 0.114])  # ITU-R 601 luma, as torch
 def load_split(
     path_or_repo: str, config: str, split: str, *, streaming: bool = True
 ) -> datasets.IterableDataset | datasets.Dataset:
-    """One config split of a local repo folder or a Hub dataset repo id (e.g. ``cad-mtl/cad100k``)."""
+    """One config split of a local repo folder or a Hub dataset repo id (e.g. ``cad-mtl/cad100k``).
+
+    Opened once per process and cached: the trainer opens every split many times (one stream per config, the
+    held-out batches, each evaluation), and resolving a repo's card and data files costs seconds. Callers
+    derive new datasets from the returned one (``select_columns``, ``shuffle``...) and never mutate it.
+    """
+    return _load_split(str(path_or_repo), config, split, streaming)
+
+
+@functools.lru_cache(maxsize=256)
+def _load_split(
+    path_or_repo: str, config: str, split: str, streaming: bool
+) -> datasets.IterableDataset | datasets.Dataset:
     try:
         configs = datasets.get_dataset_config_names(path_or_repo)
     except Exception as error:  # datasets raises many types here (missing folder, offline, no card)
@@ -72,7 +85,12 @@ def load_split(
     if info_split is not None and info_split.num_examples is not None:
         empty = info_split.num_examples == 0
     elif streaming:
-        empty = next(iter(dataset.take(1)), None) is None
+        try:
+            empty = next(iter(dataset.take(1)), None) is None
+        except ValueError as error:  # datasets 5.2 fails outright on a Parquet file without rows
+            raise ValueError(
+                f"{path_or_repo}: split {split!r} of config {config!r} is empty or unreadable: {error}"
+            ) from error
     else:
         empty = len(dataset) == 0
     if empty:
@@ -432,20 +450,51 @@ def collate_fn(task: str) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
 class TransformedStream(torch.utils.data.IterableDataset):
     """Applies a transform to a streamed ``datasets.IterableDataset``; with ``infinite`` it starts a new
     epoch (``set_epoch``, so the shuffle changes) whenever the stream ends. Runs inside each DataLoader
-    worker, where ``datasets`` hands every worker its own shards."""
+    worker, where ``datasets`` hands every worker its own shards.
 
-    def __init__(self, dataset: datasets.IterableDataset, transform: Callable, infinite: bool) -> None:
+    Reproducible and resumable: the random augmentation of the n-th example a worker produces is seeded by
+    ``(seed, worker, n)`` alone, not by the global RNG (which the model and other streams also draw from). So
+    ``skip_batches`` can fast-forward a stream after a resume by skipping raw rows, without decoding them, and
+    the batches that follow are exactly those an uninterrupted run would have seen.
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.IterableDataset,
+        transform: Callable,
+        infinite: bool,
+        *,
+        seed: int = 0,
+        batch_size: int = 1,
+        skip_batches: int = 0,
+    ) -> None:
         super().__init__()
         self.dataset, self.transform, self.infinite = dataset, transform, infinite
+        self.seed, self.batch_size, self.skip_batches = seed, batch_size, skip_batches
+
+    def _examples_to_skip(self, worker: int, num_workers: int) -> int:
+        # A DataLoader takes batches from its workers in turn: worker w made batches w, w + W, w + 2W, ...
+        batches = max(0, (self.skip_batches - worker + num_workers - 1) // num_workers)
+        return batches * self.batch_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch = 0
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        to_skip = self._examples_to_skip(worker, num_workers)
+        generator_seed = (self.seed * 1_000_003 + worker) * 1_000_003
+        index, epoch = 0, 0
         while True:
             self.dataset.set_epoch(epoch)
             produced = 0
             for example in self.dataset:
                 produced += 1
-                yield self.transform(example)
+                index += 1
+                if index <= to_skip:
+                    continue
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(generator_seed + index)
+                    transformed = self.transform(example)
+                yield transformed
             epoch += 1
             if not self.infinite or produced == 0:  # a worker without shards must not spin forever
                 return
@@ -466,17 +515,24 @@ def make_dataloader(
     rank: int = 0,
     world_size: int = 1,
     shuffle_buffer: int = 1000,
+    interleave_shards: int = 1,
     infinite: bool | None = None,
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
     pin_memory: bool = False,
+    skip_batches: int = 0,
 ) -> DataLoader:
     """A DataLoader over this rank's part of ``config``/``split`` (streamed), batched for ``task``.
 
     Train: shards shuffled with ``seed`` plus a ``shuffle_buffer`` of examples, a new order each epoch,
-    cycling forever (``infinite`` defaults to ``train``). Eval: one pass, ``drop_last=False``; the ranks'
+    cycling forever (``infinite`` defaults to ``train``). The buffer reads one shard at a time by default:
+    the dataset builder writes rows in random order, so shards need no interleaving, and datasets 5.2
+    pauses 5 s whenever an interleaved pass ends (``interleave_shards > 1`` mixes that many shards in the
+    buffer, for third-party datasets whose shards are sorted). Eval: one pass, ``drop_last=False``; the ranks'
     samples are disjoint and together cover the split. Keep ``n_shards`` a multiple of
     ``world_size * num_workers`` for balanced reading (the demo's train splits have 4 shards).
+    ``skip_batches`` resumes a stream after that many batches (raw rows are skipped, not decoded); the
+    augmentation is seeded per example, so the resumed stream is identical to an uninterrupted one.
     """
     if task_of_config(config) != task:
         raise ValueError(f"config {config!r} is a {task_of_config(config)} config, not {task}")
@@ -491,7 +547,9 @@ def make_dataloader(
     if task == "seg":
         dataset = dataset.cast_column("mask", datasets.Image(decode=False))
     if train:
-        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        dataset = dataset.shuffle(
+            seed=seed, buffer_size=shuffle_buffer, max_buffer_input_shards=interleave_shards
+        )
     if world_size > 1:
         if dataset.num_shards % world_size:
             logger.warning(
@@ -505,8 +563,14 @@ def make_dataloader(
             )
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     transform = TaskTransform(task, image_size, train, image_mean, image_std, label_map)
-    stream = TransformedStream(dataset, transform, infinite=train if infinite is None else infinite)
-    generator = torch.Generator().manual_seed(seed * 100_003 + rank)  # distinct augmentation per rank
+    stream = TransformedStream(
+        dataset,
+        transform,
+        infinite=train if infinite is None else infinite,
+        seed=seed * 100_003 + rank,  # distinct augmentation per rank
+        batch_size=batch_size,
+        skip_batches=skip_batches,
+    )
     return DataLoader(
         stream,
         batch_size=batch_size,
@@ -515,5 +579,4 @@ def make_dataloader(
         drop_last=False,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        generator=generator,
     )
