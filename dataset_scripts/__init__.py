@@ -1,0 +1,14 @@
+"""CAD 100K dataset tooling: build streamable Hugging Face dataset repos for car anomaly detection.
+
+Commands (``python -m dataset_scripts.<name> --help``):
+
+- ``make_demo OUT_DIR``: the deterministic ``cad100k-mini`` demo with all 8 CAD configs.
+- ``make_public OUT_DIR [--data ../shared/data]``: the public benchmark (``parts_cls/det/seg``).
+- ``convert {coco,yolo,folders,masks} SOURCE --out REPO --config NAME``: add one converted config split.
+- ``synthesize NORMAL_DIR --out REPO --config NAME --counts anomaly=N,...``: add synthetic defects.
+- ``push REPO --repo-id ORG/NAME``: upload a repo folder to the Hub.
+
+Modules: ``taxonomy`` (+ ``taxonomy.yaml``), ``schema`` (features per task), ``mapping``, ``images``
+(reading and cleaning), ``pipeline`` (mapping, cleaning, writing), ``converters``, ``writer`` (Parquet
+shards), ``card`` (README), ``report`` (validation report), ``synthetic``, ``procedural``, ``raster``.
+"""

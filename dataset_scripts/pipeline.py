@@ -12,7 +12,7 @@ lying on a big one (a lamp on a bumper) stays visible; crowd regions are painted
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -26,7 +26,7 @@ from .card import write_card
 from .images import DEFAULT_MAX_PIXELS, StoredImage, encode_png, read_image, read_mask
 from .mapping import LabelMapping
 from .report import ValidationError, ValidationReport
-from .schema import IGNORE_INDEX, Task, features_for, label_names, task_of_config
+from .schema import IGNORE_INDEX, SOURCES, Task, features_for, label_names, task_of_config
 from .taxonomy import BACKGROUND, NORMAL, Taxonomy, load_taxonomy
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -40,7 +40,6 @@ from .writer import (
 )
 
 LabelSet = Literal["taxonomy", "present"]
-SOURCE_KINDS = ("real", "synthetic", "converted")
 
 
 @dataclass
@@ -517,8 +516,8 @@ def convert_source(data: SourceData, options: ConvertOptions) -> ConversionResul
     taxonomy = options.taxonomy or load_taxonomy()
     repo_dir = Path(options.repo_dir)
     task = task_of_config(options.config)
-    if options.source_kind not in SOURCE_KINDS:
-        raise ValueError(f"source must be one of {SOURCE_KINDS}, got {options.source_kind!r}")
+    if options.source_kind not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {options.source_kind!r}")
     if options.hierarchy:
         taxonomy.check_hierarchy(*(options.hierarchy.get(k, "") for k in ("domain", "system", "part")))
     report = ValidationReport(options.config, options.split, options.strict, dict(data.info))
@@ -588,10 +587,6 @@ def convert_source(data: SourceData, options: ConvertOptions) -> ConversionResul
 def _relabel_split(repo_dir: Path, config: str, split: str, features: Features) -> None:
     """Rewrite a split's shards with ``features`` whose label lists grew at the end (ids unchanged)."""
     count = len(shard_files(repo_dir, config, split))
-    SplitWriter(repo_dir, config, split, features, existing="append", num_shards=count, shuffle_rows=False).close()
-
-
-def iter_rows(repo_dir: str | Path, config: str, split: str) -> Iterator[dict[str, Any]]:
-    """Rows of a written split in storage form (for tests and tools that post-process a repo)."""
-    for batch in iter_split_batches(repo_dir, config, split):
-        yield from batch.to_pylist()
+    SplitWriter(
+        repo_dir, config, split, features, existing="append", num_shards=count, shuffle_rows=False
+    ).close()

@@ -11,7 +11,6 @@ from .folders import read_folders
 from .masks import read_masks
 from .yolo import read_yolo
 
-READERS = {"coco": read_coco, "yolo": read_yolo, "folders": read_folders, "masks": read_masks}
 FORMAT_TASKS = {"coco": ("det", "seg"), "yolo": ("det", "seg"), "folders": ("cls",), "masks": ("seg",)}
 
-__all__ = ["FORMAT_TASKS", "READERS", "read_coco", "read_folders", "read_masks", "read_yolo"]
+__all__ = ["FORMAT_TASKS", "read_coco", "read_folders", "read_masks", "read_yolo"]

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from dataset_scripts.schema import IGNORE_INDEX, TASKS, task_of_config
+from dataset_scripts.schema import IGNORE_INDEX, TASK_COLUMNS, TASKS, task_of_config
 
 try:  # deprecated since torchvision 0.29 in favour of TorchCodec, but still the fastest full-size JPEG decoder
     from torchvision.io import ImageReadMode
@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TASK_COLUMNS = {"cls": ("label",), "det": ("objects",), "seg": ("mask",)}
 _EXIF_ORIENTATION = 0x0112
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _NEAREST = InterpolationMode.NEAREST_EXACT
