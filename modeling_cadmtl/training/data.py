@@ -189,19 +189,24 @@ def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def random_resized_crop_params(
-    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None = None,
 ) -> tuple[int, int, int, int]:
     """``(top, left, crop_height, crop_width)`` drawn like ``v2.RandomResizedCrop`` (torch RNG)."""
     area = height * width
     log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
-        target_area = area * float(torch.empty(()).uniform_(scale[0], scale[1]))
-        aspect = float(torch.exp(torch.empty(()).uniform_(float(log_ratio[0]), float(log_ratio[1]))))
+        target_area = area * float(torch.empty(()).uniform_(scale[0], scale[1], generator=generator))
+        log_aspect = torch.empty(()).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=generator)
+        aspect = float(torch.exp(log_aspect))
         crop_w = round((target_area * aspect) ** 0.5)
         crop_h = round((target_area / aspect) ** 0.5)
         if 0 < crop_w <= width and 0 < crop_h <= height:
-            top = int(torch.randint(0, height - crop_h + 1, ()))
-            left = int(torch.randint(0, width - crop_w + 1, ()))
+            top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
             return top, left, crop_h, crop_w
     # Fallback: the largest centred crop within the ratio range.
     aspect = width / height
@@ -301,10 +306,12 @@ class TaskTransform:
         return mapped
 
     # ----------------------------------------------------------------------------------- geometry
-    def _flip(self) -> bool:
-        return self.train and self.hflip > 0 and float(torch.rand(())) < self.hflip
+    def _flip(self, generator: torch.Generator | None) -> bool:
+        return self.train and self.hflip > 0 and float(torch.rand((), generator=generator)) < self.hflip
 
-    def _crop_and_resize(self, image: torch.Tensor, mask: torch.Tensor | None = None):
+    def _crop_and_resize(
+        self, image: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ):
         """cls / seg: RandomResizedCrop + flip (train) or a plain resize (eval), mask nearest-exact."""
         size = list(self.size)
         if not self.train:
@@ -316,20 +323,26 @@ class TaskTransform:
         # Ratios relative to the image's own aspect: the crop is then distorted like the eval resize.
         relative = (width / height) / (self.size[1] / self.size[0])
         ratio = (self.crop_ratio[0] * relative, self.crop_ratio[1] * relative)
-        top, left, crop_h, crop_w = random_resized_crop_params(height, width, self.crop_scale, ratio)
+        top, left, crop_h, crop_w = random_resized_crop_params(
+            height, width, self.crop_scale, ratio, generator
+        )
         image = F.resized_crop(image, top, left, crop_h, crop_w, size, antialias=True)
         if mask is not None:
             mask = F.resized_crop(mask[None], top, left, crop_h, crop_w, size, interpolation=_NEAREST)[0]
-        if self._flip():
+        if self._flip(generator):
             image = image.flip(-1)
             mask = mask.flip(-1) if mask is not None else None
         return image, mask
 
-    def _scale_crop_pad(self, image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scale_crop_pad(
+        self, image: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """det: resize (with scale jitter when training), crop or pad to size, flip; boxes are xyxy px."""
         height, width = image.shape[-2:]
         out_h, out_w = self.size
-        scale = float(torch.empty(()).uniform_(*self.det_scale_range)) if self.train else 1.0
+        scale = (
+            float(torch.empty(()).uniform_(*self.det_scale_range, generator=generator)) if self.train else 1.0
+        )
         new_h, new_w = max(1, round(out_h * scale)), max(1, round(out_w * scale))
         image = F.resize(image, [new_h, new_w], antialias=True)
         boxes = boxes * torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])
@@ -338,7 +351,7 @@ class TaskTransform:
             offsets = []
             spans = []
             for new, out in ((new_h, out_h), (new_w, out_w)):
-                offset = int(torch.randint(0, abs(new - out) + 1, ()))
+                offset = int(torch.randint(0, abs(new - out) + 1, (), generator=generator))
                 # Larger than the output: crop from `offset`; smaller: paste at `offset`.
                 src, dst = (
                     (slice(offset, offset + out), slice(0, out))
@@ -353,36 +366,43 @@ class TaskTransform:
             boxes = boxes + torch.tensor([offsets[1], offsets[0], offsets[1], offsets[0]], dtype=boxes.dtype)
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, out_w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, out_h)
-        if self._flip():
+        if self._flip(generator):
             image = image.flip(-1)
             boxes = torch.stack([out_w - boxes[:, 2], boxes[:, 1], out_w - boxes[:, 0], boxes[:, 3]], dim=1)
         return image, boxes
 
     # ----------------------------------------------------------------------------------- call
-    def _normalise(self, image: torch.Tensor, jitter: bool = False) -> torch.Tensor:
+    def _normalise(
+        self, image: torch.Tensor, jitter: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         pixels = image.to(torch.float32)
         if jitter:
-            self._color_jitter_(pixels)
+            self._color_jitter_(pixels, generator)
         return pixels.mul_(self._scale).sub_(self._shift)
 
-    def _color_jitter_(self, pixels: torch.Tensor) -> None:
+    def _color_jitter_(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Brightness, contrast and saturation jitter in place on 0-255 floats (``ColorJitter`` semantics,
         fused into a few passes: a third of the cost of ``v2.ColorJitter`` on uint8 images)."""
         strength = self.color_jitter
-        brightness, contrast, saturation = (1.0 + strength * (2.0 * torch.rand(3) - 1.0)).tolist()
+        brightness, contrast, saturation = (
+            1.0 + strength * (2.0 * torch.rand(3, generator=generator) - 1.0)
+        ).tolist()
         gray = torch.tensordot(_GRAY_WEIGHTS, pixels, dims=1)
         pixels.mul_(saturation).add_(gray, alpha=1.0 - saturation)
         # Contrast around the mean gray level, then brightness: one multiply and one add.
         pixels.mul_(contrast * brightness).add_((1.0 - contrast) * brightness * float(gray.mean()))
         pixels.clamp_(0.0, 255.0)
 
-    def __call__(self, example: Mapping[str, Any]) -> dict[str, Any]:
+    def __call__(
+        self, example: Mapping[str, Any], generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """Transform one example; random draws come from ``generator`` (the global torch RNG if ``None``)."""
         image, orig_size = decode_rgb(example["image"], self._decode_size)
         if self.task == "cls":
             label = torch.tensor(self._map_id(example["label"]), dtype=torch.long)
-            pixels, _ = self._crop_and_resize(image)
+            pixels, _ = self._crop_and_resize(image, generator=generator)
         elif self.task == "det":
-            pixels, label = self._detection(example, image, orig_size)
+            pixels, label = self._detection(example, image, orig_size, generator)
         else:
             mask = decode_mask(example["mask"])
             if tuple(mask.shape) != orig_size:
@@ -391,17 +411,23 @@ class TaskTransform:
                 )
             if tuple(mask.shape) != tuple(image.shape[-2:]):  # the image was decoded at a reduced scale
                 mask = F.resize(mask[None], list(image.shape[-2:]), interpolation=_NEAREST)[0]
-            pixels, mask = self._crop_and_resize(image, mask)
+            pixels, mask = self._crop_and_resize(image, mask, generator)
             label = self._map_mask(mask)  # after resizing: the id lookup runs on the small mask
         jitter = self.train and self.task == "cls" and self.color_jitter > 0
         return {
-            "pixel_values": self._normalise(pixels, jitter),
+            "pixel_values": self._normalise(pixels, jitter, generator),
             "labels": label,
             "image_id": example.get("image_id", ""),
             "orig_size": orig_size,
         }
 
-    def _detection(self, example: Mapping[str, Any], image: torch.Tensor, orig_size: tuple[int, int]):
+    def _detection(
+        self,
+        example: Mapping[str, Any],
+        image: torch.Tensor,
+        orig_size: tuple[int, int],
+        generator: torch.Generator | None = None,
+    ):
         objects = example.get("objects") or {}
         xywh = torch.as_tensor(objects.get("bbox") or [], dtype=torch.float32).reshape(-1, 4)
         classes = torch.tensor([self._map_id(c) for c in objects.get("category") or []], dtype=torch.long)
@@ -409,7 +435,7 @@ class TaskTransform:
         height, width = image.shape[-2:]
         if (height, width) != orig_size:  # reduced-scale decoding: the boxes shrink with the image
             boxes = boxes * torch.tensor([width / orig_size[1], height / orig_size[0]] * 2)
-        pixels, boxes = self._scale_crop_pad(image, boxes)
+        pixels, boxes = self._scale_crop_pad(image, boxes, generator)
         if self.train:  # evaluation keeps every ground-truth box, however small it became
             keep = ((boxes[:, 2] - boxes[:, 0]) >= 1.0) & ((boxes[:, 3] - boxes[:, 1]) >= 1.0)
             boxes, classes = boxes[keep], classes[keep]
@@ -481,6 +507,7 @@ class TransformedStream(torch.utils.data.IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         to_skip = self._examples_to_skip(worker, num_workers)
         generator_seed = (self.seed * 1_000_003 + worker) * 1_000_003
+        generator = torch.Generator()
         index, epoch = 0, 0
         while True:
             self.dataset.set_epoch(epoch)
@@ -490,9 +517,10 @@ class TransformedStream(torch.utils.data.IterableDataset):
                 index += 1
                 if index <= to_skip:
                     continue
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(generator_seed + index)
-                    transformed = self.transform(example)
+                # A private generator: torch.manual_seed would also seed every accelerator backend, which
+                # costs about 1 ms per call on a machine without one.
+                generator.manual_seed(generator_seed + index)
+                transformed = self.transform(example, generator)
                 yield transformed
             epoch += 1
             if not self.infinite or produced == 0:  # a worker without shards must not spin forever
