@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "det": data_args.det_image_size,
         "seg": data_args.seg_image_size,
     }
+    model.config.image_sizes = {**(model.config.image_sizes or {}), **{task: image_sizes[task] for task in tasks}}
     loader_settings = LoaderSettings(
         dataset=data_args.dataset,
         split=data_args.train_split,

@@ -59,6 +59,9 @@ class CadMtlConfig(PreTrainedConfig):
             Inputs are padded inside the model to a multiple of this (and of the patch size).
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal initialiser of the heads.
+        image_sizes (`dict[str, int]`, *optional*):
+            The square input size each task was trained at, e.g. `{"cls": 224, "det": 512, "seg": 512}`; written
+            by the trainer and used by the evaluation command. The model itself accepts any size.
 
     Example:
 
@@ -95,6 +98,7 @@ class CadMtlConfig(PreTrainedConfig):
     seg_ignore_index: int = 255
     size_divisor: int = 32
     initializer_range: float = 0.02
+    image_sizes: dict[str, int] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -103,6 +107,9 @@ class CadMtlConfig(PreTrainedConfig):
         self.seg_labels = list(self.seg_labels) if self.seg_labels is not None else ["background", "defect"]
         self._check_labels()
         self._check_backbone()
+        unknown_tasks = set(self.image_sizes or {}) - set(TASKS)
+        if unknown_tasks:
+            raise ValueError(f"image_sizes has unknown tasks {sorted(unknown_tasks)}; expected keys in {TASKS}.")
         # `id2label` is derived state that pipelines read: the classification labels here, and each task class
         # swaps in its own task's labels (see `CadMtlFor*`). The per-task lists above are the source of truth.
         self.set_task_labels("cls")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,3 +62,34 @@ def test_readme_python_snippet_runs(line: int, code: str, skip_reason: str | Non
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert completed.returncode == 0, f"README line {line} failed:\n{completed.stderr[-3000:]}"
+
+
+def test_readme_default_run_command_trains_evaluates_and_saves(tmp_path) -> None:
+    """The README's main command, run as written (from a scratch working directory holding the script)."""
+    main_line = next(command for command in bash_commands() if "train_accelerate.py" in command)
+    command = main_line.split("&&")[-1].split()
+    assert command[:3] == [".venv/bin/accelerate", "launch", "train_accelerate.py"] and len(command) == 3
+    (tmp_path / "train_accelerate.py").symlink_to(REPO_ROOT / "train_accelerate.py")
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    completed = subprocess.run(
+        [accelerate, *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    output = tmp_path / "outputs" / "cadmtl-demo"
+    assert (tmp_path / "data" / "cad100k-mini" / "README.md").exists()  # the demo dataset was generated
+    assert {
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "README.md",
+        "modeling_cadmtl.py",
+    } <= {p.name for p in (output / "model").iterdir()}
+    summary = json.loads((output / "eval_results.json").read_text())
+    configs = {name.split("@")[0] for name in summary["results"]}
+    assert configs == {
+        "exterior_seg", "exterior_det", "interior_det", "general_det",
+        "chassis_cls", "engine_bay_cls", "electrical_cls", "ev_specific_cls",
+    }  # fmt: skip
+    assert summary["steps"] == 240 and summary["nonfinite_steps"] == 0
+    assert (output / "training_curves.png").stat().st_size > 10_000
