@@ -24,6 +24,7 @@ import numpy as np
 from .card import write_card
 from .images import encode_jpeg, encode_png
 from .procedural import make_surface
+from .raster import mask_values
 from .schema import features_for, task_of_config
 from .synthetic import DefectSpec, place_defects
 from .taxonomy import BACKGROUND, NORMAL, Taxonomy, load_taxonomy
@@ -138,7 +139,7 @@ def _demo_rows(
             for p in placed:
                 mask[p.mask] = class_id[p.anomaly]
             row["mask"] = {"bytes": encode_png(mask), "path": None}
-            row["mask_classes"] = sorted(int(v) for v in np.unique(mask))
+            row["mask_classes"] = mask_values(mask)
         rows.append(row)
     return rows
 

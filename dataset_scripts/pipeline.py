@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .card import write_card
 from .images import DEFAULT_MAX_PIXELS, StoredImage, encode_png, read_image, read_mask
 from .mapping import LabelMapping
+from .raster import mask_values
 from .report import ValidationError, ValidationReport
 from .schema import IGNORE_INDEX, SOURCES, Task, features_for, label_names, task_of_config
 from .taxonomy import BACKGROUND, NORMAL, Taxonomy, load_taxonomy
@@ -339,7 +340,7 @@ class _RowBuilder:
     def _seg_row(
         self, image: StoredImage, image_id: str, canvas: np.ndarray, nodes: list[str]
     ) -> dict[str, Any]:
-        present = sorted(int(v) for v in np.unique(canvas) if v != IGNORE_INDEX)
+        present = [v for v in mask_values(canvas) if v != IGNORE_INDEX]
         row = self.base_row(image, image_id, nodes, not any(v != 0 for v in present))
         row["mask"] = {"bytes": encode_png(canvas), "path": None}
         row["mask_classes"] = present
@@ -386,14 +387,15 @@ class _RowBuilder:
             lut[value] = self.class_id[node]
             if node != BACKGROUND:
                 nodes.append(node)
-        present_values = np.unique(values)
+        present_values = mask_values(values)
         unknown = [int(v) for v in present_values if v != IGNORE_INDEX and lut[v] == IGNORE_INDEX]
         if unknown:
             names = sample.mask_values or {}
             detail = ", ".join(f"{v} ({names.get(v, 'not in the class list')})" for v in unknown)
             self.report.add("mask_unknown_value", sample.key, f"values {detail} -> 255")
         canvas = lut[values]
-        used = [n for n in nodes if self.class_id[n] in set(np.unique(canvas).tolist())]
+        painted = set(mask_values(canvas))
+        used = [n for n in nodes if self.class_id[n] in painted]
         return self._seg_row(image, image_id, canvas, used)
 
 

@@ -113,6 +113,11 @@ def bbox_of_mask(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     return (float(x0), float(y0), float(x1 - x0), float(y1 - y0))
 
 
+def mask_values(mask: np.ndarray) -> list[int]:
+    """Sorted distinct values of a uint8 mask (a histogram: several times faster than ``np.unique``)."""
+    return np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist()
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 

@@ -38,6 +38,7 @@ from .images import (
     stored_from_array,
 )
 from .pipeline import SplitTarget
+from .raster import mask_values
 from .report import ValidationError, ValidationReport
 from .schema import task_of_config
 from .synthetic import DefectSpec, PlacedDefect, place_defects
@@ -136,7 +137,7 @@ def _row(
         for p in placed:
             mask[p.mask] = target.class_id[p.anomaly]
         row["mask"] = {"bytes": encode_png(mask), "path": None}
-        row["mask_classes"] = sorted(int(v) for v in np.unique(mask))
+        row["mask_classes"] = mask_values(mask)
     return row
 
 
