@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dataset_scripts.convert import main as convert_main
+from dataset_scripts.converters import read_coco
 from dataset_scripts.make_public import build_public, validation_fraction_of
 from dataset_scripts.schema import label_names
 
@@ -106,3 +107,74 @@ def test_folder_converter_on_real_carparts50(tmp_path: Path) -> None:
         "charging_starting",
         "alternator",
     )
+
+
+def test_yolo_and_mask_converters_agree_with_coco_on_real_images(public: Path, tmp_path: Path) -> None:
+    """The same real images exported as YOLO segments and as mask PNGs convert to the COCO-based masks."""
+    coco = read_coco(DATA / "carparts_dsmlr" / "testset" / "annotations.json")
+    seg = {
+        r["image_id"]: r
+        for r in datasets.load_dataset(str(public), "parts_seg", split="test", streaming=True)
+    }
+    names = label_names(
+        datasets.load_dataset(str(public), "parts_seg", split="test", streaming=True).features, "seg"
+    )
+    yolo, masks = tmp_path / "yolo", tmp_path / "masks"
+    (yolo / "labels" / "test").mkdir(parents=True)
+    (yolo / "images" / "test").mkdir(parents=True)
+    (masks / "images").mkdir(parents=True)
+    (masks / "masks").mkdir(parents=True)
+    (yolo / "classes.txt").write_text("\n".join(names[1:]) + "\n")
+    (masks / "classes.txt").write_text("\n".join(names) + "\n")
+    exported = []
+    for sample in coco.samples:
+        image_id = "test/" + sample.key.rsplit(".", 1)[0]
+        if image_id not in seg:
+            continue
+        width, height = sample.expected_size
+        name = sample.image_path.name
+        lines = []
+        for ann in sample.annotations:
+            for polygon in ann.polygons or []:
+                coords = [v / (width if i % 2 == 0 else height) for i, v in enumerate(polygon)]
+                lines.append(" ".join([str(names.index(ann.label) - 1), *(f"{v:.6f}" for v in coords)]))
+        (yolo / "labels" / "test" / name).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+        (yolo / "images" / "test" / name).write_bytes(sample.image_path.read_bytes())
+        (masks / "images" / name).write_bytes(sample.image_path.read_bytes())
+        Image.open(io.BytesIO(np_png(seg[image_id]["mask"]))).save(
+            (masks / "masks" / name).with_suffix(".png")
+        )
+        exported.append((image_id, name.rsplit(".", 1)[0]))
+    assert len(exported) == 6
+    for fmt, source in (("yolo", yolo), ("masks", masks)):
+        args = [
+            fmt,
+            source,
+            "--out",
+            tmp_path / "repo",
+            "--config",
+            f"{fmt}_seg",
+            "--split",
+            "test",
+            "--no-progress",
+        ]
+        assert convert_main([*map(str, args), "--label-set", "present"]) == 0
+    yolo_rows = {
+        r["image_id"].rsplit("/", 1)[1]: r
+        for r in datasets.load_dataset(str(tmp_path / "repo"), "yolo_seg", split="test", streaming=True)
+    }
+    mask_rows = {
+        r["image_id"].rsplit("/", 1)[1]: r
+        for r in datasets.load_dataset(str(tmp_path / "repo"), "masks_seg", split="test", streaming=True)
+    }
+    yolo_names = label_names(
+        datasets.load_dataset(str(tmp_path / "repo"), "yolo_seg", split="test", streaming=True).features,
+        "seg",
+    )
+    for image_id, stem in exported:
+        reference = np.asarray(seg[image_id]["mask"])
+        assert np.array_equal(np.asarray(mask_rows[stem]["mask"]), reference)  # lossless round trip
+        # Same polygons, rounded to 6 decimals of the image size: the masks agree up to edge pixels.
+        from_yolo = np.asarray(yolo_rows[stem]["mask"])
+        translated = np.array([names.index(n) for n in yolo_names], np.uint8)[from_yolo]
+        assert (translated == reference).mean() > 0.995
