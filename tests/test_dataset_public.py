@@ -141,9 +141,7 @@ def test_yolo_and_mask_converters_agree_with_coco_on_real_images(public: Path, t
         (yolo / "labels" / "test" / name).with_suffix(".txt").write_text("\n".join(lines) + "\n")
         (yolo / "images" / "test" / name).write_bytes(sample.image_path.read_bytes())
         (masks / "images" / name).write_bytes(sample.image_path.read_bytes())
-        Image.open(io.BytesIO(np_png(seg[image_id]["mask"]))).save(
-            (masks / "masks" / name).with_suffix(".png")
-        )
+        seg[image_id]["mask"].save((masks / "masks" / name).with_suffix(".png"))
         exported.append((image_id, name.rsplit(".", 1)[0]))
     assert len(exported) == 6
     for fmt, source in (("yolo", yolo), ("masks", masks)):
