@@ -296,7 +296,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "det": data_args.det_image_size,
         "seg": data_args.seg_image_size,
     }
-    model.config.image_sizes = {**(model.config.image_sizes or {}), **{task: image_sizes[task] for task in tasks}}
+    model.config.image_sizes = {
+        **(model.config.image_sizes or {}),
+        **{task: image_sizes[task] for task in tasks},
+    }
     loader_settings = LoaderSettings(
         dataset=data_args.dataset,
         split=data_args.train_split,
@@ -389,12 +392,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         desc="training",
         disable=not accelerator.is_local_main_process,
     )
-    started, start_step = time.perf_counter(), state.step
+    started = time.perf_counter()
     window_losses: dict[str, list[torch.Tensor]] = {}
+    # Throughput of the logging window: all images trained on (every rank) and the time spent in CoBa updates.
+    window = {"start": started, "images": 0, "coba_seconds": 0.0}
     while state.step < train_args.max_steps:
         step = state.step
         if train_args.paradigm == "adaptive" and step % train_args.coba_every == 0 and held_out:
+            coba_started = time.perf_counter()
             task_scheduler.set_weights(coba.update(held_out_losses(model, held_out, accelerator)))
+            window["coba_seconds"] += time.perf_counter() - coba_started
         step_tasks = tasks if train_args.all_tasks_per_step else [task_scheduler.sample(step)]
         weights = (
             coba.weights if train_args.paradigm == "adaptive" else dict.fromkeys(tasks, 1.0 / len(tasks))
@@ -405,6 +412,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 loss = torch.zeros((), device=accelerator.device)
                 for task in step_tasks:
                     pixel_values, batch_labels = move_to(streams.next_batch(task), accelerator.device)
+                    window["images"] += len(pixel_values) * accelerator.num_processes
                     task_loss = model(pixel_values, task=task, labels=batch_labels).loss
                     window_losses.setdefault(task, []).append(task_loss.detach().float())
                     if train_args.all_tasks_per_step or train_args.reweight_sampled_loss:
@@ -455,7 +463,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             window_losses.clear()
             record["lr"] = lr_scheduler.get_last_lr()[-1]
             record["nonfinite_steps"] = state.nonfinite_steps
-            record["steps_per_second"] = (state.step - start_step) / (time.perf_counter() - started)
+            elapsed = time.perf_counter() - window["start"]
+            record["throughput/images_per_second"] = window["images"] / elapsed
+            record["throughput/coba_fraction"] = window["coba_seconds"] / elapsed
+            window.update(start=time.perf_counter(), images=0, coba_seconds=0.0)
             if train_args.paradigm == "adaptive":
                 record.update({f"coba/weight/{t}": w for t, w in coba.weights.items()})
                 if coba.last_scores is not None:
