@@ -31,13 +31,13 @@ from .schema import IGNORE_INDEX, SOURCES, Task, features_for, label_names, task
 from .taxonomy import BACKGROUND, NORMAL, Taxonomy, load_taxonomy
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
-    SHARD_RE,
     ExistingPolicy,
     SplitWriter,
     SplitWriteResult,
     iter_split_batches,
     read_split_features,
     shard_files,
+    split_names,
 )
 
 LabelSet = Literal["taxonomy", "present"]
@@ -74,9 +74,8 @@ class SourceData:
     samples: list[SourceSample]
     label_names: list[str]  # every source class name, in source order
     info: dict[str, Any]  # format, path, description, citation, license_note: shown in the report and card
-    pre_issues: list[tuple[str, str, str]] = field(
-        default_factory=list
-    )  # (kind, item, detail) found while reading
+    # (kind, item, detail) of problems the reader found, e.g. annotations pointing at unknown images
+    pre_issues: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -421,13 +420,6 @@ def _existing_hashes_and_ids(
     return hashes, ids
 
 
-def _existing_splits(repo_dir: Path, config: str) -> list[str]:
-    folder = repo_dir / config
-    if not folder.is_dir():
-        return []
-    return sorted({m["split"] for p in folder.iterdir() if (m := SHARD_RE.match(p.name))})
-
-
 def _image_id(prefix: str, key: str, used: set[str]) -> str:
     stem = str(PurePosixPath(key).with_suffix(""))
     image_id = prefix + stem
@@ -454,7 +446,7 @@ class SplitTarget:
     ) -> None:
         self.repo_dir, self.config, self.split = Path(repo_dir), config, split
         self.task = task_of_config(config)
-        self.other_splits = [s for s in _existing_splits(self.repo_dir, config) if s != split]
+        self.other_splits = [s for s in split_names(self.repo_dir, config) if s != split]
         reference = self.other_splits + ([split] if existing == "append" else [])
         old_features = next(
             (f for s in reference if (f := read_split_features(self.repo_dir, config, s)) is not None), None

@@ -84,6 +84,14 @@ def shard_files(repo_dir: str | Path, config: str, split: str) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def split_names(repo_dir: str | Path, config: str) -> list[str]:
+    """The splits of a config folder that have shards (sorted by name)."""
+    folder = Path(repo_dir) / config
+    if not folder.is_dir():
+        return []
+    return sorted({m["split"] for p in folder.iterdir() if (m := SHARD_RE.match(p.name))})
+
+
 def read_split_features(repo_dir: str | Path, config: str, split: str) -> Features | None:
     files = shard_files(repo_dir, config, split)
     return Features.from_arrow_schema(pq.read_schema(files[0])) if files else None
