@@ -39,7 +39,6 @@ from modeling_cadmtl.training.arguments import (
     parse_arguments,
 )
 from modeling_cadmtl.training.coba import CoBa
-from modeling_cadmtl.training.evaluation import evaluate_task
 from modeling_cadmtl.training.metrics import format_percentages
 from modeling_cadmtl.training.optim import (
     build_param_groups,
@@ -56,7 +55,7 @@ from modeling_cadmtl.training.task_data import (
     TrainStreams,
     attach_label_maps,
     discover_sources,
-    eval_batches,
+    evaluate_sources,
     held_out_batches,
     merged_labels,
     move_to,
@@ -208,41 +207,23 @@ def evaluate_all(
     model: torch.nn.Module,
     sources: dict[str, list[Any]],
     settings: LoaderSettings,
-    split: str,
     labels: dict[str, list[str]],
     data_args: DataArguments,
     train_args: TrainingArguments,
     accelerator: Accelerator,
 ) -> dict[str, dict[str, Any]]:
-    """Metrics of every config of every trained task on `split`: {config: {task, split, metrics, report}}."""
-    autocast_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
-    results = {}
-    for task, task_sources in sources.items():
-        for source in task_sources:
-            batches = (
-                batch
-                for _, batch in eval_batches(
-                    [source], settings, task, split, data_args.eval_batch_size, train_args.max_eval_batches
-                )
-            )
-            report = evaluate_task(
-                model,
-                batches,
-                task,
-                labels[task],
-                device=accelerator.device,
-                id_prefix=f"{source.config}/",
-                autocast_dtype=autocast_dtype,
-                show_progress=accelerator.is_local_main_process,
-                description=f"{split} {source.config}",
-            )
-            results[source.config] = {
-                "task": task,
-                "split": split,
-                "metrics": report.metrics,
-                "report": report.to_dict(),
-            }
-    return results
+    """Metrics of every config of every trained task on `settings.split`."""
+    return evaluate_sources(
+        model,
+        sources,
+        settings,
+        labels,
+        batch_size=data_args.eval_batch_size,
+        device=accelerator.device,
+        autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
+        max_batches=train_args.max_eval_batches,
+        show_progress=accelerator.is_local_main_process,
+    )
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:
@@ -487,7 +468,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 model,
                 sources,
                 eval_settings,
-                data_args.eval_split,
                 labels,
                 data_args,
                 train_args,
@@ -501,9 +481,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task_log.close()
 
     # --------------------------------------------------------------------------------- evaluate and save
-    results = evaluate_all(
-        model, sources, eval_settings, data_args.eval_split, labels, data_args, train_args, accelerator
-    )
+    results = evaluate_all(model, sources, eval_settings, labels, data_args, train_args, accelerator)
     if data_args.test_split:
         test_settings = LoaderSettings(**{**asdict(loader_settings), "split": data_args.test_split})
         results.update(
@@ -513,7 +491,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     model,
                     sources,
                     test_settings,
-                    data_args.test_split,
                     labels,
                     data_args,
                     train_args,

@@ -21,52 +21,18 @@ from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import DINOv3ViTBackbone, DINOv3ViTConfig
+from transformers import DINOv3ViTBackbone
 
 from modeling_cadmtl import CadMtlConfig, CadMtlModel
+from modeling_cadmtl.training.presets import PRESETS, backbone_preset
 
-BACKBONES = {
-    "vits16": {
-        "hidden_size": 384,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 6,
-    },
-    "vits16plus": {
-        "hidden_size": 384,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 6,
-        "use_gated_mlp": True,
-    },
-    "vitb16": {
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-    },
-    "vitl16": {
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-    },
-}
 NUM_CLASSES = {"cls": 50, "det": 10, "seg": 19}
 TASKS = ("backbone", "cls", "det", "seg", "all")
 
 
 def build_model(name: str, neck_channels: int) -> CadMtlModel:
-    layers = BACKBONES[name]["num_hidden_layers"]
-    backbone = DINOv3ViTConfig(
-        **BACKBONES[name],
-        num_register_tokens=4,
-        layerscale_value=1e-5,
-        out_indices=[layers // 3, 2 * layers // 3, layers],
-        pos_embed_rescale=None,
-    )
     config = CadMtlConfig(
-        backbone_config=backbone,
+        backbone_config=backbone_preset(name),  # shaped like the official checkpoint, 4 register tokens
         cls_labels=[f"c{i}" for i in range(NUM_CLASSES["cls"])],
         det_labels=[f"d{i}" for i in range(NUM_CLASSES["det"])],
         seg_labels=["background"] + [f"s{i}" for i in range(NUM_CLASSES["seg"] - 1)],
@@ -148,7 +114,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backbones", nargs="+", default=["vits16plus", "vitb16"], choices=sorted(BACKBONES))
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        default=["vits16plus", "vitb16"],
+        choices=[p for p in PRESETS if not p.startswith("convnext")],
+    )
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 512])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 32], help="one per size")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)

@@ -44,13 +44,12 @@ def evaluate_model(
 
     from dataset_scripts.schema import task_of_config
     from modeling_cadmtl import CadMtlModel
-    from modeling_cadmtl.training.evaluation import evaluate_task
     from modeling_cadmtl.training.task_data import (
         LoaderSettings,
         attach_label_maps,
         available_configs,
         discover_sources,
-        eval_batches,
+        evaluate_sources,
     )
 
     state = PartialState(cpu=device == "cpu")
@@ -77,29 +76,18 @@ def evaluate_model(
     )
     # bf16 by default, as train_accelerate.py evaluates, so both report the same numbers for the same model.
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[mixed_precision]
-    results = {}
-    for task, task_sources in sources.items():
-        for source in task_sources:
-            batches = (
-                batch for _, batch in eval_batches([source], settings, task, split, batch_size, max_batches)
-            )
-            report = evaluate_task(
-                model,
-                batches,
-                task,
-                model.config.labels_for(task),
-                device=state.device,
-                id_prefix=f"{source.config}/",
-                autocast_dtype=autocast,
-                show_progress=state.is_local_main_process,
-                description=f"{split} {source.config}",
-            )
-            results[source.config] = {
-                "task": task,
-                "split": split,
-                "metrics": report.metrics,
-                "report": report.to_dict(),
-            }
+    labels = {task: model.config.labels_for(task) for task in sources}
+    results = evaluate_sources(
+        model,
+        sources,
+        settings,
+        labels,
+        batch_size=batch_size,
+        device=state.device,
+        autocast_dtype=autocast,
+        max_batches=max_batches,
+        show_progress=state.is_local_main_process,
+    )
     return {
         "model": str(model_name_or_path),
         "dataset": dataset,

@@ -117,11 +117,15 @@ def head_parameters(model: CadMtlModel) -> dict[str, list[nn.Parameter]]:
 
 
 def unused_parameters(model: CadMtlModel, tasks_run: set[str]) -> list[nn.Parameter]:
-    """Parameters no task of this step touched."""
+    """Parameters no task of this step touched (including the ViT's mask token, which only masked-image
+    pre-training uses)."""
     heads = head_parameters(model)
     unused = [p for task in ("cls", "det", "seg") if task not in tasks_run for p in heads[task]]
     if not tasks_run & {"det", "seg"}:
         unused += heads["neck"]
+    mask_token = getattr(getattr(model.backbone, "embeddings", None), "mask_token", None)
+    if mask_token is not None:
+        unused.append(mask_token)
     return unused
 
 

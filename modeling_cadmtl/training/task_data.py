@@ -13,6 +13,7 @@ import torch
 from dataset_scripts.schema import label_names as dataset_label_names
 
 from .data import load_split, make_dataloader
+from .evaluation import evaluate_task
 
 
 @dataclass
@@ -194,3 +195,48 @@ def move_to(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, 
     else:
         labels = labels.to(device)
     return batch["pixel_values"].to(device, non_blocking=True), labels
+
+
+def evaluate_sources(
+    model: torch.nn.Module,
+    sources: dict[str, list[TaskSource]],
+    settings: LoaderSettings,
+    labels: dict[str, list[str]],
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    max_batches: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Metrics of every config of every task on `settings.split`: {config: {task, split, metrics, report}}.
+
+    Distributed-safe (each rank evaluates its shards, `evaluate_task` runs in lockstep and reduces the metrics).
+    """
+    results = {}
+    for task, task_sources in sources.items():
+        for source in task_sources:
+            batches = (
+                batch
+                for _, batch in eval_batches(
+                    [source], settings, task, settings.split, batch_size, max_batches
+                )
+            )
+            report = evaluate_task(
+                model,
+                batches,
+                task,
+                labels[task],
+                device=device,
+                id_prefix=f"{source.config}/",
+                autocast_dtype=autocast_dtype,
+                show_progress=show_progress,
+                description=f"{settings.split} {source.config}",
+            )
+            results[source.config] = {
+                "task": task,
+                "split": settings.split,
+                "metrics": report.metrics,
+                "report": report.to_dict(),
+            }
+    return results
