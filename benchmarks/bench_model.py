@@ -109,6 +109,23 @@ def measure(step: Callable[[], None], steps: int, warmup: int, device: torch.dev
     return (time.perf_counter() - start) / steps
 
 
+def print_flops(backbones: list[str], sizes: list[int], neck_channels: int, device: torch.device) -> None:
+    """Backbone GFLOP per image and backbone / step FLOP ratios: the throughput ratio of a compute-bound step."""
+    print(
+        "| backbone @ px | backbone GFLOP | cls | det | seg | all three | all three vs 3 single-task models |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name in backbones:
+        model = build_model(name, neck_channels).to(device).train()
+        for size in sizes:
+            flops = {task: make_step(model, task, 2, size, True, device)[1]() / 2 for task in TASKS}
+            ratios = " | ".join(
+                f"{flops['backbone'] / flops[task]:.3f}" for task in ("cls", "det", "seg", "all")
+            )
+            three = (flops["cls"] + flops["det"] + flops["seg"]) / flops["all"]
+            print(f"| {name} @{size} | {flops['backbone'] / 1e9:.1f} | {ratios} | {three:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,11 +148,17 @@ def main() -> None:
         "--peak-tflops", type=float, default=None, help="bf16 dense peak, e.g. 989 for an H100 SXM"
     )
     parser.add_argument("--inference", action="store_true", help="also time inference (forward only)")
+    parser.add_argument(
+        "--flops-only", action="store_true", help="only count FLOPs (any device): the compute the heads add"
+    )
     args = parser.parse_args()
     if len(args.batch_sizes) != len(args.sizes):
         parser.error("give one --batch-sizes value per --sizes value")
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.flops_only:
+        print_flops(args.backbones, args.sizes, args.neck_channels, device)
+        return
 
     header = "| backbone | px | batch | mode | phase | task | img/s | vs backbone | TFLOP/img | MFU |"
     print(
