@@ -52,6 +52,7 @@ from modeling_cadmtl.training.presets import PRESETS, backbone_preset
 from modeling_cadmtl.training.scheduler import TaskScheduler
 from modeling_cadmtl.training.task_data import (
     LoaderSettings,
+    TaskSource,
     TrainStreams,
     attach_label_maps,
     discover_sources,
@@ -183,24 +184,56 @@ def make_trackers(train_args: TrainingArguments) -> list[Any]:
     return trackers
 
 
+def class_candidates(
+    sources: dict[str, list[TaskSource]], num_classes: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """For each classification config, a (K_cls,) mask of its own classes: its images are trained and scored
+    among their domain's classes (`cls_candidates` of the model's forward)."""
+    masks = {}
+    for source in sources.get("cls", []):
+        mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        mask[source.model_label_ids] = True
+        masks[source.config] = mask
+    return masks
+
+
+def task_forward(
+    model: torch.nn.Module,
+    task: str,
+    source: TaskSource,
+    batch: dict[str, Any],
+    device: torch.device,
+    candidates: dict[str, torch.Tensor],
+) -> Any:
+    """The model on one task's batch (with its config's class candidates for classification, if any)."""
+    pixel_values, labels = move_to(batch, device)
+    extra = (
+        {"cls_candidates": candidates[source.config]} if task == "cls" and source.config in candidates else {}
+    )
+    return model(pixel_values, task=task, labels=labels, **extra)
+
+
 @torch.no_grad()
 def held_out_losses(
-    model: torch.nn.Module, batches: dict[str, list[dict[str, Any]]], accelerator: Accelerator
+    model: torch.nn.Module,
+    held_out: dict[str, list[tuple[TaskSource, dict[str, Any]]]],
+    accelerator: Accelerator,
+    candidates: dict[str, torch.Tensor],
 ) -> dict[str, float]:
     """Each task's mean loss on its fixed held-out batches, averaged over ranks (CoBa's validation losses)."""
     model.eval()
     totals = []
-    for task, task_batches in batches.items():
+    for task, task_batches in held_out.items():
         total = torch.zeros(2, device=accelerator.device)
-        for batch in task_batches:
-            pixel_values, labels = move_to(batch, accelerator.device)
+        for source, batch in task_batches:
             with accelerator.autocast():
-                total[0] += model(pixel_values, task=task, labels=labels).loss.float()
+                outputs = task_forward(model, task, source, batch, accelerator.device, candidates)
+            total[0] += outputs.loss.float()
             total[1] += 1
         totals.append(total)
     model.train()
     reduced = accelerator.reduce(torch.stack(totals), reduction="sum")
-    return {task: (reduced[i, 0] / reduced[i, 1]).item() for i, task in enumerate(batches)}
+    return {task: (reduced[i, 0] / reduced[i, 1]).item() for i, task in enumerate(held_out)}
 
 
 def evaluate_all(
@@ -223,6 +256,7 @@ def evaluate_all(
         autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
         max_batches=train_args.max_eval_batches,
         show_progress=accelerator.is_local_main_process,
+        domain_conditioning=train_args.cls_domain_conditioning,
     )
 
 
@@ -294,6 +328,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     eval_settings = LoaderSettings(**{**asdict(loader_settings), "split": data_args.eval_split})
     streams = TrainStreams(sources, loader_settings)
+    candidates = (
+        class_candidates(sources, len(model.config.cls_labels), accelerator.device)
+        if train_args.cls_domain_conditioning
+        else {}
+    )
 
     # ------------------------------------------------------------------------------- optimisation state
     freeze_blocks = resolve_freeze_blocks(model, train_args.freeze_backbone_layers)
@@ -381,7 +420,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         step = state.step
         if train_args.paradigm == "adaptive" and step % train_args.coba_every == 0 and held_out:
             coba_started = time.perf_counter()
-            task_scheduler.set_weights(coba.update(held_out_losses(model, held_out, accelerator)))
+            losses = held_out_losses(model, held_out, accelerator, candidates)
+            task_scheduler.set_weights(coba.update(losses))
             window["coba_seconds"] += time.perf_counter() - coba_started
         step_tasks = tasks if train_args.all_tasks_per_step else [task_scheduler.sample(step)]
         weights = (
@@ -392,9 +432,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with accelerator.accumulate(model):
                 loss = torch.zeros((), device=accelerator.device)
                 for task in step_tasks:
-                    pixel_values, batch_labels = move_to(streams.next_batch(task), accelerator.device)
-                    window["images"] += len(pixel_values) * accelerator.num_processes
-                    task_loss = model(pixel_values, task=task, labels=batch_labels).loss
+                    source, batch = streams.next_batch(task)
+                    window["images"] += len(batch["pixel_values"]) * accelerator.num_processes
+                    task_loss = task_forward(model, task, source, batch, accelerator.device, candidates).loss
                     window_losses.setdefault(task, []).append(task_loss.detach().float())
                     if train_args.all_tasks_per_step or train_args.reweight_sampled_loss:
                         task_loss = task_loss * len(tasks) * weights[task]

@@ -109,7 +109,9 @@ class CadMtlConfig(PreTrainedConfig):
         self._check_backbone()
         unknown_tasks = set(self.image_sizes or {}) - set(TASKS)
         if unknown_tasks:
-            raise ValueError(f"image_sizes has unknown tasks {sorted(unknown_tasks)}; expected keys in {TASKS}.")
+            raise ValueError(
+                f"image_sizes has unknown tasks {sorted(unknown_tasks)}; expected keys in {TASKS}."
+            )
         # `id2label` is derived state that pipelines read: the classification labels here, and each task class
         # swaps in its own task's labels (see `CadMtlFor*`). The per-task lists above are the source of truth.
         self.set_task_labels("cls")

@@ -38,6 +38,7 @@ def evaluate_model(
     num_workers: int = 0,
     device: str | None = None,
     mixed_precision: str = "bf16",
+    domain_conditioning: bool = True,
 ) -> dict[str, Any]:
     """Metrics of `model_name_or_path` on `split` of each dataset config: the content of eval_results.json."""
     from accelerate import PartialState
@@ -87,6 +88,7 @@ def evaluate_model(
         autocast_dtype=autocast,
         max_batches=max_batches,
         show_progress=state.is_local_main_process,
+        domain_conditioning=domain_conditioning,
     )
     return {
         "model": str(model_name_or_path),
@@ -94,6 +96,7 @@ def evaluate_model(
         "split": split,
         "image_sizes": {task: sizes[task] for task in sources},
         "mixed_precision": mixed_precision,
+        "domain_conditioning": domain_conditioning,
         "results": results,
     }
 
@@ -138,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu to force the CPU.")
     parser.add_argument("--mixed-precision", default="bf16", choices=["bf16", "fp16", "no"])
+    parser.add_argument(
+        "--no-domain-conditioning",
+        action="store_true",
+        help="Score classification among all the head's classes, not each config's (domain's) own.",
+    )
     parser.add_argument("--name", default=None, help="Row name in the tables (default: the model path).")
     parser.add_argument("--output-dir", type=Path, default=Path("eval"))
     parser.add_argument(
@@ -171,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=args.num_workers,
         device=args.device,
         mixed_precision=args.mixed_precision,
+        domain_conditioning=not args.no_domain_conditioning,
     )
     from accelerate import PartialState
 

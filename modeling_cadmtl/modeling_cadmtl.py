@@ -380,6 +380,7 @@ class CadMtlModel(CadMtlPreTrainedModel):
         task: str | None = None,
         labels: Any = None,
         pixel_mask: torch.Tensor | None = None,
+        cls_candidates: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CadMtlOutput:
         r"""
@@ -391,6 +392,9 @@ class CadMtlModel(CadMtlPreTrainedModel):
                 normalised (cx, cy, w, h) boxes (the DETR convention); seg `(B, H, W)` class ids, 255 = ignore.
             pixel_mask `(B, H, W)`: 1 on real pixels, 0 on padding added by the image processor (bottom/right).
                 Boxes are then normalised by each image's real size, and pooling skips the padding.
+            cls_candidates `(B, K_cls)` or `(K_cls,)` bool: the classes each image can be, e.g. those of its
+                vehicle domain when one head covers several domains; the classification loss is a softmax over
+                these only. `cls_logits` keep every class (mask them the same way to predict within a domain).
         """
         tasks = self._resolve_tasks(task)
         self._check_pixel_values(pixel_values)
@@ -424,7 +428,10 @@ class CadMtlModel(CadMtlPreTrainedModel):
         if "cls" in tasks:
             outputs.cls_logits = self._classify(backbone_outputs, valid)
             if "cls" in task_labels:
-                outputs.losses["cls"] = F.cross_entropy(outputs.cls_logits.float(), task_labels["cls"])
+                logits = outputs.cls_logits.float()
+                if cls_candidates is not None:
+                    logits = self._restrict_to_candidates(logits, cls_candidates, task_labels["cls"])
+                outputs.losses["cls"] = F.cross_entropy(logits, task_labels["cls"])
         if "det" in tasks or "seg" in tasks:
             pyramid = self.neck(feature_maps)
         if "det" in tasks:
@@ -445,6 +452,17 @@ class CadMtlModel(CadMtlPreTrainedModel):
         if outputs.losses:
             outputs.loss = sum(outputs.losses.values())
         return outputs
+
+    @staticmethod
+    def _restrict_to_candidates(
+        logits: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        candidates = candidates.to(device=logits.device, dtype=torch.bool).expand_as(logits)
+        if not candidates.gather(1, labels[:, None]).all():
+            raise ValueError(
+                "cls_candidates exclude the label of some images: every label must be a candidate."
+            )
+        return logits.masked_fill(~candidates, torch.finfo(logits.dtype).min)
 
     def _classify(self, backbone_outputs: Any, valid_pixels: torch.Tensor) -> torch.Tensor:
         last_map = backbone_outputs.feature_maps[-1]

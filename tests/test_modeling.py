@@ -289,3 +289,16 @@ def test_from_backbone_overrides_reach_the_backbone_config(tmp_path) -> None:
     assert model.config.backbone_config.out_features == ["stage3"]
     assert model.config.backbone_config.drop_path_rate == 0.1
     assert model(torch.randn(1, 3, 64, 64)).pred_boxes.shape == (1, 84, 4)
+
+
+def test_cls_candidates_restrict_the_classification_loss(tiny_config: CadMtlConfig) -> None:
+    torch.manual_seed(0)
+    model = CadMtlModel(tiny_config).eval()
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    candidates = torch.tensor([False, True, True])  # e.g. the two classes of the images' domain
+    outputs = model(pixel_values, task="cls", labels=labels, cls_candidates=candidates)
+    expected = torch.nn.functional.cross_entropy(outputs.cls_logits[:, 1:], labels - 1)
+    torch.testing.assert_close(outputs.loss, expected)
+    assert outputs.cls_logits.shape == (2, len(CLS_LABELS))  # the logits keep every class
+    with pytest.raises(ValueError, match="cls_candidates exclude the label of some images"):
+        model(pixel_values, task="cls", labels=torch.tensor([0, 2]), cls_candidates=candidates)

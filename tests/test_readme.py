@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO_ROOT, tiny_cadmtl_config
 from test_hub import populate_hf_cache
 
@@ -93,3 +94,9 @@ def test_readme_default_run_command_trains_evaluates_and_saves(tmp_path) -> None
     }  # fmt: skip
     assert summary["steps"] == 240 and summary["nonfinite_steps"] == 0
     assert (output / "training_curves.png").stat().st_size > 10_000
+    # The model card carries the test results as Hub `model-index` metadata and the CoBa settings in its body.
+    card = (output / "model" / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    evaluated = {r["dataset"]["config"] for r in metadata["model-index"][0]["results"]}
+    assert evaluated == configs
+    assert '"paradigm": "adaptive"' in card and '"history_length": 20' in card

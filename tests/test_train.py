@@ -164,6 +164,18 @@ def test_unknown_dataset_config_is_a_clear_error(
         )
 
 
+def test_unknown_task_or_paradigm_is_a_clear_error(small_demo: Path, tmp_path: Path) -> None:
+    common = ["--dataset", str(small_demo), "--output_dir", str(tmp_path)]
+    with pytest.raises(
+        ValueError, match=r"single paradigm needs single_task in \('cls', 'det', 'seg'\), got 'depth'"
+    ):
+        run_main([*common, "--paradigm", "single", "--single_task", "depth"])
+    with pytest.raises(
+        ValueError, match=r"paradigm must be one of \('single', 'base', 'adaptive'\), got 'coba'"
+    ):
+        run_main([*common, "--paradigm", "coba"])
+
+
 def test_config_of_the_wrong_task_is_a_clear_error(small_demo: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cls_configs lists 'exterior_det', which is not a cls config"):
         run_main(

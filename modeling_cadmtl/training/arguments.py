@@ -130,6 +130,13 @@ class TrainingArguments:
         default=None,
         metadata={"help": "Scheduler temperature T in softmax(w / T); default 1 / number of tasks."},
     )
+    cls_domain_conditioning: bool = field(
+        default=True,
+        metadata={
+            "help": "When several classification configs (domains) share the head, train and score each image among "
+            "its own domain's classes (the paper's per-domain tables); False: among all classes."
+        },
+    )
     reweight_sampled_loss: bool = field(
         default=False,
         metadata={"help": "Also scale the sampled task's loss by K * w (CoBa weights); off: sampling alone."},

@@ -68,6 +68,7 @@ def evaluate_task(
     autocast_dtype: torch.dtype | None = None,
     show_progress: bool = True,
     description: str = "evaluating",
+    class_subset: list[int] | None = None,
 ) -> MetricsReport:
     """Run `model` on every batch (as `modeling_cadmtl.training.data.collate_fn` builds them) and compute the
     task's metrics over all of them. Under `torch.distributed` every rank passes its own shard and gets the same
@@ -76,8 +77,19 @@ def evaluate_task(
     Detection is scored in each image's original pixel frame (`orig_sizes`): boxes are scaled back from the
     network input, so COCO's small / medium / large areas mean what they mean in the dataset. Segmentation is
     scored at the network input resolution the labels were resized to (nearest neighbour).
+
+    `class_subset` (classification only): score the prediction among these model class ids (e.g. one vehicle
+    domain's classes when the head covers several domains); the report is then over the subset's classes.
     """
     processor = CadMtlImageProcessor()
+    if class_subset is not None:
+        if task != "cls":
+            raise ValueError("class_subset only applies to classification.")
+        subset = torch.tensor(class_subset)
+        # model class id -> position in the subset (-1: outside it; a target there would be a data error)
+        position = torch.full((len(label_names),), -1, dtype=torch.long)
+        position[subset] = torch.arange(len(subset))
+        label_names = [label_names[i] for i in class_subset]
     metric = make_metric(task, label_names)
     was_training = model.training
     model.eval()
@@ -90,7 +102,10 @@ def evaluate_task(
         if batch.get("is_padding"):
             continue
         if task == "cls":
-            metric.update(outputs.cls_logits.float().cpu(), batch["labels"].cpu())
+            logits, targets = outputs.cls_logits.float().cpu(), batch["labels"].cpu()
+            if class_subset is not None:
+                logits, targets = logits[:, subset], position[targets]
+            metric.update(logits, targets)
         elif task == "det":
             orig_sizes = batch["orig_sizes"].cpu()
             predictions = processor.post_process_object_detection(

@@ -25,6 +25,13 @@ class TaskSource:
     label_names: list[str]
     label_map: dict[int, int] | None = None
 
+    @property
+    def model_label_ids(self) -> list[int]:
+        """The model's ids of this config's classes (its domain, when one head covers several domains)."""
+        if self.label_map is None:
+            raise ValueError(f"{self.config}: attach_label_maps has not been called.")
+        return sorted(self.label_map.values())
+
 
 def available_configs(dataset: str) -> list[str]:
     return datasets.get_dataset_config_names(dataset)
@@ -117,12 +124,13 @@ class TrainStreams:
             self._iterators[key] = iter(loader)
         return self._iterators[key]
 
-    def next_batch(self, task: str) -> dict[str, Any]:
+    def next_batch(self, task: str) -> tuple[TaskSource, dict[str, Any]]:
+        """The task's next batch and the config it came from."""
         counts = self.consumed[task]
         index = sum(counts) % len(counts)  # round robin over the task's configs
         batch = next(self._iterator(task, index))
         counts[index] += 1
-        return batch
+        return self.sources[task][index], batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed": {task: list(counts) for task, counts in self.consumed.items()}}
@@ -171,20 +179,23 @@ def eval_batches(
 
 def held_out_batches(
     sources: list[TaskSource], settings: LoaderSettings, task: str, num_batches: int, batch_size: int
-) -> list[dict[str, Any]]:
-    """CoBa's fixed held-out batches of a task: the first `num_batches` of its validation split (this rank's
-    shards), repeated if the shard is shorter, so every rank runs the same number of forward passes."""
-    batches = []
-    for _, batch in eval_batches(sources, settings, task, settings.split, batch_size):
-        batches.append(batch)
-        if len(batches) == num_batches:
-            break
-    if not batches:
-        raise ValueError(
-            f"The {settings.split} split of {[s.config for s in sources]} gave rank {settings.rank} no {task} batch: "
-            "CoBa needs held-out data for every task (add a validation split, or use fewer processes)."
-        )
-    return [batches[i % len(batches)] for i in range(num_batches)]
+) -> list[tuple[TaskSource, dict[str, Any]]]:
+    """CoBa's fixed held-out batches of a task: the first `num_batches` of the validation split of each of its
+    configs (this rank's shards), repeated if a shard is shorter, so every rank runs the same number of forward
+    passes and every config (domain) weighs in the task's held-out loss."""
+    held_out = []
+    for source in sources:
+        batches = [
+            batch
+            for _, batch in eval_batches([source], settings, task, settings.split, batch_size, num_batches)
+        ]
+        if not batches:
+            raise ValueError(
+                f"The {settings.split} split of {source.config} gave rank {settings.rank} no batch: CoBa needs "
+                "held-out data for every task (add a validation split, or use fewer processes)."
+            )
+        held_out.extend((source, batches[i % len(batches)]) for i in range(num_batches))
+    return held_out
 
 
 def move_to(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, Any]:
@@ -208,10 +219,13 @@ def evaluate_sources(
     autocast_dtype: torch.dtype | None = None,
     max_batches: int | None = None,
     show_progress: bool = True,
+    domain_conditioning: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Metrics of every config of every task on `settings.split`: {config: {task, split, metrics, report}}.
 
     Distributed-safe (each rank evaluates its shards, `evaluate_task` runs in lockstep and reduces the metrics).
+    With `domain_conditioning`, a classification config is scored among its own classes (see `cls_candidates`
+    in the model's forward), as the paper's per-domain Acc@1 / Acc@5 tables are.
     """
     results = {}
     for task, task_sources in sources.items():
@@ -232,6 +246,7 @@ def evaluate_sources(
                 autocast_dtype=autocast_dtype,
                 show_progress=show_progress,
                 description=f"{settings.split} {source.config}",
+                class_subset=source.model_label_ids if task == "cls" and domain_conditioning else None,
             )
             results[source.config] = {
                 "task": task,
