@@ -87,7 +87,8 @@ def test_evaluation_of_a_config_without_the_split_is_a_clear_error(
     model_dir: Path, dataset: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(
-        ValueError, match=r"config '\w+' has no split 'holdout'; available splits: \['train', 'validation', 'test'\]"
+        ValueError,
+        match=r"config '\w+' has no split 'holdout'; available splits: \['train', 'validation', 'test'\]",
     ):
         evaluate_main([str(model_dir), str(dataset), "--split", "holdout", "--output-dir", str(tmp_path)])
 
