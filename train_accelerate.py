@@ -379,7 +379,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             task: held_out_batches(
                 sources[task],
                 eval_settings,
-                task,
                 train_args.coba_val_batches,
                 train_args.coba_val_batch_size,
             )

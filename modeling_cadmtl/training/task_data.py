@@ -86,6 +86,27 @@ class LoaderSettings:
     world_size: int
 
 
+def source_loader(
+    settings: LoaderSettings, source: TaskSource, split: str, *, batch_size: int, train: bool, **kwargs: Any
+) -> torch.utils.data.DataLoader:
+    """`make_dataloader` for one config of a task, with this run's sizes, label map, workers, seed and rank."""
+    return make_dataloader(
+        settings.dataset,
+        source.config,
+        split,
+        source.task,
+        batch_size=batch_size,
+        image_size=settings.image_sizes[source.task],
+        train=train,
+        label_map=source.label_map,
+        num_workers=settings.num_workers,
+        seed=settings.seed,
+        rank=settings.rank,
+        world_size=settings.world_size,
+        **kwargs,
+    )
+
+
 class TrainStreams:
     """An endless batch stream per task, drawing its configs in turn.
 
@@ -103,21 +124,13 @@ class TrainStreams:
     def _iterator(self, task: str, index: int) -> Iterator[dict[str, Any]]:
         key = (task, index)
         if key not in self._iterators:
-            source, s = self.sources[task][index], self.settings
-            loader = make_dataloader(
-                s.dataset,
-                source.config,
-                s.split,
-                task,
-                batch_size=s.batch_size,
-                image_size=s.image_sizes[task],
+            loader = source_loader(
+                self.settings,
+                self.sources[task][index],
+                self.settings.split,
+                batch_size=self.settings.batch_size,
                 train=True,
-                label_map=source.label_map,
-                num_workers=s.num_workers,
-                seed=s.seed,
-                rank=s.rank,
-                world_size=s.world_size,
-                shuffle_buffer=s.shuffle_buffer,
+                shuffle_buffer=self.settings.shuffle_buffer,
                 infinite=True,
                 skip_batches=self.consumed[task][index],  # fast-forward after a resume
             )
@@ -146,49 +159,28 @@ class TrainStreams:
         self._iterators.clear()
 
 
-def eval_batches(
-    sources: list[TaskSource],
-    settings: LoaderSettings,
-    task: str,
-    split: str,
-    batch_size: int,
-    max_batches: int | None = None,
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """One exact pass over `split` of every config of the task (this rank's shards): (config, batch) pairs."""
-    for source in sources:
-        loader = make_dataloader(
-            settings.dataset,
-            source.config,
-            split,
-            task,
-            batch_size=batch_size,
-            image_size=settings.image_sizes[task],
-            train=False,
-            label_map=source.label_map,
-            num_workers=settings.num_workers,
-            seed=settings.seed,
-            rank=settings.rank,
-            world_size=settings.world_size,
-            infinite=False,
-        )
-        for number, batch in enumerate(loader):
-            if max_batches is not None and number >= max_batches:
-                break
-            yield source.config, batch
+def source_batches(
+    settings: LoaderSettings, source: TaskSource, batch_size: int, max_batches: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """One exact pass over `settings.split` of one config (this rank's shards), at most `max_batches` batches."""
+    loader = source_loader(
+        settings, source, settings.split, batch_size=batch_size, train=False, infinite=False
+    )
+    for number, batch in enumerate(loader):
+        if max_batches is not None and number >= max_batches:
+            break
+        yield batch
 
 
 def held_out_batches(
-    sources: list[TaskSource], settings: LoaderSettings, task: str, num_batches: int, batch_size: int
+    sources: list[TaskSource], settings: LoaderSettings, num_batches: int, batch_size: int
 ) -> list[tuple[TaskSource, dict[str, Any]]]:
     """CoBa's fixed held-out batches of a task: the first `num_batches` of the validation split of each of its
     configs (this rank's shards), repeated if a shard is shorter, so every rank runs the same number of forward
     passes and every config (domain) weighs in the task's held-out loss."""
     held_out = []
     for source in sources:
-        batches = [
-            batch
-            for _, batch in eval_batches([source], settings, task, settings.split, batch_size, num_batches)
-        ]
+        batches = list(source_batches(settings, source, batch_size, num_batches))
         if not batches:
             raise ValueError(
                 f"The {settings.split} split of {source.config} gave rank {settings.rank} no batch: CoBa needs "
@@ -230,15 +222,9 @@ def evaluate_sources(
     results = {}
     for task, task_sources in sources.items():
         for source in task_sources:
-            batches = (
-                batch
-                for _, batch in eval_batches(
-                    [source], settings, task, settings.split, batch_size, max_batches
-                )
-            )
             report = evaluate_task(
                 model,
-                batches,
+                source_batches(settings, source, batch_size, max_batches),
                 task,
                 labels[task],
                 device=device,
