@@ -39,7 +39,6 @@ from modeling_cadmtl.training.arguments import (
     parse_arguments,
 )
 from modeling_cadmtl.training.coba import CoBa
-from modeling_cadmtl.training.metrics import format_percentages
 from modeling_cadmtl.training.optim import (
     build_param_groups,
     drop_gradients,
@@ -49,6 +48,7 @@ from modeling_cadmtl.training.optim import (
     zero_touch,
 )
 from modeling_cadmtl.training.presets import PRESETS, backbone_preset
+from modeling_cadmtl.training.reporting import domain_tables
 from modeling_cadmtl.training.scheduler import TaskScheduler
 from modeling_cadmtl.training.task_data import (
     LoaderSettings,
@@ -260,12 +260,10 @@ def evaluate_all(
     )
 
 
-def results_table(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| config | split | metrics |", "|---|---|---|"]
-    for config, result in results.items():
-        shown = ", ".join(f"{k} {v}" for k, v in format_percentages(result["metrics"]).items())
-        lines.append(f"| {config} | {result['split']} | {shown} |")
-    return "\n".join(lines)
+def results_tables(results: dict[str, dict[str, Any]], name: str) -> str:
+    """The paper-shaped tables (`reporting.domain_tables`) of each evaluated split."""
+    splits = dict.fromkeys(result["split"] for result in results.values())
+    return "\n".join(domain_tables({name: results}, split=split) for split in splits)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -587,11 +585,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model_card_data=card_data,
         )
         (output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2, default=str))
-        (output_dir / "eval_results.md").write_text(results_table(results) + "\n")
+        (output_dir / "eval_results.md").write_text(results_tables(results, output_dir.name))
         metrics_path = output_dir / "logs" / "metrics.jsonl"
         if metrics_path.exists():
             plot_training_curves(metrics_path, output_dir / "training_curves.png")
-        logger.info("saved the model to %s\n%s", model_dir, results_table(results))
+        logger.info("saved the model to %s\n%s", model_dir, results_tables(results, output_dir.name))
         if train_args.push_to_hub:
             unwrapped.push_to_hub(
                 train_args.hub_model_id or output_dir.name,
