@@ -1,0 +1,1 @@
+"""Training wing: arguments, the training step, task weighting, the task scheduler, optimiser helpers."""

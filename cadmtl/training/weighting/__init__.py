@@ -1,0 +1,13 @@
+"""Task weighting behind one interface: import a method's module to register it under its name."""
+
+from .base import WEIGHTINGS, TaskWeighting, build_weighting, check_task_names, register_weighting
+from .equal import EqualWeighting
+
+__all__ = [
+    "WEIGHTINGS",
+    "EqualWeighting",
+    "TaskWeighting",
+    "build_weighting",
+    "check_task_names",
+    "register_weighting",
+]
