@@ -4,10 +4,11 @@
     accelerate launch train_accelerate.py --config configs/cad100k_vitb16_adaptive.yaml
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml train_accelerate.py --config ... --paradigm base
 
-Paradigms (as in the CAD 100K paper): `single` trains one task; `base` visits the tasks round robin with equal
-weights; `adaptive` samples a task per step with P(task) = softmax(w / T), where w are CoBa's
-convergence-balanced weights, updated from held-out losses every `coba_every` steps. `--all_tasks_per_step`
-instead runs every task each step and sums the losses weighted by K * w.
+Paradigms (as in the CAD 100K paper) are presets of a task weighting and a task sampler
+(`cadmtl.training.recipe`): `single` trains one task; `base` visits the tasks round robin with equal weights;
+`adaptive` samples a task per step with P(task) = softmax(w / T), where w are CoBa's convergence-balanced weights,
+updated from held-out losses every `coba_every` steps. `--weighting NAME` picks another registered method;
+`--all_tasks_per_step` instead runs every task each step and sums the losses weighted by K * w.
 
 Each optimizer step: draw the task (identical on every rank: a pure function of seed and step), take that task's
 next batch, forward only its head, backward, drop the gradients of frozen early layers and unused heads, clip,
@@ -17,9 +18,7 @@ step. Checkpoints (`accelerator.save_state`) carry CoBa, the scheduler, the data
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,246 +30,40 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from modeling_cadmtl import CadMtlConfig, CadMtlImageProcessor, CadMtlModel
-from modeling_cadmtl.training.arguments import (
-    DataArguments,
-    ModelArguments,
-    TrainingArguments,
-    parse_arguments,
-)
-from modeling_cadmtl.training.coba import CoBa
-from modeling_cadmtl.training.optim import (
-    build_param_groups,
-    drop_gradients,
-    early_backbone_parameters,
-    resolve_freeze_blocks,
-    unused_parameters,
-    zero_touch,
-)
-from modeling_cadmtl.training.presets import PRESETS, backbone_preset
-from modeling_cadmtl.training.reporting import domain_tables
-from modeling_cadmtl.training.scheduler import TaskScheduler
-from modeling_cadmtl.training.task_data import (
+from cadmtl.data.sources import (
     LoaderSettings,
-    TaskSource,
     TrainStreams,
     attach_label_maps,
     discover_sources,
-    evaluate_sources,
     held_out_batches,
     merged_labels,
-    move_to,
 )
-from modeling_cadmtl.training.tracking import JsonlTracker, plot_training_curves
+from cadmtl.training.arguments import parse_arguments
+from cadmtl.training.checkpoint import (
+    LoopState,
+    check_same_model,
+    find_checkpoint,
+    register_stateful,
+    save_checkpoint,
+)
+from cadmtl.training.finish import evaluate_all, final_results, model_card_data, save_run
+from cadmtl.training.log_window import LogWindow
+from cadmtl.training.optim import build_param_groups, early_backbone_parameters, resolve_freeze_blocks
+from cadmtl.training.recipe import build_recipe_weighting, resolve_recipe
+from cadmtl.training.scheduler import TaskScheduler
+from cadmtl.training.setup import build_model, class_candidates, ensure_dataset, make_trackers
+from cadmtl.training.step import StepSettings, count_nonfinite, held_out_losses, training_step
+from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
 
 logger = logging.getLogger("train_accelerate")
-DEMO_DATASET = "data/cad100k-mini"
-
-
-class LoopState:
-    """Counters of the training loop that a resumed run must continue from (checkpointed with Accelerate)."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.nonfinite_steps = 0
-        self.consecutive_nonfinite = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        vars(self).update(state)
-
-
-def ensure_dataset(data_args: DataArguments, accelerator: Accelerator) -> None:
-    """Generate the demo dataset when the default path is missing (main process builds, the others wait)."""
-    if data_args.dataset == DEMO_DATASET and not Path(DEMO_DATASET, "README.md").exists():
-        if accelerator.is_main_process:
-            from dataset_scripts.make_demo import build_demo
-
-            logger.info("building the demo dataset in %s", DEMO_DATASET)
-            build_demo(DEMO_DATASET)
-        accelerator.wait_for_everyone()
-
-
-def build_model(model_args: ModelArguments, label_sets: dict[str, list[str]]) -> CadMtlModel:
-    """A CadMtl checkpoint, or a DINOv3 checkpoint / random preset backbone with new heads."""
-    if model_args.model_name_or_path:
-        return CadMtlModel.from_pretrained(
-            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation
-        )
-    labels = {
-        "cls_labels": label_sets.get("cls", ["normal", "anomaly"]),
-        "det_labels": label_sets.get("det", ["defect"]),
-        "seg_labels": label_sets.get("seg", ["background", "defect"]),
-    }
-    heads = {
-        "neck_channels": model_args.neck_channels,
-        "seg_channels": model_args.seg_channels,
-        "det_num_convs": model_args.det_num_convs,
-    }
-    overrides: dict[str, Any] = {"drop_path_rate": model_args.drop_path_rate}
-    if model_args.backbone_out_indices:
-        overrides["out_indices"] = model_args.backbone_out_indices
-    if model_args.backbone in PRESETS:
-        backbone_config = backbone_preset(model_args.backbone, **overrides)
-        config = CadMtlConfig(backbone_config=backbone_config, **labels, **heads)
-        if model_args.attn_implementation:
-            config._attn_implementation = model_args.attn_implementation
-        return CadMtlModel(config)
-    return CadMtlModel.from_backbone(model_args.backbone, backbone_overrides=overrides, **labels, **heads)
-
-
-def check_same_model(checkpoint: Path, model: CadMtlModel) -> None:
-    """Refuse a checkpoint of a different model before Accelerate fails on tensor shapes."""
-    saved_path = checkpoint / "cadmtl_config.json"
-    if not saved_path.exists():
-        raise ValueError(f"{checkpoint} is not a train_accelerate.py checkpoint (no cadmtl_config.json).")
-    saved = json.loads(saved_path.read_text())
-    current = model.config.to_dict()
-    for key in ("cls_labels", "det_labels", "seg_labels", "neck_channels", "seg_channels", "det_num_convs"):
-        if saved.get(key) != current.get(key):
-            raise ValueError(
-                f"Checkpoint {checkpoint} belongs to a different model: {key} is {saved.get(key)} there and "
-                f"{current.get(key)} here."
-            )
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "hidden_sizes", "depths", "out_indices"):
-        if saved["backbone_config"].get(key) != current["backbone_config"].get(key):
-            raise ValueError(
-                f"Checkpoint {checkpoint} belongs to a different backbone: {key} is "
-                f"{saved['backbone_config'].get(key)} there and {current['backbone_config'].get(key)} here."
-            )
-
-
-def find_checkpoint(train_args: TrainingArguments) -> Path | None:
-    if not train_args.resume_from_checkpoint:
-        return None
-    if train_args.resume_from_checkpoint != "latest":
-        path = Path(train_args.resume_from_checkpoint)
-        if not path.is_dir():
-            raise FileNotFoundError(f"Checkpoint folder {path} does not exist.")
-        return path
-    checkpoints = sorted(
-        Path(train_args.output_dir, "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:])
-    )
-    return checkpoints[-1] if checkpoints else None
-
-
-def save_checkpoint(
-    accelerator: Accelerator, model: CadMtlModel, train_args: TrainingArguments, step: int
-) -> None:
-    """Write to a temporary folder, then rename: a run killed mid-save leaves no half-written checkpoint."""
-    root = Path(train_args.output_dir, "checkpoints")
-    final, partial = root / f"step_{step}", root / f".partial_step_{step}"
-    accelerator.save_state(str(partial))
-    if accelerator.is_main_process:
-        (partial / "cadmtl_config.json").write_text(model.config.to_json_string())
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
-        kept = sorted(root.glob("step_*"), key=lambda p: int(p.name[5:]))
-        for old in kept[: max(0, len(kept) - train_args.save_total_limit)]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def make_trackers(train_args: TrainingArguments) -> list[Any]:
-    trackers: list[Any] = []
-    for name in train_args.report_to:
-        if name == "jsonl":
-            trackers.append(JsonlTracker("cadmtl", Path(train_args.output_dir, "logs")))
-        elif name != "none":
-            trackers.append(name)  # an Accelerate tracker name: tensorboard, wandb, trackio...
-    return trackers
-
-
-def class_candidates(
-    sources: dict[str, list[TaskSource]], num_classes: int, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """For each classification config, a (K_cls,) mask of its own classes: its images are trained and scored
-    among their domain's classes (`cls_candidates` of the model's forward)."""
-    masks = {}
-    for source in sources.get("cls", []):
-        mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
-        mask[source.model_label_ids] = True
-        masks[source.config] = mask
-    return masks
-
-
-def task_forward(
-    model: torch.nn.Module,
-    task: str,
-    source: TaskSource,
-    batch: dict[str, Any],
-    device: torch.device,
-    candidates: dict[str, torch.Tensor],
-) -> Any:
-    """The model on one task's batch (with its config's class candidates for classification, if any)."""
-    pixel_values, labels = move_to(batch, device)
-    extra = (
-        {"cls_candidates": candidates[source.config]} if task == "cls" and source.config in candidates else {}
-    )
-    return model(pixel_values, task=task, labels=labels, **extra)
-
-
-@torch.no_grad()
-def held_out_losses(
-    model: torch.nn.Module,
-    held_out: dict[str, list[tuple[TaskSource, dict[str, Any]]]],
-    accelerator: Accelerator,
-    candidates: dict[str, torch.Tensor],
-) -> dict[str, float]:
-    """Each task's mean loss on its fixed held-out batches, averaged over ranks (CoBa's validation losses)."""
-    model.eval()
-    totals = []
-    for task, task_batches in held_out.items():
-        total = torch.zeros(2, device=accelerator.device)
-        for source, batch in task_batches:
-            with accelerator.autocast():
-                outputs = task_forward(model, task, source, batch, accelerator.device, candidates)
-            total[0] += outputs.loss.float()
-            total[1] += 1
-        totals.append(total)
-    model.train()
-    reduced = accelerator.reduce(torch.stack(totals), reduction="sum")
-    return {task: (reduced[i, 0] / reduced[i, 1]).item() for i, task in enumerate(held_out)}
-
-
-def evaluate_all(
-    model: torch.nn.Module,
-    sources: dict[str, list[Any]],
-    settings: LoaderSettings,
-    labels: dict[str, list[str]],
-    data_args: DataArguments,
-    train_args: TrainingArguments,
-    accelerator: Accelerator,
-) -> dict[str, dict[str, Any]]:
-    """Metrics of every config of every trained task on `settings.split`."""
-    return evaluate_sources(
-        model,
-        sources,
-        settings,
-        labels,
-        batch_size=data_args.eval_batch_size,
-        device=accelerator.device,
-        autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
-        max_batches=train_args.max_eval_batches,
-        show_progress=accelerator.is_local_main_process,
-        domain_conditioning=train_args.cls_domain_conditioning,
-    )
-
-
-def results_tables(results: dict[str, dict[str, Any]], name: str) -> str:
-    """The paper-shaped tables (`reporting.domain_tables`) of each evaluated split."""
-    splits = dict.fromkeys(result["split"] for result in results.values())
-    return "\n".join(domain_tables({name: results}, split=split) for split in splits)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, train_args = parse_arguments(argv)
+    recipe = resolve_recipe(train_args)
     output_dir = Path(train_args.output_dir)
     ddp_kwargs = DistributedDataParallelKwargs(
-        find_unused_parameters=train_args.ddp_unused == "find_unused" and not train_args.all_tasks_per_step,
+        find_unused_parameters=train_args.ddp_unused == "find_unused" and not recipe.every_task_each_step,
         broadcast_buffers=False,  # the only buffers are RoPE constants
     )
     accelerator = Accelerator(
@@ -333,8 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     # ------------------------------------------------------------------------------- optimisation state
-    freeze_blocks = resolve_freeze_blocks(model, train_args.freeze_backbone_layers)
-    frozen = early_backbone_parameters(model, freeze_blocks)
+    frozen = early_backbone_parameters(model, resolve_freeze_blocks(model, train_args.freeze_backbone_layers))
     if train_args.torch_compile:
         model.backbone.compile(dynamic=False)  # one graph per input shape (DINOv3 fails with dynamic shapes)
     param_groups = build_param_groups(
@@ -348,26 +140,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         group.pop("names")
     optimizer = torch.optim.AdamW(param_groups, lr=train_args.learning_rate, fused=torch.cuda.is_available())
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, train_args.warmup_steps, train_args.max_steps)
-    coba = CoBa(
-        tasks,
-        history_length=train_args.coba_history_length,
-        warmup_steps=train_args.coba_warmup_steps,
-        tau=train_args.coba_tau,
-        clamp_divergence=train_args.coba_clamp_divergence,
-    )
-    mode = {"single": "single", "base": "round_robin", "adaptive": "adaptive"}[train_args.paradigm]
+    weighting = build_recipe_weighting(recipe, tasks, train_args)
     task_scheduler = TaskScheduler(
-        tasks, temperature=train_args.temperature or 1.0 / len(tasks), seed=train_args.seed, mode=mode
+        tasks,
+        temperature=train_args.temperature or 1.0 / len(tasks),
+        seed=train_args.seed,
+        mode="round_robin" if recipe.sampler == "all" else recipe.sampler,
     )
     state = LoopState()
     # The LR scheduler is not prepared: Accelerate would step it once per process, but max_steps counts the
     # optimizer steps of each process.
     model, optimizer = accelerator.prepare(model, optimizer)
-    for stateful in (lr_scheduler, coba, task_scheduler, state, streams):
-        accelerator.register_for_checkpointing(stateful)
+    checkpoint_objects = register_stateful(
+        accelerator,
+        {
+            "lr_scheduler": lr_scheduler,
+            "weighting": weighting,
+            "task_scheduler": task_scheduler,
+            "loop": state,
+            "data_streams": streams,
+        },
+    )
     unwrapped: CadMtlModel = accelerator.unwrap_model(model)
-
-    checkpoint = find_checkpoint(train_args)
+    checkpoint = find_checkpoint(train_args.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
         check_same_model(checkpoint, unwrapped)
         accelerator.load_state(str(checkpoint))
@@ -375,26 +170,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     held_out = (
         {
             task: held_out_batches(
-                sources[task],
-                eval_settings,
-                train_args.coba_val_batches,
-                train_args.coba_val_batch_size,
+                sources[task], eval_settings, train_args.coba_val_batches, train_args.coba_val_batch_size
             )
             for task in tasks
         }
-        if train_args.paradigm == "adaptive"
+        if weighting.needs_held_out_losses
         else {}
+    )
+    step_settings = StepSettings(
+        accumulation_steps=train_args.gradient_accumulation_steps,
+        max_grad_norm=train_args.max_grad_norm,
+        scale_losses=recipe.scale_losses,
+        num_tasks=len(tasks),
+        zero_touch=train_args.ddp_unused == "zero_touch",
     )
 
     run_config = {"model": asdict(model_args), "data": asdict(data_args), "training": asdict(train_args)}
     accelerator.init_trackers("cadmtl", config=run_config)
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-    # Each rank records its task sequence: every rank must draw the same task at the same step.
-    task_log = open(output_dir / "logs" / f"tasks_rank{accelerator.process_index}.txt", "a")  # noqa: SIM115
     if accelerator.is_main_process:
         logger.info(
-            "training %s on %s: tasks %s, %d processes, %s, %d steps",
+            "training %s (weighting %s, sampler %s) on %s: tasks %s, %d processes, %s, %d steps",
             train_args.paradigm,
+            recipe.weighting,
+            recipe.sampler,
             data_args.dataset,
             {t: [s.config for s in sources[t]] for t in tasks},
             accelerator.num_processes,
@@ -410,192 +209,107 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         disable=not accelerator.is_local_main_process,
     )
     started = time.perf_counter()
-    window_losses: dict[str, list[torch.Tensor]] = {}
-    # Throughput of the logging window: all images trained on (every rank) and the time spent in CoBa updates.
-    window = {"start": started, "images": 0, "coba_seconds": 0.0}
-    while state.step < train_args.max_steps:
-        step = state.step
-        if train_args.paradigm == "adaptive" and step % train_args.coba_every == 0 and held_out:
-            coba_started = time.perf_counter()
-            losses = held_out_losses(model, held_out, accelerator, candidates)
-            task_scheduler.set_weights(coba.update(losses))
-            window["coba_seconds"] += time.perf_counter() - coba_started
-        step_tasks = tasks if train_args.all_tasks_per_step else [task_scheduler.sample(step)]
-        weights = (
-            coba.weights if train_args.paradigm == "adaptive" else dict.fromkeys(tasks, 1.0 / len(tasks))
-        )
-        nonfinite = torch.zeros((), device=accelerator.device)
-        for _ in range(train_args.gradient_accumulation_steps):
-            with accelerator.accumulate(model):
-                loss = torch.zeros((), device=accelerator.device)
-                for task in step_tasks:
-                    source, batch = streams.next_batch(task)
-                    window["images"] += len(batch["pixel_values"]) * accelerator.num_processes
-                    task_loss = task_forward(model, task, source, batch, accelerator.device, candidates).loss
-                    window_losses.setdefault(task, []).append(task_loss.detach().float())
-                    if train_args.all_tasks_per_step or train_args.reweight_sampled_loss:
-                        task_loss = task_loss * len(tasks) * weights[task]
-                    loss = loss + task_loss
-                if train_args.ddp_unused == "zero_touch":
-                    loss = loss + zero_touch(unwrapped, set(step_tasks))
-                nonfinite += (~torch.isfinite(loss)).float()
-                accelerator.backward(loss)
-        # Every rank skips together when any rank saw a NaN / inf, so the replicas stay identical.
-        stepped = False
-        if accelerator.reduce(nonfinite, reduction="sum").item() == 0:
-            drop_gradients(unused_parameters(unwrapped, set(step_tasks)))
-            if step < train_args.freeze_steps:
-                drop_gradients(frozen)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
-            if torch.isfinite(grad_norm):  # the norm of all-reduced gradients: the same on every rank
-                optimizer.step()
-                lr_scheduler.step()
-                stepped = True
-        if stepped:
-            state.consecutive_nonfinite = 0
-        else:
-            state.nonfinite_steps += 1
-            state.consecutive_nonfinite += 1
-            logger.warning(
-                "step %d: non-finite loss or gradient (%s), step skipped (%d in a row)",
+    window = LogWindow(accelerator.num_processes)
+    # Each rank records its task sequence: every rank must draw the same task at the same step.
+    task_log_path = output_dir / "logs" / f"tasks_rank{accelerator.process_index}.txt"
+    with open(task_log_path, "a") as task_log:
+        while state.step < train_args.max_steps:
+            step = state.step
+            if weighting.needs_held_out_losses and step % train_args.coba_every == 0 and held_out:
+                update_started = time.perf_counter()
+                losses = held_out_losses(model, held_out, accelerator, candidates)
+                task_scheduler.set_weights(weighting.update(step, losses))
+                window.add_weighting_time(time.perf_counter() - update_started)
+            step_tasks = tasks if recipe.every_task_each_step else [task_scheduler.sample(step)]
+            outcome = training_step(
+                accelerator,
+                model,
+                optimizer,
+                lr_scheduler,
+                streams.next_batch,
+                step_tasks,
+                weighting.weights,
+                step_settings,
+                frozen=frozen if step < train_args.freeze_steps else (),
+                candidates=candidates,
+            )
+            if count_nonfinite(
+                state,
+                outcome.stepped,
                 step,
                 step_tasks,
-                state.consecutive_nonfinite,
-            )
-            if state.consecutive_nonfinite >= train_args.max_consecutive_nonfinite:
-                raise RuntimeError(
-                    f"Stopping: {state.consecutive_nonfinite} optimizer steps in a row had a NaN or infinite loss or "
-                    f"gradient (last at step {step}, tasks {step_tasks}). Lower the learning rate, check the data, "
-                    f"or resume from the last checkpoint in {output_dir / 'checkpoints'}."
+                train_args.max_consecutive_nonfinite,
+                output_dir / "checkpoints",
+            ):
+                logger.warning(
+                    "step %d: non-finite loss or gradient (%s), step skipped (%d in a row)",
+                    step,
+                    step_tasks,
+                    state.consecutive_nonfinite,
                 )
-        optimizer.zero_grad(set_to_none=True)
-        task_log.write(f"{step} {','.join(step_tasks)}\n")
-        state.step += 1
-        progress.update(1)
+            task_log.write(f"{step} {','.join(step_tasks)}\n")
+            window.add_step(outcome.task_losses, outcome.images)
+            state.step += 1
+            progress.update(1)
 
-        if state.step % train_args.logging_steps == 0 or state.step == train_args.max_steps:
-            # Mean training loss of each task over the steps since the last log (this rank's batches).
-            record = {
-                f"loss/{task}": torch.stack(values).mean().item() for task, values in window_losses.items()
-            }
-            window_losses.clear()
-            record["lr"] = lr_scheduler.get_last_lr()[-1]
-            record["nonfinite_steps"] = state.nonfinite_steps
-            elapsed = time.perf_counter() - window["start"]
-            record["throughput/images_per_second"] = window["images"] / elapsed
-            record["throughput/coba_fraction"] = window["coba_seconds"] / elapsed
-            window.update(start=time.perf_counter(), images=0, coba_seconds=0.0)
-            if train_args.paradigm == "adaptive":
-                record.update({f"coba/weight/{t}": w for t, w in coba.weights.items()})
-                if coba.last_scores is not None:
-                    record.update(coba.last_scores.to_log_dict(prefix="coba/"))
-            record.update({f"scheduler/prob/{t}": p for t, p in task_scheduler.probabilities.items()})
-            accelerator.log(record, step=state.step)
-            progress.set_postfix(
-                {k.split("/")[-1]: f"{v:.3f}" for k, v in record.items() if k.startswith("loss/")}
-            )
-        if train_args.save_every and state.step % train_args.save_every == 0:
-            save_checkpoint(accelerator, unwrapped, train_args, state.step)
-        if (
-            train_args.eval_every
-            and state.step % train_args.eval_every == 0
-            and state.step < train_args.max_steps
-        ):
-            results = evaluate_all(
-                model,
-                sources,
-                eval_settings,
-                labels,
-                data_args,
-                train_args,
-                accelerator,
-            )
-            accelerator.log(
-                {f"eval/{c}/{k}": v for c, r in results.items() for k, v in r["metrics"].items()},
-                step=state.step,
-            )
+            if state.step % train_args.logging_steps == 0 or state.step == train_args.max_steps:
+                record = window.record(
+                    lr=lr_scheduler.get_last_lr()[-1],
+                    nonfinite_steps=state.nonfinite_steps,
+                    weighting=weighting,
+                    probabilities=task_scheduler.probabilities,
+                )
+                accelerator.log(record, step=state.step)
+                progress.set_postfix({k[5:]: f"{v:.3f}" for k, v in record.items() if k.startswith("loss/")})
+            if train_args.save_every and state.step % train_args.save_every == 0:
+                save_checkpoint(
+                    accelerator,
+                    unwrapped,
+                    output_dir,
+                    state.step,
+                    checkpoint_objects,
+                    train_args.save_total_limit,
+                )
+            if (
+                train_args.eval_every
+                and state.step % train_args.eval_every == 0
+                and state.step < train_args.max_steps
+            ):
+                results = evaluate_all(
+                    model, sources, eval_settings, labels, data_args, train_args, accelerator
+                )
+                accelerator.log(
+                    {f"eval/{c}/{k}": v for c, r in results.items() for k, v in r["metrics"].items()},
+                    step=state.step,
+                )
     progress.close()
-    task_log.close()
 
     # --------------------------------------------------------------------------------- evaluate and save
-    results = evaluate_all(model, sources, eval_settings, labels, data_args, train_args, accelerator)
-    if data_args.test_split:
-        test_settings = LoaderSettings(**{**asdict(loader_settings), "split": data_args.test_split})
-        results.update(
-            {
-                f"{config}@{data_args.test_split}": result
-                for config, result in evaluate_all(
-                    model,
-                    sources,
-                    test_settings,
-                    labels,
-                    data_args,
-                    train_args,
-                    accelerator,
-                ).items()
-            }
-        )
+    results = final_results(model, sources, eval_settings, labels, data_args, train_args, accelerator)
     accelerator.log(
         {f"final/{c}/{k}": v for c, r in results.items() for k, v in r["metrics"].items()}, step=state.step
     )
     summary = {
         "paradigm": train_args.paradigm,
+        "weighting": {"name": weighting.name, "weights": weighting.weights},
         "steps": state.step,
         "nonfinite_steps": state.nonfinite_steps,
         "train_seconds": time.perf_counter() - started,
         "results": results,
-        "coba": {"weights": coba.weights} if train_args.paradigm == "adaptive" else None,
     }
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        model_dir = output_dir / "model"
-        card_results = {
-            config.split("@")[0]: {"task": r["task"], "split": r["split"], "metrics": r["metrics"]}
-            for config, r in results.items()
-            if r["split"] == (data_args.test_split or data_args.eval_split)
-        }
-        card_data = {
-            "results": card_results,
-            "datasets": [data_args.dataset]
-            if "/" in data_args.dataset and not Path(data_args.dataset).exists()
-            else [],
-            "base_model": model_args.backbone if model_args.backbone not in PRESETS else None,
-            "training": {
-                "paradigm": train_args.paradigm,
-                "steps": state.step,
-                "coba": {
-                    "every": train_args.coba_every,
-                    "history_length": train_args.coba_history_length,
-                    "warmup_steps": train_args.coba_warmup_steps,
-                    "tau": train_args.coba_tau,
-                    "clamp_divergence": train_args.coba_clamp_divergence,
-                },
-                "scheduler_temperature": task_scheduler.temperature,
-                "learning_rate": train_args.learning_rate,
-                "mixed_precision": train_args.mixed_precision,
-            },
-            "training_data": f"{data_args.dataset}: "
-            + ", ".join(c for t in tasks for c in configs_by_task[t]),
-        }
-        processor = CadMtlImageProcessor(size={"height": image_sizes["det"], "width": image_sizes["det"]})
-        unwrapped.save_pretrained(
-            model_dir,
-            state_dict=accelerator.get_state_dict(model),
-            image_processor=processor,
-            model_card_data=card_data,
-        )
-        (output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2, default=str))
-        (output_dir / "eval_results.md").write_text(results_tables(results, output_dir.name))
-        metrics_path = output_dir / "logs" / "metrics.jsonl"
-        if metrics_path.exists():
-            plot_training_curves(metrics_path, output_dir / "training_curves.png")
-        logger.info("saved the model to %s\n%s", model_dir, results_tables(results, output_dir.name))
-        if train_args.push_to_hub:
-            unwrapped.push_to_hub(
-                train_args.hub_model_id or output_dir.name,
-                image_processor=processor,
-                model_card_data=card_data,
-            )
+    card_data = model_card_data(
+        model_args,
+        data_args,
+        train_args,
+        configs_by_task,
+        results,
+        state.step,
+        weighting,
+        task_scheduler.temperature,
+    )
+    processor = CadMtlImageProcessor(size={"height": image_sizes["det"], "width": image_sizes["det"]})
+    save_run(accelerator, model, output_dir, summary, card_data, processor, train_args)
     accelerator.end_training()
     return summary
 

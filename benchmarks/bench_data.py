@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cadmtl.data.pipeline import decode_rgb, load_split, make_dataloader
 from dataset_scripts.converters import read_coco
 from dataset_scripts.make_demo import build_demo
 from dataset_scripts.mapping import load_mapping
 from dataset_scripts.pipeline import ConvertOptions, SourceData, SourceSample, convert_source
 from dataset_scripts.procedural import make_surface
 from dataset_scripts.taxonomy import load_taxonomy
-from modeling_cadmtl.training.data import decode_rgb, load_split, make_dataloader
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,8 +23,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DINOv3ViTBackbone
 
+from cadmtl.training.presets import PRESETS, backbone_preset
 from modeling_cadmtl import CadMtlConfig, CadMtlModel
-from modeling_cadmtl.training.presets import PRESETS, backbone_preset
 
 NUM_CLASSES = {"cls": 50, "det": 10, "seg": 19}
 TASKS = ("backbone", "cls", "det", "seg", "all")

@@ -42,8 +42,8 @@ def backbone_alone(
 ):
     """(images/s, TFLOP per image) of the backbone-alone train step."""
     bench_model = _load("bench_model", HERE / "bench_model.py")
+    from cadmtl.training.presets import backbone_preset
     from modeling_cadmtl import CadMtlConfig, CadMtlModel
-    from modeling_cadmtl.training.presets import backbone_preset
 
     torch.manual_seed(0)
     model = CadMtlModel(CadMtlConfig(backbone_config=backbone_preset(backbone))).to(device).train()
@@ -84,7 +84,7 @@ def adaptive_loop(
     if not windows:
         raise SystemExit("too few steps for a measurement after warm-up: raise --steps")
     rate = statistics.median(r["throughput/images_per_second"] for r in windows)
-    coba = statistics.median(r["throughput/coba_fraction"] for r in windows)
+    coba = statistics.median(r["throughput/weighting_fraction"] for r in windows)
     return rate, coba
 
 

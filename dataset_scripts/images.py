@@ -79,16 +79,38 @@ def _is_16_bit(image: Image.Image) -> bool:
     return isinstance(rawmode, str) and ";16" in rawmode
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any Pillow mode; 16/32-bit grayscale is rescaled rather than clipped."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode: the project's one image -> RGB rule.
+
+    The dataset builder, the training data pipeline and the pictures use this function;
+    ``modeling_cadmtl.image_processing_cadmtl`` keeps a copy (Hub files are self-contained) that a test keeps
+    equal. The rules:
+
+    * RGB: unchanged. Grayscale (``L``, ``1``): the gray value in all three channels.
+    * Palette (``P``): the palette colours; a palette with a transparent entry is treated as alpha (below).
+    * CMYK, YCbCr, LAB, HSV: Pillow's conversion to RGB.
+    * 16-bit grayscale (``I;16*``): scaled by the full range, ``v * 255 / 65535`` rounded. 32-bit integer
+      (``I``, how Pillow opens most 16-bit PNGs) and float (``F``): the same scaling when any value exceeds
+      255, else the values are taken as 8-bit; out-of-range values are clipped. The scale never depends on the
+      image's own minimum, so dark and bright images keep their difference.
+    * Alpha (``RGBA``, ``LA``, ``PA``, transparent palettes): composited onto white, as a viewer shows the
+      image and as transformers' ``convert_to_rgb`` does; the alpha channel is then dropped.
+
+    EXIF orientation is not applied here: readers decide (the builder and the pictures turn images upright).
+    """
+    if image.mode in (*_SIXTEEN_BIT_MODES, "I", "F"):
         values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        top = 65535.0 if image.mode in _SIXTEEN_BIT_MODES or np.nanmax(values, initial=0) > 255 else 255.0
+        gray = np.clip(np.nan_to_num(values) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _describe_error(error: Exception) -> str:
@@ -176,7 +198,7 @@ def read_image(
     if image.mode != "RGB" or sixteen_bit:
         detail = f"{image.mode}{' 16-bit' if sixteen_bit and image.mode == 'RGB' else ''} -> RGB"
         report.add("converted_mode", item, detail)
-        image = _to_rgb(image)
+        image = to_rgb(image)
         changed = True
     if changed or fmt not in KEEP_FORMATS:
         if not changed:

@@ -6,7 +6,7 @@ The folder is checked first (every config's shards complete and consistent) and 
 from the shards, so the uploaded YAML always matches the data. The upload is one commit of ``README.md``,
 the Parquet shards and the validation reports; remote shards that no longer exist locally (a split that
 was re-sharded) are deleted in the same commit. Afterwards the data loads with
-``load_dataset("ORG/NAME", "<config>", streaming=True)`` and ``modeling_cadmtl.training.data.load_split``.
+``load_dataset("ORG/NAME", "<config>", streaming=True)`` and ``cadmtl.data.pipeline.load_split``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext")
+# Hub files are self-contained: these mirror dataset_scripts.schema.TASKS / IGNORE_INDEX (a test keeps them equal).
 TASKS = ("cls", "det", "seg")
+IGNORE_INDEX = 255  # segmentation pixels that count for no class
 
 # Strides of the pyramid levels shared by the detection head and the segmentation decoder.
 PYRAMID_STRIDES = (8, 16, 32)
@@ -95,7 +97,7 @@ class CadMtlConfig(PreTrainedConfig):
     center_sampling_radius: float = 1.5
     det_box_loss_weight: float = 1.0
     seg_dice_weight: float = 1.0
-    seg_ignore_index: int = 255
+    seg_ignore_index: int = IGNORE_INDEX
     size_divisor: int = 32
     initializer_range: float = 0.02
     image_sizes: dict[str, int] | None = None

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as tvF
+from PIL import Image
 from torch.nn import functional as F
 from torchvision.ops import batched_nms, box_convert
 from transformers.image_processing_backends import TorchvisionBackend
@@ -17,6 +19,36 @@ from transformers.image_utils import (
     ChannelDimension,
     PILImageResampling,
 )
+
+from .configuration_cadmtl import IGNORE_INDEX
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode, by the rules of `dataset_scripts.images.to_rgb` (a copy: Hub files are
+    self-contained; a test keeps the two equal): grayscale replicated; palettes, CMYK and other colour spaces by
+    Pillow; 16-bit scaled by `255 / 65535` (32-bit integer and float too when a value exceeds 255, else taken as
+    8-bit); alpha composited onto white."""
+    if image.mode in (*_SIXTEEN_BIT_MODES, "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode in _SIXTEEN_BIT_MODES or np.nanmax(values, initial=0) > 255 else 255.0
+        gray = np.clip(np.nan_to_num(values) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _pil_to_rgb(images: Any) -> Any:
+    """PIL inputs (one or a list) converted by `to_rgb`; arrays and tensors are left to the backend."""
+    if isinstance(images, Image.Image):
+        return to_rgb(images)
+    if isinstance(images, (list, tuple)):
+        return [to_rgb(image) if isinstance(image, Image.Image) else image for image in images]
+    return images
 
 
 def _first_field(outputs: Any, *names: str) -> torch.Tensor | None:
@@ -64,7 +96,7 @@ class CadMtlImageProcessor(TorchvisionBackend):
     do_convert_rgb = True
     do_pad = False
     model_input_names = ["pixel_values", "pixel_mask"]
-    ignore_index = 255
+    ignore_index = IGNORE_INDEX
 
     def preprocess(
         self,
@@ -94,6 +126,8 @@ class CadMtlImageProcessor(TorchvisionBackend):
             raise ValueError(
                 "Pass detection `annotations` or `segmentation_maps`, not both: labels are per task."
             )
+        if do_convert_rgb:
+            images = _pil_to_rgb(images)  # the project's RGB rules (16-bit, alpha) before the backend's
         images = self._prepare_image_like_inputs(
             images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=device
         )

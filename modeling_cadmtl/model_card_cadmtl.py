@@ -62,8 +62,8 @@ def metadata_yaml(config: Any, data: dict[str, Any]) -> str:
                 EvalResult(
                     task_type=TASK_TYPES[task][0],
                     task_name=TASK_TYPES[task][1],
-                    dataset_type=data.get("dataset_id", "cad-mtl/cad100k"),
-                    dataset_name=data.get("dataset_name", "CAD 100K"),
+                    dataset_type=data.get("dataset_id") or "unknown",
+                    dataset_name=data.get("dataset_name") or data.get("dataset_id") or "unknown",
                     dataset_config=dataset_config,
                     dataset_split=result.get("split", "test"),
                     metric_type=metric,
@@ -88,7 +88,7 @@ def metadata_yaml(config: Any, data: dict[str, Any]) -> str:
             "image-segmentation",
             "custom_code",
         ],
-        datasets=list(data.get("datasets", ["cad-mtl/cad100k"])),
+        datasets=list(data.get("datasets") or []) or None,
         base_model=data.get("base_model"),
         model_name=data.get("model_name", "CadMtl"),
         eval_results=eval_results or None,
@@ -157,7 +157,7 @@ def render_model_card(config: Any, data: dict[str, Any] | None = None, template:
         "label_table": _label_table(config),
         "results_tables": _results_tables(data.get("results") or {}),
         "comparison_table": data.get("comparison_table") or "_Not run for this checkpoint._",
-        "training_data": data.get("training_data") or "CAD 100K (see the dataset card).",
+        "training_data": data.get("training_data") or "_Not recorded._",
         "training_settings": "```json\n"
         + json.dumps(training, indent=2, sort_keys=True, default=str)
         + "\n```"

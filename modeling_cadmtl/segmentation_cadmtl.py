@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .configuration_cadmtl import IGNORE_INDEX
 from .neck_cadmtl import ConvNormAct
 
 
@@ -46,7 +47,7 @@ def dice_loss(
 
 
 def segmentation_loss(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, dice_weight: float = 1.0
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, dice_weight: float = 1.0
 ) -> dict[str, torch.Tensor]:
     """Cross-entropy + Dice on full-resolution logits `(B, K, H, W)` against labels `(B, H, W)`, in float32."""
     logits = logits.float()

@@ -1,0 +1,1 @@
+"""Evaluation wing: the metrics (one place), the evaluation loop, paper-shaped reporting, the evaluate command."""

@@ -1,0 +1,188 @@
+"""Evaluate a CadMtl model on one task's split with the project's metrics (distributed-safe)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchvision.ops import box_convert
+from tqdm.auto import tqdm
+
+from cadmtl.data.sources import LoaderSettings, TaskSource, source_batches
+from cadmtl.evaluation.metrics import (
+    ClassificationMetrics,
+    DetectionMetrics,
+    MetricsReport,
+    SegmentationMetrics,
+)
+from dataset_scripts.schema import IGNORE_INDEX
+from modeling_cadmtl import CadMtlImageProcessor
+
+# COCO evaluation keeps up to 100 detections per image; a low threshold lets AP see the whole precision/recall curve.
+DETECTION_SCORE_THRESHOLD = 0.05
+
+
+def make_metric(task: str, label_names: list[str], ignore_index: int = IGNORE_INDEX):
+    if task == "cls":
+        return ClassificationMetrics(len(label_names), label_names=label_names)
+    if task == "det":
+        return DetectionMetrics(label_names=label_names)
+    if task == "seg":
+        return SegmentationMetrics(len(label_names), ignore_index=ignore_index, label_names=label_names)
+    raise ValueError(f"Unknown task {task!r}.")
+
+
+def absolute_xyxy(boxes: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Normalised (cx, cy, w, h) boxes -> absolute (x1, y1, x2, y2) in an image of `size` (height, width)."""
+    height, width = size.tolist()
+    return (
+        box_convert(boxes.float(), "cxcywh", "xyxy")
+        * boxes.new_tensor([width, height, width, height]).float()
+    )
+
+
+def lockstep(batches: Iterable[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any]]:
+    """Yield the batches so that every rank runs the same number of forward passes.
+
+    Sharded models (FSDP, DeepSpeed ZeRO-3) need every rank in every forward; evaluation shards can be uneven. A
+    rank that ran out gets a tiny placeholder batch marked `is_padding` (forward only, never scored). One small
+    all-reduce per batch; a no-op without `torch.distributed`.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        yield from batches
+        return
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        alive = torch.tensor([0 if batch is None else 1], device=device)
+        dist.all_reduce(alive)
+        if alive.item() == 0:
+            return
+        yield batch if batch is not None else {"pixel_values": torch.zeros(1, 3, 32, 32), "is_padding": True}
+
+
+@torch.no_grad()
+def evaluate_task(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, Any]],
+    task: str,
+    label_names: list[str],
+    *,
+    device: torch.device,
+    id_prefix: str = "",
+    autocast_dtype: torch.dtype | None = None,
+    show_progress: bool = True,
+    description: str = "evaluating",
+    class_subset: list[int] | None = None,
+) -> MetricsReport:
+    """Run `model` on every batch (as `cadmtl.data.pipeline.collate_fn` builds them) and compute the
+    task's metrics over all of them. Under `torch.distributed` every rank passes its own shard and gets the same
+    report (`compute_detailed` is collective); `model` may be the wrapped (DDP / FSDP) model, see `lockstep`.
+
+    Detection is scored in each image's original pixel frame (`orig_sizes`): boxes are scaled back from the
+    network input, so COCO's small / medium / large areas mean what they mean in the dataset. Segmentation is
+    scored at the network input resolution the labels were resized to (nearest neighbour).
+
+    `class_subset` (classification only): score the prediction among these model class ids (e.g. one vehicle
+    domain's classes when the head covers several domains); the report is then over the subset's classes.
+    """
+    processor = CadMtlImageProcessor()
+    if class_subset is not None:
+        if task != "cls":
+            raise ValueError("class_subset only applies to classification.")
+        subset = torch.tensor(class_subset)
+        # model class id -> position in the subset (-1: outside it; a target there would be a data error)
+        position = torch.full((len(label_names),), -1, dtype=torch.long)
+        position[subset] = torch.arange(len(subset))
+        label_names = [label_names[i] for i in class_subset]
+    metric = make_metric(task, label_names)
+    was_training = model.training
+    model.eval()
+    for batch in tqdm(lockstep(batches, device), desc=description, disable=not show_progress, leave=False):
+        pixel_values = batch["pixel_values"].to(device)
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
+            outputs = model(pixel_values, task=task)
+        if batch.get("is_padding"):
+            continue
+        if task == "cls":
+            logits, targets = outputs.cls_logits.float().cpu(), batch["labels"].cpu()
+            if class_subset is not None:
+                logits, targets = logits[:, subset], position[targets]
+            metric.update(logits, targets)
+        elif task == "det":
+            orig_sizes = batch["orig_sizes"].cpu()
+            predictions = processor.post_process_object_detection(
+                {
+                    k: v.float()
+                    for k, v in outputs.items()
+                    if k in ("det_logits", "pred_boxes", "det_centerness_logits")
+                },
+                threshold=DETECTION_SCORE_THRESHOLD,
+                target_sizes=orig_sizes,
+            )
+            targets = []
+            for image_id, target, size, prediction in zip(
+                batch["image_ids"], batch["labels"], orig_sizes, predictions
+            ):
+                targets.append(
+                    {
+                        "boxes": absolute_xyxy(target["boxes"].cpu(), size),
+                        "labels": target["class_labels"].cpu(),
+                        "image_id": f"{id_prefix}{image_id}",
+                    }
+                )
+                prediction["image_id"] = f"{id_prefix}{image_id}"
+            metric.update(
+                [{k: v.cpu() if hasattr(v, "cpu") else v for k, v in p.items()} for p in predictions], targets
+            )
+        else:
+            metric.update(outputs.seg_logits.argmax(dim=1).cpu(), batch["labels"].cpu())
+    model.train(was_training)
+    return metric.compute_detailed()
+
+
+def evaluate_sources(
+    model: torch.nn.Module,
+    sources: dict[str, list[TaskSource]],
+    settings: LoaderSettings,
+    labels: dict[str, list[str]],
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    max_batches: int | None = None,
+    show_progress: bool = True,
+    domain_conditioning: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Metrics of every config of every task on `settings.split`: {config: {task, split, metrics, report}}.
+
+    Distributed-safe (each rank evaluates its shards, `evaluate_task` runs in lockstep and reduces the metrics).
+    With `domain_conditioning`, a classification config is scored among its own classes (see `cls_candidates`
+    in the model's forward), as the paper's per-domain Acc@1 / Acc@5 tables are.
+    """
+    results = {}
+    for task, task_sources in sources.items():
+        for source in task_sources:
+            report = evaluate_task(
+                model,
+                source_batches(settings, source, batch_size, max_batches),
+                task,
+                labels[task],
+                device=device,
+                id_prefix=f"{source.config}/",
+                autocast_dtype=autocast_dtype,
+                show_progress=show_progress,
+                description=f"{settings.split} {source.config}",
+                class_subset=source.model_label_ids if task == "cls" and domain_conditioning else None,
+            )
+            results[source.config] = {
+                "task": task,
+                "split": settings.split,
+                "metrics": report.metrics,
+                "report": report.to_dict(),
+            }
+    return results

@@ -1,0 +1,116 @@
+"""Markdown tables shaped like the CAD 100K paper's, from evaluation results.
+
+An evaluation result file (written by `train_accelerate.py` or `python -m cadmtl.evaluation.command`) holds
+`{"results": {<dataset config>: {"task", "split", "metrics", "report"}}}`; metric values are fractions in [0, 1] and
+tables print percentages.
+
+- `domain_tables`: per-domain detection (AP / AP50 / AP75 / AR, paper Table B1), classification (Acc@1 / Acc@5,
+  Table B2) and segmentation (mIoU / mFscore / mPrec / mRecall, Table B3), one row per model.
+- `comparison_table`: single-task vs. base vs. adaptive multi-task (Tables 1 and B4): classification accuracy,
+  detection mAP and segmentation mIoU per model and method, as mean ± standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+TABLE_COLUMNS = {
+    "det": (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("AR@100", "AR")),
+    "cls": (("acc@1", "Acc@1"), ("acc@5", "Acc@5")),
+    "seg": (("mIoU", "mIoU"), ("mFscore", "mFscore"), ("mPrecision", "mPrec"), ("mRecall", "mRecall")),
+}
+TABLE_TITLES = {"det": "Detection", "cls": "Classification", "seg": "Segmentation"}
+# The headline metric of each task in the comparison table.
+HEADLINE = {"cls": ("acc@1", "Cls. Acc (%)"), "det": ("AP", "Det. mAP (%)"), "seg": ("mIoU", "Seg. mIoU (%)")}
+
+
+def load_results(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The `results` mapping of an evaluation file, with a clear error for anything else."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict) or not all("task" in r and "metrics" in r for r in results.values()):
+        raise ValueError(
+            f"{path} is not an evaluation result file (no 'results' with task and metrics per config)."
+        )
+    return results
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def _domain(config: str) -> str:
+    return config.split("@")[0].rsplit("_", 1)[0]
+
+
+def domain_tables(named_results: Mapping[str, Mapping[str, dict[str, Any]]], split: str | None = None) -> str:
+    """One Markdown table per task: a row per model (name), a column group per domain (dataset config)."""
+    blocks = []
+    for task in ("det", "cls", "seg"):
+        configs: list[str] = []
+        for results in named_results.values():
+            for config, result in results.items():
+                if (
+                    result["task"] == task
+                    and (split is None or result.get("split") == split)
+                    and config not in configs
+                ):
+                    configs.append(config)
+        if not configs:
+            continue
+        columns = TABLE_COLUMNS[task]
+        header = (
+            "| Model | " + " | ".join(f"{_domain(c)} {label}" for c in configs for _, label in columns) + " |"
+        )
+        lines = [f"**{TABLE_TITLES[task]}**" + (f" ({split})" if split else ""), "", header]
+        lines.append("|---|" + "---|" * (len(configs) * len(columns)))
+        for name, results in named_results.items():
+            cells = []
+            for config in configs:
+                metrics = results.get(config, {}).get("metrics", {})
+                cells.extend(_percent(metrics.get(key)) for key, _ in columns)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def task_summary(results: Mapping[str, dict[str, Any]], split: str | None = None) -> dict[str, float]:
+    """The headline metric of each task, averaged over that task's configs (NaN-free values only)."""
+    summary = {}
+    for task, (metric, _) in HEADLINE.items():
+        values = [
+            r["metrics"][metric]
+            for r in results.values()
+            if r["task"] == task
+            and (split is None or r.get("split") == split)
+            and r["metrics"].get(metric) is not None
+            and not math.isnan(r["metrics"][metric])
+        ]
+        if values:
+            summary[task] = sum(values) / len(values)
+    return summary
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def comparison_table(rows: Sequence[tuple[str, str, Sequence[Mapping[str, float]]]]) -> str:
+    """`rows` = (model, method, one `task_summary` per seed). Cells are mean ± sample std over seeds."""
+    lines = ["| Model | Method | seeds | " + " | ".join(title for _, title in HEADLINE.values()) + " |"]
+    lines.append("|---|---|---|" + "---|" * len(HEADLINE))
+    for model, method, summaries in rows:
+        cells = [_mean_std([s[task] for s in summaries if task in s]) for task in HEADLINE]
+        lines.append(f"| {model} | {method} | {len(summaries)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

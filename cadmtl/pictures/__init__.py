@@ -1,0 +1,1 @@
+"""Pictures wing: prediction overlays and evaluation charts, and the predict / charts commands."""

@@ -1,0 +1,147 @@
+"""The paper's public-benchmark protocol: single-task vs. base vs. adaptive multi-task, same budget, several seeds.
+
+    python -m cadmtl.protocol --setting smoke              # CPU, minutes: checks the whole pipeline
+    python -m cadmtl.protocol --setting full --seeds 0 1 2 \
+        --launch-args "--config_file configs/accelerate/multi_gpu.yaml"
+
+1. Builds the public benchmark repo from ../shared/data (`dataset_scripts.make_public`) if it is missing.
+2. For every seed trains five models with `train_accelerate.py` (through `accelerate launch`): one single-task
+   model per task (classification on parts_cls, detection on parts_det, segmentation on parts_seg), the base
+   multi-task model (round robin, equal weights) and the adaptive one (CoBa + task scheduler).
+3. Same budget: a single-task model trains `steps_per_task` optimizer steps, a multi-task model 3x as many, so each
+   task gets the same number of steps (in expectation for adaptive) and the five models cost the same in total
+   as the three single-task models plus two multi-task ones of equal per-task exposure.
+4. Evaluates each on the test splits and writes `comparison.md` / `comparison.json`: classification Acc@1,
+   detection AP and segmentation mIoU per method, mean ± std over seeds (Table 1 of the paper).
+
+Runs that already finished (their eval_results.json exists) are reused, so an interrupted protocol continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from cadmtl.evaluation.reporting import comparison_table, load_results, task_summary
+from dataset_scripts.schema import TASKS
+
+logger = logging.getLogger("cadmtl.protocol")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {
+    # setting: (training config, steps per task, examples per split of the public repo (None: all), seeds)
+    "smoke": ("configs/public_smoke.yaml", 4, 24, [0]),
+    "full": ("configs/public_dinov3_vits16plus.yaml", 3000, None, [0, 1, 2]),
+}
+METHODS = {
+    "single-cls": ["--paradigm", "single", "--single_task", "cls"],
+    "single-det": ["--paradigm", "single", "--single_task", "det"],
+    "single-seg": ["--paradigm", "single", "--single_task", "seg"],
+    "base": ["--paradigm", "base"],
+    "adaptive": ["--paradigm", "adaptive"],
+}
+
+
+def build_public_repo(dataset_dir: Path, data: Path, limit: int | None) -> None:
+    if (dataset_dir / "README.md").exists():
+        return
+    command = [sys.executable, "-m", "dataset_scripts.make_public", str(dataset_dir), "--data", str(data)]
+    if limit:
+        command += ["--limit", str(limit)]
+    logger.info("building the public benchmark repo: %s", shlex.join(command))
+    subprocess.run(command, check=True)
+
+
+def train(
+    run_dir: Path, config: Path, method: str, seed: int, steps: int, dataset_dir: Path, launch: list[str]
+) -> Path:
+    """One training run (skipped when it already finished); returns its eval_results.json."""
+    results = run_dir / "eval_results.json"
+    if results.exists():
+        logger.info("reusing %s", results)
+        return results
+    train_script = REPO_ROOT / "train_accelerate.py"
+    if not train_script.exists():
+        raise FileNotFoundError(
+            f"{train_script} not found: run the protocol from a checkout of the cad-mtl repo."
+        )
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", *launch, str(train_script),
+        "--config", str(config), *METHODS[method], "--seed", str(seed), "--max_steps", str(steps),
+        "--dataset", str(dataset_dir), "--output_dir", str(run_dir),
+    ]  # fmt: skip
+    logger.info("training %s seed %d: %s", method, seed, shlex.join(command))
+    subprocess.run(command, check=True)
+    return results
+
+
+def compare_runs(runs: dict[int, dict[str, Path]], model_name: str) -> tuple[str, dict]:
+    """The comparison table: the single-task row takes each task from its own single-task model."""
+    rows: dict[str, list[dict[str, float]]] = {"Single": [], "Base": [], "Adaptive": []}
+    for seed_runs in runs.values():
+        # A single-task run only evaluates its own task.
+        single = {}
+        for task in TASKS:
+            single.update(task_summary(load_results(seed_runs[f"single-{task}"]), "test"))
+        rows["Single"].append(single)
+        rows["Base"].append(task_summary(load_results(seed_runs["base"]), "test"))
+        rows["Adaptive"].append(task_summary(load_results(seed_runs["adaptive"]), "test"))
+    table = comparison_table([(model_name, method, summaries) for method, summaries in rows.items()])
+    return table, {"model": model_name, "per_seed": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="smoke")
+    parser.add_argument(
+        "--data", type=Path, default=REPO_ROOT.parent / "shared" / "data", help="../shared/data"
+    )
+    parser.add_argument(
+        "--dataset-dir", type=Path, default=None, help="Where the public benchmark repo is built."
+    )
+    parser.add_argument("--output-dir", type=Path, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--steps-per-task", type=int, default=None)
+    parser.add_argument("--config", type=Path, default=None, help="Training config (default: the setting's).")
+    parser.add_argument("--model-name", default=None, help="Row name in the table (default: the backbone).")
+    parser.add_argument("--launch-args", default="", help="Extra `accelerate launch` arguments, one string.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    config, steps, limit, seeds = SETTINGS[args.setting]
+    config = args.config or REPO_ROOT / config
+    steps = args.steps_per_task or steps
+    seeds = args.seeds or seeds
+    dataset_dir = args.dataset_dir or Path("outputs") / f"public-benchmark{'-smoke' if limit else ''}"
+    output_dir = args.output_dir or Path("outputs") / f"protocol-{args.setting}"
+    build_public_repo(dataset_dir, args.data, limit)
+
+    runs: dict[int, dict[str, Path]] = {}
+    for seed in seeds:
+        for method in METHODS:
+            budget = steps if method.startswith("single") else 3 * steps
+            run_dir = output_dir / method / f"seed{seed}"
+            runs.setdefault(seed, {})[method] = train(
+                run_dir, config, method, seed, budget, dataset_dir, shlex.split(args.launch_args)
+            )
+    import yaml
+
+    model_name = args.model_name or str(yaml.safe_load(Path(config).read_text()).get("backbone", "CadMtl"))
+    table, data = compare_runs(runs, model_name.split("/")[-1])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "comparison.md").write_text(table)
+    (output_dir / "comparison.json").write_text(
+        json.dumps({**data, "steps_per_task": steps, "seeds": seeds}, indent=2)
+    )
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

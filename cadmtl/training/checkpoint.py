@@ -1,0 +1,117 @@
+"""Resumable checkpoints of the training loop: what they hold, where they go, how a resumed run finds them.
+
+A checkpoint is Accelerate's ``save_state`` folder (model, optimizer, RNG states and every registered stateful
+object) plus ``cadmtl_config.json`` (the model's config, to refuse a checkpoint of another model) and
+``checkpoint_objects.json`` (which ``custom_checkpoint_N.pkl`` holds which registered object, so readers never
+depend on registration order).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from modeling_cadmtl import CadMtlModel
+
+OBJECTS_INDEX = "checkpoint_objects.json"
+
+
+class LoopState:
+    """Counters of the training loop that a resumed run must continue from (checkpointed with Accelerate)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.nonfinite_steps = 0
+        self.consecutive_nonfinite = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        vars(self).update(state)
+
+
+def register_stateful(accelerator: Accelerator, objects: Mapping[str, Any]) -> dict[str, str]:
+    """Register each named object with Accelerate; returns {name: the file its state is saved to}."""
+    index = {}
+    for name, stateful in objects.items():
+        accelerator.register_for_checkpointing(stateful)
+        index[name] = f"custom_checkpoint_{len(accelerator._custom_objects) - 1}.pkl"
+    return index
+
+
+def registered_state(checkpoint: str | Path, name: str) -> Any:
+    """The saved state of the object registered as ``name`` (e.g. "weighting", "loop") in a checkpoint."""
+    checkpoint = Path(checkpoint)
+    index_path = checkpoint / OBJECTS_INDEX
+    if not index_path.exists():
+        raise FileNotFoundError(f"{checkpoint} has no {OBJECTS_INDEX}: not a train_accelerate.py checkpoint.")
+    index = json.loads(index_path.read_text())
+    if name not in index:
+        raise KeyError(f"{checkpoint} holds no object named {name!r}; it holds {sorted(index)}.")
+    return torch.load(checkpoint / index[name], weights_only=False)
+
+
+def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
+    """The folder to resume from: an explicit path, the newest ``step_N`` under output_dir for "latest", or None."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint != "latest":
+        path = Path(resume_from_checkpoint)
+        if not path.is_dir():
+            raise FileNotFoundError(f"Checkpoint folder {path} does not exist.")
+        return path
+    checkpoints = sorted(Path(output_dir, "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    model: CadMtlModel,
+    output_dir: str | Path,
+    step: int,
+    objects_index: Mapping[str, str],
+    total_limit: int,
+) -> Path:
+    """Write to a temporary folder, then rename: a run killed mid-save leaves no half-written checkpoint."""
+    root = Path(output_dir, "checkpoints")
+    final, partial = root / f"step_{step}", root / f".partial_step_{step}"
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        (partial / "cadmtl_config.json").write_text(model.config.to_json_string())
+        (partial / OBJECTS_INDEX).write_text(json.dumps(dict(objects_index), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        kept = sorted(root.glob("step_*"), key=lambda p: int(p.name[5:]))
+        for old in kept[: max(0, len(kept) - total_limit)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_same_model(checkpoint: Path, model: CadMtlModel) -> None:
+    """Refuse a checkpoint of a different model before Accelerate fails on tensor shapes."""
+    saved_path = checkpoint / "cadmtl_config.json"
+    if not saved_path.exists():
+        raise ValueError(f"{checkpoint} is not a train_accelerate.py checkpoint (no cadmtl_config.json).")
+    saved = json.loads(saved_path.read_text())
+    current = model.config.to_dict()
+    for key in ("cls_labels", "det_labels", "seg_labels", "neck_channels", "seg_channels", "det_num_convs"):
+        if saved.get(key) != current.get(key):
+            raise ValueError(
+                f"Checkpoint {checkpoint} belongs to a different model: {key} is {saved.get(key)} there and "
+                f"{current.get(key)} here."
+            )
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "hidden_sizes", "depths", "out_indices"):
+        if saved["backbone_config"].get(key) != current["backbone_config"].get(key):
+            raise ValueError(
+                f"Checkpoint {checkpoint} belongs to a different backbone: {key} is "
+                f"{saved['backbone_config'].get(key)} there and {current['backbone_config'].get(key)} here."
+            )

@@ -1,0 +1,156 @@
+"""The end of a training run: final evaluation, the model card's data, and everything written to output_dir."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from cadmtl.data.sources import LoaderSettings, TaskSource
+from cadmtl.evaluation.loop import evaluate_sources
+from cadmtl.evaluation.reporting import domain_tables
+from cadmtl.training.arguments import DataArguments, ModelArguments, TrainingArguments
+from cadmtl.training.presets import PRESETS
+from cadmtl.training.tracking import plot_training_curves
+from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_all(
+    model: torch.nn.Module,
+    sources: dict[str, list[TaskSource]],
+    settings: LoaderSettings,
+    labels: dict[str, list[str]],
+    data_args: DataArguments,
+    train_args: TrainingArguments,
+    accelerator: Accelerator,
+) -> dict[str, dict[str, Any]]:
+    """Metrics of every config of every trained task on `settings.split`."""
+    return evaluate_sources(
+        model,
+        sources,
+        settings,
+        labels,
+        batch_size=data_args.eval_batch_size,
+        device=accelerator.device,
+        autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
+        max_batches=train_args.max_eval_batches,
+        show_progress=accelerator.is_local_main_process,
+        domain_conditioning=train_args.cls_domain_conditioning,
+    )
+
+
+def final_results(
+    model: torch.nn.Module,
+    sources: dict[str, list[TaskSource]],
+    eval_settings: LoaderSettings,
+    labels: dict[str, list[str]],
+    data_args: DataArguments,
+    train_args: TrainingArguments,
+    accelerator: Accelerator,
+) -> dict[str, dict[str, Any]]:
+    """The validation metrics of every config, and its test metrics under ``config@test`` when a test split is set."""
+    results = evaluate_all(model, sources, eval_settings, labels, data_args, train_args, accelerator)
+    if data_args.test_split:
+        test_settings = LoaderSettings(**{**asdict(eval_settings), "split": data_args.test_split})
+        test = evaluate_all(model, sources, test_settings, labels, data_args, train_args, accelerator)
+        results.update({f"{config}@{data_args.test_split}": result for config, result in test.items()})
+    return results
+
+
+def results_tables(results: dict[str, dict[str, Any]], name: str) -> str:
+    """The paper-shaped tables (`reporting.domain_tables`) of each evaluated split."""
+    splits = dict.fromkeys(result["split"] for result in results.values())
+    return "\n".join(domain_tables({name: results}, split=split) for split in splits)
+
+
+def dataset_identity(dataset: str) -> tuple[str, list[str]]:
+    """(the name to cite, the Hub dataset ids) of a dataset argument: a Hub id is cited and listed; a local folder
+    is cited by its folder name and lists no Hub dataset, so a card never claims data it was not trained on."""
+    if "/" in dataset and not Path(dataset).exists():
+        return dataset, [dataset]
+    return Path(dataset).resolve().name, []
+
+
+def model_card_data(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: TrainingArguments,
+    configs_by_task: dict[str, list[str]],
+    results: dict[str, dict[str, Any]],
+    steps: int,
+    weighting: Any,
+    scheduler_temperature: float,
+) -> dict[str, Any]:
+    """What `save_pretrained` renders into the Hub README (`modeling_cadmtl.model_card_cadmtl`)."""
+    final_split = data_args.test_split or data_args.eval_split
+    dataset_name, hub_datasets = dataset_identity(data_args.dataset)
+    return {
+        "results": {
+            config.split("@")[0]: {"task": r["task"], "split": r["split"], "metrics": r["metrics"]}
+            for config, r in results.items()
+            if r["split"] == final_split
+        },
+        "datasets": hub_datasets,
+        "dataset_id": dataset_name,
+        "dataset_name": dataset_name,
+        "base_model": model_args.backbone if model_args.backbone not in PRESETS else None,
+        "training": {
+            "paradigm": train_args.paradigm,
+            "weighting": weighting.name,
+            "steps": steps,
+            "coba": {
+                "every": train_args.coba_every,
+                "history_length": train_args.coba_history_length,
+                "warmup_steps": train_args.coba_warmup_steps,
+                "tau": train_args.coba_tau,
+                "clamp_divergence": train_args.coba_clamp_divergence,
+            }
+            if weighting.name == "coba"
+            else None,
+            "scheduler_temperature": scheduler_temperature,
+            "learning_rate": train_args.learning_rate,
+            "mixed_precision": train_args.mixed_precision,
+        },
+        "training_data": f"{dataset_name}: "
+        + ", ".join(c for configs in configs_by_task.values() for c in configs),
+    }
+
+
+def save_run(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    output_dir: Path,
+    summary: dict[str, Any],
+    card_data: dict[str, Any],
+    processor: CadMtlImageProcessor,
+    train_args: TrainingArguments,
+) -> None:
+    """Main process: the Hub-ready model folder, eval_results.json / .md, the training curves; push if asked."""
+    if not accelerator.is_main_process:
+        return
+    unwrapped: CadMtlModel = accelerator.unwrap_model(model)
+    model_dir = output_dir / "model"
+    unwrapped.save_pretrained(
+        model_dir,
+        state_dict=accelerator.get_state_dict(model),
+        image_processor=processor,
+        model_card_data=card_data,
+    )
+    tables = results_tables(summary["results"], output_dir.name)
+    (output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2, default=str))
+    (output_dir / "eval_results.md").write_text(tables)
+    metrics_path = output_dir / "logs" / "metrics.jsonl"
+    if metrics_path.exists():
+        plot_training_curves(metrics_path, output_dir / "training_curves.png")
+    logger.info("saved the model to %s\n%s", model_dir, tables)
+    if train_args.push_to_hub:
+        unwrapped.push_to_hub(
+            train_args.hub_model_id or output_dir.name, image_processor=processor, model_card_data=card_data
+        )

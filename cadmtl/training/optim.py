@@ -1,0 +1,140 @@
+"""Optimizer parameter groups (layer-wise learning-rate decay, no decay on norms / biases / tokens) and the
+early-layer freezing used during warm-up."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from modeling_cadmtl import CadMtlModel
+from modeling_cadmtl.configuration_cadmtl import TASKS
+
+_VIT_LAYER = re.compile(r"^model\.layer\.(\d+)\.")
+_CONVNEXT_STAGE = re.compile(r"^model\.stages\.(\d+)\.")
+
+
+def backbone_depth(model: CadMtlModel) -> int:
+    """Number of backbone blocks that get their own learning rate: ViT layers, or ConvNeXt stages."""
+    config = model.config.backbone_config
+    return config.num_hidden_layers if model.config.is_vit else len(config.depths)
+
+
+def backbone_layer_id(name: str, model: CadMtlModel) -> int:
+    """0 for the embeddings, i + 1 for ViT layer / ConvNeXt stage i, depth + 1 for the final norm."""
+    pattern = _VIT_LAYER if model.config.is_vit else _CONVNEXT_STAGE
+    match = pattern.match(name)
+    if match:
+        return int(match.group(1)) + 1
+    if name.startswith("embeddings."):
+        return 0
+    return backbone_depth(model) + 1
+
+
+def _no_weight_decay(name: str, parameter: nn.Parameter) -> bool:
+    # Norm weights, biases, learnable tokens, layer scales and per-level scales only shift or scale activations.
+    return parameter.ndim <= 1 or name.endswith(("cls_token", "register_tokens", "mask_token"))
+
+
+def build_param_groups(
+    model: CadMtlModel,
+    learning_rate: float,
+    weight_decay: float,
+    layer_decay: float = 1.0,
+    head_lr_multiplier: float = 1.0,
+) -> list[dict]:
+    """AdamW parameter groups.
+
+    Backbone block `i` of `depth` trains at `learning_rate * layer_decay ** (depth + 1 - i)` (layer-wise decay as
+    in BEiT / DINOv3 fine-tuning: early, generic layers move less); the neck and heads at
+    `learning_rate * head_lr_multiplier`. Each group records `lr_scale` so schedulers can rescale it.
+    """
+    depth = backbone_depth(model)
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            layer_id = backbone_layer_id(name.removeprefix("backbone."), model)
+            key, scale = f"backbone.{layer_id}", layer_decay ** (depth + 1 - layer_id)
+        else:
+            key, scale = "heads", head_lr_multiplier
+        no_decay = _no_weight_decay(name, parameter)
+        group = groups.setdefault(
+            (key, no_decay),
+            {
+                "params": [],
+                "names": [],
+                "lr": learning_rate * scale,
+                "lr_scale": scale,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+            },
+        )
+        group["params"].append(parameter)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def early_backbone_parameters(model: CadMtlModel, num_blocks: int) -> list[nn.Parameter]:
+    """The embeddings and the first `num_blocks` backbone blocks (ViT layers or ConvNeXt stages)."""
+    if num_blocks <= 0:
+        return []
+    return [
+        p for name, p in model.backbone.named_parameters() if backbone_layer_id(name, model) <= num_blocks
+    ]
+
+
+def resolve_freeze_blocks(model: CadMtlModel, freeze: float) -> int:
+    """`freeze` >= 1 is a number of blocks; 0 < freeze < 1 a fraction of the depth; 0 freezes nothing."""
+    if freeze < 0:
+        raise ValueError(f"freeze_backbone_layers must be >= 0, got {freeze}.")
+    depth = backbone_depth(model)
+    blocks = round(freeze * depth) if freeze < 1 else int(freeze)
+    if blocks > depth:
+        raise ValueError(f"Cannot freeze {blocks} blocks of a backbone with {depth}.")
+    return blocks
+
+
+def drop_gradients(parameters: list[nn.Parameter]) -> None:
+    """Set `.grad = None` so the optimizer skips these parameters entirely this step.
+
+    Used for frozen early layers during warm-up and for the heads of tasks that did not run: under DDP their
+    gradients arrive as all-reduced zeros, and AdamW would otherwise still apply weight decay and momentum to them
+    (pytorch/pytorch#41101). Freezing this way, rather than with `requires_grad`, keeps DDP's buckets unchanged.
+    """
+    for parameter in parameters:
+        parameter.grad = None
+
+
+def head_parameters(model: CadMtlModel) -> dict[str, list[nn.Parameter]]:
+    """The parameters that only one task uses ("cls", "det", "seg"); the neck is shared by det and seg."""
+    return {
+        "cls": list(model.cls_head.parameters()),
+        "det": list(model.det_head.parameters()),
+        "seg": list(model.seg_decoder.parameters()),
+        "neck": list(model.neck.parameters()),
+    }
+
+
+def unused_parameters(model: CadMtlModel, tasks_run: set[str]) -> list[nn.Parameter]:
+    """Parameters no task of this step touched (including the ViT's mask token, which only masked-image
+    pre-training uses)."""
+    heads = head_parameters(model)
+    unused = [p for task in TASKS if task not in tasks_run for p in heads[task]]
+    if not tasks_run & {"det", "seg"}:
+        unused += heads["neck"]
+    mask_token = getattr(getattr(model.backbone, "embeddings", None), "mask_token", None)
+    if mask_token is not None:
+        unused.append(mask_token)
+    return unused
+
+
+def zero_touch(model: CadMtlModel, tasks_run: set[str]) -> torch.Tensor:
+    """0 * (sum of every parameter no task of this step used): a loss term that makes DDP see all parameters
+    used, so `find_unused_parameters=False` works with one task per step (the alternative to the graph traversal
+    of `find_unused_parameters=True`)."""
+    unused = unused_parameters(model, tasks_run)
+    if not unused:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return sum(p.sum() for p in unused) * 0.0
