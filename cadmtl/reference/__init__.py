@@ -1,0 +1,23 @@
+"""Reference-guided defect localisation (DifferAD-R1): answer parsing, GRPO rewards, a training-free localiser.
+
+* :mod:`.answers` reads the box out of ``<think>...</think><answer>(x1,y1),(x2,y2)</answer>`` and counts
+  parse failures;
+* :mod:`.rewards` holds the reward functions in TRL's signature and the difficulty-aware group weight;
+* :mod:`.localizer` compares query and reference patch features (nearest neighbour within a window) and turns
+  the difference map into boxes, with threshold calibration.
+"""
+
+from .answers import ParseStats, completion_text, parse_box, parse_boxes
+from .rewards import dclr_reward, difficulty_weights, format_reward, hungarian_reward, iou_reward
+
+__all__ = [
+    "ParseStats",
+    "completion_text",
+    "dclr_reward",
+    "difficulty_weights",
+    "format_reward",
+    "hungarian_reward",
+    "iou_reward",
+    "parse_box",
+    "parse_boxes",
+]
