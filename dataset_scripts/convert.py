@@ -125,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--domain", default="", help="hierarchy override for every sample")
     parser.add_argument("--system", default="", help="hierarchy override for every sample")
     parser.add_argument("--part", default="", help="hierarchy override for every sample")
-    parser.add_argument("--id-prefix", help="prefix of image ids (default: '<split>/')")
+    parser.add_argument(
+        "--id-prefix",
+        help="prefix of image ids (default: '<split>/'; ad formats: none, ids are the source paths)",
+    )
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
     parser.add_argument(
         "--bbox-from",
