@@ -1,11 +1,28 @@
-"""Add one config split converted from COCO, YOLO, class folders or mask folders to a repo folder.
+"""Add one config split converted from COCO, YOLO, class folders or mask folders to a repo folder, or
+an anomaly-detection config (all its splits) from an MVTec AD category, Magnetic-tile-style mask folders or
+plain good/defect image folders.
 
     python -m dataset_scripts.convert {coco,yolo,folders,masks} SOURCE --out REPO_DIR --config NAME
         [--split train] [--mapping FILE] [--strict] [--drop-unmapped] [--overwrite | --append] ...
+    python -m dataset_scripts.convert mvtec CATEGORY_DIR --out REPO_DIR --config NAME_ad
+        [--validation-fraction 0] [--seed 0] [--strict] [--overwrite | --append] ...
+    python -m dataset_scripts.convert magnetic_tile SOURCE --out REPO_DIR --config NAME_ad
+        [--normal-test-fraction 0.3] [--validation-fraction 0.5] [--seed 0] [--mask-threshold 128] ...
+    python -m dataset_scripts.convert ad_folders SOURCE --out REPO_DIR --config NAME_ad
+        [--normal-test-fraction 0.3] [--validation-fraction 0.5] [--seed 0] ...
 
 SOURCE is the COCO JSON file, or the dataset folder for the other formats. The command prints the
 validation report, writes it to ``REPO_DIR/reports/<config>/<split>.{json,md}``, (re)writes the dataset
 card and exits 1 when the conversion failed (nothing is written then), 2 on bad arguments.
+
+Anomaly detection (``*_ad`` configs; see ``dataset_scripts/converters/anomaly.py``): the source decides the
+splits, so there is no ``--split``. Train holds normal images only (anomalous ones there are excluded and
+counted, or refused with ``--strict``); validation and test hold normal and anomalous images.
+``--normal-test-fraction F`` (flat sources: magnetic_tile, ad_folders without split folders; default 0.3)
+holds out a seeded fraction F of the normal images for evaluation; every anomalous image is an evaluation
+image. ``--validation-fraction V`` moves a seeded fraction V of the evaluation images of each defect type
+(``good`` included) to validation, the rest stays in test; default 0 for mvtec (the official test split
+stays whole, no validation split) and 0.5 for flat sources. ``--seed`` (default 0) fixes both draws.
 """
 
 from __future__ import annotations
@@ -16,10 +33,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .converters import FORMAT_TASKS, read_coco, read_folders, read_masks, read_yolo
+from .converters import (
+    AD_FORMATS,
+    FORMAT_TASKS,
+    read_ad_folders,
+    read_coco,
+    read_folders,
+    read_magnetic_tile,
+    read_masks,
+    read_mvtec,
+    read_yolo,
+)
+from .converters.anomaly import DEFAULT_NORMAL_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, has_split_folders
 from .images import DEFAULT_MAX_PIXELS
 from .mapping import load_mapping
-from .pipeline import ConversionResult, ConvertOptions, convert_source
+from .pipeline import ConversionResult, ConvertOptions, convert_ad_source, convert_source
 from .report import ValidationError
 from .schema import task_of_config
 from .taxonomy import load_taxonomy
@@ -41,7 +69,7 @@ def parse_size(text: str) -> int:
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments every command that writes a split shares (also used by ``synthesize``)."""
     parser.add_argument("--out", required=True, type=Path, help="repo folder to create or update")
-    parser.add_argument("--config", required=True, help="config name, <name>_<cls|det|seg>")
+    parser.add_argument("--config", required=True, help="config name, <name>_<cls|det|seg|ad>")
     parser.add_argument("--split", default="train", help="split to write (default: train)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace the split if it exists")
@@ -72,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("format", choices=sorted(FORMAT_TASKS), help="source format")
     parser.add_argument(
-        "source", type=Path, help="COCO JSON file, or the YOLO / folders / masks dataset folder"
+        "source", type=Path, help="COCO JSON file, or the dataset folder (an MVTec AD category for mvtec)"
     )
     add_output_arguments(parser)
+    # None = not given: anomaly-detection formats take their splits from the source and refuse --split.
+    parser.set_defaults(split=None)
     parser.add_argument("--mapping", type=Path, help="YAML mapping source label -> taxonomy node")
     parser.add_argument(
         "--drop-unmapped", action="store_true", help="drop (and count) labels the mapping lacks"
@@ -95,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--domain", default="", help="hierarchy override for every sample")
     parser.add_argument("--system", default="", help="hierarchy override for every sample")
     parser.add_argument("--part", default="", help="hierarchy override for every sample")
-    parser.add_argument("--id-prefix", help="prefix of image ids (default: '<split>/')")
+    parser.add_argument(
+        "--id-prefix",
+        help="prefix of image ids (default: '<split>/'; ad formats: none, ids are the source paths)",
+    )
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
     parser.add_argument(
         "--bbox-from",
@@ -103,10 +136,53 @@ def build_parser() -> argparse.ArgumentParser:
         default="annotation",
         help="det: take boxes as annotated, or recompute them from polygons / RLE",
     )
+    ad = parser.add_argument_group("anomaly detection (mvtec, magnetic_tile, ad_folders)")
+    ad.add_argument(
+        "--normal-test-fraction",
+        type=float,
+        help=f"flat sources: seeded fraction of the normal images held out for validation + test "
+        f"(default {DEFAULT_NORMAL_TEST_FRACTION}); the rest is train",
+    )
+    ad.add_argument(
+        "--validation-fraction",
+        type=float,
+        help="seeded fraction of the evaluation images of each defect type moved from test to validation "
+        "(default 0 for mvtec: no validation split; 0.5 for flat sources)",
+    )
+    ad.add_argument("--seed", type=int, default=0, help="seed of the split draws (default 0)")
+    ad.add_argument(
+        "--mask-threshold",
+        type=int,
+        default=128,
+        help="mask pixels >= this value are anomalous (soft masks; default 128)",
+    )
     return parser
 
 
+def _read_ad_source(args: argparse.Namespace):
+    flat = args.format == "magnetic_tile" or (
+        args.format == "ad_folders" and args.source.is_dir() and not has_split_folders(args.source)
+    )
+    if args.normal_test_fraction is not None and not flat:
+        raise ValueError(
+            f"--normal-test-fraction applies to flat sources (magnetic_tile, ad_folders without split "
+            f"folders); the {args.format} layout of {args.source} already says which images are train"
+        )
+    fraction = args.validation_fraction
+    if fraction is None:
+        fraction = DEFAULT_VALIDATION_FRACTION[args.format] if flat else 0.0
+    if args.format == "mvtec":
+        return read_mvtec(args.source, validation_fraction=fraction, seed=args.seed)
+    normal_test = (
+        DEFAULT_NORMAL_TEST_FRACTION if args.normal_test_fraction is None else args.normal_test_fraction
+    )
+    reader = read_magnetic_tile if args.format == "magnetic_tile" else read_ad_folders
+    return reader(args.source, normal_test_fraction=normal_test, validation_fraction=fraction, seed=args.seed)
+
+
 def read_source(args: argparse.Namespace):
+    if args.format in AD_FORMATS:
+        return _read_ad_source(args)
     if args.format == "coco":
         return read_coco(args.source, args.images)
     if args.format == "yolo":
@@ -116,12 +192,43 @@ def read_source(args: argparse.Namespace):
     return read_masks(args.source, classes_file=args.classes)
 
 
-def run(args: argparse.Namespace) -> ConversionResult:
+def run(args: argparse.Namespace) -> dict[str, ConversionResult]:
+    """Convert as the arguments say; returns ``{split: result}`` (one split unless the format is ad)."""
     task = task_of_config(args.config)
     if task not in FORMAT_TASKS[args.format]:
         raise ValueError(
             f"{args.format} sources make {'/'.join(FORMAT_TASKS[args.format])} configs, not {args.config!r}"
         )
+    ad = args.format in AD_FORMATS
+    if ad:
+        unused = [
+            flag
+            for flag, value in (
+                ("--split", args.split),
+                ("--mapping", args.mapping),
+                ("--label-set", args.label_set),
+                ("--classes", args.classes),
+                ("--images", args.images),
+            )
+            if value is not None
+        ]
+        if unused:
+            raise ValueError(
+                f"{args.format}: {', '.join(unused)} not used: the source decides the splits and its folder "
+                "names are the defect types"
+            )
+    else:
+        unused = [
+            flag
+            for flag, value in (
+                ("--normal-test-fraction", args.normal_test_fraction),
+                ("--validation-fraction", args.validation_fraction),
+            )
+            if value is not None
+        ]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} apply to the formats {', '.join(AD_FORMATS)} only")
+        args.split = args.split or "train"
     taxonomy = load_taxonomy(args.taxonomy)
     hierarchy = {
         k: v for k, v in (("domain", args.domain), ("system", args.system), ("part", args.part)) if v
@@ -129,7 +236,7 @@ def run(args: argparse.Namespace) -> ConversionResult:
     options = ConvertOptions(
         repo_dir=args.out,
         config=args.config,
-        split=args.split,
+        split=args.split or "train",
         mapping=load_mapping(args.mapping, taxonomy),
         taxonomy=taxonomy,
         strict=args.strict,
@@ -144,25 +251,30 @@ def run(args: argparse.Namespace) -> ConversionResult:
         num_shards=args.num_shards,
         max_shard_size=args.max_shard_size,
         show_progress=not args.no_progress,
+        mask_threshold=args.mask_threshold,
     )
-    return convert_source(read_source(args), options)
+    if ad:
+        return convert_ad_source(read_source(args), options)
+    return {options.split: convert_source(read_source(args), options)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = run(args)
+        results = run(args)
     except ValidationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(result.report.to_markdown())
-    written = result.written
-    print(
-        f"wrote {written.num_rows} rows in {len(written.files)} shard(s) to {args.out / args.config} ({args.split})"
-    )
+    for result in results.values():
+        print(result.report.to_markdown())
+    for split, result in results.items():
+        written = result.written
+        print(
+            f"wrote {written.num_rows} rows in {len(written.files)} shard(s) to {args.out / args.config} ({split})"
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Build ``cad100k-mini``: a small, deterministic, learnable demo repo folder with all 8 CAD configs.
+"""Build ``cad100k-mini``: a small, deterministic, learnable demo repo folder with all 8 CAD configs
+plus the anomaly-detection config ``exterior_ad``.
 
     python -m dataset_scripts.make_demo OUT_DIR [--train 48] [--validation 16] [--test 16] [--seed 0]
 
@@ -7,6 +8,10 @@ Images are procedural close-ups (painted panel for exterior, fabric for interior
 Each config uses a few anomaly classes of its domain whose synthesis styles look different (corrosion,
 scratch, missing part, stain, ...), so a tiny model can separate them within minutes on a CPU. About 20 %
 of the images are normal. Every row has ``source = synthetic``. The same arguments give the same bytes.
+
+``exterior_ad`` (anomaly detection): train holds normal painted panels only; validation and test are half
+normal, half panels with one synthetic defect of the config's classes (``defect_type``), whose mask is exact
+(0 normal pixel, 1 anomalous).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from .card import write_card
 from .images import encode_jpeg, encode_png
 from .procedural import make_surface
 from .raster import mask_values
-from .schema import features_for, task_of_config
+from .schema import AD, GOOD, features_for, task_of_config
 from .synthetic import DefectSpec, place_defects
 from .taxonomy import BACKGROUND, NORMAL, Taxonomy, load_taxonomy
 from .writer import write_split
@@ -44,11 +49,14 @@ DEMO_STYLE_ORDER = (
     "bulge",
 )
 NORMAL_FRACTION = 0.2
+AD_NORMAL_FRACTION = 0.5  # of the validation and test rows of the ad config (train is all normal)
+AD_CONFIGS = ("exterior_ad",)
 SIZE_RANGE = (96, 192)
 JPEG_QUALITY = 90
 INTRO = """# cad100k-mini
 
-A small procedural stand-in for CAD 100K with all 8 configs, built in seconds by
+A small procedural stand-in for CAD 100K with all 8 configs (plus `exterior_ad`, normal-only training data
+for anomaly detection), built in seconds by
 `python -m dataset_scripts.make_demo` of the cad-mtl project. Every image is synthetic: a procedural
 surface (painted panel, fabric or metal) with procedural defects whose masks and boxes are exact. It is
 meant for tests, demos and the default training run, not for measuring real-world accuracy.
@@ -144,6 +152,47 @@ def _demo_rows(
     return rows
 
 
+def _demo_ad_rows(
+    taxonomy: Taxonomy, config: str, split: str, count: int, classes: list[str], seed: int
+) -> list[dict[str, Any]]:
+    """Normal panels (train) or half normal, half one-defect panels (validation, test) with exact masks."""
+    domain = config.rsplit("_", 1)[0]
+    rng = _rng(seed, config, split)
+    num_normal = count if split == "train" else round(AD_NORMAL_FRACTION * count)
+    plan = [None] * num_normal + [classes[i % len(classes)] for i in range(count - num_normal)]
+    order = rng.permutation(count)
+    class_id = {name: index for index, name in enumerate([GOOD, *classes])}
+    rows = []
+    for index in range(count):
+        wanted = plan[order[index]]
+        height, width = (int(v) for v in rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1, size=2))
+        image = make_surface(taxonomy.surface(domain), height, width, rng)
+        mask = np.zeros((height, width), np.uint8)
+        placed = []
+        if wanted is not None:
+            image, placed = place_defects(image, _specs(taxonomy, [wanted]), rng, radius_range=(0.14, 0.22))
+            for p in placed:
+                mask[p.mask] = 1
+        defect = placed[0].anomaly if placed else GOOD
+        domain_, system, part = _pick_hierarchy(taxonomy, domain, [p.anomaly for p in placed], rng)
+        rows.append(
+            {
+                "image": {"bytes": encode_jpeg(image, JPEG_QUALITY), "path": None},
+                "image_id": f"{split}/{config}-{index:05d}",
+                "width": width,
+                "height": height,
+                "domain": domain_,
+                "system": system,
+                "part": part,
+                "source": "synthetic",
+                "is_normal": not placed,
+                "mask": {"bytes": encode_png(mask), "path": None},
+                "defect_type": class_id[defect],
+            }
+        )
+    return rows
+
+
 def build_demo(
     out_dir: str | Path,
     *,
@@ -155,26 +204,39 @@ def build_demo(
     train_shards: int = 4,
     eval_shards: int = 2,
     configs: Sequence[str] | None = None,
+    ad_configs: Sequence[str] = AD_CONFIGS,
 ) -> dict[str, dict[str, int]]:
-    """Write the demo repo folder; returns ``{config: {split: rows}}``."""
+    """Write the demo repo folder; returns ``{config: {split: rows}}``.
+
+    ``configs``: CAD configs (default: all 8); ``ad_configs``: ``<domain>_ad`` anomaly-detection configs
+    (default ``exterior_ad``; ``()`` for none).
+    """
     taxonomy = load_taxonomy()
     configs = list(configs or taxonomy.config_names())
     counts = {"train": train, "validation": validation, "test": test}
     written: dict[str, dict[str, int]] = {}
-    for config in configs:
-        domain = taxonomy.domain_of_config(config)
-        if domain is None:
-            raise ValueError(f"{config!r} is not a CAD config; known: {taxonomy.config_names()}")
+    for config in [*configs, *ad_configs]:
+        ad = task_of_config(config) == AD
+        domain = config.rsplit("_", 1)[0] if ad else taxonomy.domain_of_config(config)
+        if domain is None or domain not in taxonomy.domains:
+            raise ValueError(
+                f"{config!r} is not a CAD config or <domain>_ad; known: {taxonomy.config_names()}, "
+                f"domains {list(taxonomy.domains)}"
+            )
         classes = demo_classes(taxonomy, domain, classes_per_config)
-        names = {"cls": [NORMAL, *classes], "det": classes, "seg": [BACKGROUND, *classes]}[
-            task_of_config(config)
-        ]
+        names = {
+            "cls": [NORMAL, *classes],
+            "det": classes,
+            "seg": [BACKGROUND, *classes],
+            AD: [GOOD, *classes],
+        }[task_of_config(config)]
         features = features_for(task_of_config(config), names)
         written[config] = {}
+        make_rows = _demo_ad_rows if ad else _demo_rows
         for split, count in counts.items():
             if count <= 0:
                 continue
-            rows = _demo_rows(taxonomy, config, split, count, classes, seed)
+            rows = make_rows(taxonomy, config, split, count, classes, seed)
             shards = train_shards if split == "train" else eval_shards
             result = write_split(
                 out_dir, config, split, rows, features, existing="replace", num_shards=min(shards, count)

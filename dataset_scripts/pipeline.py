@@ -5,6 +5,10 @@ Every converter (COCO, YOLO, class folders, mask folders) reads its format into 
 nodes, check and normalise each image, clip or drop bad annotations, rasterise masks, drop exact duplicate
 images, write the shards, save the validation report and regenerate the dataset card.
 
+Anomaly-detection (``*_ad``) sources hold several splits at once (the MVTec AD layout says which image is
+train and which test): :func:`convert_ad_source` sends each sample through the same cleaning into the split
+its reader assigned, excludes (and counts) anomalous images from train, and writes every split or none.
+
 Segmentation overlap rule: instances are painted from the largest area to the smallest, so a small part
 lying on a big one (a lamp on a bumper) stays visible; crowd regions are painted last as 255 (ignore).
 """
@@ -27,10 +31,21 @@ from .images import DEFAULT_MAX_PIXELS, StoredImage, encode_png, read_image, rea
 from .mapping import LabelMapping
 from .raster import mask_values
 from .report import ValidationError, ValidationReport
-from .schema import IGNORE_INDEX, SOURCES, Task, features_for, label_names, task_of_config
+from .schema import (
+    AD,
+    GOOD,
+    IGNORE_INDEX,
+    SOURCES,
+    ConfigKind,
+    features_for,
+    kind_of_config,
+    label_names,
+    task_of_config,
+)
 from .taxonomy import BACKGROUND, NORMAL, Taxonomy, load_taxonomy
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
+    SPLITS,
     ExistingPolicy,
     SplitWriter,
     SplitWriteResult,
@@ -67,6 +82,7 @@ class SourceSample:
     mask_path: Path | None = None
     mask_values: dict[int, str] | None = None  # mask pixel value -> source class name
     expected_size: tuple[int, int] | None = None  # (width, height) stated by the annotations
+    split: str | None = None  # ad sources: the split the reader assigned (None: ConvertOptions.split)
 
 
 @dataclass
@@ -74,8 +90,9 @@ class SourceData:
     samples: list[SourceSample]
     label_names: list[str]  # every source class name, in source order
     info: dict[str, Any]  # format, path, description, citation, license_note: shown in the report and card
-    # (kind, item, detail) of problems the reader found, e.g. annotations pointing at unknown images
-    pre_issues: list[tuple[str, str, str]] = field(default_factory=list)
+    # (kind, item, detail) of problems the reader found, e.g. annotations pointing at unknown images; ad
+    # readers may add a 4th element, the split whose report counts it (default: the first split written)
+    pre_issues: list[tuple[str, ...]] = field(default_factory=list)
 
 
 @dataclass
@@ -100,6 +117,7 @@ class ConvertOptions:
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     show_progress: bool = True
     update_card: bool = True
+    mask_threshold: int = 128  # ad: mask pixels >= this are anomalous (soft / anti-aliased masks)
 
 
 @dataclass
@@ -111,7 +129,7 @@ class ConversionResult:
 
 # ---------------------------------------------------------------------------------------------- labels
 def choose_label_names(
-    task: Task,
+    task: ConfigKind,
     targets: list[str],
     config: str,
     taxonomy: Taxonomy,
@@ -120,7 +138,11 @@ def choose_label_names(
 ) -> list[str]:
     """The class list of ``config``: the CAD domain's full list (``label_set="taxonomy"``, default for CAD
     configs) or the ``targets`` in taxonomy order (``"present"``); classes the config already has keep
-    their ids (``old_names`` first, new ones appended)."""
+    their ids (``old_names`` first, new ones appended). For ad configs the names are the source's defect
+    types, ``good`` first, then sorted (they are not taxonomy nodes)."""
+    if task == AD:
+        names = [GOOD, *sorted(set(targets) - {GOOD})]
+        return names if old_names is None else old_names + [n for n in names if n not in old_names]
     cad_domain = taxonomy.domain_of_config(config)
     label_set = label_set or ("taxonomy" if cad_domain else "present")
     forbidden = {"cls": {BACKGROUND}, "det": {BACKGROUND, NORMAL}, "seg": {NORMAL}}[task]
@@ -208,13 +230,21 @@ def _annotation_rle(
     return rle
 
 
+def config_domain(taxonomy: Taxonomy, config: str) -> str:
+    """The taxonomy domain a config name stands for: a CAD config's, or ``<domain>`` of ``<domain>_ad``."""
+    domain = taxonomy.domain_of_config(config)
+    if domain is None and kind_of_config(config) == AD and config.rsplit("_", 1)[0] in taxonomy.domains:
+        domain = config.rsplit("_", 1)[0]
+    return domain or ""
+
+
 # ------------------------------------------------------------------------------------------ conversion
 class _RowBuilder:
     """Builds one dataset row per source sample for the config's task."""
 
     def __init__(
         self,
-        task: Task,
+        task: ConfigKind,
         names: list[str],
         label_to_node: dict[str, str],
         ignored: set[str],
@@ -232,7 +262,7 @@ class _RowBuilder:
         self.class_id = {name: index for index, name in enumerate(names)}
         self.label_to_node, self.ignored = label_to_node, ignored
         self.next_object_id = 0
-        self.config_domain = taxonomy.domain_of_config(options.config) or ""
+        self.config_domain = config_domain(taxonomy, options.config)
         self.defaults = {**options.mapping.hierarchy, **options.hierarchy}
 
     def node_of(self, label: str, item: str) -> str | None:
@@ -269,6 +299,8 @@ class _RowBuilder:
         }
 
     def build(self, sample: SourceSample, image: StoredImage, image_id: str) -> dict[str, Any] | None:
+        if self.task == AD:
+            return self._ad(sample, image, image_id)
         if self.task == "cls":
             return self._cls(sample, image, image_id)
         if self.task == "det":
@@ -397,6 +429,39 @@ class _RowBuilder:
         used = [n for n in nodes if self.class_id[n] in painted]
         return self._seg_row(image, image_id, canvas, used)
 
+    def _ad(self, sample: SourceSample, image: StoredImage, image_id: str) -> dict[str, Any] | None:
+        """Anomaly detection: mask 0 = normal, 1 = anomalous (source mask >= threshold), 255 = ignore (an
+        anomalous image without a mask: image-level label only)."""
+        defect = sample.label or GOOD
+        normal = defect == GOOD
+        shape = (image.height, image.width)
+        if sample.mask_path is None:
+            canvas = np.full(shape, 0 if normal else IGNORE_INDEX, np.uint8)
+        else:
+            values = read_mask(sample.mask_path, sample.key, image, self.report)
+            if values is None:
+                return None
+            anomalous = values >= self.options.mask_threshold
+            count = int(anomalous.sum())
+            if normal and count:
+                self.report.add(
+                    "normal_mask_not_empty",
+                    sample.key,
+                    f"{count} pixels >= {self.options.mask_threshold} in {sample.mask_path.name}",
+                )
+                return None
+            if not normal and not count:
+                self.report.add(
+                    "empty_anomaly_mask",
+                    sample.key,
+                    f"{defect}: no pixel >= {self.options.mask_threshold} in {sample.mask_path.name}",
+                )
+            canvas = anomalous.astype(np.uint8)
+        row = self.base_row(image, image_id, [], normal)
+        row["mask"] = {"bytes": encode_png(canvas), "path": None}
+        row["defect_type"] = self.class_id[defect]
+        return row
+
 
 def _corners(box: list[float]) -> list[float]:
     x, y, w, h = box
@@ -443,11 +508,17 @@ class SplitTarget:
         label_set: LabelSet | None = None,
         num_shards: int | None = None,
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+        siblings: Iterable[str] = (),
     ) -> None:
+        """``siblings``: the other splits written in the same run (their existing rows count as reference
+        only when appending, and they are not relabelled: they are being rewritten)."""
         self.repo_dir, self.config, self.split = Path(repo_dir), config, split
         self.task = task_of_config(config)
-        self.other_splits = [s for s in split_names(self.repo_dir, config) if s != split]
-        reference = self.other_splits + ([split] if existing == "append" else [])
+        siblings = set(siblings) - {split}
+        existing_splits = split_names(self.repo_dir, config)
+        self.other_splits = [s for s in existing_splits if s != split and s not in siblings]
+        written = [split, *sorted(siblings & set(existing_splits))]
+        reference = self.other_splits + (written if existing == "append" else [])
         old_features = next(
             (f for s in reference if (f := read_split_features(self.repo_dir, config, s)) is not None), None
         )
@@ -510,14 +581,16 @@ def convert_source(data: SourceData, options: ConvertOptions) -> ConversionResul
     taxonomy = options.taxonomy or load_taxonomy()
     repo_dir = Path(options.repo_dir)
     task = task_of_config(options.config)
-    if options.source_kind not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {options.source_kind!r}")
-    if options.hierarchy:
-        taxonomy.check_hierarchy(*(options.hierarchy.get(k, "") for k in ("domain", "system", "part")))
+    if task == AD:
+        raise ValueError(
+            f"{options.config} is an anomaly-detection config: convert it with convert_ad_source "
+            "(formats mvtec, magnetic_tile, ad_folders)"
+        )
+    _check_options(options, taxonomy)
     report = ValidationReport(options.config, options.split, options.strict, dict(data.info))
     report.source.setdefault("mapping", options.mapping.source)
-    for kind, item, detail in data.pre_issues:
-        report.add(kind, item, detail)
+    for issue in data.pre_issues:
+        report.add(*issue[:3])
 
     label_to_node, ignored, unmapped = options.mapping.resolve(data.label_names, taxonomy)
     if unmapped and not options.drop_unmapped:
@@ -542,40 +615,141 @@ def convert_source(data: SourceData, options: ConvertOptions) -> ConversionResul
     builder = _RowBuilder(task, target.names, label_to_node, ignored, options, taxonomy, report)
     prefix = f"{options.split}/" if options.id_prefix is None else options.id_prefix
     try:
-        for sample in tqdm(
-            data.samples,
-            desc=f"{options.config}/{options.split}",
-            disable=not options.show_progress,
-            unit="img",
-        ):
-            report.rows_seen += 1
-            image = read_image(
-                sample.image_path,
-                sample.key,
-                report,
-                max_pixels=options.max_pixels,
-                expected_size=sample.expected_size,
-            )
-            if image is None:
-                continue
-            duplicate = target.duplicate_of(image)
-            if duplicate is not None:
-                report.add("duplicate_image", sample.key, f"same bytes as {duplicate}")
-                continue
-            image_id = _image_id(prefix, sample.key, target.used_ids)
-            if image_id in target.used_ids:
-                report.error(
-                    f"image id {image_id!r} of {sample.key} is already used in {options.config}; set --id-prefix"
-                )
-                continue
-            row = builder.build(sample, image, image_id)
-            if row is not None:
-                target.add(row, image, report)
+        _convert_samples(data.samples, target, builder, report, options, prefix)
     except BaseException:
         target.abort(report)
         raise
     written = target.finish(report, update_card=options.update_card, show_progress=options.show_progress)
     return ConversionResult(report, written, target.names)
+
+
+def _check_options(options: ConvertOptions, taxonomy: Taxonomy) -> None:
+    if options.source_kind not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {options.source_kind!r}")
+    if options.hierarchy:
+        taxonomy.check_hierarchy(*(options.hierarchy.get(k, "") for k in ("domain", "system", "part")))
+
+
+def _convert_samples(
+    samples: list[SourceSample],
+    target: SplitTarget,
+    builder: _RowBuilder,
+    report: ValidationReport,
+    options: ConvertOptions,
+    prefix: str,
+) -> None:
+    """Read, check, deduplicate and build every sample into ``target`` (the loop all converters share)."""
+    for sample in tqdm(
+        samples, desc=f"{target.config}/{target.split}", disable=not options.show_progress, unit="img"
+    ):
+        report.rows_seen += 1
+        if target.split == "train" and target.task == AD and (sample.label or GOOD) != GOOD:
+            report.add("anomalous_in_train", sample.key, f"defect type {sample.label!r}")
+            continue
+        image = read_image(
+            sample.image_path,
+            sample.key,
+            report,
+            max_pixels=options.max_pixels,
+            expected_size=sample.expected_size,
+        )
+        if image is None:
+            continue
+        duplicate = target.duplicate_of(image)
+        if duplicate is not None:
+            report.add("duplicate_image", sample.key, f"same bytes as {duplicate}")
+            continue
+        image_id = _image_id(prefix, sample.key, target.used_ids)
+        if image_id in target.used_ids:
+            report.error(
+                f"image id {image_id!r} of {sample.key} is already used in {target.config}; set --id-prefix"
+            )
+            continue
+        row = builder.build(sample, image, image_id)
+        if row is not None:
+            target.add(row, image, report)
+
+
+def convert_ad_source(data: SourceData, options: ConvertOptions) -> dict[str, ConversionResult]:
+    """Clean and write an anomaly-detection source as the splits its reader assigned (``sample.split``).
+
+    ``defect_type`` names are the source's defect types (``good`` first), the same for every split. Anomalous
+    images in train are excluded and counted (``anomalous_in_train``; an error under ``strict``). Image ids
+    are the source-relative paths without extension (``options.id_prefix`` prepended, default none), unique
+    across the splits, and exact duplicate images are checked across them. Every split is written, or none
+    (:class:`~dataset_scripts.report.ValidationError`; the reports are saved in either case).
+    """
+    taxonomy = options.taxonomy or load_taxonomy()
+    repo_dir = Path(options.repo_dir)
+    if kind_of_config(options.config) != AD:
+        raise ValueError(f"anomaly-detection sources make *_ad configs, not {options.config!r}")
+    _check_options(options, taxonomy)
+    by_split: dict[str, list[SourceSample]] = {}
+    for sample in data.samples:
+        by_split.setdefault(sample.split or options.split, []).append(sample)
+    splits = sorted(by_split, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
+    if not splits:
+        raise ValueError(f"{data.info.get('path', 'the source')}: no images found")
+    info = {**data.info, "mask_threshold": options.mask_threshold}
+    reports = {s: ValidationReport(options.config, s, options.strict, dict(info)) for s in splits}
+    for issue in data.pre_issues:
+        split = issue[3] if len(issue) > 3 and issue[3] in reports else splits[0]
+        reports[split].add(*issue[:3])
+    # Defect types of the evaluation splits (train's anomalous images are excluded, so they add no class).
+    types = [s.label or GOOD for split in splits if split != "train" for s in by_split[split]]
+    targets: dict[str, SplitTarget] = {}
+    try:
+        for split in splits:
+            targets[split] = SplitTarget(
+                repo_dir,
+                options.config,
+                split,
+                [GOOD, *types],
+                taxonomy,
+                existing=options.existing,
+                num_shards=options.num_shards,
+                max_shard_size=options.max_shard_size,
+                siblings=splits,
+            )
+    except BaseException:  # e.g. a split exists already: nothing was converted, keep the old reports
+        for target in targets.values():
+            target.writer.abort()
+        raise
+    try:
+        known_hashes = {k: v for t in targets.values() for k, v in t.known_hashes.items()}
+        used_ids = {i for t in targets.values() for i in t.used_ids}
+        for target in targets.values():  # one shared set: duplicates and id clashes across splits
+            target.known_hashes, target.used_ids = known_hashes, used_ids
+        prefix = options.id_prefix or ""
+        for split in splits:
+            builder = _RowBuilder(AD, targets[split].names, {}, set(), options, taxonomy, reports[split])
+            _convert_samples(by_split[split], targets[split], builder, reports[split], options, prefix)
+        for split in splits:
+            if reports[split].rows_written == 0:
+                reports[split].error("no usable samples: every sample was skipped (see the counts above)")
+        failures = [f"{s}: {f}" for s in splits for f in reports[s].failures()]
+        if failures:
+            shown = "\n  ".join(failures[:50])
+            more = f"\n  ... and {len(failures) - 50} more" if len(failures) > 50 else ""
+            mode = " (--strict: skips are errors)" if options.strict else ""
+            raise ValidationError(
+                f"{options.config}: {len(failures)} problem(s){mode}; nothing was written:\n  {shown}{more}"
+            )
+    except BaseException:
+        for split, target in targets.items():
+            target.abort(reports[split])
+        for split in splits:
+            reports[split].save(repo_dir)
+        raise
+    results = {}
+    for split in splits:
+        written = targets[split].finish(
+            reports[split], update_card=False, show_progress=options.show_progress
+        )
+        results[split] = ConversionResult(reports[split], written, targets[split].names)
+    if options.update_card:
+        write_card(repo_dir)
+    return results
 
 
 def _relabel_split(repo_dir: Path, config: str, split: str, features: Features) -> None:

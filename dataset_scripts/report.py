@@ -38,6 +38,14 @@ ISSUE_KINDS: dict[str, tuple[Action, str]] = {
     "ignored_label": ("drop", "annotation whose source label the mapping sends to null (not a class)"),
     "no_segmentation": ("drop", "annotation has a box but no polygon or RLE, so a mask cannot show it"),
     "not_an_image": ("skip", "file in the source tree whose extension is not an image format"),
+    "anomalous_in_train": (
+        "skip",
+        "anomaly detection: an anomalous image in a train split (train is normal only)",
+    ),
+    "normal_mask_not_empty": (
+        "skip",
+        "anomaly detection: a normal (good) image whose mask marks anomalous pixels",
+    ),
     "box_clipped": ("fix", "box reached past the image border and was clipped"),
     "polygon_clipped": ("fix", "polygon reached past the image border and was clipped"),
     "bbox_recomputed": ("fix", "box disagreed with its polygon by more than 1 px and was recomputed"),
@@ -46,6 +54,10 @@ ISSUE_KINDS: dict[str, tuple[Action, str]] = {
     "converted_mode": ("fix", "image converted to 8-bit RGB"),
     "exif_transposed": ("fix", "image rotated upright from its EXIF orientation"),
     "reencoded": ("fix", "image re-encoded (format not JPEG/PNG/WEBP, or pixels changed)"),
+    "empty_anomaly_mask": (
+        "fix",
+        "anomaly detection: anomalous image whose mask marks no pixel; kept (counts for image-level metrics)",
+    ),
 }
 
 

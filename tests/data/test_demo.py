@@ -32,8 +32,9 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def test_all_cad_configs_and_splits(demo: Path) -> None:
-    assert datasets.get_dataset_config_names(str(demo)) == load_taxonomy().config_names()
-    for config in load_taxonomy().config_names():
+    configs = [*load_taxonomy().config_names(), "exterior_ad"]  # the 8 CAD configs, then the ad one
+    assert datasets.get_dataset_config_names(str(demo)) == configs
+    for config in configs:
         assert datasets.get_dataset_split_names(str(demo), config) == ["train", "validation", "test"]
         assert len(list((demo / config).glob("train-*-of-00004.parquet"))) == 4
         assert len(list((demo / config).glob("validation-*-of-00002.parquet"))) == 2
@@ -95,4 +96,4 @@ def test_cli(tmp_path: Path, capsys) -> None:
     out = tmp_path / "mini"
     assert demo_main([str(out), "--train", "4", "--validation", "2", "--test", "2"]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert (out / "README.md").read_text().count("| train | 4 |") == 8
+    assert (out / "README.md").read_text().count("| train | 4 |") == 9  # 8 CAD configs + exterior_ad
