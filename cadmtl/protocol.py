@@ -1,7 +1,7 @@
 """The paper's public-benchmark protocol: single-task vs. base vs. adaptive multi-task, same budget, several seeds.
 
-    python -m cadmtl.protocol --setting smoke              # CPU, minutes: checks the whole pipeline
-    python -m cadmtl.protocol --setting full --seeds 0 1 2 \
+    cadmtl protocol --setting smoke              # CPU, minutes: checks the whole pipeline
+    cadmtl protocol --setting full --seeds 0 1 2 \
         --launch-args "--config_file configs/accelerate/multi_gpu.yaml"
 
 1. Builds the public benchmark repo from ../shared/data (`dataset_scripts.make_public`) if it is missing.
@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from cadmtl.evaluation.reporting import comparison_table, load_results, task_summary
+from cadmtl.training.launch import launch_command
 from dataset_scripts.schema import TASKS
 
 logger = logging.getLogger("cadmtl.protocol")
@@ -64,16 +65,13 @@ def train(
     if results.exists():
         logger.info("reusing %s", results)
         return results
-    train_script = REPO_ROOT / "train_accelerate.py"
-    if not train_script.exists():
-        raise FileNotFoundError(
-            f"{train_script} not found: run the protocol from a checkout of the cad-mtl repo."
-        )
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", *launch, str(train_script),
-        "--config", str(config), *METHODS[method], "--seed", str(seed), "--max_steps", str(steps),
-        "--dataset", str(dataset_dir), "--output_dir", str(run_dir),
-    ]  # fmt: skip
+    command = launch_command(
+        launch,
+        [
+            "--config", str(config), *METHODS[method], "--seed", str(seed), "--max_steps", str(steps),
+            "--dataset", str(dataset_dir), "--output_dir", str(run_dir),
+        ],
+    )  # fmt: skip
     logger.info("training %s seed %d: %s", method, seed, shlex.join(command))
     subprocess.run(command, check=True)
     return results
@@ -96,7 +94,7 @@ def compare_runs(runs: dict[int, dict[str, Path]], model_name: str) -> tuple[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="cadmtl protocol", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="smoke")
     parser.add_argument(

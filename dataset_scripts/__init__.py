@@ -1,6 +1,6 @@
 """CAD 100K dataset tooling: build streamable Hugging Face dataset repos for car anomaly detection.
 
-Commands (``python -m dataset_scripts.<name> --help``):
+Commands (``cadmtl data <name> --help``; ``python -m dataset_scripts.<module>`` is an alias):
 
 - ``make_demo OUT_DIR``: the deterministic ``cad100k-mini`` demo with all 8 CAD configs and ``exterior_ad``.
 - ``make_public OUT_DIR [--data ../shared/data]``: the public benchmark (``parts_cls/det/seg``).

@@ -2,13 +2,13 @@
 an anomaly-detection config (all its splits) from an MVTec AD category, Magnetic-tile-style mask folders or
 plain good/defect image folders.
 
-    python -m dataset_scripts.convert {coco,yolo,folders,masks} SOURCE --out REPO_DIR --config NAME
+    cadmtl data convert {coco,yolo,folders,masks} SOURCE --out REPO_DIR --config NAME
         [--split train] [--mapping FILE] [--strict] [--drop-unmapped] [--overwrite | --append] ...
-    python -m dataset_scripts.convert mvtec CATEGORY_DIR --out REPO_DIR --config NAME_ad
+    cadmtl data convert mvtec CATEGORY_DIR --out REPO_DIR --config NAME_ad
         [--validation-fraction 0] [--seed 0] [--strict] [--overwrite | --append] ...
-    python -m dataset_scripts.convert magnetic_tile SOURCE --out REPO_DIR --config NAME_ad
+    cadmtl data convert magnetic_tile SOURCE --out REPO_DIR --config NAME_ad
         [--normal-test-fraction 0.3] [--validation-fraction 0.5] [--seed 0] [--mask-threshold 128] ...
-    python -m dataset_scripts.convert ad_folders SOURCE --out REPO_DIR --config NAME_ad
+    cadmtl data convert ad_folders SOURCE --out REPO_DIR --config NAME_ad
         [--normal-test-fraction 0.3] [--validation-fraction 0.5] [--seed 0] ...
 
 SOURCE is the COCO JSON file, or the dataset folder for the other formats. The command prints the
@@ -94,7 +94,7 @@ def existing_policy(args: argparse.Namespace) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m dataset_scripts.convert",
+        prog="cadmtl data convert",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

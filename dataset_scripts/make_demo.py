@@ -1,7 +1,7 @@
 """Build ``cad100k-mini``: a small, deterministic, learnable demo repo folder with all 8 CAD configs
 plus the anomaly-detection config ``exterior_ad``.
 
-    python -m dataset_scripts.make_demo OUT_DIR [--train 48] [--validation 16] [--test 16] [--seed 0]
+    cadmtl data make-demo OUT_DIR [--train 48] [--validation 16] [--test 16] [--seed 0]
 
 Images are procedural close-ups (painted panel for exterior, fabric for interior, metal elsewhere, as
 ``surface:`` in the taxonomy says), 96-192 px per side, with defects from :mod:`dataset_scripts.synthetic`.
@@ -57,7 +57,7 @@ INTRO = """# cad100k-mini
 
 A small procedural stand-in for CAD 100K with all 8 configs (plus `exterior_ad`, normal-only training data
 for anomaly detection), built in seconds by
-`python -m dataset_scripts.make_demo` of the cad-mtl project. Every image is synthetic: a procedural
+`cadmtl data make-demo` of the cad-mtl project. Every image is synthetic: a procedural
 surface (painted panel, fabric or metal) with procedural defects whose masks and boxes are exact. It is
 meant for tests, demos and the default training run, not for measuring real-world accuracy.
 """
@@ -248,7 +248,7 @@ def build_demo(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dataset_scripts.make_demo",
+        prog="cadmtl data make-demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

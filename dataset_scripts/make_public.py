@@ -1,6 +1,6 @@
 """Build the public benchmark repo folder (the paper's public-benchmark protocol) from ``../shared/data``.
 
-    python -m dataset_scripts.make_public OUT_DIR [--data ../shared/data] [--limit N]
+    cadmtl data make-public OUT_DIR [--data ../shared/data] [--limit N]
 
 - ``parts_det`` and ``parts_seg`` from carparts_dsmlr (COCO): ``trainingset`` is split 90/10 into train /
   validation by a hash of each image's file name (stable whatever the order or subset), ``testset`` is
@@ -55,7 +55,7 @@ INTRO = (
 Public car data in the CAD 100K layout, for the paper's public-benchmark protocol (classification,
 detection and segmentation on public car data): `parts_cls` (50 car parts, carparts50), `parts_det` and
 `parts_seg` (18 exterior parts, carparts_dsmlr). Class names are part nodes of the CAD 100K taxonomy.
-Built by `python -m dataset_scripts.make_public` of the cad-mtl project.
+Built by `cadmtl data make-public` of the cad-mtl project.
 
 **Licence:** """
     + LICENSE_NOTE
@@ -173,7 +173,7 @@ def build_public(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dataset_scripts.make_public",
+        prog="cadmtl data make-public",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

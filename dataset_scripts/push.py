@@ -1,6 +1,6 @@
 """Upload a built repo folder to the Hugging Face Hub as a dataset repo.
 
-    python -m dataset_scripts.push REPO_DIR --repo-id ORG/NAME [--private] [--revision main]
+    cadmtl data push REPO_DIR --repo-id ORG/NAME [--private] [--revision main]
 
 The folder is checked first (every config's shards complete and consistent) and its card is regenerated
 from the shards, so the uploaded YAML always matches the data. The upload is one commit of ``README.md``,
@@ -60,7 +60,7 @@ def push_repo(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dataset_scripts.push",
+        prog="cadmtl data push",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

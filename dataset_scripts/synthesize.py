@@ -1,6 +1,6 @@
 """Composite procedural defects onto normal images and add them to a config split (``source = synthetic``).
 
-    python -m dataset_scripts.synthesize NORMAL_DIR --out REPO_DIR --config exterior_seg
+    cadmtl data synthesize NORMAL_DIR --out REPO_DIR --config exterior_seg
         --counts corrosion=20,missing_part=10 [--split train] [--instances 1] [--with-normals] [--seed 0]
 
 NORMAL_DIR holds defect-free images (any image format, sub-folders allowed). For each ``anomaly=count``
@@ -258,7 +258,7 @@ def synthesize(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dataset_scripts.synthesize",
+        prog="cadmtl data synthesize",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,10 +1,10 @@
 """Evaluate a CadMtl model on dataset configs, or compare evaluation runs.
 
     # a model folder or Hub id, a dataset folder or Hub id; every config the model has heads for by default
-    python -m cadmtl.evaluation.command outputs/cadmtl-demo/model data/cad100k-mini --split test --output-dir eval/
-    # several GPUs: the same command under `accelerate launch -m cadmtl.evaluation.command ...`
+    cadmtl evaluate outputs/cadmtl-demo/model data/cad100k-mini --split test --output-dir eval/
+    # several GPUs: the same command under `accelerate launch -m cadmtl.evaluation.command ...` (this module is `cadmtl evaluate`)
     # single-task vs. base vs. adaptive table from result files (several files per method = seeds)
-    python -m cadmtl.evaluation.command --compare "DINOv3-S+:Single=a.json" "DINOv3-S+:Adaptive=b.json" ...
+    cadmtl evaluate --compare "DINOv3-S+:Single=a.json" "DINOv3-S+:Adaptive=b.json" ...
 
 Writes `<output-dir>/eval_results.json` (metrics and per-class reports) and `eval_results.md` (tables shaped like
 the paper's: per-domain detection AP / AP50 / AP75 / AR, classification Acc@1 / Acc@5, segmentation mIoU /
@@ -120,7 +120,7 @@ def compare(specs: list[str], split: str | None = "test") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="cadmtl evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("model", nargs="?", help="CadMtl model folder or Hub id.")
     parser.add_argument("dataset", nargs="?", help="Dataset repo folder or Hub id.")

@@ -1,6 +1,6 @@
 """Markdown tables shaped like the CAD 100K paper's, from evaluation results.
 
-An evaluation result file (written by `train_accelerate.py` or `python -m cadmtl.evaluation.command`) holds
+An evaluation result file (written by `train_accelerate.py` or `cadmtl evaluate`) holds
 `{"results": {<dataset config>: {"task", "split", "metrics", "report"}}}`; metric values are fractions in [0, 1] and
 tables print percentages.
 

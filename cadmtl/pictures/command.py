@@ -1,11 +1,11 @@
-"""Command line for prediction overlays and evaluation charts.
+"""`cadmtl predict` (prediction overlays) and `cadmtl charts` (evaluation charts).
 
-    python -m cadmtl.pictures.command predict MODEL_DIR IMAGES... --output-dir DIR [--threshold 0.3]
-    python -m cadmtl.pictures.command charts EVAL_RESULTS_JSON --output-dir DIR
+    cadmtl predict outputs/cadmtl-demo/model photos/ --output-dir overlays/ [--threshold 0.3]
+    cadmtl charts outputs/cadmtl-demo/eval_results.json --output-dir charts/
 
 `predict` runs the model (a saved folder or a Hub repo id) on image files and folders and writes one overlay PNG
 per image; `charts` draws the per-class bars and confusion matrices of an `eval_results.json`. The work is done by
-`cadmtl.pictures.overlays`.
+`cadmtl.pictures.overlays`. `python -m cadmtl.pictures.command {predict,charts} ...` is an alias.
 """
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 
 from cadmtl.pictures.overlays import TASKS, collect_images, plot_evaluation, render_predictions
 
+PREDICT_EXAMPLE = (
+    "example:\n  cadmtl predict outputs/cadmtl-demo/model photos/ --output-dir overlays/ --threshold 0.3"
+)
+CHARTS_EXAMPLE = "example:\n  cadmtl charts outputs/cadmtl-demo/eval_results.json --output-dir charts/"
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m cadmtl.pictures.command",
-        description="Draw CadMtl predictions on images, or chart an evaluation run.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
 
-    predict = commands.add_parser("predict", help="write prediction overlays (masks, boxes, classes) as PNG")
+def _add_predict_arguments(predict: argparse.ArgumentParser) -> None:
     predict.add_argument("model", help="saved model folder or Hub repo id")
     predict.add_argument("images", nargs="+", help="image files and/or folders (walked recursively)")
     predict.add_argument("--output-dir", required=True, help="folder for the overlays (mirrors input names)")
@@ -36,40 +35,86 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu", help='where the model runs: "cpu", "cuda", "cuda:1", ...')
     predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
 
-    charts = commands.add_parser("charts", help="per-class bar charts and confusion matrices of eval results")
+
+def _add_charts_arguments(charts: argparse.ArgumentParser) -> None:
     charts.add_argument("eval_results", help="eval_results.json written by training or evaluation")
     charts.add_argument("--output-dir", required=True, help="folder for the PNG charts")
+
+
+def _parser(prog: str, description: str, example: str, add: object) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=example,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add(parser)  # type: ignore[operator]
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_predict(args: argparse.Namespace) -> int:
+    found = len(collect_images(args.images, exclude=args.output_dir))
+    written = render_predictions(
+        args.model,
+        args.images,
+        args.output_dir,
+        det_threshold=args.threshold,
+        top_k_classes=args.top_k,
+        tasks=args.tasks,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    skipped = found - len(written)
+    print(
+        f"wrote {len(written)} overlays to {args.output_dir}"
+        + (f" ({skipped} unreadable files skipped, listed above)" if skipped else "")
+    )
+    return 0
+
+
+def run_charts(args: argparse.Namespace) -> int:
+    written = plot_evaluation(args.eval_results, args.output_dir)
+    print(f"wrote {len(written)} charts to {args.output_dir}")
+    return 0
+
+
+def _run(runner: object, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "predict":
-            found = len(collect_images(args.images, exclude=args.output_dir))
-            written = render_predictions(
-                args.model,
-                args.images,
-                args.output_dir,
-                det_threshold=args.threshold,
-                top_k_classes=args.top_k,
-                tasks=args.tasks,
-                device=args.device,
-                batch_size=args.batch_size,
-            )
-            skipped = found - len(written)
-            print(
-                f"wrote {len(written)} overlays to {args.output_dir}"
-                + (f" ({skipped} unreadable files skipped, listed above)" if skipped else "")
-            )
-        else:
-            written = plot_evaluation(args.eval_results, args.output_dir)
-            print(f"wrote {len(written)} charts to {args.output_dir}")
+        return runner(args)  # type: ignore[operator]
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser(
+        "cadmtl predict",
+        "Draw CadMtl predictions (masks, boxes, classes) on images.",
+        PREDICT_EXAMPLE,
+        _add_predict_arguments,
+    )
+    return _run(run_predict, parser.parse_args(argv))
+
+
+def charts_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser(
+        "cadmtl charts",
+        "Per-class bar charts and confusion matrices of eval results.",
+        CHARTS_EXAMPLE,
+        _add_charts_arguments,
+    )
+    return _run(run_charts, parser.parse_args(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cadmtl.pictures.command {predict,charts} ...` (the two commands under one alias)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"predict": predict_main, "charts": charts_main}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m cadmtl.pictures.command {predict,charts} ...", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""`cadmtl train`: run `train_accelerate.py` under `accelerate launch`, passing every training argument through.
+
+    cadmtl train                                          # the built-in CPU demo, like `accelerate launch train_accelerate.py`
+    cadmtl train --config configs/cad100k_dinov3_vitb16_adaptive.yaml --max_steps 20000
+    cadmtl train --num-processes 8 --accelerate-config configs/accelerate/multi_gpu.yaml --paradigm base
+
+Options of this launcher are spelled with hyphens and come first; everything else (underscore options such as
+`--max_steps`, `--config`) goes to `train_accelerate.py` unchanged. `python train_accelerate.py --help` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import cadmtl
+
+
+def find_train_script() -> Path:
+    """`train_accelerate.py` of this checkout (editable installs) or the copy shipped inside the wheel."""
+    package = Path(cadmtl.__file__).resolve().parent
+    for candidate in (package.parent / "train_accelerate.py", package / "train_accelerate.py"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"train_accelerate.py was found neither beside the package ({package.parent}) nor inside it: "
+        "reinstall cad-mtl or run from a checkout of the repo."
+    )
+
+
+def launch_command(launch_args: Sequence[str], train_args: Sequence[str]) -> list[str]:
+    """The `accelerate launch` command line (through this Python, so the right environment runs it)."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launch_args,
+        str(find_train_script()),
+        *train_args,
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cadmtl train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    parser.add_argument(
+        "-h", "--help", action="store_true", help="Show this help and the training arguments."
+    )
+    parser.add_argument(
+        "--num-processes", type=int, default=None, help="Processes (GPUs) for accelerate launch."
+    )
+    parser.add_argument(
+        "--accelerate-config", default=None, help="An Accelerate config file (configs/accelerate/)."
+    )
+    parser.add_argument(
+        "--launch-args",
+        default="",
+        help='Any other `accelerate launch` options, one string: "--mixed_precision bf16".',
+    )
+    parser.add_argument("--dry-run", action="store_true", help="Print the command instead of running it.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, train_args = parser.parse_known_args(argv)
+    if args.help:
+        parser.print_help()
+        print("\ntraining arguments (train_accelerate.py --help):\n")
+        return subprocess.call([sys.executable, str(find_train_script()), "--help"])
+    launch_args: list[str] = []
+    if args.accelerate_config:
+        launch_args += ["--config_file", args.accelerate_config]
+    if args.num_processes:
+        launch_args += ["--num_processes", str(args.num_processes)]
+    launch_args += shlex.split(args.launch_args)
+    command = launch_command(launch_args, train_args)
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
+    return subprocess.call(command)
