@@ -5,7 +5,7 @@
 
 `predict` runs the model (a saved folder or a Hub repo id) on image files and folders and writes one overlay PNG
 per image; `charts` draws the per-class bars and confusion matrices of an `eval_results.json`. The work is done by
-`cadmtl.pictures.overlays`. `python -m cadmtl.pictures.command {predict,charts} ...` is an alias.
+`cadmtl.pictures.predict` and `cadmtl.pictures.charts`. `python -m cadmtl.pictures.command {predict,charts} ...` is an alias.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cadmtl.pictures.overlays import TASKS, collect_images, plot_evaluation, render_predictions
+from cadmtl.pictures.charts import plot_evaluation
+from cadmtl.pictures.predict import TASKS, collect_images, render_predictions
 
 PREDICT_EXAMPLE = (
     "example:\n  cadmtl predict outputs/cadmtl-demo/model photos/ --output-dir overlays/ --threshold 0.3"

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from cadmtl.evaluation.metrics import ClassificationMetrics, DetectionMetrics, SegmentationMetrics
-from cadmtl.pictures import overlays as vis
+from cadmtl.pictures import charts, overlays, predict
 from cadmtl.pictures.command import main as cli_main
 from cadmtl.testing import CLS_LABELS, DET_LABELS, SEG_LABELS, tiny_cadmtl_config
 from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
@@ -24,22 +24,22 @@ from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
 
 
 def test_palette_is_fixed_distinct_and_starts_with_okabe_ito():
-    assert vis.class_color(0) == (0xE6, 0x9F, 0x00)  # Okabe-Ito orange
-    assert vis.class_color(4) == (0x00, 0x72, 0xB2)  # Okabe-Ito blue
-    colors = [vis.class_color(index) for index in range(120)]
-    assert colors == [vis.class_color(index) for index in range(120)]
+    assert overlays.class_color(0) == (0xE6, 0x9F, 0x00)  # Okabe-Ito orange
+    assert overlays.class_color(4) == (0x00, 0x72, 0xB2)  # Okabe-Ito blue
+    colors = [overlays.class_color(index) for index in range(120)]
+    assert colors == [overlays.class_color(index) for index in range(120)]
     assert len(set(colors)) == 120
     assert all(0 <= channel <= 255 for color in colors for channel in color)
     with pytest.raises(ValueError, match=">= 0"):
-        vis.class_color(-1)
+        overlays.class_color(-1)
 
 
 def test_task_colors_share_colours_by_class_name():
-    det_colors, seg_colors = vis.task_colors(["dent", "scratch"], ["background", "scratch", "rust", "dent"])
-    assert det_colors == [vis.class_color(0), vis.class_color(1)]
+    det_colors, seg_colors = overlays.task_colors(["dent", "scratch"], ["background", "scratch", "rust", "dent"])
+    assert det_colors == [overlays.class_color(0), overlays.class_color(1)]
     assert seg_colors[1] == det_colors[1]  # scratch
     assert seg_colors[3] == det_colors[0]  # dent
-    assert seg_colors[2] == vis.class_color(2)  # rust: the first palette entry no detection class uses
+    assert seg_colors[2] == overlays.class_color(2)  # rust: the first palette entry no detection class uses
 
 
 # ----------------------------------------------------------------------------------- finding and reading
@@ -61,7 +61,7 @@ def test_collect_images_walks_folders_and_mirrors_names(tmp_path):
     (root / "notes.txt").write_text("not an image")
     _write(root / "out" / "old.png", rgb)  # the output folder of an earlier run
 
-    sources = vis.collect_images([root], exclude=root / "out")
+    sources = predict.collect_images([root], exclude=root / "out")
     assert [source.path.relative_to(root).as_posix() for source in sources] == [
         "a.jpg",
         "a.png",
@@ -76,38 +76,38 @@ def test_collect_images_walks_folders_and_mirrors_names(tmp_path):
     ]
 
     single = _write(tmp_path / "scan.tiff", rgb)  # explicit files are taken whatever their extension
-    several = vis.collect_images([root / "sub", single])
+    several = predict.collect_images([root / "sub", single])
     assert [source.output_name.as_posix() for source in several] == ["sub/c.png", "scan.png"]
 
 
 def test_collect_images_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing\.jpg does not exist"):
-        vis.collect_images([tmp_path / "missing.jpg"])
+        predict.collect_images([tmp_path / "missing.jpg"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
-        vis.collect_images([tmp_path / "empty"])
+        predict.collect_images([tmp_path / "empty"])
     with pytest.raises(ValueError, match="no image file or folder"):
-        vis.collect_images([])
+        predict.collect_images([])
 
 
 def test_load_image_gives_upright_8bit_rgb_for_any_mode(tmp_path):
     transparent = Image.new("RGBA", (4, 2), (255, 0, 0, 0))
     transparent.putpixel((0, 0), (255, 0, 0, 255))
-    loaded = vis.load_image(_write(tmp_path / "rgba.png", transparent))
+    loaded = predict.load_image(_write(tmp_path / "rgba.png", transparent))
     assert loaded.mode == "RGB"
     assert loaded.getpixel((0, 0)) == (255, 0, 0) and loaded.getpixel((1, 0)) == (255, 255, 255)
 
     sixteen = Image.fromarray(np.array([[0, 65535], [257 * 100, 257 * 200]], dtype=np.uint16))
-    loaded = vis.load_image(_write(tmp_path / "depth.png", sixteen))
+    loaded = predict.load_image(_write(tmp_path / "depth.png", sixteen))
     assert np.asarray(loaded)[..., 0].tolist() == [[0, 255], [100, 200]]
 
-    cmyk = vis.load_image(_write(tmp_path / "cmyk.jpg", Image.new("CMYK", (6, 4), (0, 0, 0, 0))))
+    cmyk = predict.load_image(_write(tmp_path / "cmyk.jpg", Image.new("CMYK", (6, 4), (0, 0, 0, 0))))
     assert cmyk.mode == "RGB" and cmyk.size == (6, 4)
 
     # EXIF orientation 6 (rotate 90° clockwise to display): a 6x4 file is a 4x6 photo
     exif = Image.Exif()
     exif[0x0112] = 6
-    rotated = vis.load_image(_write(tmp_path / "phone.jpg", Image.new("RGB", (6, 4)), exif=exif))
+    rotated = predict.load_image(_write(tmp_path / "phone.jpg", Image.new("RGB", (6, 4)), exif=exif))
     assert rotated.size == (4, 6)
 
 
@@ -123,15 +123,15 @@ def test_draw_predictions_puts_mask_boxes_banner_and_legend_where_predicted():
     image = Image.new("RGB", (200, 160), grey)
     segmentation = np.zeros((160, 200), dtype=np.uint8)
     segmentation[60:120, 20:80] = 2  # "scratch"
-    prediction = vis.ImagePrediction(
+    prediction = overlays.ImagePrediction(
         classes=[("worn", 0.931), ("normal", 0.05)],
         boxes=np.array([[110.0, 70.0, 180.0, 130.0]]),
         box_scores=np.array([0.87]),
         box_labels=np.array([0]),  # "dent"
         segmentation=segmentation,
     )
-    drawn = vis.draw_predictions(image, prediction, DET_LABELS, SEG_LABELS)
-    det_colors, seg_colors = vis.task_colors(DET_LABELS, SEG_LABELS)
+    drawn = overlays.draw_predictions(image, prediction, DET_LABELS, SEG_LABELS)
+    det_colors, seg_colors = overlays.task_colors(DET_LABELS, SEG_LABELS)
     assert drawn.size == image.size and drawn.mode == "RGB"
     assert image.getpixel((50, 90)) == grey  # the input is not modified
 
@@ -148,23 +148,23 @@ def test_draw_predictions_puts_mask_boxes_banner_and_legend_where_predicted():
 
 def test_draw_predictions_with_nothing_to_draw_returns_the_image():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
-    drawn = vis.draw_predictions(image, vis.ImagePrediction(boxes=np.zeros((0, 4))), DET_LABELS, SEG_LABELS)
+    drawn = overlays.draw_predictions(image, overlays.ImagePrediction(boxes=np.zeros((0, 4))), DET_LABELS, SEG_LABELS)
     assert np.array_equal(np.asarray(drawn), np.asarray(image))
 
 
 def test_draw_predictions_rejects_inconsistent_predictions():
     image = Image.new("RGB", (20, 10))
     with pytest.raises(ValueError, match=r"shape \(20, 10\) but the image is 10x20"):
-        vis.draw_predictions(
-            image, vis.ImagePrediction(segmentation=np.zeros((20, 10), dtype=int)), DET_LABELS, SEG_LABELS
+        overlays.draw_predictions(
+            image, overlays.ImagePrediction(segmentation=np.zeros((20, 10), dtype=int)), DET_LABELS, SEG_LABELS
         )
     with pytest.raises(ValueError, match=r"class ids outside \[0, 3\): \[7\]"):
-        vis.draw_predictions(
-            image, vis.ImagePrediction(segmentation=np.full((10, 20), 7)), DET_LABELS, SEG_LABELS
+        overlays.draw_predictions(
+            image, overlays.ImagePrediction(segmentation=np.full((10, 20), 7)), DET_LABELS, SEG_LABELS
         )
     with pytest.raises(ValueError, match=r"labels \[5\] are outside \[0, 2\)"):
-        bad_box = vis.ImagePrediction(boxes=np.ones((1, 4)), box_scores=np.ones(1), box_labels=np.array([5]))
-        vis.draw_predictions(image, bad_box, DET_LABELS, SEG_LABELS)
+        bad_box = overlays.ImagePrediction(boxes=np.ones((1, 4)), box_scores=np.ones(1), box_labels=np.array([5]))
+        overlays.draw_predictions(image, bad_box, DET_LABELS, SEG_LABELS)
 
 
 # --------------------------------------------------------------------------- end to end with a tiny model
@@ -200,12 +200,12 @@ def test_render_predictions_writes_overlays_at_original_size(
     forced_model_dir, image_folder, tmp_path, caplog
 ):
     out = tmp_path / "overlays"
-    with caplog.at_level(logging.WARNING, logger=vis.__name__):
-        written = vis.render_predictions(forced_model_dir, image_folder, out, batch_size=2)
+    with caplog.at_level(logging.WARNING, logger=predict.__name__):
+        written = predict.render_predictions(forced_model_dir, image_folder, out, batch_size=2)
     assert written == [out / "parts" / "gray.png", out / "wide.png"]
     assert "Skipped 1 of 3 image files" in caplog.text and "broken.jpg" in caplog.text
 
-    det_colors, seg_colors = vis.task_colors(DET_LABELS, SEG_LABELS)
+    det_colors, seg_colors = overlays.task_colors(DET_LABELS, SEG_LABELS)
     for path, source in zip(written, [image_folder / "parts" / "gray.PNG", image_folder / "wide.png"]):
         original = np.asarray(Image.open(source).convert("RGB")).astype(int)
         overlay = np.asarray(Image.open(path))
@@ -218,17 +218,17 @@ def test_render_predictions_writes_overlays_at_original_size(
 
 
 def test_render_predictions_draws_only_the_requested_task(forced_model_dir, image_folder, tmp_path):
-    (written,) = vis.render_predictions(
+    (written,) = predict.render_predictions(
         forced_model_dir, [image_folder / "wide.png"], tmp_path, tasks=["seg"]
     )
     original = np.asarray(Image.open(image_folder / "wide.png")).astype(np.float64)
     overlay = np.asarray(Image.open(written)).astype(int)
-    _, seg_colors = vis.task_colors(DET_LABELS, SEG_LABELS)
+    _, seg_colors = overlays.task_colors(DET_LABELS, SEG_LABELS)
     expected = np.round(0.55 * original + 0.45 * np.array(seg_colors[1])).astype(int)
     inner = (slice(5, 30), slice(5, 60))  # away from the outline and the legend
     assert np.abs(overlay[inner] - expected[inner]).max() <= 1  # float32 blending may round .5 the other way
 
-    (banner_only,) = vis.render_predictions(
+    (banner_only,) = predict.render_predictions(
         forced_model_dir, [image_folder / "wide.png"], tmp_path / "cls", tasks=["cls"], top_k_classes=1
     )
     overlay = np.asarray(Image.open(banner_only)).astype(int)
@@ -247,8 +247,8 @@ def test_render_predictions_with_an_aspect_preserving_padded_processor(forced_mo
         _write(tmp_path / "in" / "landscape.png", Image.new("RGB", (96, 48), grey)),
         _write(tmp_path / "in" / "portrait.png", Image.new("RGB", (40, 100), grey)),
     ]
-    written = vis.render_predictions(model_dir, sources, tmp_path / "out", tasks=["seg"], batch_size=2)
-    _, seg_colors = vis.task_colors(DET_LABELS, SEG_LABELS)
+    written = predict.render_predictions(model_dir, sources, tmp_path / "out", tasks=["seg"], batch_size=2)
+    _, seg_colors = overlays.task_colors(DET_LABELS, SEG_LABELS)
     for source, path in zip(sources, written):
         overlay = Image.open(path)
         assert overlay.size == Image.open(source).size
@@ -261,12 +261,12 @@ def test_render_predictions_fails_clearly_when_nothing_is_readable(forced_model_
     (bad / "a.png").write_bytes(b"")
     (bad / "b.jpg").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"none of the 2 image files could be read: .*a\.png .*b\.jpg"):
-        vis.render_predictions(forced_model_dir, bad, tmp_path / "out")
+        predict.render_predictions(forced_model_dir, bad, tmp_path / "out")
     _write(bad / "c.png", Image.new("RGB", (4, 4)))
     with pytest.raises(ValueError, match=r"would overwrite their input images \(.*c\.png\)"):
-        vis.render_predictions(forced_model_dir, bad, bad)
+        predict.render_predictions(forced_model_dir, bad, bad)
     with pytest.raises(ValueError, match="tasks must be a non-empty subset"):
-        vis.render_predictions(forced_model_dir, bad, tmp_path / "out", tasks=["depth"])
+        predict.render_predictions(forced_model_dir, bad, tmp_path / "out", tasks=["depth"])
 
 
 def test_segmentation_of_large_images_is_computed_at_a_bounded_size(monkeypatch):
@@ -274,9 +274,9 @@ def test_segmentation_of_large_images_is_computed_at_a_bounded_size(monkeypatch)
     logits = torch.zeros(3, 8, 8)
     logits[1, :, :4] = 5.0  # left half class 1
     logits[2, :, 4:] = 5.0  # right half class 2
-    full = vis._class_map(processor, logits, (40, 30))
-    monkeypatch.setattr(vis, "_MAX_SEGMENTATION_LOGITS", 3 * 10 * 10)
-    bounded = vis._class_map(processor, logits, (40, 30))
+    full = predict._class_map(processor, logits, (40, 30))
+    monkeypatch.setattr(predict, "_MAX_SEGMENTATION_LOGITS", 3 * 10 * 10)
+    bounded = predict._class_map(processor, logits, (40, 30))
     assert full.shape == bounded.shape == (40, 30)
     for class_map in (full, bounded):
         assert (class_map[:, :12] == 1).all() and (class_map[:, -12:] == 2).all()
@@ -287,27 +287,27 @@ def test_segmentation_of_large_images_is_computed_at_a_bounded_size(monkeypatch)
 
 def test_normalized_confusion_matrix_puts_rates_in_the_right_cells():
     counts = [[3, 1, 0], [0, 0, 0], [2, 0, 5]]
-    rates = vis.normalized_confusion_matrix(counts)
+    rates = charts.normalized_confusion_matrix(counts)
     assert rates[0].tolist() == [0.75, 0.25, 0.0]
     assert np.isnan(rates[1]).all()  # no samples of class 1: no rate, not 0
     np.testing.assert_allclose(rates[2], [2 / 7, 0.0, 5 / 7])
-    assert vis.normalized_confusion_matrix(counts, normalize=False).tolist() == counts
+    assert charts.normalized_confusion_matrix(counts, normalize=False).tolist() == counts
     with pytest.raises(ValueError, match="square"):
-        vis.normalized_confusion_matrix([[1, 2, 3]])
+        charts.normalized_confusion_matrix([[1, 2, 3]])
     with pytest.raises(ValueError, match="non-negative"):
-        vis.normalized_confusion_matrix([[1, -2], [0, 1]])
+        charts.normalized_confusion_matrix([[1, -2], [0, 1]])
 
 
 def test_fold_confusion_matrix_keeps_busiest_classes_and_every_count():
     counts = np.array([[5, 0, 1, 0], [0, 0, 0, 1], [2, 0, 9, 0], [0, 1, 0, 0]])
-    folded, names = vis.fold_confusion_matrix(counts, ["a", "b", "c", "d"], max_classes=3)
+    folded, names = charts.fold_confusion_matrix(counts, ["a", "b", "c", "d"], max_classes=3)
     assert names == ["a", "c", "other (2 classes)"]
     assert folded.tolist() == [[5, 1, 0], [2, 9, 0], [0, 0, 2]]
     assert folded.sum() == counts.sum()
-    unchanged, same = vis.fold_confusion_matrix(counts, list("abcd"), max_classes=4)
+    unchanged, same = charts.fold_confusion_matrix(counts, list("abcd"), max_classes=4)
     assert same == list("abcd") and np.array_equal(unchanged, counts)
     with pytest.raises(ValueError, match="4 label names"):
-        vis.fold_confusion_matrix(counts[:3, :3], list("abcd"), max_classes=3)
+        charts.fold_confusion_matrix(counts[:3, :3], list("abcd"), max_classes=3)
 
 
 @pytest.fixture(scope="module")
@@ -350,35 +350,35 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_per_class_rows_sort_best_first_and_keep_undefined_classes(reports):
-    metric, count_key, rows = vis.per_class_rows(reports["cls"])
+    metric, count_key, rows = charts.per_class_rows(reports["cls"])
     assert (metric, count_key) == ("acc@1", "support")
     assert rows == [("normal", 2 / 3, 3), ("cracked", 0.5, 2), ("worn", None, 0)]  # "worn" has no samples
-    metric, count_key, rows = vis.per_class_rows(reports["seg"])
+    metric, count_key, rows = charts.per_class_rows(reports["seg"])
     assert (metric, count_key) == ("IoU", "gt_pixels")
     assert rows[0][0] == "background" and rows[-1] == ("scratch", None, 0)
-    assert vis.per_class_rows(reports["det"])[:2] == ("AP", "num_ground_truth")
-    assert vis.per_class_rows(reports["seg"], "Fscore")[0] == "Fscore"
+    assert charts.per_class_rows(reports["det"])[:2] == ("AP", "num_ground_truth")
+    assert charts.per_class_rows(reports["seg"], "Fscore")[0] == "Fscore"
     with pytest.raises(ValueError, match=r"no per-class 'AP50' in the report; available: \['Fscore', 'IoU'"):
-        vis.per_class_rows(reports["seg"], "AP50")
+        charts.per_class_rows(reports["seg"], "AP50")
 
 
 def test_charts_are_valid_pngs_of_a_sensible_size(reports, tmp_path):
     for task in ("cls", "seg", "det"):
         width, height = _png_size(
-            vis.plot_per_class(reports[task], tmp_path / f"{task}_bars.png", title=task)
+            charts.plot_per_class(reports[task], tmp_path / f"{task}_bars.png", title=task)
         )
         assert 600 <= width <= 2000 and 250 <= height <= 2000
-    width, height = _png_size(vis.plot_confusion_matrix(reports["cls"], tmp_path / "cm.png"))
+    width, height = _png_size(charts.plot_confusion_matrix(reports["cls"], tmp_path / "cm.png"))
     assert 400 <= width <= 2000 and 400 <= height <= 2000
     with pytest.raises(ValueError, match="no confusion matrix"):
-        vis.plot_confusion_matrix(reports["det"], tmp_path / "det_cm.png")
+        charts.plot_confusion_matrix(reports["det"], tmp_path / "det_cm.png")
 
 
 def test_a_large_confusion_matrix_is_folded_to_max_classes(tmp_path):
     size = 70
     counts = np.diag(np.arange(1, size + 1))
     report = {"per_class": {}, "label_names": [f"class_{i}" for i in range(size)], "confusion_matrix": counts}
-    width, height = _png_size(vis.plot_confusion_matrix(report, tmp_path / "big.png", max_classes=50))
+    width, height = _png_size(charts.plot_confusion_matrix(report, tmp_path / "big.png", max_classes=50))
     assert max(width, height) < 3000
 
 
@@ -395,8 +395,8 @@ def eval_results(reports, tmp_path) -> Path:
 
 
 def test_plot_evaluation_draws_every_config(eval_results, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger=vis.__name__):
-        written = vis.plot_evaluation(eval_results, tmp_path / "charts")
+    with caplog.at_level(logging.WARNING, logger=charts.__name__):
+        written = charts.plot_evaluation(eval_results, tmp_path / "charts")
     assert [path.name for path in written] == [
         "chassis_cls@test_per_class.png",
         "chassis_cls@test_confusion_matrix.png",
@@ -412,12 +412,12 @@ def test_plot_evaluation_errors_name_the_file(tmp_path):
     broken = tmp_path / "eval_results.json"
     broken.write_text("{not json")
     with pytest.raises(ValueError, match=r"eval_results\.json is not valid JSON"):
-        vis.plot_evaluation(broken, tmp_path / "charts")
+        charts.plot_evaluation(broken, tmp_path / "charts")
     broken.write_text(json.dumps({"metrics": {}}))
     with pytest.raises(ValueError, match=r"eval_results\.json has no 'results'"):
-        vis.plot_evaluation(broken, tmp_path / "charts")
+        charts.plot_evaluation(broken, tmp_path / "charts")
     with pytest.raises(FileNotFoundError, match=r"nowhere\.json does not exist"):
-        vis.plot_evaluation(tmp_path / "nowhere.json", tmp_path / "charts")
+        charts.plot_evaluation(tmp_path / "nowhere.json", tmp_path / "charts")
 
 
 # ------------------------------------------------------------------------------------------------- CLI
