@@ -114,15 +114,19 @@ def test_all_zero_gradients_give_zero(name):
 
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
-def test_chunked_float64_matches_direct(name, monkeypatch):
-    """Column chunking (many chunks here) gives the same answer as one chunk."""
+def test_chunking_matches_one_chunk(name, monkeypatch):
+    """Many small column chunks (Gram blocks summed in float64, bf16 upcast per chunk) give the same answer."""
     grads = random_gradients(p=1000, seed=3)
     expected = build_weighting(name, TASKS3).combine_gradients(grads, {})
-    monkeypatch.setattr("cadmtl.training.weighting.gradients.CHUNK_COLUMNS", 7)
-    torch.testing.assert_close(gram_matrix(grads, 7), grads.double() @ grads.double().T)
+    monkeypatch.setattr("cadmtl.training.weighting.gradients.GRAM_CHUNK_COLUMNS", 7)
+    monkeypatch.setattr("cadmtl.training.weighting.gradients.COMBINE_CHUNK_COLUMNS", 13)
+    exact = grads.double() @ grads.double().T
+    torch.testing.assert_close(gram_matrix(grads), exact, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(
-        combine_rows(grads, torch.tensor([1.0, 2.0, 3.0]), 7), grads.T @ torch.tensor([1.0, 2.0, 3.0])
+        gram_matrix(grads.to(torch.bfloat16)), gram_matrix(grads.to(torch.bfloat16).float())
     )
+    coef = torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(combine_rows(grads, coef), grads.T @ coef)
     torch.testing.assert_close(build_weighting(name, TASKS3).combine_gradients(grads, {}), expected)
 
 
