@@ -118,8 +118,10 @@ def test_chunking_matches_one_chunk(name, monkeypatch):
     """Many small column chunks (Gram blocks summed in float64, bf16 upcast per chunk) give the same answer."""
     grads = random_gradients(p=1000, seed=3)
     expected = build_weighting(name, TASKS3).combine_gradients(grads, {})
-    monkeypatch.setattr("cadmtl.training.weighting.gradients.GRAM_CHUNK_COLUMNS", 7)
-    monkeypatch.setattr("cadmtl.training.weighting.gradients.COMBINE_CHUNK_COLUMNS", 13)
+    monkeypatch.setattr("cadmtl.training.weighting.gradients.GRAM_BLOCK_COLUMNS", 7)
+    monkeypatch.setattr(
+        "cadmtl.training.weighting.gradients.CHUNK_COLUMNS", 30
+    )  # chunks of 4 blocks, a 6-column rest
     exact = grads.double() @ grads.double().T
     torch.testing.assert_close(gram_matrix(grads), exact, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(

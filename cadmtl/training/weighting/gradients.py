@@ -19,10 +19,10 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-# Columns per float32 block of the Gram matrix (its products are summed in float64), and per chunk of the
-# weighted sum; bf16/fp16 inputs are upcast one chunk at a time into a reused buffer.
-GRAM_CHUNK_COLUMNS = 1 << 16
-COMBINE_CHUNK_COLUMNS = 1 << 20
+# Columns per float32 block of the Gram matrix (the block products are summed in float64), and per chunk of
+# the passes (bf16/fp16 inputs are upcast one chunk at a time into a reused float32 buffer: 48 MiB for K=3).
+GRAM_BLOCK_COLUMNS = 1 << 16
+CHUNK_COLUMNS = 1 << 22
 
 
 def task_gradients(
@@ -130,18 +130,25 @@ def _blocks(gradients: torch.Tensor, chunk_columns: int):
         yield start, block
 
 
-def gram_matrix(gradients: torch.Tensor, chunk_columns: int | None = None) -> torch.Tensor:
+def gram_matrix(gradients: torch.Tensor, block_columns: int | None = None) -> torch.Tensor:
     """``G G^T`` as a float64 ``K x K`` CPU tensor.
 
-    Each block of ``chunk_columns`` columns is multiplied in float32 (BLAS speed, the input's precision) and the
-    block products are summed in float64: one float32 matmul over 86M columns loses ~1e-3 relative accuracy,
-    2**16-column blocks ~3e-7 (measured), at the same memory-bound speed.
+    Each block of ``block_columns`` columns is multiplied in float32 (BLAS speed, the input's precision) and the
+    block products are summed in float64: one float32 matmul over 22M columns loses ~2e-3 relative accuracy,
+    2**16-column blocks ~3e-7 (measured). The blocks of a chunk go through one ``bmm`` (one parallel region per
+    chunk, not per block: thousands of small matmuls stall on busy CPUs).
     """
-    chunk = GRAM_CHUNK_COLUMNS if chunk_columns is None else chunk_columns
+    block = GRAM_BLOCK_COLUMNS if block_columns is None else block_columns
     k = gradients.shape[0]
     gram = torch.zeros(k, k, dtype=torch.float64, device=gradients.device)
-    for _, block in _blocks(gradients, chunk):
-        gram += (block @ block.T).to(torch.float64)
+    for _, chunk in _blocks(gradients, max(CHUNK_COLUMNS // block, 1) * block):
+        n_blocks = chunk.shape[1] // block
+        if n_blocks:
+            stacked = chunk[:, : n_blocks * block].reshape(k, n_blocks, block).transpose(0, 1)
+            gram += torch.bmm(stacked, stacked.transpose(1, 2)).sum(0, dtype=torch.float64)
+        rest = chunk[:, n_blocks * block :]
+        if rest.shape[1]:
+            gram += (rest @ rest.T).to(torch.float64)
     return gram.cpu()
 
 
@@ -162,7 +169,7 @@ def combine_rows(
 ) -> torch.Tensor:
     """``sum_k coefficients[k] * gradients[k]`` as a float32 ``(P,)`` vector (a K-term sum per entry, so float32
     arithmetic loses nothing that matters; float64 input is combined in float64, then rounded)."""
-    chunk = COMBINE_CHUNK_COLUMNS if chunk_columns is None else chunk_columns
+    chunk = CHUNK_COLUMNS if chunk_columns is None else chunk_columns
     dtype = _compute_dtype(gradients)
     coef = coefficients.to(device=gradients.device, dtype=dtype).reshape(-1)
     out = torch.empty(gradients.shape[1], dtype=dtype, device=gradients.device)
