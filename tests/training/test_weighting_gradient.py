@@ -420,6 +420,7 @@ def test_famo_missing_task_skips_and_non_finite_raises():
     famo = FAMO(TASKS2)
     famo.observe_train_losses(0, {"cls": 1.0, "det": 1.0})
     famo.observe_train_losses(1, {"cls": 0.5})  # det did not run: no update, differencing restarts
+    assert famo.weights == pytest.approx({"cls": 2 / 3, "det": 1 / 3})  # 1/l scaling with det's last loss
     famo.observe_train_losses(2, {"cls": 0.4, "det": 0.9})
     assert famo.num_updates == 0 and famo.log_dict()["famo/skipped"] == 1.0
     famo.observe_train_losses(3, {"cls": 0.3, "det": 0.8})

@@ -33,8 +33,9 @@ class FAMO(TaskWeighting):
 
     * :attr:`weights` publishes ``w`` above, not ``z``: the step scales *raw* losses by ``K * w_k``, and the
       log-loss balancing is FAMO's point (a detection loss 10x the classification loss must not get 10x the
-      gradient). ``w`` uses the last observed losses, i.e. the previous step's in place of the current batch's
-      (before any observation ``w = z``). ``z`` is :attr:`task_weights` and is logged as ``famo/z/TASK``.
+      gradient). ``w`` uses each task's last observed loss, i.e. the previous step's in place of the current
+      batch's (``w = z`` until every task has been seen). ``z`` is :attr:`task_weights`, logged as
+      ``famo/z/TASK``.
     * The official code (and LibMTL's trainer) recomputes the losses of the *same* batch after the optimizer
       step for ``l^{t+1}``, an extra forward. Here ``l^t, l^{t+1}`` are consecutive steps' rank-averaged
       training losses from :meth:`observe_train_losses` (different batches: noisier, no extra forward). An
@@ -73,7 +74,10 @@ class FAMO(TaskWeighting):
         self.exp_avg_sq = torch.zeros(k, dtype=torch.float64)
         self.num_updates = 0
         self.num_skipped = 0
-        self.last_losses: torch.Tensor | None = None  # (K,) float64 of the last complete observation
+        self.prev_losses: torch.Tensor | None = (
+            None  # (K,) the last observation with every task, to difference
+        )
+        self.seen_losses = torch.full((k,), math.nan, dtype=torch.float64)  # each task's latest loss
 
     @property
     def task_weights(self) -> dict[str, float]:
@@ -83,8 +87,8 @@ class FAMO(TaskWeighting):
     @property
     def weights(self) -> dict[str, float]:
         z = torch.softmax(self.logits, 0)
-        if self.last_losses is not None:
-            z = z / self._shifted(self.last_losses)
+        if not bool(self.seen_losses.isnan().any()):
+            z = z / self._shifted(self.seen_losses)
             z = z / z.sum()
         return dict(zip(self.task_names, z.tolist()))
 
@@ -97,19 +101,22 @@ class FAMO(TaskWeighting):
         return z * (delta - z @ delta)
 
     def observe_train_losses(self, step: int, losses: Mapping[str, float]) -> None:
-        if not all(name in losses for name in self.task_names):
-            self.num_skipped += 1  # cannot difference a task that did not run; the next full step restarts
-            self.last_losses = None
-            return
-        values = [float(losses[name]) for name in self.task_names]
-        bad = [name for name, v in zip(self.task_names, values) if not math.isfinite(v)]
+        present = [k for k, name in enumerate(self.task_names) if name in losses]
+        values = {k: float(losses[self.task_names[k]]) for k in present}
+        bad = [self.task_names[k] for k, v in values.items() if not math.isfinite(v)]
         if bad:
             raise ValueError(f"FAMO: non-finite training loss for task(s) {bad} at step {step}")
-        current = torch.tensor(values, dtype=torch.float64)
-        if self.last_losses is not None:
-            delta = self._shifted(self.last_losses).log() - self._shifted(current).log()
+        for k, v in values.items():
+            self.seen_losses[k] = v
+        if len(present) < self.num_tasks:
+            self.num_skipped += 1  # cannot difference a task that did not run; the next full step restarts
+            self.prev_losses = None
+            return
+        current = self.seen_losses.clone()
+        if self.prev_losses is not None:
+            delta = self._shifted(self.prev_losses).log() - self._shifted(current).log()
             self._adam_step(self.logit_gradient(delta))
-        self.last_losses = current
+        self.prev_losses = current
 
     def _adam_step(self, grad: torch.Tensor) -> None:
         """One step of torch.optim.Adam (L2 weight decay, no amsgrad) on the logits, in float64."""
@@ -134,21 +141,23 @@ class FAMO(TaskWeighting):
             "exp_avg_sq": self.exp_avg_sq.clone(),
             "num_updates": self.num_updates,
             "num_skipped": self.num_skipped,
-            "has_last_losses": self.last_losses is not None,
-            "last_losses": torch.zeros(self.num_tasks, dtype=torch.float64)
-            if self.last_losses is None
-            else self.last_losses.clone(),
+            "seen_losses": self.seen_losses.clone(),
+            "has_prev_losses": self.prev_losses is not None,
+            "prev_losses": torch.zeros(self.num_tasks, dtype=torch.float64)
+            if self.prev_losses is None
+            else self.prev_losses.clone(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         k = self.num_tasks
-        for key in ("logits", "exp_avg", "exp_avg_sq"):
+        for key in ("logits", "exp_avg", "exp_avg_sq", "seen_losses"):
             value = torch.as_tensor(state[key], dtype=torch.float64)
             if value.shape != (k,):
                 raise ValueError(f"FAMO state {key!r} must have shape ({k},), got {tuple(value.shape)}")
             setattr(self, key, value.clone())
         self.num_updates = int(state["num_updates"])
         self.num_skipped = int(state.get("num_skipped", 0))
-        has_last = bool(state.get("has_last_losses", False))
-        last = torch.as_tensor(state["last_losses"], dtype=torch.float64).clone() if has_last else None
-        self.last_losses = last
+        has_prev = bool(state["has_prev_losses"])
+        self.prev_losses = (
+            torch.as_tensor(state["prev_losses"], dtype=torch.float64).clone() if has_prev else None
+        )
