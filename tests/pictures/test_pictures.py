@@ -35,7 +35,9 @@ def test_palette_is_fixed_distinct_and_starts_with_okabe_ito():
 
 
 def test_task_colors_share_colours_by_class_name():
-    det_colors, seg_colors = overlays.task_colors(["dent", "scratch"], ["background", "scratch", "rust", "dent"])
+    det_colors, seg_colors = overlays.task_colors(
+        ["dent", "scratch"], ["background", "scratch", "rust", "dent"]
+    )
     assert det_colors == [overlays.class_color(0), overlays.class_color(1)]
     assert seg_colors[1] == det_colors[1]  # scratch
     assert seg_colors[3] == det_colors[0]  # dent
@@ -148,7 +150,9 @@ def test_draw_predictions_puts_mask_boxes_banner_and_legend_where_predicted():
 
 def test_draw_predictions_with_nothing_to_draw_returns_the_image():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
-    drawn = overlays.draw_predictions(image, overlays.ImagePrediction(boxes=np.zeros((0, 4))), DET_LABELS, SEG_LABELS)
+    drawn = overlays.draw_predictions(
+        image, overlays.ImagePrediction(boxes=np.zeros((0, 4))), DET_LABELS, SEG_LABELS
+    )
     assert np.array_equal(np.asarray(drawn), np.asarray(image))
 
 
@@ -156,14 +160,19 @@ def test_draw_predictions_rejects_inconsistent_predictions():
     image = Image.new("RGB", (20, 10))
     with pytest.raises(ValueError, match=r"shape \(20, 10\) but the image is 10x20"):
         overlays.draw_predictions(
-            image, overlays.ImagePrediction(segmentation=np.zeros((20, 10), dtype=int)), DET_LABELS, SEG_LABELS
+            image,
+            overlays.ImagePrediction(segmentation=np.zeros((20, 10), dtype=int)),
+            DET_LABELS,
+            SEG_LABELS,
         )
     with pytest.raises(ValueError, match=r"class ids outside \[0, 3\): \[7\]"):
         overlays.draw_predictions(
             image, overlays.ImagePrediction(segmentation=np.full((10, 20), 7)), DET_LABELS, SEG_LABELS
         )
     with pytest.raises(ValueError, match=r"labels \[5\] are outside \[0, 2\)"):
-        bad_box = overlays.ImagePrediction(boxes=np.ones((1, 4)), box_scores=np.ones(1), box_labels=np.array([5]))
+        bad_box = overlays.ImagePrediction(
+            boxes=np.ones((1, 4)), box_scores=np.ones(1), box_labels=np.array([5])
+        )
         overlays.draw_predictions(image, bad_box, DET_LABELS, SEG_LABELS)
 
 
