@@ -52,7 +52,13 @@ from cadmtl.training.optim import build_param_groups, early_backbone_parameters,
 from cadmtl.training.recipe import build_recipe_weighting, resolve_recipe
 from cadmtl.training.scheduler import TaskScheduler
 from cadmtl.training.setup import build_model, class_candidates, ensure_dataset, make_trackers
-from cadmtl.training.step import StepSettings, count_nonfinite, held_out_losses, training_step
+from cadmtl.training.step import (
+    StepSettings,
+    count_nonfinite,
+    held_out_losses,
+    reduced_task_losses,
+    training_step,
+)
 from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
 
 logger = logging.getLogger("train_accelerate")
@@ -116,6 +122,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=train_args.seed,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        task_batch_sizes={
+            task: size for task in tasks if (size := getattr(data_args, f"{task}_batch_size")) is not None
+        },
     )
     eval_settings = LoaderSettings(**{**asdict(loader_settings), "split": data_args.eval_split})
     streams = TrainStreams(sources, loader_settings)
@@ -228,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 lr_scheduler,
                 streams.next_batch,
                 step_tasks,
-                weighting.weights,
+                weighting,
                 step_settings,
                 frozen=frozen if step < train_args.freeze_steps else (),
                 candidates=candidates,
@@ -247,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     step_tasks,
                     state.consecutive_nonfinite,
                 )
+            if weighting.needs_train_losses and outcome.stepped:
+                weighting.observe_train_losses(step, reduced_task_losses(accelerator, outcome))
             task_log.write(f"{step} {','.join(step_tasks)}\n")
             window.add_step(outcome.task_losses, outcome.images)
             state.step += 1

@@ -82,6 +82,10 @@ class LoaderSettings:
     seed: int
     rank: int
     world_size: int
+    task_batch_sizes: dict[str, int] | None = None  # training batch size per task (default: batch_size)
+
+    def train_batch_size(self, task: str) -> int:
+        return (self.task_batch_sizes or {}).get(task, self.batch_size)
 
 
 def source_loader(
@@ -126,7 +130,7 @@ class TrainStreams:
                 self.settings,
                 self.sources[task][index],
                 self.settings.split,
-                batch_size=self.settings.batch_size,
+                batch_size=self.settings.train_batch_size(task),
                 train=True,
                 shuffle_buffer=self.settings.shuffle_buffer,
                 infinite=True,

@@ -78,7 +78,23 @@ class DataArguments:
     cls_image_size: int = 128
     det_image_size: int = 160
     seg_image_size: int = 160
-    batch_size: int = field(default=8, metadata={"help": "Per-device batch size of every task."})
+    batch_size: int = field(
+        default=8, metadata={"help": "Per-device training batch size of every task without its own below."}
+    )
+    cls_batch_size: int | None = field(
+        default=32,
+        metadata={
+            "help": "Per-device training batch size of classification (None: batch_size). Default 32, the paper's "
+            "batch: classification images are small (cls_image_size), so its steps stay cheap next to det / seg "
+            "steps, and with 8 images a step the demo's from-scratch backbone stays at chance for 240 steps."
+        },
+    )
+    det_batch_size: int | None = field(
+        default=None, metadata={"help": "Per-device training batch size of detection (None: batch_size)."}
+    )
+    seg_batch_size: int | None = field(
+        default=None, metadata={"help": "Per-device training batch size of segmentation (None: batch_size)."}
+    )
     eval_batch_size: int = 16
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers per dataset config."})
     shuffle_buffer: int = 256
@@ -125,8 +141,10 @@ class TrainingArguments:
     )
     freeze_steps: int = field(default=20, metadata={"help": "Optimizer steps the early blocks stay frozen."})
     coba_every: int = field(default=4, metadata={"help": "Optimizer steps between CoBa updates."})
-    coba_history_length: int = field(default=20, metadata={"help": "CoBa window H, in CoBa updates."})
-    coba_warmup_steps: int = field(default=5, metadata={"help": "CoBa warm-up W, in CoBa updates (>= 3)."})
+    # Demo: W = 10 updates (40 steps) skips the first plunge of every loss, H = 30 updates (120 steps, 3 W, within
+    # the official 2 W - 5 W) fits slopes over enough points that the weights follow convergence, not noise.
+    coba_history_length: int = field(default=30, metadata={"help": "CoBa window H, in CoBa updates."})
+    coba_warmup_steps: int = field(default=10, metadata={"help": "CoBa warm-up W, in CoBa updates (>= 3)."})
     coba_tau: float = 5.0
     coba_clamp_divergence: bool = field(
         default=True,
@@ -189,6 +207,10 @@ def _check(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
         for config in getattr(data_args, f"{task}_configs"):
             if not config.endswith(f"_{task}"):
                 raise ValueError(f"{task}_configs lists {config!r}, which is not a {task} config (*_{task}).")
+    for task in TASKS:
+        size = getattr(data_args, f"{task}_batch_size")
+        if size is not None and size < 1:
+            raise ValueError(f"{task}_batch_size must be >= 1, got {size}.")
     if train_args.max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {train_args.max_steps}.")
 

@@ -70,6 +70,8 @@ def weighting_options(name: str, train_args: TrainingArguments) -> dict[str, Any
             "tau": train_args.coba_tau,
             "clamp_divergence": train_args.coba_clamp_divergence,
         }
+    if name == "pcgrad":
+        return {"seed": train_args.seed}
     return {}
 
 

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 
 from cadmtl.data.sources import TaskSource, move_to
-from cadmtl.training.optim import drop_gradients, unused_parameters, zero_touch
+from cadmtl.training.optim import drop_gradients, head_parameters, unused_parameters, zero_touch
+from cadmtl.training.weighting import TaskWeighting, all_reduce_mean, task_gradients, write_gradient
 from modeling_cadmtl import CadMtlModel
 
 BatchProvider = Callable[[str], tuple[TaskSource, dict[str, Any]]]
@@ -90,6 +92,16 @@ class StepOutcome:
     images: int = 0
 
 
+def shared_and_head_parameters(
+    model: CadMtlModel,
+) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(parameters several tasks use: backbone and neck; the task heads' own parameters)."""
+    heads = head_parameters(model)
+    own = {id(p) for task in ("cls", "det", "seg") for p in heads[task]}
+    shared = [p for p in model.parameters() if id(p) not in own and p.requires_grad]
+    return shared, [p for task in ("cls", "det", "seg") for p in heads[task] if p.requires_grad]
+
+
 def training_step(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -97,7 +109,7 @@ def training_step(
     lr_scheduler: Any,
     next_batch: BatchProvider,
     step_tasks: Sequence[str],
-    weights: Mapping[str, float],
+    weighting: TaskWeighting,
     settings: StepSettings,
     *,
     frozen: Sequence[torch.nn.Parameter] = (),
@@ -106,29 +118,56 @@ def training_step(
     """Accumulate the losses of ``step_tasks`` over ``settings.accumulation_steps`` micro-batches, then take one
     optimizer step unless a loss or the gradient norm is not finite on any rank.
 
-    ``frozen`` are parameters whose gradients are dropped this step (early backbone blocks during warm-up);
-    the gradients of heads no task of the step used are always dropped. Gradients are zeroed at the end either
-    way, so a skipped step leaves no trace.
+    A loss-level weighting scales each task's loss by ``K * w`` (when ``settings.scale_losses``) and one backward
+    of the sum fills the gradients. A gradient-level weighting (``needs_task_gradients``) gets one gradient of the
+    shared parameters (backbone, neck) per task, averaged over micro-batches and ranks (one all-reduce), and its
+    :meth:`~TaskWeighting.combine_gradients` result becomes their gradient; each head keeps its own task's
+    gradient. ``frozen`` are parameters whose gradients are dropped this step (early backbone blocks during
+    warm-up); the gradients of heads no task of the step used are always dropped. Gradients are zeroed at the end
+    either way, so a skipped step leaves no trace.
     """
     unwrapped: CadMtlModel = accelerator.unwrap_model(model)
     candidates = candidates or {}
     outcome = StepOutcome(stepped=False)
     nonfinite = torch.zeros((), device=accelerator.device)
+    per_task = weighting.needs_task_gradients
+    if per_task and accelerator.mixed_precision == "fp16":
+        raise ValueError(
+            f"{weighting.name} combines raw per-task gradients: use bf16 or no mixed precision, not fp16"
+        )
+    shared, heads = shared_and_head_parameters(unwrapped) if per_task else ([], [])
+    task_grads: torch.Tensor | None = None
     for _ in range(settings.accumulation_steps):
-        with accelerator.accumulate(model):
-            loss = torch.zeros((), device=accelerator.device)
+        # Per-task gradients are reduced by hand (one collective for all tasks): DDP must not sync by itself.
+        context = accelerator.no_sync(model) if per_task else accelerator.accumulate(model)
+        with context:
+            losses = []
             for task in step_tasks:
                 source, batch = next_batch(task)
                 outcome.images += len(batch["pixel_values"])
                 task_loss = task_forward(model, task, source, batch, accelerator.device, candidates).loss
                 outcome.task_losses.setdefault(task, []).append(task_loss.detach().float())
-                if settings.scale_losses:
-                    task_loss = task_loss * settings.num_tasks * weights[task]
-                loss = loss + task_loss
-            if settings.zero_touch:
+                if settings.scale_losses and not per_task:
+                    task_loss = task_loss * settings.num_tasks * weighting.weights[task]
+                losses.append(task_loss)
+            loss = torch.stack(losses).sum()
+            if settings.zero_touch and not per_task:
                 loss = loss + zero_touch(unwrapped, set(step_tasks))
             nonfinite += (~torch.isfinite(loss)).float()
-            accelerator.backward(loss)
+            if per_task:
+                grads = task_gradients(losses, shared, retain_graph_last=True) / settings.accumulation_steps
+                task_grads = grads if task_grads is None else task_grads + grads
+                torch.autograd.backward(loss / settings.accumulation_steps, inputs=heads)
+            else:
+                accelerator.backward(loss)
+    if per_task and task_grads is not None:
+        task_grads = all_reduce_mean(task_grads)
+        _all_reduce_mean_grads(heads)
+        if bool(torch.isfinite(task_grads).all()):
+            latest = {task: values[-1].item() for task, values in outcome.task_losses.items()}
+            write_gradient(shared, weighting.combine_gradients(task_grads, latest))
+        else:
+            nonfinite += 1
     # Every rank skips together when any rank saw a NaN / inf, so the replicas stay identical.
     if accelerator.reduce(nonfinite, reduction="sum").item() == 0:
         drop_gradients(unused_parameters(unwrapped, set(step_tasks)))
@@ -140,6 +179,26 @@ def training_step(
             outcome.stepped = True
     optimizer.zero_grad(set_to_none=True)
     return outcome
+
+
+def _all_reduce_mean_grads(parameters: Sequence[torch.nn.Parameter]) -> None:
+    """Average the ``.grad`` of ``parameters`` over ranks in one collective (no-op on one process)."""
+    with_grad = [p for p in parameters if p.grad is not None]
+    if not with_grad or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([p.grad.reshape(-1).float() for p in with_grad])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, chunk in zip(with_grad, flat.split([p.numel() for p in with_grad])):
+        p.grad.copy_(chunk.view_as(p.grad))
+
+
+def reduced_task_losses(accelerator: Accelerator, outcome: StepOutcome) -> dict[str, float]:
+    """Each task's mean training loss of the step, averaged over ranks (what FAMO observes)."""
+    tasks = list(outcome.task_losses)
+    means = torch.stack([torch.stack(outcome.task_losses[task]).mean() for task in tasks])
+    reduced = accelerator.reduce(means.to(accelerator.device), reduction="mean")
+    return {task: float(value) for task, value in zip(tasks, reduced.tolist())}
 
 
 class NonFiniteStop(RuntimeError):

@@ -114,6 +114,7 @@ def _ids(loader) -> list[str]:
     return [image_id for batch in loader for image_id in batch["image_ids"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [False, True])
 def test_two_ranks_two_workers_see_disjoint_samples_covering_the_split(repo: Path, train: bool) -> None:
     seen = []

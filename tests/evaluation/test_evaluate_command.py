@@ -125,6 +125,7 @@ def test_tables_and_comparison_hand_computed(tmp_path: Path) -> None:
         evaluate_main(["--compare", "no-method.json"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data is not present")
 def test_public_protocol_smoke_setting_runs_end_to_end(tmp_path: Path) -> None:
     command = [

@@ -103,6 +103,7 @@ torch.save({{"module": type(model).__module__, "processor": type(processor).__mo
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("by_repo_id", [False, True], ids=["local-folder", "repo-id-offline-cache"])
 def test_remote_code_load_without_the_package(saved_model, tmp_path, by_repo_id: bool) -> None:
     model, folder = saved_model

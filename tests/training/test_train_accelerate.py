@@ -26,7 +26,7 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 # A short, fast run on a small demo dataset: 64 px images, tiny backbone, CoBa updating every 2 steps.
 FAST = [
     "--cls_image_size", "64", "--det_image_size", "64", "--seg_image_size", "64",
-    "--batch_size", "4", "--eval_batch_size", "8", "--coba_val_batch_size", "4",
+    "--batch_size", "4", "--cls_batch_size", "4", "--eval_batch_size", "8", "--coba_val_batch_size", "4",
     "--coba_every", "2", "--coba_warmup_steps", "3", "--coba_history_length", "4",
     "--warmup_steps", "2", "--freeze_steps", "2", "--logging_steps", "2", "--shuffle_buffer", "16",
 ]  # fmt: skip
@@ -58,6 +58,7 @@ def run_main(argv: list[str]) -> dict:
     return train_accelerate.main(argv)
 
 
+@pytest.mark.slow
 def test_two_process_adaptive_run_draws_the_same_tasks_on_every_rank(
     small_demo: Path, tmp_path: Path
 ) -> None:
@@ -100,6 +101,7 @@ def checkpoint_state(checkpoint: Path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_an_uninterrupted_run(small_demo: Path, tmp_path: Path) -> None:
     args = [
         TRAIN_SCRIPT, "--dataset", str(small_demo), "--max_steps", "16", "--save_every", "4",
@@ -198,6 +200,7 @@ def test_label_set_differing_from_the_model_is_a_clear_error(
         )
 
 
+@pytest.mark.slow
 def test_empty_split_is_a_clear_error(small_demo: Path, tmp_path: Path, fresh_accelerate_state) -> None:
     dataset = tmp_path / "dataset"
     subprocess.run(["cp", "-r", str(small_demo), str(dataset)], check=True)
@@ -223,6 +226,7 @@ def test_empty_split_is_a_clear_error(small_demo: Path, tmp_path: Path, fresh_ac
         )
 
 
+@pytest.mark.slow
 def test_nan_losses_are_skipped_then_stop_the_run(
     small_demo: Path, tmp_path: Path, fresh_accelerate_state, monkeypatch
 ) -> None:
@@ -257,6 +261,7 @@ def test_nan_losses_are_skipped_then_stop_the_run(
     assert not (output / "model").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_checkpoint_of_a_different_model_is_refused(
     small_demo: Path, tmp_path: Path, fresh_accelerate_state
 ) -> None:
@@ -272,3 +277,53 @@ def test_checkpoint_of_a_different_model_is_refused(
         ValueError, match="belongs to a different model: neck_channels is 128 there and 64 here"
     ):
         run_main([*common, "--max_steps", "4", "--neck_channels", "64", "--resume_from_checkpoint", "latest"])
+
+
+@pytest.mark.slow
+def test_two_process_gradient_method_run_keeps_the_replicas_equal(small_demo: Path, tmp_path: Path) -> None:
+    """PCGrad with every task per step on 2 CPU processes: per-task gradients all-reduced by hand, one step."""
+    output = tmp_path / "run"
+    command = [
+        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        TRAIN_SCRIPT, "--dataset", str(small_demo), "--output_dir", str(output), "--max_steps", "4",
+        "--weighting", "pcgrad", "--all_tasks_per_step", "--save_every", "4", "--test_split", "None",
+        "--max_eval_batches", "1", *FAST,
+    ]  # fmt: skip
+    completed = subprocess.run(
+        command, env=cpu_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    summary = json.loads((output / "eval_results.json").read_text())
+    assert summary["weighting"]["name"] == "pcgrad" and summary["nonfinite_steps"] == 0
+    records = [json.loads(line) for line in (output / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"loss/cls", "loss/det", "loss/seg"} <= set(r) for r in records if "lr" in r)
+    assert any("pcgrad/pcgrad/conflicts" in r for r in records)
+    rank0 = (output / "logs" / "tasks_rank0.txt").read_text().split()
+    assert rank0[1::2] == ["cls,det,seg"] * 4
+    assert registered_pcgrad_calls(output / "checkpoints" / "step_4") == 4
+
+
+def registered_pcgrad_calls(checkpoint: Path) -> int:
+    from cadmtl.training.checkpoint import registered_state
+
+    return int(registered_state(checkpoint, "weighting")["num_combined"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weighting", ["famo", "cagrad", "aligned_mtl"])
+def test_every_weighting_method_trains_in_the_loop(
+    small_demo: Path, tmp_path: Path, fresh_accelerate_state, weighting: str
+) -> None:
+    argv = [
+        "--dataset", str(small_demo), "--output_dir", str(tmp_path / weighting), "--max_steps", "3",
+        "--weighting", weighting, "--all_tasks_per_step", "--test_split", "None", "--max_eval_batches", "1",
+        *FAST,
+    ]  # fmt: skip
+    summary = run_main(argv)
+    assert (
+        summary["weighting"]["name"] == weighting
+        and summary["steps"] == 3
+        and summary["nonfinite_steps"] == 0
+    )
+    assert abs(sum(summary["weighting"]["weights"].values()) - 1) < 1e-6

@@ -517,6 +517,7 @@ def _all_reduce_worker(rank: int, world_size: int, init_file: str, out_dir: str)
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_mean_two_ranks_one_collective(tmp_path):
     mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     expected = torch.full((3, 4), 1.5) * torch.arange(1, 4.0)[:, None]  # mean of ranks' (1, 2) multiples

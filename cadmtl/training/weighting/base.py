@@ -43,6 +43,7 @@ class TaskWeighting:
         name: the registry name (``--weighting NAME``).
         needs_held_out_losses: :meth:`update` wants each task's loss on held-out batches (CoBa).
         needs_task_gradients: the step must call :meth:`combine_gradients` with per-task gradients.
+        needs_train_losses: :meth:`observe_train_losses` wants each step's rank-averaged training losses (FAMO).
 
     The default implementations are those of equal weighting: uniform weights, no state.
     """
@@ -50,6 +51,7 @@ class TaskWeighting:
     name: ClassVar[str] = ""
     needs_held_out_losses: ClassVar[bool] = False
     needs_task_gradients: ClassVar[bool] = False
+    needs_train_losses: ClassVar[bool] = False
 
     def __init__(self, task_names: Sequence[str]) -> None:
         self.task_names = check_task_names(task_names, owner=type(self).__name__)

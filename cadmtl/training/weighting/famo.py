@@ -44,6 +44,7 @@ class FAMO(TaskWeighting):
     """
 
     name = "famo"
+    needs_train_losses = True
 
     def __init__(
         self,
