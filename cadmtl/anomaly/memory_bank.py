@@ -7,15 +7,24 @@ import math
 import torch
 
 
-def random_projection(
-    features: torch.Tensor, dim: int = 128, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Seeded Gaussian random projection (N, C) -> (N, dim), scaled to preserve distances in expectation
-    (Johnson-Lindenstrauss). Features are centred first so reduced-precision dot products see small norms."""
+def random_projection(features: torch.Tensor, dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Seeded Gaussian random projection (N, C) -> (N, dim) float32, scaled to preserve distances in expectation
+    (Johnson-Lindenstrauss)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     matrix = torch.randn(features.shape[1], dim, generator=generator).to(features.device) / math.sqrt(dim)
-    centred = features.float() - features.float().mean(dim=0, keepdim=True)
-    return (centred @ matrix).to(dtype)
+    return features.float() @ matrix
+
+
+def _scaled_points(features: torch.Tensor, projection_dim: int | None, seed: int, dtype: torch.dtype):
+    """Projected, centred points scaled to a maximum norm of 1: the farthest-point order is unchanged, and
+    float16 products can neither overflow nor lose the small distances to the size of the norms."""
+    if projection_dim is not None and projection_dim < features.shape[1]:
+        points = random_projection(features, projection_dim, seed)
+    else:
+        points = features.float()
+    points = points - points.mean(dim=0, keepdim=True)
+    scale = points.norm(dim=1).max().clamp(min=torch.finfo(torch.float32).tiny)
+    return (points / scale).to(dtype)
 
 
 @torch.no_grad()
@@ -42,10 +51,7 @@ def greedy_coreset(
     target = max(1, math.ceil(fraction * num_points))
     if target >= num_points:
         return torch.arange(num_points, device=features.device)
-    if projection_dim is not None and projection_dim < features.shape[1]:
-        points = random_projection(features, projection_dim, seed, compute_dtype)
-    else:
-        points = (features.float() - features.float().mean(dim=0, keepdim=True)).to(compute_dtype)
+    points = _scaled_points(features, projection_dim, seed, compute_dtype)
     squared_norms = points.float().pow(2).sum(dim=1)
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -58,8 +64,12 @@ def greedy_coreset(
     for step in range(1, target):
         farthest = int(torch.argmax(min_distances))
         selected[step] = farthest
-        distances = torch.mv(points, points[farthest]).float().mul_(-2).add_(squared_norms).add_(
-            squared_norms[farthest]
+        distances = (
+            torch.mv(points, points[farthest])
+            .float()
+            .mul_(-2)
+            .add_(squared_norms)
+            .add_(squared_norms[farthest])
         )
         torch.minimum(min_distances, distances, out=min_distances)
         min_distances[farthest] = -1.0  # never re-pick a selected point, even under rounding
@@ -126,7 +136,7 @@ def nearest_neighbor_distance(
             if best_values is not None:
                 values = torch.cat([best_values, values], dim=1)
                 indices = torch.cat([best_indices, indices], dim=1)
-                values, order = values.topk(keep, dim=1, largest=False)
+                values, order = values.topk(min(keep, values.shape[1]), dim=1, largest=False)
                 indices = indices.gather(1, order)
             best_values, best_indices = values, indices
         # Exact distances of the kept neighbours, then the k smallest.

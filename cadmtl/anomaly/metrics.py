@@ -204,7 +204,7 @@ def aupro(
         return math.nan
     negatives.sort()
     # Only thresholds down to the first one whose FPR exceeds the limit matter; keep the pixels above it.
-    first_over = int(math.floor(fpr_limit * negatives.size)) + 1
+    first_over = math.floor(fpr_limit * negatives.size) + 1
     cut = negatives[negatives.size - min(first_over, negatives.size)]
     negatives = negatives[negatives >= cut]
     positives = np.concatenate(region_scores)
@@ -213,7 +213,9 @@ def aupro(
     positives, weights = positives[keep], weights[keep]
 
     scores = np.concatenate([negatives, positives])
-    fpr_weights = np.concatenate([np.full(negatives.size, 1.0 / sum(s.size for s in normal_scores)), 0 * weights])
+    fpr_weights = np.concatenate(
+        [np.full(negatives.size, 1.0 / sum(s.size for s in normal_scores)), 0 * weights]
+    )
     pro_weights = np.concatenate([np.zeros(negatives.size), weights])
     order = np.argsort(-scores, kind="stable")
     scores = scores[order]

@@ -51,15 +51,18 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
-def calibrate_fpr(normal_scores: Sequence[float] | np.ndarray | torch.Tensor, target_fpr: float = 0.01) -> float:
-    """Smallest threshold t with at most floor(target_fpr * n) normal scores >= t (anomalous: score >= t)."""
-    scores = np.sort(np.asarray(torch.as_tensor(normal_scores).cpu(), dtype=np.float64).ravel())
+def calibrate_fpr(
+    normal_scores: Sequence[float] | np.ndarray | torch.Tensor, target_fpr: float = 0.01
+) -> float:
+    """Smallest float32 threshold t with at most floor(target_fpr * n) normal scores >= t (anomalous:
+    score >= t). The threshold is a float32 value so the comparison holds for float32 and float64 scores."""
+    scores = np.sort(np.asarray(torch.as_tensor(normal_scores).cpu(), dtype=np.float32).ravel())
     if scores.size == 0:
         raise ValueError("calibrate_fpr needs at least one normal score")
-    allowed = int(math.floor(target_fpr * scores.size))
+    allowed = math.floor(target_fpr * scores.size)
     if allowed >= scores.size:
         return float(scores[0])
-    return float(np.nextafter(scores[scores.size - 1 - allowed], np.inf))
+    return float(np.nextafter(scores[scores.size - 1 - allowed], np.float32(np.inf)))
 
 
 def calibrate_f1(
@@ -82,7 +85,9 @@ def _iter_batches(images: Iterable[torch.Tensor] | torch.Tensor, batch_size: int
             yield from (item[i : i + batch_size] for i in range(0, item.shape[0], batch_size))
             continue
         if item.ndim != 3:
-            raise ValueError(f"expected images (3, H, W) or batches (B, 3, H, W); got shape {tuple(item.shape)}")
+            raise ValueError(
+                f"expected images (3, H, W) or batches (B, 3, H, W); got shape {tuple(item.shape)}"
+            )
         pending.append(item)
         if len(pending) == batch_size:
             yield torch.stack(pending)
@@ -162,7 +167,9 @@ class PatchMemoryScorer(nn.Module):
         if self.image_size is None:
             self.image_size = tuple(pixel_values.shape[-2:])
         if tuple(pixel_values.shape[-2:]) != self.image_size:
-            pixel_values = F.interpolate(pixel_values, size=self.image_size, mode="bilinear", align_corners=False)
+            pixel_values = F.interpolate(
+                pixel_values, size=self.image_size, mode="bilinear", align_corners=False
+            )
         return pixel_values
 
     @torch.no_grad()
@@ -219,7 +226,9 @@ class PatchMemoryScorer(nn.Module):
         distances = nearest_neighbor_distance(
             queries, self.memory_bank.to(queries.device), k=self.k, metric=self.metric
         ).view(batch, grid_h, grid_w)
-        maps = F.interpolate(distances[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        maps = F.interpolate(distances[:, None], size=(height, width), mode="bilinear", align_corners=False)[
+            :, 0
+        ]
         return gaussian_blur(maps, self.sigma), self._image_scores(distances)
 
     # ------------------------------------------------------------------------------------------------------
@@ -270,7 +279,9 @@ class PatchMemoryScorer(nn.Module):
         model_type = backbone_config.pop("model_type")
         backbone_config = transformers.AutoConfig.for_model(model_type, **backbone_config)
         model_class = getattr(transformers, backbone_class, None)
-        backbone = model_class(backbone_config) if model_class is not None else backbone_from_config(backbone_config)
+        backbone = (
+            model_class(backbone_config) if model_class is not None else backbone_from_config(backbone_config)
+        )
         backbone.load_state_dict(load_file(directory / BACKBONE_NAME), strict=True)
         backbone.eval()
         scorer = cls(backbone, **config)
