@@ -19,9 +19,9 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig
 
 def backbone_depth(config: PreTrainedConfig) -> int:
     """Number of selectable layers: transformer blocks of a ViT, stages of a ConvNeXt."""
-    if hasattr(config, "num_hidden_layers") and getattr(config, "model_type", "") != "dinov3_convnext":
-        return int(config.num_hidden_layers)
-    return len(config.hidden_sizes)
+    if not is_vit_config(config) and hasattr(config, "hidden_sizes"):
+        return len(config.hidden_sizes)
+    return int(config.num_hidden_layers)
 
 
 def is_vit_config(config: PreTrainedConfig) -> bool:

@@ -213,9 +213,8 @@ def aupro(
     positives, weights = positives[keep], weights[keep]
 
     scores = np.concatenate([negatives, positives])
-    fpr_weights = np.concatenate(
-        [np.full(negatives.size, 1.0 / sum(s.size for s in normal_scores)), 0 * weights]
-    )
+    num_normal = sum(s.size for s in normal_scores)  # every normal pixel, not only those above the cut
+    fpr_weights = np.concatenate([np.full(negatives.size, 1.0 / num_normal), np.zeros(positives.size)])
     pro_weights = np.concatenate([np.zeros(negatives.size), weights])
     order = np.argsort(-scores, kind="stable")
     scores = scores[order]

@@ -9,7 +9,12 @@ import torch
 from transformers import DINOv3ConvNextConfig, DINOv3ViTBackbone, DINOv3ViTConfig
 
 from cadmtl.anomaly import PatchMemoryScorer, calibrate_f1, calibrate_fpr, gaussian_blur
-from cadmtl.features import PatchFeatureExtractor, backbone_from_cadmtl, backbone_from_config
+from cadmtl.features import (
+    PatchFeatureExtractor,
+    backbone_from_cadmtl,
+    backbone_from_config,
+    backbone_from_preset,
+)
 from modeling_cadmtl import CadMtlConfig, CadMtlModel
 
 SIZE = 64
@@ -72,6 +77,12 @@ def test_convnext_stages_are_upsampled_to_the_first_layer_and_cadmtl_backbone():
     )
     cadmtl_extractor = PatchFeatureExtractor(backbone_from_cadmtl(CadMtlModel(config)), [3])
     assert cadmtl_extractor(torch.randn(1, 3, 32, 32)).shape == (1, 32, 2, 2)
+    preset = PatchFeatureExtractor(backbone_from_preset("tiny"), [2, 4])  # 4 layers, hidden 64, 4 registers
+    assert preset(torch.randn(1, 3, 32, 48)).shape == (1, 128, 2, 3)
+    with pytest.raises(
+        ValueError, match=r"checkpoint feature layers \[0\] do not match a backbone of 4 layers"
+    ):
+        PatchFeatureExtractor(backbone_from_preset("tiny"), [0])
 
 
 def test_wrong_layers_and_empty_bank_errors(backbone):
