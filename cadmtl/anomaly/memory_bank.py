@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def random_projection(features: torch.Tensor, dim: int = 128, seed: int = 0) -> torch.Tensor:
@@ -83,53 +84,90 @@ def _pairwise_squared(queries: torch.Tensor, bank: torch.Tensor, bank_norms: tor
     return (query_norms - 2 * products + bank_norms[None]).clamp_(min=0)
 
 
-@torch.no_grad()
-def nearest_neighbor_distance(
-    queries: torch.Tensor,
-    bank: torch.Tensor,
-    k: int = 1,
-    chunk_size: int = 1024,
-    bank_chunk_size: int = 16384,
-    metric: str = "l2",
-    compute_dtype: torch.dtype | None = None,
-    num_candidates: int = 16,
-) -> torch.Tensor:
-    """Distance of each query (N, C) to its nearest bank entry (M, C) -> (N,) float32; with k > 1, the mean
-    distance to the k nearest entries.
+class NearestNeighborIndex:
+    """Distances from queries to their nearest entries of a fixed bank (M, C), searched in memory-bounded chunks.
 
-    Memory: one (chunk_size, bank_chunk_size) float32 block at a time. `metric`: "l2" (Euclidean) or
-    "cosine" (1 - cosine similarity, as AnomalyDINO). The distances of the chosen neighbours are recomputed
-    directly as ||a - b|| so they are exact (a query equal to a bank entry scores exactly 0).
+    The search representation of the bank (normalised for cosine, projected, cast) is built once here, so
+    repeated `search` calls pay only for the queries.
 
-    `compute_dtype` (e.g. torch.bfloat16): search in reduced precision, keep `num_candidates` >= k candidates
-    per query and re-rank them exactly in float32. This is approximate (a true neighbour may fall outside the
-    candidates) but ~3x faster on CPUs with bf16 instructions; None (default) searches in float32, exactly.
+    Args:
+        bank: (M, C) stored features.
+        metric: "l2" (Euclidean) or "cosine" (1 - cosine similarity, as AnomalyDINO).
+        compute_dtype: None searches in float32, exactly. torch.bfloat16 / float16 searches in reduced
+            precision, keeps `num_candidates` per query and re-ranks them exactly (approximate: a true neighbour
+            may fall outside the candidates; ~3x faster on CPUs with bf16 instructions).
+        projection_dim: search on a seeded Gaussian projection of the features to this many dims, then re-rank
+            the candidates exactly (approximate; the cost of the search drops by C / projection_dim).
+        chunk_size, bank_chunk_size: queries x bank entries per distance block (float32), bounding memory.
     """
-    if bank.shape[0] == 0:
-        raise ValueError("the memory bank is empty: fit the scorer on at least one image first")
-    if metric not in ("l2", "cosine"):
-        raise ValueError(f"metric must be 'l2' or 'cosine'; got {metric!r}")
-    if queries.shape[1] != bank.shape[1]:
-        raise ValueError(f"queries have {queries.shape[1]} channels but the bank has {bank.shape[1]}")
-    queries, bank = queries.float(), bank.float()
-    if metric == "cosine":
-        # On unit vectors, ||a - b||^2 = 2 - 2 cos, so the L2 search ranks identically.
-        queries = torch.nn.functional.normalize(queries, dim=1)
-        bank = torch.nn.functional.normalize(bank, dim=1)
-    keep = min(bank.shape[0], max(k, num_candidates) if compute_dtype is not None else k)
-    search_bank = bank if compute_dtype is None else bank.to(compute_dtype)
-    bank_norms = search_bank.float().pow(2).sum(dim=1)
 
-    results = []
-    for start in range(0, queries.shape[0], chunk_size):
-        query_chunk = queries[start : start + chunk_size]
-        search_queries = query_chunk if compute_dtype is None else query_chunk.to(compute_dtype)
+    def __init__(
+        self,
+        bank: torch.Tensor,
+        metric: str = "l2",
+        compute_dtype: torch.dtype | None = None,
+        projection_dim: int | None = None,
+        num_candidates: int = 16,
+        seed: int = 0,
+        chunk_size: int = 1024,
+        bank_chunk_size: int = 16384,
+    ):
+        if bank.ndim != 2 or bank.shape[0] == 0:
+            raise ValueError("the memory bank is empty: fit the scorer on at least one image first")
+        if metric not in ("l2", "cosine"):
+            raise ValueError(f"metric must be 'l2' or 'cosine'; got {metric!r}")
+        self.metric = metric
+        self.bank = self._prepare(bank.float())
+        self.projection_dim = projection_dim if projection_dim and projection_dim < bank.shape[1] else None
+        self.seed = seed
+        self.compute_dtype = compute_dtype
+        self.approximate = compute_dtype is not None or self.projection_dim is not None
+        self.num_candidates = num_candidates
+        self.chunk_size = chunk_size
+        self.bank_chunk_size = bank_chunk_size
+        self.search_bank = self._search_space(self.bank)
+        self.search_norms = self.search_bank.float().pow(2).sum(dim=1)
+
+    def _prepare(self, features: torch.Tensor) -> torch.Tensor:
+        # On unit vectors, ||a - b||^2 = 2 - 2 cos, so the L2 search ranks cosine neighbours identically.
+        return F.normalize(features, dim=1) if self.metric == "cosine" else features
+
+    def _search_space(self, features: torch.Tensor) -> torch.Tensor:
+        if self.projection_dim is not None:
+            features = random_projection(features, self.projection_dim, self.seed)
+        return features if self.compute_dtype is None else features.to(self.compute_dtype)
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int = 1) -> torch.Tensor:
+        """(N, C) queries -> (N,) float32 distance to the nearest entry (mean over the k nearest if k > 1).
+
+        The kept neighbours' distances are recomputed directly as ||a - b||, so they are exact (a query equal to
+        a bank entry scores exactly 0) whichever search space found them.
+        """
+        if queries.shape[1] != self.bank.shape[1]:
+            raise ValueError(
+                f"queries have {queries.shape[1]} channels but the bank has {self.bank.shape[1]}"
+            )
+        queries = self._prepare(queries.float().to(self.bank.device))
+        keep = min(self.bank.shape[0], max(k, self.num_candidates) if self.approximate else k)
+        results = []
+        for start in range(0, queries.shape[0], self.chunk_size):
+            chunk = queries[start : start + self.chunk_size]
+            candidates = self._candidates(self._search_space(chunk), keep)
+            exact = (chunk[:, None, :] - self.bank[candidates]).norm(dim=-1)
+            exact = exact.topk(min(k, exact.shape[1]), dim=1, largest=False).values
+            if self.metric == "cosine":
+                exact = exact.pow(2) / 2  # ||a - b||^2 / 2 = 1 - cos on unit vectors
+            results.append(exact.mean(dim=1))
+        return torch.cat(results)
+
+    def _candidates(self, search_queries: torch.Tensor, keep: int) -> torch.Tensor:
+        """(q, keep) indices of the nearest bank entries in the search space, merged block by block."""
         best_values = best_indices = None
-        for bank_start in range(0, bank.shape[0], bank_chunk_size):
+        for bank_start in range(0, self.search_bank.shape[0], self.bank_chunk_size):
+            stop = bank_start + self.bank_chunk_size
             block = _pairwise_squared(
-                search_queries,
-                search_bank[bank_start : bank_start + bank_chunk_size],
-                bank_norms[bank_start : bank_start + bank_chunk_size],
+                search_queries, self.search_bank[bank_start:stop], self.search_norms[bank_start:stop]
             )
             values, indices = block.topk(min(keep, block.shape[1]), dim=1, largest=False)
             indices = indices + bank_start
@@ -139,10 +177,30 @@ def nearest_neighbor_distance(
                 values, order = values.topk(min(keep, values.shape[1]), dim=1, largest=False)
                 indices = indices.gather(1, order)
             best_values, best_indices = values, indices
-        # Exact distances of the kept neighbours, then the k smallest.
-        exact = (query_chunk[:, None, :] - bank[best_indices]).norm(dim=-1)
-        exact = exact.topk(k, dim=1, largest=False).values
-        if metric == "cosine":
-            exact = exact.pow(2) / 2  # ||a - b||^2 / 2 = 1 - cos on unit vectors
-        results.append(exact.mean(dim=1))
-    return torch.cat(results)
+        return best_indices
+
+
+def nearest_neighbor_distance(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    chunk_size: int = 1024,
+    bank_chunk_size: int = 16384,
+    metric: str = "l2",
+    compute_dtype: torch.dtype | None = None,
+    num_candidates: int = 16,
+    projection_dim: int | None = None,
+) -> torch.Tensor:
+    """Distance of each query (N, C) to its nearest bank entry (M, C) -> (N,) float32; with k > 1, the mean
+    distance to the k nearest entries. Exact by default; see `NearestNeighborIndex` for the options (build one
+    index to search a fixed bank repeatedly)."""
+    index = NearestNeighborIndex(
+        bank,
+        metric,
+        compute_dtype,
+        projection_dim,
+        num_candidates,
+        chunk_size=chunk_size,
+        bank_chunk_size=bank_chunk_size,
+    )
+    return index.search(queries, k)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..features import PatchFeatureExtractor, backbone_depth, backbone_from_config, is_vit_config
-from .memory_bank import greedy_coreset, nearest_neighbor_distance
+from .memory_bank import NearestNeighborIndex, greedy_coreset
 from .metrics import f1_max
 
 CONFIG_NAME = "config.json"
@@ -110,6 +110,8 @@ class PatchMemoryScorer(nn.Module):
         sigma: Gaussian smoothing of the maps, in pixels of the query image.
         metric: "l2" (PatchCore) or "cosine" (AnomalyDINO) patch distance.
         image_mean, image_std: the normalisation the inputs are expected to carry (stored for export).
+        search_dtype, search_projection_dim, num_candidates: approximate nearest-neighbour search (see
+            `NearestNeighborIndex`), e.g. "bfloat16" and 128; None (default) searches exactly in float32.
     """
 
     def __init__(
@@ -131,6 +133,9 @@ class PatchMemoryScorer(nn.Module):
         image_std: Sequence[float] = IMAGENET_STD,
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
+        search_dtype: str | None = None,
+        search_projection_dim: int | None = None,
+        num_candidates: int = 16,
     ):
         super().__init__()
         if image_score not in IMAGE_SCORE_MODES:
@@ -152,6 +157,11 @@ class PatchMemoryScorer(nn.Module):
         self.image_std = [float(v) for v in image_std]
         self.image_threshold = image_threshold
         self.pixel_threshold = pixel_threshold
+        self.search_dtype = search_dtype
+        self.search_projection_dim = search_projection_dim
+        self.num_candidates = num_candidates
+        self._index: NearestNeighborIndex | None = None
+        self._index_bank: torch.Tensor | None = None
         self.register_buffer("memory_bank", torch.zeros(0, self.extractor.num_channels), persistent=False)
         self.eval()
 
@@ -204,6 +214,23 @@ class PatchMemoryScorer(nn.Module):
         self.memory_bank = bank.to(self.memory_bank.device).contiguous()
         return self
 
+    def index(self) -> NearestNeighborIndex:
+        """The search index of the current memory bank, built once per bank (rebuilt after fit / reassignment)."""
+        if self.memory_bank.shape[0] == 0:
+            raise ValueError("the memory bank is empty: call fit() (or from_pretrained) before score()")
+        if self._index is None or self._index_bank is not self.memory_bank:
+            dtype = getattr(torch, self.search_dtype) if self.search_dtype else None
+            self._index = NearestNeighborIndex(
+                self.memory_bank,
+                self.metric,
+                dtype,
+                self.search_projection_dim,
+                self.num_candidates,
+                self.seed,
+            )
+            self._index_bank = self.memory_bank
+        return self._index
+
     def _image_scores(self, distances: torch.Tensor) -> torch.Tensor:
         """(B, h, w) patch distances -> (B,) image scores."""
         flat = distances.flatten(1)
@@ -215,17 +242,14 @@ class PatchMemoryScorer(nn.Module):
     @torch.no_grad()
     def score(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) normalised images -> (maps (B, H, W) at the input size, image scores (B,))."""
-        if self.memory_bank.shape[0] == 0:
-            raise ValueError("the memory bank is empty: call fit() (or from_pretrained) before score()")
+        index = self.index()
         if pixel_values.ndim == 3:
             pixel_values = pixel_values[None]
         height, width = pixel_values.shape[-2:]
         features = self.patch_features(pixel_values)  # (B, C, h, w)
         batch, channels, grid_h, grid_w = features.shape
         queries = features.permute(0, 2, 3, 1).reshape(-1, channels)
-        distances = nearest_neighbor_distance(
-            queries, self.memory_bank.to(queries.device), k=self.k, metric=self.metric
-        ).view(batch, grid_h, grid_w)
+        distances = index.search(queries, self.k).view(batch, grid_h, grid_w)
         maps = F.interpolate(distances[:, None], size=(height, width), mode="bilinear", align_corners=False)[
             :, 0
         ]
@@ -254,6 +278,9 @@ class PatchMemoryScorer(nn.Module):
             "image_std": self.image_std,
             "image_threshold": self.image_threshold,
             "pixel_threshold": self.pixel_threshold,
+            "search_dtype": self.search_dtype,
+            "search_projection_dim": self.search_projection_dim,
+            "num_candidates": self.num_candidates,
             "memory_bank_size": int(self.memory_bank.shape[0]),
             "backbone_class": type(self.backbone).__name__,
             "backbone_config": backbone_config,

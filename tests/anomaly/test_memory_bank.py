@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cadmtl.anomaly.memory_bank import greedy_coreset, nearest_neighbor_distance
+from cadmtl.anomaly.memory_bank import NearestNeighborIndex, greedy_coreset, nearest_neighbor_distance
 
 
 def _clusters(num_clusters=6, per_cluster=50, dim=64, seed=0):
@@ -75,3 +75,18 @@ def test_nearest_neighbor_cosine_exact_zero_and_reduced_precision():
     torch.testing.assert_close(fast, l2)  # candidates re-ranked exactly in float32
     with pytest.raises(ValueError, match="memory bank is empty"):
         nearest_neighbor_distance(queries, bank[:0])
+
+
+def test_approximate_index_with_projection_and_bf16_finds_cluster_neighbours():
+    points, _ = _clusters(num_clusters=20, per_cluster=30, dim=96, seed=2)
+    generator = torch.Generator().manual_seed(5)
+    queries = points[torch.randint(0, 600, (200,), generator=generator)] + 0.1 * torch.randn(
+        200, 96, generator=generator
+    )
+    exact = nearest_neighbor_distance(queries, points)
+    index = NearestNeighborIndex(points, compute_dtype=torch.bfloat16, projection_dim=32, num_candidates=32)
+    assert index.search_bank.shape == (600, 32) and index.search_bank.dtype == torch.bfloat16
+    approximate = index.search(queries)
+    assert bool((approximate >= exact - 1e-5).all())  # never below the exact distance (exact re-rank)
+    recall = (approximate - exact).abs().le(1e-5).float().mean()
+    assert recall >= 0.95, recall

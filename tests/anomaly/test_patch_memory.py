@@ -162,6 +162,27 @@ def test_save_and_load_score_identically(backbone, tmp_path):
     assert loaded.image_threshold == scorer.image_threshold
 
 
+def test_approximate_search_scorer_close_to_exact_and_saved(backbone, tmp_path):
+    images, query = normal_images(4), normal_images(2, seed=3)
+    query[1, :, 16:32, 16:32] = 3.0
+    exact = PatchMemoryScorer(backbone, layers=[1, 2], coreset_fraction=0.5, image_size=(SIZE, SIZE)).fit(
+        images
+    )
+    fast = PatchMemoryScorer(
+        backbone,
+        layers=[1, 2],
+        coreset_fraction=0.5,
+        image_size=(SIZE, SIZE),
+        search_dtype="bfloat16",
+        search_projection_dim=16,
+        num_candidates=16,  # half the bank: the re-rank is then exact in practice
+    ).fit(images)
+    assert fast.index() is fast.index()  # built once per bank
+    torch.testing.assert_close(fast.score(query)[1], exact.score(query)[1], rtol=1e-4, atol=1e-4)
+    fast.save_pretrained(tmp_path)
+    assert PatchMemoryScorer.from_pretrained(tmp_path).index().search_bank.dtype == torch.bfloat16
+
+
 def test_threshold_calibration():
     normal = torch.arange(100, dtype=torch.float32)  # 0..99
     threshold = calibrate_fpr(normal, target_fpr=0.05)
