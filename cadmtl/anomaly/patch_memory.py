@@ -255,6 +255,19 @@ class PatchMemoryScorer(nn.Module):
         ]
         return gaussian_blur(maps, self.sigma), self._image_scores(distances)
 
+    @torch.no_grad()
+    def predict(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """`score` plus the calibrated decisions: {"anomaly_maps" (B, H, W), "image_scores" (B,),
+        "is_anomalous" (B,) bool or None, "defect_masks" (B, H, W) bool or None}; a decision is None until its
+        threshold is set (anomalous: value >= threshold)."""
+        maps, scores = self.score(pixel_values)
+        return {
+            "anomaly_maps": maps,
+            "image_scores": scores,
+            "is_anomalous": None if self.image_threshold is None else scores >= self.image_threshold,
+            "defect_masks": None if self.pixel_threshold is None else maps >= self.pixel_threshold,
+        }
+
     # ------------------------------------------------------------------------------------------------------
     # Serialisation
     # ------------------------------------------------------------------------------------------------------

@@ -160,6 +160,8 @@ def test_save_and_load_score_identically(backbone, tmp_path):
     loaded_maps, loaded_scores = loaded.score(query)
     assert torch.equal(loaded_maps, maps) and torch.equal(loaded_scores, scores)
     assert loaded.image_threshold == scorer.image_threshold
+    prediction = loaded.predict(query)
+    assert prediction["is_anomalous"].tolist() == [True, False, False] and prediction["defect_masks"] is None
 
 
 def test_approximate_search_scorer_close_to_exact_and_saved(backbone, tmp_path):
