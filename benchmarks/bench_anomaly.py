@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import threading
 import time
@@ -115,8 +116,8 @@ def bench_search(args: argparse.Namespace) -> None:
     for batch in args.batch_sizes:
         pixels = torch.randn(batch, 3, size, size, generator=generator)
         forward, _ = measure(lambda pixels=pixels: backbone(pixels), args.repeats, warmup=True)
-        for dim in args.dims:
-            bank = torch.randn(args.bank_size, dim, generator=generator)
+        for bank_size, dim in itertools.product(args.bank_sizes, args.dims):
+            bank = torch.randn(bank_size, dim, generator=generator)
             queries = torch.randn(batch * grid, dim, generator=generator)
             exact = None
             for name, options in SEARCH_MODES.items():
@@ -126,7 +127,7 @@ def bench_search(args: argparse.Namespace) -> None:
                 recall = float((distances - exact).abs().le(1e-5).float().mean())
                 seconds, _ = measure(lambda index=index, q=queries: index.search(q), args.repeats)
                 print(
-                    f"| {batch} | {args.bank_size} | {dim} | {name} | {1e3 * forward:.0f} | {1e3 * seconds:.0f} "
+                    f"| {batch} | {bank_size} | {dim} | {name} | {1e3 * forward:.0f} | {1e3 * seconds:.0f} "
                     f"| {seconds / forward:.2f} | {recall:.3f} |",
                     flush=True,
                 )
@@ -164,7 +165,7 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--projection-dim", type=int, default=128)
     parser.add_argument("--coreset-dtypes", nargs="+", default=["float16", "float32"], choices=sorted(DTYPES))
-    parser.add_argument("--bank-size", type=int, default=100_000)
+    parser.add_argument("--bank-sizes", type=int, nargs="+", default=[100_000, 10_000])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)

@@ -1,12 +1,12 @@
 """Normal-only anomaly detection: PatchCore / AnomalyDINO-style patch memory on DINOv3 features, and its metrics.
 
-    >>> from cadmtl.anomaly import AnomalyMetrics, PatchMemoryScorer, calibrate_fpr
-    >>> from cadmtl.features import backbone_from_preset
-    >>> scorer = PatchMemoryScorer(backbone_from_preset("vits16"), layers=(6, 9), coreset_fraction=0.1)
-    >>> scorer.fit(normal_images)  # doctest: +SKIP  (iterable of normalised (3, 224, 224) tensors)
-    >>> maps, scores = scorer.score(pixel_values)  # doctest: +SKIP  (maps at the input size)
-    >>> scorer.image_threshold = calibrate_fpr(validation_normal_scores, 0.01)  # doctest: +SKIP
-    >>> scorer.save_pretrained("patchcore-vits16")  # doctest: +SKIP
+>>> from cadmtl.anomaly import AnomalyMetrics, PatchMemoryScorer, calibrate_fpr
+>>> from cadmtl.features import backbone_from_preset
+>>> scorer = PatchMemoryScorer(backbone_from_preset("vits16"), layers=(6, 9), coreset_fraction=0.1)
+>>> scorer.fit(normal_images)  # doctest: +SKIP  (iterable of normalised (3, 224, 224) tensors)
+>>> maps, scores = scorer.score(pixel_values)  # doctest: +SKIP  (maps at the input size)
+>>> scorer.image_threshold = calibrate_fpr(validation_normal_scores, 0.01)  # doctest: +SKIP
+>>> scorer.save_pretrained("patchcore-vits16")  # doctest: +SKIP
 """
 
 from .memory_bank import greedy_coreset, nearest_neighbor_distance, random_projection

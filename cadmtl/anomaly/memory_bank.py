@@ -77,11 +77,12 @@ def greedy_coreset(
     return selected.to(features.device)
 
 
-def _pairwise_squared(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor) -> torch.Tensor:
-    """(q, b) squared L2 distances via ||a||^2 - 2ab + ||b||^2, clamped at 0 against cancellation."""
-    query_norms = queries.float().pow(2).sum(dim=1, keepdim=True)
-    products = (queries @ bank.T).float()
-    return (query_norms - 2 * products + bank_norms[None]).clamp_(min=0)
+def _ranking_distances(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor) -> torch.Tensor:
+    """(q, b) ||b||^2 - 2ab: the squared L2 distance minus the per-query constant ||a||^2, all a ranking needs
+    (the kept neighbours' distances are recomputed exactly). One fused GEMM in float32, no extra passes."""
+    if queries.dtype == torch.float32:
+        return torch.addmm(bank_norms[None], queries, bank.T, alpha=-2)
+    return (queries @ bank.T).float().mul_(-2).add_(bank_norms[None])
 
 
 class NearestNeighborIndex:
@@ -110,7 +111,7 @@ class NearestNeighborIndex:
         num_candidates: int = 16,
         seed: int = 0,
         chunk_size: int = 1024,
-        bank_chunk_size: int = 16384,
+        bank_chunk_size: int = 4096,
     ):
         if bank.ndim != 2 or bank.shape[0] == 0:
             raise ValueError("the memory bank is empty: fit the scorer on at least one image first")
@@ -166,10 +167,13 @@ class NearestNeighborIndex:
         best_values = best_indices = None
         for bank_start in range(0, self.search_bank.shape[0], self.bank_chunk_size):
             stop = bank_start + self.bank_chunk_size
-            block = _pairwise_squared(
+            block = _ranking_distances(
                 search_queries, self.search_bank[bank_start:stop], self.search_norms[bank_start:stop]
             )
-            values, indices = block.topk(min(keep, block.shape[1]), dim=1, largest=False)
+            if keep == 1:
+                values, indices = block.min(dim=1, keepdim=True)
+            else:
+                values, indices = block.topk(min(keep, block.shape[1]), dim=1, largest=False)
             indices = indices + bank_start
             if best_values is not None:
                 values = torch.cat([best_values, values], dim=1)
@@ -185,7 +189,7 @@ def nearest_neighbor_distance(
     bank: torch.Tensor,
     k: int = 1,
     chunk_size: int = 1024,
-    bank_chunk_size: int = 16384,
+    bank_chunk_size: int = 4096,
     metric: str = "l2",
     compute_dtype: torch.dtype | None = None,
     num_candidates: int = 16,
