@@ -202,3 +202,20 @@ def test_gaussian_blur_keeps_mass_and_constants():
     torch.testing.assert_close(
         gaussian_blur(torch.full((2, 20, 30), 3.0), sigma=4), torch.full((2, 20, 30), 3.0)
     )
+
+
+def test_convnext_scorer_round_trip(tmp_path):
+    torch.manual_seed(0)
+    convnext = backbone_from_config(DINOv3ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1]))
+    scorer = PatchMemoryScorer(convnext.eval(), layers=[2, 3], coreset_fraction=0.25, image_size=(SIZE, SIZE))
+    scorer.fit(normal_images(2))
+    assert scorer.memory_bank.shape == (32, 48)  # 2 images x 8 x 8 cells x 25 %, 16 + 32 channels
+    query = normal_images(1, seed=4)
+    maps, scores = scorer.score(query)
+    scorer.save_pretrained(tmp_path)
+    loaded_maps, loaded_scores = PatchMemoryScorer.from_pretrained(tmp_path).score(query)
+    assert (
+        maps.shape == (1, SIZE, SIZE)
+        and torch.equal(loaded_maps, maps)
+        and torch.equal(loaded_scores, scores)
+    )
