@@ -42,7 +42,8 @@ def greedy_coreset(
     the selected set. Distances use a seeded Gaussian projection to `projection_dim` dims (None: the raw
     features). `compute_dtype` is the dtype of the projected features: float16 halves the memory traffic of the
     per-step matrix-vector product (bandwidth-bound, 4x faster than float32 on our CPU); distances are
-    accumulated in float32. Pass torch.float32 for full precision.
+    accumulated in float32. Pass torch.float32 for full precision. Each step is latency-bound: on a CPU shared
+    with other processes one intra-op thread is faster than two (see BENCHMARKS.md).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"coreset fraction must be in (0, 1]; got {fraction}")
