@@ -1,0 +1,221 @@
+"""PatchFeatureExtractor and PatchMemoryScorer on tiny random DINOv3 backbones (no downloads)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import DINOv3ConvNextConfig, DINOv3ViTBackbone, DINOv3ViTConfig
+
+from cadmtl.anomaly import PatchMemoryScorer, calibrate_f1, calibrate_fpr, gaussian_blur
+from cadmtl.features import (
+    PatchFeatureExtractor,
+    backbone_from_cadmtl,
+    backbone_from_config,
+    backbone_from_preset,
+)
+from modeling_cadmtl import CadMtlConfig, CadMtlModel
+
+SIZE = 64
+
+
+def tiny_vit_config(**kwargs) -> DINOv3ViTConfig:
+    settings = {
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "patch_size": 16,
+        "num_register_tokens": 2,
+        "intermediate_size": 64,
+        "pos_embed_rescale": None,
+        **kwargs,
+    }
+    return DINOv3ViTConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return backbone_from_config(tiny_vit_config()).eval()
+
+
+def normal_images(count: int, seed: int = 0, size: int = SIZE) -> torch.Tensor:
+    """A shared smooth texture plus small noise: (count, 3, size, size)."""
+    generator = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    texture = torch.stack([torch.sin(x / 5.0), torch.cos(y / 7.0), torch.sin((x + y) / 9.0)])
+    return texture + 0.05 * torch.randn(count, 3, size, size, generator=generator)
+
+
+def test_vit_patch_tokens_match_transformers_backbone(backbone):
+    reference = DINOv3ViTBackbone(tiny_vit_config(out_indices=[1, 2], apply_layernorm=True)).eval()
+    reference.load_state_dict(backbone.state_dict())
+    pixels = torch.randn(2, 3, SIZE, 48)
+    extractor = PatchFeatureExtractor(backbone, [1, 2], aggregate=False)
+    with torch.no_grad():
+        features = extractor(pixels)
+        expected = torch.cat(reference(pixels).feature_maps, dim=1)
+    assert features.shape == (2, 64, 4, 3)  # CLS and 2 register tokens dropped, 4 x 3 grid
+    torch.testing.assert_close(features, expected)
+    aggregated = PatchFeatureExtractor(backbone, [1, 2], aggregate=True)(pixels).detach()
+    torch.testing.assert_close(aggregated[..., 1, 1], features[..., :3, :3].mean(dim=(-2, -1)))
+
+
+def test_convnext_stages_are_upsampled_to_the_first_layer_and_cadmtl_backbone():
+    convnext = backbone_from_config(DINOv3ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1]))
+    extractor = PatchFeatureExtractor(convnext, [2, 3])
+    assert extractor(torch.randn(1, 3, SIZE, SIZE)).shape == (1, 16 + 32, 8, 8)
+    assert extractor.stride == 8 and extractor.num_channels == 48
+    config = CadMtlConfig(
+        backbone_config=tiny_vit_config(out_indices=[1, 2, 3]),
+        cls_labels=["normal", "worn"],
+        det_labels=["dent"],
+        seg_labels=["background", "dent"],
+        neck_channels=16,
+        seg_channels=16,
+    )
+    cadmtl_extractor = PatchFeatureExtractor(backbone_from_cadmtl(CadMtlModel(config)), [3])
+    assert cadmtl_extractor(torch.randn(1, 3, 32, 32)).shape == (1, 32, 2, 2)
+    preset = PatchFeatureExtractor(backbone_from_preset("tiny"), [2, 4])  # 4 layers, hidden 64, 4 registers
+    assert preset(torch.randn(1, 3, 32, 48)).shape == (1, 128, 2, 3)
+    with pytest.raises(
+        ValueError, match=r"checkpoint feature layers \[0\] do not match a backbone of 4 layers"
+    ):
+        PatchFeatureExtractor(backbone_from_preset("tiny"), [0])
+
+
+def test_wrong_layers_and_empty_bank_errors(backbone):
+    with pytest.raises(
+        ValueError, match=r"checkpoint feature layers \[2, 4\] do not match a backbone of 3 layers"
+    ):
+        PatchMemoryScorer(backbone, layers=[2, 4])
+    scorer = PatchMemoryScorer(backbone, layers=[2], image_size=(SIZE, SIZE))
+    with pytest.raises(ValueError, match="memory bank is empty"):
+        scorer.score(torch.zeros(1, 3, SIZE, SIZE))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        PatchMemoryScorer(backbone, layers=[2], image_size=(60, 64)).fit([torch.zeros(3, 60, 64)])
+
+
+def test_shapes_copy_scores_zero_and_other_sizes(backbone):
+    images = normal_images(4)
+    scorer = PatchMemoryScorer(backbone, layers=[1, 2], image_size=(SIZE, SIZE)).fit(
+        list(images), few_shot=True
+    )
+    assert scorer.memory_bank.shape == (4 * 16, 64)  # few-shot: every patch, no coreset
+    maps, scores = scorer.score(images[:2])
+    assert maps.shape == (2, SIZE, SIZE) and scores.shape == (2,)
+    # Fitted images score ~0 (not bit-exactly: a batch of 2 runs other BLAS paths than the batch of 4).
+    assert scores.abs().max() < 1e-5 and maps.abs().max() < 1e-5
+    maps, scores = scorer.score(torch.randn(3, 3, 80, 96))  # resized to 64 x 64, maps back at 80 x 96
+    assert maps.shape == (3, 80, 96) and bool((scores > 1.0).all())
+    coreset = PatchMemoryScorer(backbone, layers=[1, 2], coreset_fraction=0.25, image_size=(SIZE, SIZE))
+    assert coreset.fit(images, batch_size=3).memory_bank.shape == (16, 64)  # batch input, 25 % of 64 patches
+
+
+@pytest.mark.parametrize(
+    "aggregate,square",
+    [
+        (False, (48, 64, 64, 80)),
+        (True, (48, 80, 48, 80)),
+    ],  # 1 patch raw; 2 x 2 patches with 3 x 3 aggregation
+)
+def test_pasted_square_scores_higher_and_map_peaks_inside(backbone, aggregate, square):
+    # 8 x 8 patch grid. With aggregation, the averaged neighbours of a 1-patch defect are as novel as the defect
+    # itself (PatchCore's receptive field), so the aggregated case uses a defect of 2 x 2 patches.
+    top, bottom, left, right = square
+    scorer = PatchMemoryScorer(
+        backbone, layers=[1, 2], coreset_fraction=0.5, image_size=(128, 128), aggregate=aggregate
+    ).fit(normal_images(6, size=128))
+    query = normal_images(2, seed=1, size=128)
+    query[1, :, top:bottom, left:right] = 3.0
+    maps, scores = scorer.score(query)
+    assert scores[1] > 2 * scores[0]
+    row, col = divmod(int(maps[1].argmax()), 128)
+    assert top <= row < bottom and left <= col < right
+    assert maps[1, top:bottom, left:right].mean() > 2 * maps[1, 100:, :30].mean()
+
+
+def test_save_and_load_score_identically(backbone, tmp_path):
+    scorer = PatchMemoryScorer(
+        backbone, layers=[2, 3], coreset_fraction=0.5, image_size=(SIZE, SIZE), image_score="max"
+    ).fit(normal_images(4))
+    query = normal_images(3, seed=2)
+    query[0, :, :16, :16] = -2.0
+    maps, scores = scorer.score(query)
+    scorer.image_threshold = calibrate_fpr(scores[1:], target_fpr=0.0)
+    scorer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (
+        config["layers"] == [2, 3] and config["image_size"] == [SIZE, SIZE] and config["image_score"] == "max"
+    )
+    assert config["pixel_threshold"] is None and config["image_threshold"] == scorer.image_threshold
+    assert config["backbone_config"]["num_register_tokens"] == 2 and config["memory_bank_size"] == 32
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "config.json",
+        "memory_bank.safetensors",
+        "backbone.safetensors",
+    }
+    loaded = PatchMemoryScorer.from_pretrained(tmp_path)
+    loaded_maps, loaded_scores = loaded.score(query)
+    assert torch.equal(loaded_maps, maps) and torch.equal(loaded_scores, scores)
+    assert loaded.image_threshold == scorer.image_threshold
+    prediction = loaded.predict(query)
+    assert prediction["is_anomalous"].tolist() == [True, False, False] and prediction["defect_masks"] is None
+
+
+def test_approximate_search_scorer_close_to_exact_and_saved(backbone, tmp_path):
+    images, query = normal_images(4), normal_images(2, seed=3)
+    query[1, :, 16:32, 16:32] = 3.0
+    exact = PatchMemoryScorer(backbone, layers=[1, 2], coreset_fraction=0.5, image_size=(SIZE, SIZE)).fit(
+        images
+    )
+    fast = PatchMemoryScorer(
+        backbone,
+        layers=[1, 2],
+        coreset_fraction=0.5,
+        image_size=(SIZE, SIZE),
+        search_dtype="bfloat16",
+        search_projection_dim=16,
+        num_candidates=16,  # half the bank: the re-rank is then exact in practice
+    ).fit(images)
+    assert fast.index() is fast.index()  # built once per bank
+    torch.testing.assert_close(fast.score(query)[1], exact.score(query)[1], rtol=1e-4, atol=1e-4)
+    fast.save_pretrained(tmp_path)
+    assert PatchMemoryScorer.from_pretrained(tmp_path).index().search_bank.dtype == torch.bfloat16
+
+
+def test_threshold_calibration():
+    normal = torch.arange(100, dtype=torch.float32)  # 0..99
+    threshold = calibrate_fpr(normal, target_fpr=0.05)
+    assert int((normal >= threshold).sum()) == 5 and 94 < threshold <= 95
+    assert calibrate_fpr(normal, target_fpr=0.0) > 99
+    assert calibrate_f1([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.35)
+
+
+def test_gaussian_blur_keeps_mass_and_constants():
+    impulse = torch.zeros(1, 64, 64)
+    impulse[0, 32, 32] = 1.0
+    blurred = gaussian_blur(impulse, sigma=4)
+    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert blurred[0, 32, 32].item() == pytest.approx(1 / (2 * torch.pi * 16), rel=1e-2)
+    torch.testing.assert_close(
+        gaussian_blur(torch.full((2, 20, 30), 3.0), sigma=4), torch.full((2, 20, 30), 3.0)
+    )
+
+
+def test_convnext_scorer_round_trip(tmp_path):
+    torch.manual_seed(0)
+    convnext = backbone_from_config(DINOv3ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1]))
+    scorer = PatchMemoryScorer(convnext.eval(), layers=[2, 3], coreset_fraction=0.25, image_size=(SIZE, SIZE))
+    scorer.fit(normal_images(2))
+    assert scorer.memory_bank.shape == (32, 48)  # 2 images x 8 x 8 cells x 25 %, 16 + 32 channels
+    query = normal_images(1, seed=4)
+    maps, scores = scorer.score(query)
+    scorer.save_pretrained(tmp_path)
+    loaded_maps, loaded_scores = PatchMemoryScorer.from_pretrained(tmp_path).score(query)
+    assert (
+        maps.shape == (1, SIZE, SIZE)
+        and torch.equal(loaded_maps, maps)
+        and torch.equal(loaded_scores, scores)
+    )
