@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DINOv3ViTBackbone
 
-from cadmtl.training.presets import PRESETS, backbone_preset
+from cadmtl.presets import PRESETS, backbone_preset
 from modeling_cadmtl import CadMtlConfig, CadMtlModel
 
 NUM_CLASSES = {"cls": 50, "det": 10, "seg": 19}

@@ -42,7 +42,7 @@ def backbone_alone(
 ):
     """(images/s, TFLOP per image) of the backbone-alone train step."""
     bench_model = _load("bench_model", HERE / "bench_model.py")
-    from cadmtl.training.presets import backbone_preset
+    from cadmtl.presets import backbone_preset
     from modeling_cadmtl import CadMtlConfig, CadMtlModel
 
     torch.manual_seed(0)

@@ -58,7 +58,7 @@ def backbone_from_config(config: PreTrainedConfig | dict) -> nn.Module:
 
 def backbone_from_preset(name: str, **overrides) -> nn.Module:
     """A random backbone shaped like a DINOv3 checkpoint ("vits16", "vitb16", "convnext-tiny", "tiny", ...)."""
-    from modeling_cadmtl.training.presets import backbone_preset
+    from cadmtl.presets import backbone_preset
 
     return backbone_from_config(backbone_preset(name, **overrides))
 

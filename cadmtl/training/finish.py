@@ -14,8 +14,8 @@ from accelerate import Accelerator
 from cadmtl.data.sources import LoaderSettings, TaskSource
 from cadmtl.evaluation.loop import evaluate_sources
 from cadmtl.evaluation.reporting import domain_tables
+from cadmtl.presets import PRESETS
 from cadmtl.training.arguments import DataArguments, ModelArguments, TrainingArguments
-from cadmtl.training.presets import PRESETS
 from cadmtl.training.tracking import plot_training_curves
 from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
 

@@ -10,8 +10,8 @@ import torch
 from accelerate import Accelerator
 
 from cadmtl.data.sources import TaskSource
+from cadmtl.presets import PRESETS, backbone_preset
 from cadmtl.training.arguments import DataArguments, ModelArguments, TrainingArguments
-from cadmtl.training.presets import PRESETS, backbone_preset
 from cadmtl.training.tracking import JsonlTracker
 from modeling_cadmtl import CadMtlConfig, CadMtlModel
 

@@ -29,6 +29,7 @@ HUB_ALLOWED = {"torch", "torchvision", "transformers", "safetensors", "huggingfa
 # The cadmtl wings, lowest first: a module may import its own wing and wings of a lower rank only.
 WING_RANKS = {
     "testing": 0,
+    "presets": 0,
     "features": 1,
     "data": 1,
     "evaluation": 2,

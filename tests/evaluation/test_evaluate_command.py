@@ -15,9 +15,9 @@ import yaml
 from cadmtl.data.sources import discover_sources, merged_labels
 from cadmtl.evaluation.command import main as evaluate_main
 from cadmtl.evaluation.reporting import comparison_table, domain_tables, task_summary
+from cadmtl.presets import backbone_preset
 from cadmtl.testing import tiny_cadmtl_config
 from cadmtl.training.arguments import parse_arguments
-from cadmtl.training.presets import backbone_preset
 from dataset_scripts.make_demo import build_demo
 from modeling_cadmtl import CadMtlConfig, CadMtlModel
 
