@@ -45,6 +45,11 @@ COMMANDS: dict[str, Command] = {
         "per-class charts and confusion matrices of an eval_results.json",
         "cadmtl charts outputs/cadmtl-demo/eval_results.json --output-dir charts/",
     ),
+    "anomaly": Command(
+        "cadmtl.anomaly.command:main",
+        "normal-only anomaly detection: fit | evaluate | predict | train on *_ad configs",
+        "cadmtl anomaly fit data/cad100k-mini --config exterior_ad --output-dir outputs/ad --backbone tiny",
+    ),
     "protocol": Command(
         "cadmtl.protocol:main",
         "the public-benchmark protocol: single-task vs base vs adaptive over seeds",

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-IGNORE_INDEX = 255
+from dataset_scripts.schema import IGNORE_INDEX
+
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "pixel_ap")
 METRIC_TITLES = ("image AUROC", "pixel AUROC", "AUPRO", "image F1-max", "pixel F1-max", "pixel AP")
 _CHUNK = 1 << 22  # positives per searchsorted call in AUROC: keeps the index arrays bounded
@@ -352,8 +353,13 @@ class AnomalyMetrics:
         return results
 
 
-def metrics_table(per_defect_type: dict[str, dict[str, float]], title: str = "defect type") -> str:
-    """Paper-shaped Markdown table: one row per defect type and their mean, percent with 1 decimal."""
+def metrics_table(
+    per_defect_type: dict[str, dict[str, float]],
+    title: str = "defect type",
+    overall: dict[str, float] | None = None,
+) -> str:
+    """Paper-shaped Markdown table: one row per defect type, their mean, and (if given) the metrics over all
+    images at once; percent with 1 decimal."""
     header = f"| {title} | " + " | ".join(METRIC_TITLES) + " |"
     lines = [header, "|---|" + "---:|" * len(METRIC_KEYS)]
 
@@ -367,4 +373,6 @@ def metrics_table(per_defect_type: dict[str, dict[str, float]], title: str = "de
         column = [v[key] for v in per_defect_type.values() if not math.isnan(v[key])]
         means.append(sum(column) / len(column) if column else math.nan)
     lines.append("| **mean** | " + " | ".join(cell(m) for m in means) + " |")
+    if overall is not None:
+        lines.append("| **all images** | " + " | ".join(cell(overall[k]) for k in METRIC_KEYS) + " |")
     return "\n".join(lines)

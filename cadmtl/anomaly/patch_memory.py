@@ -21,6 +21,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from ..features import PatchFeatureExtractor, backbone_depth, backbone_from_config, is_vit_config
 from .memory_bank import NearestNeighborIndex, greedy_coreset
 from .metrics import f1_max
@@ -29,8 +30,6 @@ CONFIG_NAME = "config.json"
 MEMORY_BANK_NAME = "memory_bank.safetensors"
 BACKBONE_NAME = "backbone.safetensors"
 IMAGE_SCORE_MODES = ("max", "top_mean")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-__all__ = ["Color", "ImagePrediction", "class_color", "draw_predictions", "task_colors"]
+__all__ = ["Color", "ImagePrediction", "class_color", "draw_anomaly_map", "draw_predictions", "task_colors"]
 
 Color = tuple[int, int, int]
 
@@ -312,4 +312,41 @@ def _draw_legend(canvas: Image.Image, entries: list[tuple[str, Color, float]], f
             draw.rectangle([x, y, x + swatch, y + swatch], fill=color, outline=(255, 255, 255))
         draw.text((x + swatch + pad, y), text, fill=(255, 255, 255, 255), font=font, anchor="lt")
         y += line_height + spacing
+    return canvas
+
+
+def draw_anomaly_map(
+    image: Image.Image,
+    anomaly_map: np.ndarray,
+    value_range: tuple[float, float],
+    *,
+    true_mask: np.ndarray | None = None,
+    predicted_mask: np.ndarray | None = None,
+    alpha: float = 0.5,
+    colormap: str = "inferno",
+) -> Image.Image:
+    """A heat map of `anomaly_map` (H, W) blended over `image`, with defect contours.
+
+    The colours span the fixed `value_range` (e.g. 0 to twice the model's pixel threshold), never the map's own
+    minimum and maximum: a normal image must look normal. `true_mask` (0 / 1 / 255) is outlined in white, the
+    thresholded `predicted_mask` in cyan.
+    """
+    from matplotlib import colormaps
+
+    if anomaly_map.shape != (image.height, image.width):
+        raise ValueError(
+            f"anomaly map {anomaly_map.shape} does not match the image size {(image.height, image.width)}"
+        )
+    low, high = value_range
+    scaled = np.clip((np.asarray(anomaly_map, dtype=np.float32) - low) / max(high - low, 1e-12), 0.0, 1.0)
+    heat = (colormaps[colormap](scaled)[..., :3] * 255).astype(np.uint8)
+    canvas = Image.blend(image.convert("RGB"), Image.fromarray(heat), alpha)
+    for mask, colour in ((true_mask, (255, 255, 255)), (predicted_mask, (0, 255, 255))):
+        if mask is not None and (np.asarray(mask) == 1).any():
+            region = (np.asarray(mask) == 1).astype(np.uint8) * 255
+            grown = Image.fromarray(region).filter(ImageFilter.MaxFilter(3))
+            edge = (np.asarray(grown) > 0) & ~(region > 0)
+            pixels = np.asarray(canvas).copy()
+            pixels[edge] = colour
+            canvas = Image.fromarray(pixels)
     return canvas

@@ -1,0 +1,102 @@
+"""`cadmtl anomaly fit / evaluate / predict` on a small generated `_ad` repo with the tiny random backbone."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, normal_only
+from cadmtl.cli import main
+from dataset_scripts.make_demo import build_demo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ad") / "mini"
+    build_demo(folder, train=12, validation=6, test=8)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fitted(repo: Path, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("fit")
+    argv = ["anomaly", "fit", str(repo), "--config", "exterior_ad", "--output-dir", str(output)]
+    assert main([*argv, "--backbone", "tiny", "--image-size", "64", "--coreset-fraction", "0.5"]) == 0
+    return output
+
+
+def test_fit_saves_a_calibrated_scorer(fitted: Path) -> None:
+    summary = json.loads((fitted / "fit_results.json").read_text())
+    assert summary["normal_images_in_bank"] == 12 and summary["memory_bank_patches"] == 12 * 16 // 2
+    assert summary["calibration"]["method"] == "f1_max"  # the validation split holds defects
+    config = json.loads((fitted / "model" / "config.json").read_text())
+    assert config["image_threshold"] == summary["calibration"]["image_threshold"] is not None
+    assert config["pixel_threshold"] is not None and config["image_size"] == [64, 64]
+
+
+def test_evaluate_writes_metrics_scores_and_maps_at_the_original_size(
+    repo: Path, fitted: Path, tmp_path
+) -> None:
+    out = tmp_path / "eval"
+    argv = [
+        "anomaly",
+        "evaluate",
+        str(fitted / "model"),
+        str(repo),
+        "--config",
+        "exterior_ad",
+        "--split",
+        "test",
+    ]
+    assert main([*argv, "--output-dir", str(out), "--save-maps", "--save-pictures"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    metrics = results["metrics"]
+    assert set(metrics) == {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "pixel_ap"}
+    assert all(0 <= value <= 100 for value in metrics.values())
+    assert results["per_defect_type"] and results["images"] == 8
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    samples = load_anomaly_split(str(repo), "exterior_ad", "test")
+    assert [row["image_id"] for row in rows] == [sample.image_id for sample in samples]
+    threshold = results["thresholds"]["image"]
+    for row, sample in zip(rows, samples):
+        assert row["is_normal"] == str(int(sample.is_normal))
+        assert row["verdict"] == ("NG" if float(row["score"]) >= threshold else "OK")
+        anomaly_map = np.load(out / "maps" / f"{sample.image_id}.npy")
+        assert anomaly_map.dtype == np.float32 and anomaly_map.shape == sample.size
+        assert (out / "pictures" / f"{sample.image_id}.png").exists()
+    assert "| **all images** |" in (out / "eval_results.md").read_text()
+
+
+def test_predict_scores_files_and_reports_unreadable_ones(fitted: Path, tmp_path) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(inputs / "part.png")
+    Image.fromarray(np.full((30, 30), 200, np.uint8)).save(inputs / "gray.png")
+    (inputs / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "predict"
+    assert main(["anomaly", "predict", str(fitted / "model"), str(inputs), "--output-dir", str(out)]) == 0
+    rows = {Path(row["file_name"]).name: row for row in csv.DictReader((out / "scores.csv").open())}
+    assert rows["broken.jpg"]["verdict"] == "error" and rows["broken.jpg"]["error"]
+    assert rows["part.png"]["verdict"] in ("OK", "NG") and float(rows["part.png"]["score"]) >= 0
+    assert Image.open(out / "part.png").size == (50, 40) and Image.open(out / "gray.png").size == (30, 30)
+
+
+def test_a_training_split_with_anomalous_images_is_refused() -> None:
+    good = AnomalySample("a", Image.new("RGB", (4, 4)), np.zeros((4, 4), np.uint8), True, "good")
+    bad = AnomalySample("b", Image.new("RGB", (4, 4)), np.ones((4, 4), np.uint8), False, "dent")
+    assert normal_only([good], "x_ad/train") == [good]
+    with pytest.raises(
+        ValueError, match=r"x_ad/train must hold normal images only, but 1 are anomalous \(first: b\)"
+    ):
+        normal_only([good, bad], "x_ad/train")
+
+
+def test_a_config_that_is_not_ad_is_a_clear_error(repo: Path, capsys) -> None:
+    argv = ["anomaly", "fit", str(repo), "--config", "exterior_seg", "--output-dir", "unused"]
+    assert main(argv) == 2
+    assert "'exterior_seg' is not an anomaly-detection config" in capsys.readouterr().err
