@@ -18,12 +18,15 @@ resolution and resizing, and keeps the boxes exact (they are rescaled with the i
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 import math
+import os
 import random
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -64,12 +67,29 @@ def load_split(
     held-out batches, each evaluation), and resolving a repo's card and data files costs seconds. Callers
     derive new datasets from the returned one (``select_columns``, ``shuffle``...) and never mutate it.
     """
-    return _load_split(str(path_or_repo), config, split, streaming)
+    fingerprint = local_fingerprint(path_or_repo, config)
+    return _load_split(str(path_or_repo), config, split, streaming, fingerprint)
+
+
+def local_fingerprint(path_or_repo: str | os.PathLike, config: str) -> str | None:
+    """A digest of a local repo's card and its config's Parquet files (path, size, modification time), None for
+    a Hub id. It keys the caches, so a repo rebuilt in place is read as it is now: datasets 5.2 caches a
+    non-streaming local load by the folder's *name*, whatever the files hold (a/repo and b/repo, or a repo
+    rewritten in place, would load the first rows it saw)."""
+    folder = Path(path_or_repo)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    for path in [folder / "README.md", *sorted((folder / config).rglob("*.parquet"))]:
+        if path.exists():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:20]
 
 
 @functools.lru_cache(maxsize=256)
 def _load_split(
-    path_or_repo: str, config: str, split: str, streaming: bool
+    path_or_repo: str, config: str, split: str, streaming: bool, fingerprint: str | None
 ) -> datasets.IterableDataset | datasets.Dataset:
     try:
         configs = datasets.get_dataset_config_names(path_or_repo)
@@ -82,7 +102,13 @@ def _load_split(
         raise ValueError(
             f"{path_or_repo}: config {config!r} has no split {split!r}; available splits: {splits}"
         )
-    dataset = datasets.load_dataset(path_or_repo, config, split=split, streaming=streaming)
+    # A non-streaming local load gets a cache folder of its own content (see `local_fingerprint`).
+    cache = (
+        {"cache_dir": str(Path(datasets.config.HF_DATASETS_CACHE) / "cadmtl-local" / fingerprint)}
+        if fingerprint and not streaming
+        else {}
+    )
+    dataset = datasets.load_dataset(path_or_repo, config, split=split, streaming=streaming, **cache)
     info_split = (dataset.info.splits or {}).get(split) if dataset.info is not None else None
     if info_split is not None and info_split.num_examples is not None:
         empty = info_split.num_examples == 0
