@@ -441,7 +441,8 @@ def grpo_config(
     **overrides: Any,
 ) -> Any:
     """A ``GRPOConfig`` for the localisation run: DAPO loss and asymmetric clipping 0.2 / 0.28 (DifferAD-R1's),
-    bf16 and activation (gradient) checkpointing on a GPU only, no checkpoints mid-run (the end saves), logging every step.
+    bf16 and activation (gradient) checkpointing on a GPU only, no checkpoints mid-run (the end saves), logs
+    every step.
 
     ``per_device_train_batch_size`` defaults to ``num_generations`` (one prompt's group per device step; the
     effective batch must be a multiple of ``num_generations``). ``overrides`` are any other GRPOConfig fields.

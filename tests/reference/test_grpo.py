@@ -5,7 +5,9 @@ and (slow) GRPO steps and the two commands."""
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -258,6 +260,34 @@ def test_completion_weights_repeat_each_groups_difficulty_weight() -> None:
     weights = grpo.completion_weights(accuracy, num_generations=2)
     expected = difficulty_weights(torch.tensor([[1.0, 0.9], [0.0, 0.1], [0.5, 0.0]]))
     assert torch.allclose(weights, expected.repeat_interleave(2))
+
+
+def test_difficulty_trainer_scales_each_process_advantages_by_its_group_weight(monkeypatch) -> None:
+    from trl import GRPOTrainer
+
+    trainer_class = grpo._difficulty_trainer_class()
+    trainer = trainer_class.__new__(trainer_class)  # only the attributes the override reads
+    trainer.model = SimpleNamespace(training=True)
+    trainer.accelerator = SimpleNamespace(process_index=1)  # the second of two processes, 4 completions each
+    trainer.num_generations, trainer.accuracy_index, trainer.error_threshold = 2, 1, 0.3
+    trainer._metrics = {"train": defaultdict(list)}
+    accuracy = torch.tensor([1.0, 0.9, 0.0, 0.1, 0.5, 0.2, 1.0, 1.0])
+    gathered = torch.stack([torch.ones(8), accuracy], dim=1)  # (B * G, rewards): format, dclr
+
+    def generate_and_score(self, inputs):
+        self._gathered_rewards = gathered  # what the _calculate_rewards override keeps
+        return {"advantages": torch.tensor([1.0, -1.0, 2.0, -2.0])}
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", generate_and_score)
+    output = trainer._generate_and_score_completions([{}] * 4)
+    weights = difficulty_weights(accuracy.view(4, 2)).repeat_interleave(2)
+    assert torch.allclose(output["advantages"], torch.tensor([1.0, -1.0, 2.0, -2.0]) * weights[4:])
+    assert trainer._metrics["train"]["difficulty_weight/mean"] == [pytest.approx(weights.mean().item())]
+    assert trainer._gathered_rewards is None
+    trainer.model.training = False  # evaluation batches are left alone
+    assert torch.equal(
+        trainer._generate_and_score_completions([{}] * 4)["advantages"], torch.tensor([1.0, -1.0, 2.0, -2.0])
+    )
 
 
 def test_grpo_config_uses_dapo_clipping_and_cpu_settings(tmp_path) -> None:
