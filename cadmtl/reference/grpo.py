@@ -359,7 +359,7 @@ def freeze_vision_tower(model: Any) -> int:
     frozen = 0
     for parameter in tower.parameters():
         parameter.requires_grad_(False)
-        frozen += parameter.numel()
+        frozen += getattr(parameter, "ds_numel", parameter.numel())  # ZeRO-3 partitions hold 0 elements
     return frozen
 
 
