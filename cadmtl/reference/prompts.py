@@ -96,25 +96,7 @@ def prompt_text(
 
 def prompt_messages(text: str) -> list[dict[str, Any]]:
     """TRL's conversational multimodal prompt: one user turn, two image placeholders (reference, query), the
-    text last. The placeholders are filled in order from the sample's ``images`` column by the trainer (or by
-    :func:`with_images` for generation outside it)."""
+    text last. TRL fills the placeholders in order from the sample's ``images`` column; for generation outside
+    the trainer the processor takes the images beside the templated text."""
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": text}]
     return [{"role": "user", "content": content}]
-
-
-def with_images(messages: list[dict[str, Any]], images: list[Any]) -> list[dict[str, Any]]:
-    """The messages with each ``{"type": "image"}`` placeholder holding its image (in order), as a chat
-    template that takes the image from the message expects."""
-    remaining = list(images)
-    filled = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            content = [
-                {"type": "image", "image": remaining.pop(0)} if part.get("type") == "image" else dict(part)
-                for part in content
-            ]
-        filled.append({**message, "content": content})
-    if remaining:
-        raise ValueError(f"{len(images)} images but only {len(images) - len(remaining)} image placeholders")
-    return filled
