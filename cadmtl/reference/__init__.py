@@ -5,6 +5,8 @@
 * :mod:`.rewards` holds the reward functions in TRL's signature and the difficulty-aware group weight;
 * :mod:`.localizer` compares query and reference patch features (nearest neighbour within a window) and turns
   the difference map into boxes, with threshold calibration.
+* :mod:`.prompts` is DifferAD-R1's two-image prompt; :mod:`.grpo` trains a vision-language model on it with
+  TRL's ``GRPOTrainer`` and answers pairs zero-shot (imported on demand: it needs the ``grpo`` extra).
 """
 
 from .answers import ParseStats, completion_text, parse_box, parse_boxes
