@@ -10,9 +10,10 @@
   DataLoader workers split those shards further, training shuffles and cycles forever, evaluation makes
   one exact pass in which every sample is seen by exactly one rank.
 
-Decoding uses Pillow on the embedded bytes (``Image(decode=False)``): JPEGs are decoded straight at a
-reduced scale (``draft``) when the target size allows it, which is much cheaper than decoding full
-resolution and resizing, and keeps the boxes exact (they are rescaled with the image).
+Decoding uses Pillow on the embedded bytes (``Image(decode=False)``): in training, JPEGs are decoded straight at
+a reduced scale (``draft``) when the target size allows it, which is much cheaper than decoding full
+resolution and resizing, and keeps the boxes exact (they are rescaled with the image). Evaluation decodes at full
+resolution and resizes like ``CadMtlImageProcessor`` does, so evaluation and serving see the same pixels.
 """
 
 from __future__ import annotations
