@@ -62,11 +62,15 @@ def providers(device: torch.device) -> list:
     return ["CPUExecutionProvider"]
 
 
-def measure(args: argparse.Namespace, preset: str, size: int, batch_sizes: list[int], folder: Path) -> list[dict]:
+def measure(
+    args: argparse.Namespace, preset: str, size: int, batch_sizes: list[int], folder: Path
+) -> list[dict]:
     device = torch.device(args.device)
     model = build_model(preset, args.neck_channels)
     model_dir, onnx_dir = folder / f"{preset}-{size}", folder / f"{preset}-{size}-onnx"
-    model.save_pretrained(model_dir, image_processor=CadMtlImageProcessor(size={"height": size, "width": size}))
+    model.save_pretrained(
+        model_dir, image_processor=CadMtlImageProcessor(size={"height": size, "width": size})
+    )
     started = time.perf_counter()
     export_onnx(model_dir, onnx_dir)
     export_seconds = time.perf_counter() - started
@@ -85,13 +89,13 @@ def measure(args: argparse.Namespace, preset: str, size: int, batch_sizes: list[
         inputs = pixel_values.numpy()
         on_device = pixel_values.to(device)
 
-        def run_torch():
+        def run_torch(on_device=on_device):
             with torch.inference_mode():
                 outputs = model(on_device)
             sync(device)
             return outputs
 
-        def run_ort():
+        def run_ort(inputs=inputs):
             return predictor.run(inputs)
 
         for _ in range(args.warmup):
@@ -104,7 +108,8 @@ def measure(args: argparse.Namespace, preset: str, size: int, batch_sizes: list[
                 times[name].append(time.perf_counter() - start)
         reference, outputs = run_torch(), run_ort()
         difference = max(
-            float((outputs[field].float() - getattr(reference, field).float().cpu()).abs().max()) for field in FIELDS
+            float((outputs[field].float() - getattr(reference, field).float().cpu()).abs().max())
+            for field in FIELDS
         )
         rows.append(
             {
@@ -143,7 +148,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", nargs="+", default=["tiny", "vits16"], choices=PRESETS)
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 512])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
@@ -154,7 +161,10 @@ def main() -> None:
         "--threads", type=int, default=None, help="threads of both engines (default: torch's own count)"
     )
     parser.add_argument(
-        "--ort-level", default="all", choices=["disable", "basic", "extended", "all"], help="graph optimisations"
+        "--ort-level",
+        default="all",
+        choices=["disable", "basic", "extended", "all"],
+        help="graph optimisations",
     )
     parser.add_argument("--neck-channels", type=int, default=128)
     parser.add_argument(
