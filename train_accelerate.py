@@ -319,7 +319,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         weighting,
         task_scheduler.temperature,
     )
-    processor = CadMtlImageProcessor(size={"height": image_sizes["det"], "width": image_sizes["det"]})
+    processor = CadMtlImageProcessor(
+        size={"height": image_sizes["det"], "width": image_sizes["det"]},
+        task_sizes={t: image_sizes[t] for t in tasks},
+    )
     save_run(accelerator, model, output_dir, summary, card_data, processor, train_args)
     accelerator.end_training()
     return summary

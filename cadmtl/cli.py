@@ -55,6 +55,11 @@ COMMANDS: dict[str, Command] = {
         "the public-benchmark protocol: single-task vs base vs adaptive over seeds",
         "cadmtl protocol --setting smoke",
     ),
+    "export": Command(
+        "cadmtl.export.command:main",
+        "export a model for serving: ONNX graph + processor + config (onnxruntime predictor)",
+        "cadmtl export onnx outputs/cadmtl-demo/model onnx/",
+    ),
 }
 
 DATA_COMMANDS: dict[str, Command] = {

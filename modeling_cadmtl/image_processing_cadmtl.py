@@ -19,8 +19,12 @@ from transformers.image_utils import (
     ChannelDimension,
     PILImageResampling,
 )
+from transformers.processing_utils import ImagesKwargs
 
-from .configuration_cadmtl import IGNORE_INDEX
+from .configuration_cadmtl import IGNORE_INDEX, TASKS
+
+# The head each transformers pipeline serves: `pipeline(...)` loads the processor with `_from_pipeline=<its task>`.
+PIPELINE_TASKS = {"image-classification": "cls", "object-detection": "det", "image-segmentation": "seg"}
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -70,6 +74,19 @@ def _as_size_list(target_sizes: Any, batch_size: int) -> list[tuple[int, int]] |
     return [(int(h), int(w)) for h, w in sizes]
 
 
+class CadMtlImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    task_sizes (`dict[str, int]`, *optional*):
+        The square input size of each task's head, e.g. `{"cls": 224, "det": 512, "seg": 512}` (what the model
+        was trained at); a task without an entry uses `size`.
+    task (`str`, *optional*):
+        "cls", "det" or "seg": preprocess at that task's size from `task_sizes`. An explicit `size` wins.
+    """
+
+    task_sizes: dict[str, int] | None
+    task: str | None
+
+
 class CadMtlImageProcessor(TorchvisionBackend):
     r"""
     Prepares images for [`CadMtlModel`] and turns its outputs into predictions.
@@ -78,6 +95,12 @@ class CadMtlImageProcessor(TorchvisionBackend):
     whole image: no crop, so predictions map back exactly), rescaled to [0, 1] and normalised with the ImageNet
     statistics DINOv3 was trained with. With `do_pad=True` and an aspect-preserving `size` such as
     `{"shortest_edge": 512}`, a batch is padded at the bottom / right and `pixel_mask` marks the real pixels.
+
+    Each head may have been trained at its own size: `task_sizes` (e.g. `{"cls": 224, "det": 512, "seg": 512}`,
+    written by the trainer) records them and `processor(images, task="cls")` resizes to that task's size. A
+    processor loaded by `pipeline("image-classification" | "object-detection" | "image-segmentation", ...)` sets
+    `task` to the pipeline's task, so each pipeline feeds its head at the size it was trained at; with a processor
+    instance of your own, load it with `CadMtlImageProcessor.from_pretrained(repo, task="cls")`.
 
     Detection annotations (COCO style, per image `{"image_id": ..., "annotations": [{"bbox": [x, y, w, h],
     "category_id": c}, ...]}` in original-image pixels) become `labels`: `{"class_labels", "boxes"}` with
@@ -97,6 +120,50 @@ class CadMtlImageProcessor(TorchvisionBackend):
     do_pad = False
     model_input_names = ["pixel_values", "pixel_mask"]
     ignore_index = IGNORE_INDEX
+    task_sizes = None
+    task = None
+    valid_kwargs = CadMtlImageProcessorKwargs
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.task_sizes is not None:
+            unknown = set(self.task_sizes) - set(TASKS)
+            if unknown:
+                raise ValueError(f"task_sizes has unknown tasks {sorted(unknown)}; expected keys in {TASKS}.")
+            bad = {
+                task: size
+                for task, size in self.task_sizes.items()
+                if not isinstance(size, int) or isinstance(size, bool) or size < 1
+            }
+            if bad:
+                raise ValueError(f"task_sizes must map tasks to positive integer sizes (pixels), got {bad}.")
+            self.task_sizes = dict(self.task_sizes)
+        self._check_task(self.task)
+
+    @staticmethod
+    def _check_task(task: str | None) -> None:
+        if task is not None and task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; expected one of {TASKS} or None.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """`ImageProcessingMixin.from_pretrained`; when a transformers pipeline of one of the heads loads it (it
+        passes `_from_pipeline=<pipeline task>`), `task` is set to that head so it gets its own input size."""
+        pipeline_task = PIPELINE_TASKS.get(kwargs.get("_from_pipeline"))
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        processor = loaded[0] if isinstance(loaded, tuple) else loaded
+        if pipeline_task is not None and processor.task is None:
+            processor.task = pipeline_task
+        return loaded
+
+    def size_for(self, task: str | None = None) -> dict[str, int]:
+        """The size `preprocess(..., task=task)` resizes to: `task_sizes[task]` (square), else `size`; `task`
+        defaults to the processor's own `task`."""
+        task = self.task if task is None else task
+        self._check_task(task)
+        if task is not None and self.task_sizes and task in self.task_sizes:
+            return {"height": self.task_sizes[task], "width": self.task_sizes[task]}
+        return {key: value for key, value in dict(self.size).items() if value is not None}
 
     def preprocess(
         self,
@@ -108,7 +175,13 @@ class CadMtlImageProcessor(TorchvisionBackend):
         r"""
         annotations: COCO-style detection annotations, one dict per image (see the class docstring).
         segmentation_maps: one class-id map per image (PIL "L"/"P", numpy or tensor of shape (H, W)).
+        task: "cls", "det" or "seg" resizes to that task's entry of `task_sizes` (default: `self.task`); an
+            explicit `size` wins.
         """
+        if kwargs.get("size") is None:
+            kwargs["size"] = self.size_for(kwargs.get("task"))
+        else:
+            self._check_task(kwargs.get("task"))
         return super().preprocess(images, annotations, segmentation_maps, **kwargs)
 
     def _preprocess_image_like_inputs(

@@ -10,9 +10,10 @@
   DataLoader workers split those shards further, training shuffles and cycles forever, evaluation makes
   one exact pass in which every sample is seen by exactly one rank.
 
-Decoding uses Pillow on the embedded bytes (``Image(decode=False)``): JPEGs are decoded straight at a
-reduced scale (``draft``) when the target size allows it, which is much cheaper than decoding full
-resolution and resizing, and keeps the boxes exact (they are rescaled with the image).
+Decoding uses Pillow on the embedded bytes (``Image(decode=False)``): in training, JPEGs are decoded straight at
+a reduced scale (``draft``) when the target size allows it, which is much cheaper than decoding full
+resolution and resizing, and keeps the boxes exact (they are rescaled with the image). Evaluation decodes at full
+resolution and resizes like ``CadMtlImageProcessor`` does, so evaluation and serving see the same pixels.
 """
 
 from __future__ import annotations
@@ -288,11 +289,11 @@ class TaskTransform:
         self._scale, self._shift = 1.0 / (255.0 * std), mean / std
         self._low, self._high = -self._shift, 255.0 * self._scale - self._shift
         self._lut = self._mask_lut() if task == "seg" and self.label_map is not None else None
-        # Decode JPEGs no smaller than the augmentation can need, so reduced-scale decoding loses no detail.
-        enlarge = 1.0
-        if train:
-            enlarge = det_scale_range[1] if task == "det" else 1.0 / max(crop_scale[0], 1e-3) ** 0.5
-        self._decode_size = (round(self.size[0] * enlarge), round(self.size[1] * enlarge))
+        # Training decodes JPEGs at a reduced scale (no smaller than the augmentation can need, so no detail is
+        # lost). Evaluation decodes at full size, as the image processor (`CadMtlImageProcessor`) does when the
+        # model is served: the two then feed the model the same pixels and report the same metrics.
+        enlarge = det_scale_range[1] if task == "det" else 1.0 / max(crop_scale[0], 1e-3) ** 0.5
+        self._decode_size = (round(self.size[0] * enlarge), round(self.size[1] * enlarge)) if train else None
 
     # ----------------------------------------------------------------------------------- label maps
     def _map_id(self, class_id: int) -> int:

@@ -168,13 +168,15 @@ def _predict_batch(
     top_k_classes: int,
 ) -> list[ImagePrediction]:
     config = model.config
-    device = next(model.parameters()).device
-    fixed_size = getattr(processor.size, "height", None) is not None
-    inputs = processor(images, return_tensors="pt", **({} if fixed_size else {"do_pad": True}))
-    pixel_values = inputs["pixel_values"].to(device)
-    pixel_mask = inputs.get("pixel_mask")
-    pixel_mask = pixel_mask.to(device) if pixel_mask is not None else None
-    outputs = model(pixel_values, task=tasks[0] if len(tasks) == 1 else None, pixel_mask=pixel_mask)
+    # Each head runs at the input size it was trained at (the processor's `task_sizes`): one forward pass per
+    # distinct size, all the heads of that size at once.
+    outputs: dict[str, Any] = {}
+    masks: dict[str, torch.Tensor | None] = {}
+    for group in _tasks_by_size(processor, tasks):
+        group_outputs, pixel_mask = _forward(model, processor, images, group)
+        for task in group:
+            outputs.update({field: group_outputs[field] for field in _TASK_FIELDS[task]})
+            masks[task] = pixel_mask
     sizes = [(image.height, image.width) for image in images]
     predictions = [ImagePrediction() for _ in images]
 
@@ -195,14 +197,46 @@ def _predict_batch(
             prediction.box_scores = result["scores"].cpu().numpy()
             prediction.box_labels = result["labels"].cpu().numpy()
     if "seg" in tasks:
+        pixel_mask = masks["seg"]
         for index, prediction in enumerate(predictions):
-            logits = outputs.seg_logits[index]
+            logits = outputs["seg_logits"][index]
             if pixel_mask is not None:
                 # padding sits at the bottom / right: keep the part of the input that is the image
                 rows, columns = pixel_mask[index].any(dim=1).sum(), pixel_mask[index].any(dim=0).sum()
                 logits = logits[:, : int(rows), : int(columns)]
             prediction.segmentation = _class_map(processor, logits, sizes[index])
     return predictions
+
+
+_TASK_FIELDS = {
+    "cls": ("cls_logits",),
+    "det": ("det_logits", "det_centerness_logits", "pred_boxes"),
+    "seg": ("seg_logits",),
+}
+
+
+def _tasks_by_size(processor: Any, tasks: Sequence[str]) -> list[tuple[str, ...]]:
+    """`tasks` grouped by the input size the processor gives each (`task_sizes`, else its `size`)."""
+    groups: dict[tuple, list[str]] = {}
+    for task in tasks:
+        size = processor.size_for(task) if hasattr(processor, "size_for") else dict(processor.size)
+        groups.setdefault(tuple(sorted(size.items())), []).append(task)
+    return [tuple(group) for group in groups.values()]
+
+
+def _forward(
+    model: Any, processor: Any, images: list[Image.Image], tasks: tuple[str, ...]
+) -> tuple[Any, torch.Tensor | None]:
+    """The model's outputs for `tasks` on `images` preprocessed at the size of those tasks, and the pixel mask."""
+    device = next(model.parameters()).device
+    size = processor.size_for(tasks[0])
+    fixed_size = size.get("height") is not None
+    inputs = processor(images, return_tensors="pt", size=size, **({} if fixed_size else {"do_pad": True}))
+    pixel_values = inputs["pixel_values"].to(device)
+    pixel_mask = inputs.get("pixel_mask")
+    pixel_mask = pixel_mask.to(device) if pixel_mask is not None else None
+    outputs = model(pixel_values, task=tasks[0] if len(tasks) == 1 else None, pixel_mask=pixel_mask)
+    return outputs, pixel_mask
 
 
 def _class_map(processor: Any, logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -233,12 +267,13 @@ def render_predictions(
 
     Args:
         model_dir: a saved model folder or a Hub repo id (anything `CadMtlModel.from_pretrained` takes); its
-            `preprocessor_config.json` sets the network input size.
+            `preprocessor_config.json` sets the network input size of each head (`task_sizes`, else `size`).
         images: image files and/or folders (walked recursively, see [`collect_images`]).
         output_dir: where the overlays go, mirroring the input names with `.png` (created if needed).
         det_threshold: minimum detection score for a box to be drawn.
         top_k_classes: how many classes the banner lists.
-        tasks: which predictions to draw, any of "cls", "det", "seg"; the model runs once per batch either way.
+        tasks: which predictions to draw, any of "cls", "det", "seg"; the model runs once per batch and distinct
+            input size among them (each head at the size it was trained at, from the processor's `task_sizes`).
         device: where the model runs ("cpu", "cuda", "cuda:1", ...).
         batch_size: images per forward pass.
 

@@ -1,0 +1,341 @@
+"""ONNX export of a CadMtl model, and an onnxruntime predictor that reuses the image processor.
+
+`export_onnx(model_dir, out_dir)` writes a folder that serves without PyTorch modelling code:
+
+- `model.onnx`: `torch.onnx.export(..., dynamo=True)`, opset >= 18, input `pixel_values (batch, 3, H, W)` with a
+  dynamic batch, outputs named like `CadMtlOutput`'s fields (`cls_logits`, `det_logits`, `det_centerness_logits`,
+  `pred_boxes`, `seg_logits`; only those of the exported heads). NMS is not in the graph: it stays in
+  `CadMtlImageProcessor.post_process_object_detection`.
+- `preprocessor_config.json`: the processor, with the input size(s) the graph takes.
+- `config.json`: the model config (label names of every head), which the predictor checks the graph against.
+
+Input size: with `task`, the graph is fixed at that head's size (`task_sizes`, else `size`, or `image_size`). With
+all heads and one size for all (or `image_size`), it is fixed at that size; when the heads were trained at
+different sizes, H and W are dynamic (multiples of nothing in particular: the model pads inside) and
+`OnnxPredictor` runs each head at its own size, like `cadmtl predict`. A fixed size lets onnxruntime fold more of
+the graph (the position embeddings), so it is the faster choice when one size serves.
+
+Example:
+
+```python
+from cadmtl.export.onnx import OnnxPredictor, export_onnx
+
+export_onnx("outputs/cadmtl-demo/model", "onnx/")
+predictor = OnnxPredictor("onnx/")
+results = predictor.predict(images)  # {"classification": [...], "detection": [...], "segmentation": [...]}
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modeling_cadmtl import CadMtlConfig, CadMtlImageProcessor, CadMtlModel
+from modeling_cadmtl.configuration_cadmtl import TASKS
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MIN_OPSET", "OUTPUT_FIELDS", "OnnxPredictor", "export_onnx", "session_options"]
+
+MIN_OPSET = 18
+ONNX_FILE = "model.onnx"
+EXPORT_INFO_FILE = "onnx_export.json"
+# The outputs of each head, named like the fields of `CadMtlOutput`.
+OUTPUT_FIELDS = {
+    "cls": ("cls_logits",),
+    "det": ("det_logits", "det_centerness_logits", "pred_boxes"),
+    "seg": ("seg_logits",),
+}
+RESULT_KEYS = {"cls": "classification", "det": "detection", "seg": "segmentation"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class _ExportedHeads(torch.nn.Module):
+    """`pixel_values -> (the output tensors of `tasks`)`, in `OUTPUT_FIELDS` order."""
+
+    def __init__(self, model: CadMtlModel, tasks: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model, self.tasks = model, tasks
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.model(pixel_values, task=self.tasks[0] if len(self.tasks) == 1 else None)
+        return tuple(getattr(outputs, field) for task in self.tasks for field in OUTPUT_FIELDS[task])
+
+
+def _check_model_folder(model_dir: str | os.PathLike) -> None:
+    folder = Path(model_dir)
+    if folder.is_dir() and not any((folder / name).exists() for name in WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"{folder} holds no model weights ({' / '.join(WEIGHT_FILES)}): pass a saved CadMtl model folder "
+            "(the model/ folder a training run writes) or a Hub repo id."
+        )
+    looks_like_a_path = (
+        folder.is_absolute() or str(model_dir).startswith(".") or str(model_dir).count("/") > 1
+    )
+    if not folder.is_dir() and (folder.exists() or looks_like_a_path):
+        raise FileNotFoundError(f"{folder} is not a model folder (no such directory).")
+
+
+def _load_processor(model_dir: str | os.PathLike) -> CadMtlImageProcessor:
+    try:
+        return CadMtlImageProcessor.from_pretrained(model_dir)
+    except OSError as error:
+        logger.warning(
+            "%s has no usable preprocessor_config.json (%s); using the default processor", model_dir, error
+        )
+        return CadMtlImageProcessor()
+
+
+def _square_side(size: dict[str, int]) -> tuple[int, int] | None:
+    height, width = size.get("height"), size.get("width")
+    return (int(height), int(width)) if height and width else None
+
+
+def export_onnx(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    task: str | None = None,
+    image_size: int | None = None,
+    opset: int = MIN_OPSET,
+    optimize: bool = True,
+) -> Path:
+    """Export `model_dir` (a saved CadMtl folder or Hub repo id) to `out_dir/model.onnx` with its processor and
+    config; returns the path of `model.onnx`. See the module docstring for the input size rules.
+
+    Raises:
+        FileNotFoundError: `model_dir` is a folder without weights, or does not exist.
+        ValueError: an unknown task, an image size that is not positive, an opset below 18.
+    """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; expected one of {TASKS} (or none for every head).")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}.")
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset must be >= {MIN_OPSET} (the dynamo exporter's minimum), got {opset}.")
+    _check_model_folder(model_dir)
+    model = CadMtlModel.from_pretrained(model_dir).float().eval()
+    processor = _load_processor(model_dir)
+    tasks = (task,) if task is not None else TASKS
+
+    if image_size is not None:
+        sizes = {(image_size, image_size)}
+    else:
+        sizes = {_square_side(processor.size_for(t)) for t in tasks}
+    fixed = sizes.pop() if len(sizes) == 1 and None not in sizes else None
+    if fixed is not None:  # the graph takes one size: so does the processor saved with it, for every task
+        settings = {
+            **processor.to_dict(),
+            "size": {"height": fixed[0], "width": fixed[1]},
+            "task_sizes": None,
+        }
+        export_processor = CadMtlImageProcessor.from_dict(settings)
+        example_side = fixed
+    else:
+        export_processor, example_side = processor, (64, 96)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    axes: dict[int, Any] = {0: batch}
+    if fixed is None:
+        axes.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
+    example = torch.randn(2, 3, *example_side)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / ONNX_FILE
+    parameters_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    output_names = [field for t in tasks for field in OUTPUT_FIELDS[t]]
+    with torch.no_grad():
+        torch.onnx.export(
+            _ExportedHeads(model, tasks).eval(),
+            (example,),
+            str(onnx_path),
+            dynamo=True,
+            input_names=["pixel_values"],
+            output_names=output_names,
+            dynamic_shapes={"pixel_values": axes},
+            opset_version=opset,
+            external_data=parameters_bytes
+            > 1_800_000_000,  # one file unless protobuf's 2 GB limit forbids it
+            optimize=optimize,
+            verbose=False,
+        )
+    export_processor.save_pretrained(out_dir)
+    model.config.save_pretrained(out_dir)
+    info = {
+        "tasks": list(tasks),
+        "outputs": output_names,
+        "input_size": list(fixed) if fixed is not None else "dynamic",
+        "opset": opset,
+        "source": str(model_dir),
+    }
+    (out_dir / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return onnx_path
+
+
+def session_options(intra_op_num_threads: int | None = None, optimization: str = "all") -> Any:
+    """onnxruntime `SessionOptions`: graph optimisation level `optimization` ("basic", "extended", "all",
+    "disable"), sequential execution, and `intra_op_num_threads` threads (default: onnxruntime's, one per core)."""
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization not in levels:
+        raise ValueError(f"optimization must be one of {sorted(levels)}, got {optimization!r}.")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[optimization]
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if intra_op_num_threads:
+        options.intra_op_num_threads = intra_op_num_threads
+    options.log_severity_level = 3
+    return options
+
+
+class OnnxPredictor:
+    """Runs an exported folder (`model.onnx`, `config.json`, `preprocessor_config.json`) with onnxruntime, with
+    `CadMtlImageProcessor`'s pre- and post-processing.
+
+    `predict(images)` returns `{"classification": [...], "detection": [...], "segmentation": [...]}` (the heads the
+    graph has), one entry per image in the formats of the processor's `post_process_image_classification`,
+    `post_process_object_detection` and `post_process_semantic_segmentation` (boxes and masks at each image's
+    original size).
+
+    Raises at construction: `FileNotFoundError` when a file is missing, `ValueError` when the graph's outputs do
+    not match the config (an unknown output, or a class count that differs from the config's labels).
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        *,
+        providers: Sequence[Any] | None = None,
+        options: Any | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        missing = [
+            name
+            for name in (ONNX_FILE, "config.json", "preprocessor_config.json")
+            if not (self.folder / name).is_file()
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.folder} lacks {', '.join(missing)}: export it with `cadmtl export onnx MODEL {self.folder}`."
+            )
+        self.config = CadMtlConfig.from_pretrained(self.folder)
+        self.processor = CadMtlImageProcessor.from_pretrained(self.folder)
+        self.session = ort.InferenceSession(
+            str(self.folder / ONNX_FILE),
+            sess_options=options if options is not None else session_options(),
+            providers=list(providers) if providers is not None else ["CPUExecutionProvider"],
+        )
+        self.output_names = [output.name for output in self.session.get_outputs()]
+        self._check_outputs()
+        self.tasks = tuple(t for t in TASKS if OUTPUT_FIELDS[t][0] in self.output_names)
+        input_shape = self.session.get_inputs()[0].shape
+        self.input_size = tuple(input_shape[2:]) if all(isinstance(d, int) for d in input_shape[2:]) else None
+
+    def _check_outputs(self) -> None:
+        known = {field: task for task, fields in OUTPUT_FIELDS.items() for field in fields}
+        unknown = [name for name in self.output_names if name not in known]
+        if unknown:
+            raise ValueError(
+                f"{self.folder / ONNX_FILE} has outputs {unknown} that are not CadMtl outputs "
+                f"(expected some of {list(known)})."
+            )
+        for task, fields in OUTPUT_FIELDS.items():
+            present = [field for field in fields if field in self.output_names]
+            if present and len(present) != len(fields):
+                raise ValueError(
+                    f"{self.folder / ONNX_FILE}: the {task} head needs the outputs {list(fields)}, found only {present}."
+                )
+        # (output, axis holding the classes, task) for the outputs that carry one score per class
+        class_axes = (("cls_logits", -1, "cls"), ("det_logits", -1, "det"), ("seg_logits", 1, "seg"))
+        shapes = {output.name: output.shape for output in self.session.get_outputs()}
+        for name, axis, task in class_axes:
+            if name not in shapes:
+                continue
+            classes = shapes[name][axis]
+            expected = len(self.config.labels_for(task))
+            if isinstance(classes, int) and classes != expected:
+                raise ValueError(
+                    f"{self.folder / ONNX_FILE}: output {name} has {classes} classes but config.json has "
+                    f"{expected} {task}_labels {self.config.labels_for(task)}; the graph and the config come from "
+                    "different models (export them together)."
+                )
+
+    def _size_groups(self, tasks: tuple[str, ...]) -> list[tuple[dict[str, int], tuple[str, ...]]]:
+        if self.input_size is not None:
+            return [({"height": self.input_size[0], "width": self.input_size[1]}, tasks)]
+        groups: dict[tuple, list[str]] = {}
+        for task in tasks:
+            groups.setdefault(tuple(sorted(self.processor.size_for(task).items())), []).append(task)
+        return [(dict(size), tuple(group)) for size, group in groups.items()]
+
+    def run(self, pixel_values: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        """The raw outputs `{name: tensor}` for preprocessed `pixel_values (B, 3, H, W)`."""
+        if isinstance(pixel_values, torch.Tensor):
+            pixel_values = pixel_values.detach().cpu().numpy()
+        values = self.session.run(
+            None, {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)}
+        )
+        return {name: torch.from_numpy(value) for name, value in zip(self.output_names, values)}
+
+    def predict(
+        self,
+        images: Image.Image | Sequence[Image.Image] | Any,
+        *,
+        det_threshold: float = 0.3,
+        top_k: int = 5,
+        nms_threshold: float = 0.6,
+    ) -> dict[str, list[Any]]:
+        """Predictions of every exported head for `images` (one PIL image / array or a list of them)."""
+        if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)) and not (
+            isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+        ):
+            images = [images]
+        images = list(images)
+        if not images:
+            return {RESULT_KEYS[task]: [] for task in self.tasks}
+        target_sizes = [_image_size(image) for image in images]
+        outputs: dict[str, torch.Tensor] = {}
+        for size, tasks in self._size_groups(self.tasks):
+            inputs = self.processor(images, size=size, return_tensors="pt")
+            group = self.run(inputs["pixel_values"])
+            outputs.update({field: group[field] for task in tasks for field in OUTPUT_FIELDS[task]})
+        results: dict[str, list[Any]] = {}
+        if "cls" in self.tasks:
+            results["classification"] = self.processor.post_process_image_classification(
+                outputs, top_k=top_k, id2label=dict(enumerate(self.config.cls_labels))
+            )
+        if "det" in self.tasks:
+            results["detection"] = self.processor.post_process_object_detection(
+                outputs, threshold=det_threshold, target_sizes=target_sizes, nms_threshold=nms_threshold
+            )
+        if "seg" in self.tasks:
+            results["segmentation"] = self.processor.post_process_semantic_segmentation(
+                outputs, target_sizes=target_sizes
+            )
+        return results
+
+
+def _image_size(image: Any) -> tuple[int, int]:
+    """(height, width) of a PIL image, an HWC / CHW array or a CHW tensor."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    shape = tuple(image.shape)
+    if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
+        return shape[1], shape[2]
+    return shape[0], shape[1]

@@ -1,0 +1,87 @@
+"""Per-task input sizes: the processor records each head's training size (`task_sizes`), `task=` selects it, and
+each transformers pipeline feeds its head at that head's size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import pipeline
+
+from cadmtl.pictures.predict import _tasks_by_size
+from cadmtl.testing import tiny_cadmtl_config
+from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
+
+TASK_SIZES = {"cls": 32, "det": 64, "seg": 48}
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = CadMtlModel(tiny_cadmtl_config("vit", image_sizes=TASK_SIZES)).eval()
+    folder = tmp_path_factory.mktemp("cadmtl-task-sizes")
+    processor = CadMtlImageProcessor(size={"height": 64, "width": 64}, task_sizes=TASK_SIZES)
+    model.save_pretrained(folder, image_processor=processor)
+    return folder
+
+
+def image() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8))
+
+
+def test_task_selects_its_size_and_an_explicit_size_wins() -> None:
+    processor = CadMtlImageProcessor(size={"height": 64, "width": 64}, task_sizes=TASK_SIZES)
+
+    def shape(**kwargs) -> tuple[int, ...]:
+        return tuple(processor(image(), return_tensors="pt", **kwargs)["pixel_values"].shape[-2:])
+
+    assert shape() == (64, 64)
+    assert shape(task="cls") == (32, 32) and shape(task="seg") == (48, 48) and shape(task="det") == (64, 64)
+    assert shape(task="cls", size={"height": 16, "width": 16}) == (16, 16)
+    assert CadMtlImageProcessor(size={"height": 40, "width": 40})(image(), task="cls")["pixel_values"][
+        0
+    ].shape[-2:] == (40, 40)  # no task_sizes: `size` for every task
+
+
+def test_bad_tasks_and_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown tasks"):
+        CadMtlImageProcessor(task_sizes={"depth": 32})
+    with pytest.raises(ValueError, match="positive integer"):
+        CadMtlImageProcessor(task_sizes={"cls": 0})
+    with pytest.raises(ValueError, match="Unknown task 'depth'"):
+        CadMtlImageProcessor()(image(), task="depth")
+
+
+def test_task_sizes_round_trip_through_preprocessor_config(saved_model: Path) -> None:
+    stored = json.loads((saved_model / "preprocessor_config.json").read_text())
+    assert stored["task_sizes"] == TASK_SIZES and "task" not in stored
+    loaded = CadMtlImageProcessor.from_pretrained(saved_model)
+    assert loaded.task_sizes == TASK_SIZES and loaded.task is None
+    assert CadMtlImageProcessor.from_pretrained(saved_model, task="cls").size_for(None) == {
+        "height": 32,
+        "width": 32,
+    }
+
+
+def test_each_pipeline_feeds_its_head_at_its_own_size(saved_model: Path) -> None:
+    for task_name, task, kwargs in (
+        ("image-classification", "cls", {}),
+        ("object-detection", "det", {"threshold": 0.0}),
+        ("image-segmentation", "seg", {"subtask": "semantic"}),
+    ):
+        pipe = pipeline(task_name, model=str(saved_model))
+        assert pipe.image_processor.task == task
+        inputs = pipe.preprocess(image(), **({"subtask": "semantic"} if task == "seg" else {}))
+        side = TASK_SIZES[task]
+        assert tuple(inputs["pixel_values"].shape) == (1, 3, side, side), task_name
+        assert pipe(image(), **kwargs)  # and the whole pipeline runs at that size
+
+
+def test_predict_runs_one_forward_per_distinct_size() -> None:
+    processor = CadMtlImageProcessor(size={"height": 64, "width": 64}, task_sizes={"cls": 32, "det": 64})
+    assert _tasks_by_size(processor, ("cls", "det", "seg")) == [("cls",), ("det", "seg")]
+    assert _tasks_by_size(CadMtlImageProcessor(), ("cls", "det", "seg")) == [("cls", "det", "seg")]
