@@ -274,32 +274,88 @@ def test_scan_repo_rejects_incomplete_shards(repo: Path, tmp_path: Path) -> None
         write_card(empty)
 
 
-def test_push_checks_recards_and_uploads_one_commit(repo: Path, tmp_path: Path) -> None:
+class FakeHub:
+    """A stand-in for HfApi keeping the repo's files in memory; `refuse_commit` makes that commit fail."""
+
+    def __init__(self, files: dict[str, int] | None = None, refuse_commit: int | None = None) -> None:
+        self.files = dict(files or {})
+        self.commits: list[tuple[str, list[str], list[str]]] = []
+        self.refuse_commit = refuse_commit
+        self.created = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.created.append((repo_id, kwargs))
+
+    def list_repo_tree(self, repo_id, **kwargs):
+        return [type("RepoFile", (), {"path": path, "size": size})() for path, size in self.files.items()]
+
+    def create_commit(self, repo_id, operations, *, commit_message, **kwargs):
+        from huggingface_hub import CommitOperationAdd
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if self.refuse_commit == len(self.commits) + 1:
+            self.refuse_commit = None
+            response = type("Response", (), {"headers": {}, "request": None, "status_code": 403})()
+            raise HfHubHTTPError("403 Forbidden: storage quota exceeded", response=response)
+        added = [op.path_in_repo for op in operations if isinstance(op, CommitOperationAdd)]
+        deleted = [op.path_in_repo for op in operations if not isinstance(op, CommitOperationAdd)]
+        for op in operations:
+            if isinstance(op, CommitOperationAdd):
+                self.files[op.path_in_repo] = Path(op.path_or_fileobj).stat().st_size
+            else:
+                self.files.pop(op.path_in_repo)
+        self.commits.append((commit_message, added, deleted))
+        return type("Info", (), {"commit_url": f"https://hf.co/commit/{len(self.commits)}"})()
+
+
+def test_push_uploads_shards_in_commits_then_the_card_and_resumes(repo: Path, tmp_path: Path) -> None:
+    from dataset_scripts.push import PushRefusedError
+
     copy = tmp_path / "to_push"
     shutil.copytree(repo, copy)
-    calls = []
+    shards = sorted(p.relative_to(copy).as_posix() for p in copy.glob("*/*.parquet"))
+    hub = FakeHub(files={"old_cls/train-00000-of-00001.parquet": 10}, refuse_commit=2)
+    with pytest.raises(
+        PushRefusedError, match=r"refused the commit 'Upload shards 2/.*run the same command again"
+    ):
+        push_repo(copy, "cad-mtl/cad100k-mini", private=True, api=hub, files_per_commit=3)
+    assert hub.created == [
+        ("cad-mtl/cad100k-mini", {"repo_type": "dataset", "private": True, "exist_ok": True})
+    ]
+    assert len(hub.commits) == 1 and hub.commits[0][1] == shards[:3]  # the first commit stays
+    assert "README.md" not in hub.files  # the card only comes once every shard is there
 
-    class FakeApi:
-        def create_repo(self, repo_id, **kwargs):
-            calls.append(("create_repo", repo_id, kwargs))
-
-        def upload_folder(self, **kwargs):
-            calls.append(("upload_folder", kwargs))
-            return type("Info", (), {"commit_url": "https://hf.co/commit/1"})()
-
-    url = push_repo(copy, "cad-mtl/cad100k-mini", private=True, api=FakeApi())
-    assert url == "https://hf.co/commit/1"
-    assert calls[0] == (
-        "create_repo",
-        "cad-mtl/cad100k-mini",
-        {"repo_type": "dataset", "private": True, "exist_ok": True},
+    url = push_repo(copy, "cad-mtl/cad100k-mini", api=hub, files_per_commit=3)  # resumes
+    uploaded = [path for _, added, _ in hub.commits[1:-1] for path in added]
+    assert uploaded == shards[3:]  # nothing uploaded twice
+    message, added, deleted = hub.commits[-1]
+    assert added[0] == "README.md" and all(path.startswith("reports/") for path in added[1:])
+    assert deleted == ["old_cls/train-00000-of-00001.parquet"]  # a shard that no longer exists locally
+    assert message.startswith("Upload ") and url == f"https://hf.co/commit/{len(hub.commits)}"
+    assert (
+        set(hub.files) >= set(shards)
+        and 'load_dataset("cad-mtl/cad100k-mini"' in (copy / "README.md").read_text()
     )
-    upload = calls[1][1]
-    assert upload["repo_id"] == "cad-mtl/cad100k-mini" and upload["repo_type"] == "dataset"
-    assert "*/*.parquet" in upload["allow_patterns"] and upload["delete_patterns"] == ["*/*.parquet"]
-    assert 'load_dataset("cad-mtl/cad100k-mini"' in (copy / "README.md").read_text()
     with pytest.raises(ValueError, match="needs a namespace"):
-        push_repo(copy, "cad100k", api=FakeApi())
+        push_repo(copy, "cad100k", api=FakeHub())
+
+
+def test_shard_batches_respect_files_and_bytes(tmp_path: Path) -> None:
+    from dataset_scripts.push import shard_batches
+
+    sizes = [5, 5, 5, 20, 1]
+    paths = []
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"s{i}.parquet"
+        path.write_bytes(b"x" * size)
+        paths.append(path)
+    batches = shard_batches(paths, files_per_commit=2, max_commit_bytes=12)
+    assert [[p.name for p in batch] for batch in batches] == [
+        ["s0.parquet", "s1.parquet"],
+        ["s2.parquet"],
+        ["s3.parquet"],
+        ["s4.parquet"],
+    ]
 
 
 def test_images_are_embedded_not_referenced(repo: Path, tmp_path: Path) -> None:
