@@ -45,6 +45,11 @@ COMMANDS: dict[str, Command] = {
         "per-class charts and confusion matrices of an eval_results.json",
         "cadmtl charts outputs/cadmtl-demo/eval_results.json --output-dir charts/",
     ),
+    "reference": Command(
+        "cadmtl.reference.command:main",
+        "reference-guided localisation: build-pairs | localize | evaluate",
+        "cadmtl reference build-pairs data/cad100k-mini --config exterior_ad --split test --out data/pairs",
+    ),
     "protocol": Command(
         "cadmtl.protocol:main",
         "the public-benchmark protocol: single-task vs base vs adaptive over seeds",
