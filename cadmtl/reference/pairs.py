@@ -22,9 +22,11 @@ rendered reference, which lets the localiser cache its features), ``reference`` 
 
 Bad input:
 
-* a reference whose size differs from the query's is resized to the query's size (bilinear) before the
-  misalignment, so both images of a pair always have the same size (counted as ``resized_references``; the
-  aspect ratio may change, so sources with very different shapes give distorted references);
+* a reference of a different size than its query is kept at its own size when the aspect ratios agree within
+  :data:`MAX_ASPECT_CHANGE` (the localiser resizes both images to the same square input, so its maps and boxes
+  are in the query's frame either way, and one rendered reference can serve many queries); with very different
+  shapes the reference is resized to the query's size (bilinear, its aspect ratio changes) before the
+  misalignment, counted as ``resized_references`` (and its ``reference_id`` carries the size);
 * an anomalous image in the reference pool (train split, or a normal-marked image with anomalous mask pixels)
   is never used as a reference: it is skipped and counted (``anomalous_references``); no normal reference at
   all is an error;
@@ -72,6 +74,7 @@ MISALIGNMENT_LEVELS: dict[str, dict[str, float]] = {
     "large": {"shift": 0.10, "scale": 0.15, "rotation": 10.0, "brightness": 0.25},
 }
 DEFAULT_LEVELS = ("none", "small", "medium")
+MAX_ASPECT_CHANGE = 1.25  # a reference whose width / height differs more from the query's is resized to it
 
 
 def pair_features() -> Features:
@@ -118,6 +121,12 @@ def mask_boxes(mask: np.ndarray) -> tuple[list[float], list[list[float]]]:
             )
     regions.sort(key=lambda item: -item[0])
     return box, [region for _, region in regions]
+
+
+def similar_shapes(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """True when two (width, height) sizes have aspect ratios within :data:`MAX_ASPECT_CHANGE` of each other."""
+    ratio = (a[0] / a[1]) / (b[0] / b[1])
+    return 1 / MAX_ASPECT_CHANGE <= ratio <= MAX_ASPECT_CHANGE
 
 
 def draw_misalignment(level: str, size: tuple[int, int], rng: np.random.Generator) -> dict[str, Any]:
@@ -177,6 +186,11 @@ class _AdImage:
 
     def image(self) -> PILImage.Image:
         return to_rgb(PILImage.open(io.BytesIO(self.image_bytes)))
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), read from the header only."""
+        return PILImage.open(io.BytesIO(self.image_bytes)).size
 
 
 def _bytes(value: Any) -> bytes:
@@ -300,6 +314,9 @@ def build_real_pairs(
 ) -> Iterator[dict[str, Any]]:
     """Rows pairing every image of ``config/split`` with a seeded normal reference from ``config/train``.
 
+    The reference is drawn among the train images whose shape is similar to the query's
+    (:func:`similar_shapes`), or among all of them (then resized) when none is.
+
     Each (reference image, level) is rendered once, with parameters drawn from a generator seeded by ``seed``
     and the reference's index, so pairs that share it share the ``reference_id`` (and the localiser's cache).
     """
@@ -307,30 +324,37 @@ def build_real_pairs(
     report = report if report is not None else BuildReport()
     counts = report.counts
     pool = _reference_pool(repo, config, counts)
+    pool_sizes = [sample.size for sample in pool]
     rng = np.random.default_rng([seed, 0])
-    rendered: dict[tuple[int, str, tuple[int, int]], tuple[str, bytes, dict[str, Any]]] = {}
+    rendered: dict[tuple, tuple[str, bytes, dict[str, Any]]] = {}
     category = _category(config, category)
-    for index, query in enumerate(_iter_ad(repo, config, split)):
-        choice, level = int(rng.integers(len(pool))), levels[int(rng.integers(len(levels)))]
+    index = 0
+    for query in _iter_ad(repo, config, split):
         query_size = PILImage.open(io.BytesIO(query.image_bytes)).size  # (width, height)
-        key = (choice, level, query_size)
+        similar = [i for i, size in enumerate(pool_sizes) if similar_shapes(size, query_size)]
+        candidates = similar or range(len(pool))  # a reference of a similar shape when there is one
+        choice = candidates[int(rng.integers(len(candidates)))]
+        level = levels[int(rng.integers(len(levels)))]
+        if not query.is_normal and not (query.mask == ANOMALOUS_PIXEL).any():
+            counts["anomalous_without_mask_pixels"] += 1  # its box is unknown: no pair to score
+            continue
+        resize = not similar_shapes(pool_sizes[choice], query_size)
+        key = (choice, level, query_size if resize else None)
         if key not in rendered:
             reference = pool[choice].image()
             size_tag = ""
-            if reference.size != query_size:
+            if resize:
                 counts["resized_references"] += 1
                 reference = reference.resize(query_size, PILImage.BILINEAR)
                 size_tag = f"@{query_size[0]}x{query_size[1]}"
             level_rng = np.random.default_rng([seed, 1, choice, levels.index(level)])
-            params = draw_misalignment(level, (query_size[1], query_size[0]), level_rng)
+            params = draw_misalignment(level, (reference.height, reference.width), level_rng)
             reference_id = f"{pool[choice].image_id}#{level}{size_tag}"
             rendered[key] = (reference_id, encode_png(np.asarray(rephotograph(reference, params))), params)
         reference_id, reference_png, params = rendered[key]
-        if not query.is_normal and not (query.mask == ANOMALOUS_PIXEL).any():
-            counts["anomalous_without_mask_pixels"] += 1  # its box is unknown: no pair to score
-            continue
+        index += 1
         yield _pair_row(
-            f"{split}-{index:05d}",
+            f"{split}-{index - 1:05d}",
             query.image_id,
             reference_id,
             reference_png,

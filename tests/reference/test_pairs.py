@@ -18,6 +18,7 @@ from cadmtl.reference.pairs import (
     load_pairs,
     mask_boxes,
     rephotograph,
+    similar_shapes,
 )
 from dataset_scripts.make_demo import build_demo
 from dataset_scripts.schema import features_for
@@ -64,7 +65,7 @@ def test_every_query_appears_with_boxes_equal_to_the_mask_extent(ad_repo, pairs_
         for pair in pairs:
             mask = masks[pair.query_id]
             np.testing.assert_array_equal(pair.mask, mask)
-            assert pair.reference.size == pair.query.size
+            assert similar_shapes(pair.reference.size, pair.query.size)
             assert pair.category == "exterior" and pair.source == "real"
             assert pair.misalignment in MISALIGNMENT_LEVELS
             assert pair.misalignment_params["level"] == pair.misalignment
@@ -202,8 +203,16 @@ def test_different_sizes_are_resized_and_anomalous_references_refused(tmp_path):
     assert report.counts["resized_references"] >= 1
     pairs = list(load_pairs(tmp_path / "pairs", "test"))
     assert len(pairs) == 4 and all(p.reference.size == (40, 12) for p in pairs)
-    assert all(p.reference_id.startswith("train/0#") for p in pairs)
+    assert all(p.reference_id.startswith("train/0#") and p.reference_id.endswith("@40x12") for p in pairs)
     assert [p.box for p in pairs if p.has_anomaly] == [[3.0, 2.0, 9.0, 6.0]] * 2
+    # a similar shape at another size is kept as it is (one rendering serves every query)
+    repo = _hand_repo(
+        tmp_path / "similar", train[:1], [_ad_row(i, "test", (20, 22), False) for i in range(3)]
+    )
+    report = build_pairs(str(repo), "panel_ad", "test", tmp_path / "similar-pairs", levels=["small"])
+    pairs = list(load_pairs(tmp_path / "similar-pairs", "test"))
+    assert report.counts["resized_references"] == 0 and {p.reference.size for p in pairs} == {(16, 16)}
+    assert {p.reference_id for p in pairs} == {"train/0#small"}
 
 
 def test_no_normal_reference_is_an_error(tmp_path):
