@@ -254,6 +254,11 @@ def localize(
             f"the calibration split {split!r} is the split being evaluated: the threshold must come from other "
             "pairs (build a validation split of the pairs repo) or from --settings"
         )
+    if saved and saved.get("model") not in (None, model):
+        raise ValueError(
+            f"{settings} was calibrated for model {saved['model']!r}, not {model!r}: its threshold does not carry "
+            "over to other features; calibrate on a split of the pairs repo instead"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone, described = load_backbone(model, seed)
     layers = list(layers or saved.get("layers") or default_layers(backbone))

@@ -118,6 +118,7 @@ def test_the_threshold_never_comes_from_the_evaluated_pairs(pairs_repo, tmp_path
 @pytest.mark.slow
 def test_localize_then_evaluate_through_the_command(pairs_repo, tmp_path):
     from cadmtl.cli import main as cadmtl
+    from cadmtl.reference.localize import localize
 
     out = tmp_path / "out"
     common = ["--output-dir", str(out), "--image-size", "32", "--window", "1"]
@@ -148,6 +149,8 @@ def test_localize_then_evaluate_through_the_command(pairs_repo, tmp_path):
         cadmtl(["reference", "localize", "tiny", str(pairs_repo), "--output-dir", str(again), *settings]) == 0
     )
     assert (again / "predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
+    with pytest.raises(ValueError, match="calibrated for model 'tiny', not 'vits16'"):
+        localize("vits16", str(pairs_repo), "test", again, settings=out / "localizer.json")
 
 
 def test_reference_features_are_cached_by_reference_id():
