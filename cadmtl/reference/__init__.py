@@ -4,7 +4,10 @@
   parse failures;
 * :mod:`.rewards` holds the reward functions in TRL's signature and the difficulty-aware group weight;
 * :mod:`.localizer` compares query and reference patch features (nearest neighbour within a window) and turns
-  the difference map into boxes, with threshold calibration.
+  the difference map into boxes, with threshold calibration;
+* :mod:`.pairs` builds and streams reference / query pairs repos (config ``pairs``) from ``*_ad`` splits;
+* :mod:`.localize` runs the localiser on a pairs split, :mod:`.evaluate` scores predictions with DifferAD's
+  protocol; :mod:`.command` is ``cadmtl reference build-pairs | localize | evaluate``.
 """
 
 from .answers import ParseStats, completion_text, parse_box, parse_boxes
