@@ -50,6 +50,11 @@ COMMANDS: dict[str, Command] = {
         "normal-only anomaly detection: fit | evaluate | predict | train on *_ad configs",
         "cadmtl anomaly fit data/cad100k-mini --config exterior_ad --output-dir outputs/ad --backbone tiny",
     ),
+    "reference": Command(
+        "cadmtl.reference.command:main",
+        "reference-guided localisation: build-pairs | localize | evaluate | grpo | zero-shot",
+        "cadmtl reference build-pairs data/cad100k-mini --config exterior_ad --split test --out data/pairs",
+    ),
     "protocol": Command(
         "cadmtl.protocol:main",
         "the public-benchmark protocol: single-task vs base vs adaptive over seeds",

@@ -132,3 +132,39 @@ class PatchFeatureExtractor(nn.Module):
             # count_include_pad=False: border cells average their real neighbours instead of zeros.
             maps = [F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=False) for m in maps]
         return torch.cat(maps, dim=1)
+
+
+def load_backbone(model: str, seed: int = 0) -> tuple[nn.Module, str]:
+    """(backbone, description) from a preset name (random init, seeded), a CadMtl model folder (its backbone) or a
+    DINOv3 checkpoint (folder or Hub id); the one loader of the patch-feature methods."""
+    import json
+    from pathlib import Path
+
+    from cadmtl.presets import PRESETS
+
+    if model in PRESETS:
+        torch.manual_seed(seed)
+        return backbone_from_preset(model), f"preset {model} (random init, seed {seed})"
+    path = Path(model)
+    config_file = path / "config.json"
+    if (
+        path.is_dir()
+        and config_file.is_file()
+        and json.loads(config_file.read_text()).get("model_type") == "cadmtl"
+    ):
+        from modeling_cadmtl import CadMtlModel
+
+        return backbone_from_cadmtl(CadMtlModel.from_pretrained(path)), f"CadMtl model {path}"
+    from transformers import AutoModel
+
+    if not path.exists() and "/" not in model:
+        raise ValueError(
+            f"{model!r} is neither a backbone preset ({', '.join(PRESETS)}), a model folder nor a Hub id (ORG/NAME)"
+        )
+    try:
+        return AutoModel.from_pretrained(model), f"checkpoint {model}"
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{model!r} is neither a backbone preset ({', '.join(PRESETS)}), a CadMtl model folder nor a "
+            f"loadable DINOv3 checkpoint: {error}"
+        ) from error

@@ -23,34 +23,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, normal_only, to_pixel_values
 from cadmtl.anomaly.metrics import AnomalyMetrics, f1_max, metrics_table
 from cadmtl.anomaly.patch_memory import PatchMemoryScorer, calibrate_f1, calibrate_fpr
-from cadmtl.features import backbone_from_cadmtl, backbone_from_preset
+from cadmtl.features import load_backbone
 from cadmtl.pictures.overlays import draw_anomaly_map
 from cadmtl.pictures.predict import collect_images, load_image
-from cadmtl.presets import PRESETS
 
 logger = logging.getLogger("cadmtl.anomaly")
 OK, NG = "OK", "NG"
-
-
-def load_backbone(name_or_path: str) -> torch.nn.Module:
-    """A preset name (random init), a CadMtl model folder (its backbone) or a DINOv3 checkpoint (folder / Hub id)."""
-    if name_or_path in PRESETS:
-        return backbone_from_preset(name_or_path)
-    config_path = Path(name_or_path, "config.json")
-    if config_path.exists() and json.loads(config_path.read_text()).get("model_type") == "cadmtl":
-        from modeling_cadmtl import CadMtlModel
-
-        return backbone_from_cadmtl(CadMtlModel.from_pretrained(name_or_path))
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(name_or_path)
 
 
 def _scores_and_maps(
@@ -115,7 +99,7 @@ def fit(args: argparse.Namespace) -> int:
     if args.few_shot:
         bank_images = bank_images[: args.few_shot]
     scorer = PatchMemoryScorer(
-        load_backbone(args.backbone),
+        load_backbone(args.backbone, args.seed)[0],
         layers=args.layers,
         coreset_fraction=args.coreset_fraction,
         image_size=(args.image_size, args.image_size),

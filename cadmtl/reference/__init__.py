@@ -4,7 +4,10 @@
   parse failures;
 * :mod:`.rewards` holds the reward functions in TRL's signature and the difficulty-aware group weight;
 * :mod:`.localizer` compares query and reference patch features (nearest neighbour within a window) and turns
-  the difference map into boxes, with threshold calibration.
+  the difference map into boxes, with threshold calibration;
+* :mod:`.pairs` builds and streams reference / query pairs repos (config ``pairs``) from ``*_ad`` splits;
+* :mod:`.localize` runs the localiser on a pairs split, :mod:`.evaluate` scores predictions with DifferAD's
+  protocol; :mod:`.command` is ``cadmtl reference build-pairs | localize | evaluate | grpo | zero-shot``;
 * :mod:`.prompts` is DifferAD-R1's two-image prompt; :mod:`.grpo` trains a vision-language model on it with
   TRL's ``GRPOTrainer`` and answers pairs zero-shot (imported on demand: it needs the ``grpo`` extra).
 """

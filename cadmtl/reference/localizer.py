@@ -134,8 +134,10 @@ def difference_map(distances: Tensor, image_size: tuple[int, int], sigma: float 
 def connected_components(mask: Tensor) -> Tensor:
     """8-connected components of a (H, W) bool mask -> (H, W) int64 labels, 0 = background, 1..N.
 
-    Iterative label propagation: every foreground pixel takes the largest label in its 3 x 3 neighbourhood
-    until nothing changes (as many rounds as the longest path inside a component; vectorised, device-agnostic).
+    Iterative label propagation: every foreground pixel starts with its own raster index + 1 and takes the
+    largest label in its 3 x 3 neighbourhood until nothing changes; after each round a pixel also jumps to the
+    label of the pixel its label names (pointer jumping: that pixel's label is never smaller and lies in the same
+    component), so long winding components converge in far fewer rounds (vectorised, device-agnostic).
     Labels are numbered in raster order of each component's last pixel.
     """
     height, width = mask.shape
@@ -146,6 +148,8 @@ def connected_components(mask: Tensor) -> Tensor:
     labels = labels * foreground
     while True:
         spread = F.max_pool2d(labels, kernel_size=3, stride=1, padding=1) * foreground
+        flat = spread.view(-1)
+        spread = flat[(flat.long() - 1).clamp(min=0)].view_as(spread) * foreground
         if torch.equal(spread, labels):
             break
         labels = spread

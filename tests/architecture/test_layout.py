@@ -36,10 +36,10 @@ WING_RANKS = {
     "pictures": 2,
     "training": 3,
     "anomaly": 4,
-    "reference": 4,
-    "export": 5,
-    "protocol": 5,
-    "cli": 6,
+    "reference": 5,
+    "export": 6,
+    "protocol": 6,
+    "cli": 7,
 }
 
 
