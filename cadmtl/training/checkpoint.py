@@ -83,6 +83,7 @@ def save_checkpoint(
     root = Path(output_dir, "checkpoints")
     final, partial = root / f"step_{step}", root / f".partial_step_{step}"
     accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()  # every rank has written its RNG state into the folder before it moves
     if accelerator.is_main_process:
         (partial / "cadmtl_config.json").write_text(model.config.to_json_string())
         (partial / OBJECTS_INDEX).write_text(json.dumps(dict(objects_index), indent=2))
