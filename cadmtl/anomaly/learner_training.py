@@ -240,7 +240,8 @@ def evaluate(
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the training described by the command-line arguments; returns the summary written to results.json."""
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     tracker = JsonlTracker("learner", output_dir / "logs")
@@ -395,5 +396,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """`cadmtl anomaly train` / `accelerate launch -m cadmtl.anomaly.learner_training`: exit status 0."""
+    train(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

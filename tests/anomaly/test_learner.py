@@ -199,7 +199,7 @@ def test_standardisation_uses_normal_statistics_only(standardization):
 def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_state):
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    from cadmtl.anomaly.learner_training import main
+    from cadmtl.anomaly.learner_training import main, train
     from dataset_scripts.make_demo import build_demo
 
     def reset() -> None:
@@ -233,8 +233,9 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
         "2",
     ]
     full = tmp_path / "full"
-    summary = main([*common, "--output-dir", str(full), "--save-every", "3", "--eval-split", "test"])
+    summary = train([*common, "--output-dir", str(full), "--save-every", "3", "--eval-split", "test"])
     reset()
+    assert len(set(summary["weights"].values())) == 3  # CoBa moved the weights: its state is part of resume
     assert summary["steps"] == 6 and summary["calibration"]["method"] == "f1_max:validation"
     assert {"image_auroc", "pixel_auroc", "aupro", "seconds_per_image"} <= set(summary["evaluation"])
     records = [json.loads(line) for line in (full / "logs" / "metrics.jsonl").read_text().splitlines()]
@@ -249,7 +250,7 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
     import shutil
 
     shutil.copytree(full / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
-    main([*common, "--output-dir", str(resumed), "--resume-from-checkpoint", "latest"])
+    assert main([*common, "--output-dir", str(resumed), "--resume-from-checkpoint", "latest"]) == 0
     reset()
     expected, got = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == got.keys()
