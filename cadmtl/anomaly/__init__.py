@@ -1,4 +1,6 @@
-"""Normal-only anomaly detection: PatchCore / AnomalyDINO-style patch memory on DINOv3 features, and its metrics.
+"""Normal-only anomaly detection: PatchCore / AnomalyDINO-style patch memory on DINOv3 features, a self-supervised
+multi-task learner trained from scratch (`AnomalyLearner`, trained by `cadmtl.anomaly.learner_training`), and the
+metrics.
 
 >>> from cadmtl.anomaly import AnomalyMetrics, PatchMemoryScorer, calibrate_fpr
 >>> from cadmtl.features import backbone_from_preset
@@ -9,6 +11,7 @@
 >>> scorer.save_pretrained("patchcore-vits16")  # doctest: +SKIP
 """
 
+from .learner import AnomalyLearner, AnomalyLearnerConfig, LearnerOutput
 from .memory_bank import greedy_coreset, nearest_neighbor_distance, random_projection
 from .metrics import (
     METRIC_KEYS,
@@ -25,7 +28,10 @@ from .patch_memory import PatchMemoryScorer, calibrate_f1, calibrate_fpr, gaussi
 
 __all__ = [
     "METRIC_KEYS",
+    "AnomalyLearner",
+    "AnomalyLearnerConfig",
     "AnomalyMetrics",
+    "LearnerOutput",
     "PatchMemoryScorer",
     "aupro",
     "average_precision",

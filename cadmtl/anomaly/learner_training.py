@@ -1,0 +1,406 @@
+"""Train the multi-task anomaly learner (``cadmtl.anomaly.learner``) on the normal images of an ``_ad`` config.
+
+A plain Accelerate loop: every step builds the three proxy tasks from one batch of normal training images
+(deterministically from ``--seed`` and the step, so a resumed run draws the same batches), combines their losses
+with the project's task weighting (``K * w_task * loss_task`` with ``build_weighting(--weighting)``; CoBa reads the
+proxy losses of a few fixed held-out batches of NORMAL images every ``--coba-every`` steps), adds the MoE
+load-balancing loss, clips gradients and steps AdamW under a cosine schedule. Checkpoints (``--save-every``) resume
+exactly (``--resume-from-checkpoint latest``).
+
+Held-out normals: ``--held-out-images`` training images chosen by a fixed permutation (independent of ``--seed``)
+never train the model. Their even positions fit the normal statistics that standardise each task's map; their odd
+positions calibrate the thresholds at ``--target-fpr``, unless the config has a validation split with defects
+(``--calibration auto``), where image and pixel thresholds maximise F1 there.
+
+Writes to ``--output-dir``: the model (config.json, model.safetensors, normal_statistics.safetensors),
+logs/metrics.jsonl, checkpoints/step_N, results.json (training time and, with ``--eval-split``, the metrics).
+
+Example:
+    accelerate launch -m cadmtl.anomaly.learner_training data/tile --config tile_ad --output-dir runs/learner \\
+        --backbone tiny --max-steps 600 --weighting coba --eval-split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from cadmtl.training.checkpoint import LoopState, find_checkpoint, register_stateful, save_checkpoint
+from cadmtl.training.tracking import JsonlTracker
+from cadmtl.training.weighting import build_weighting
+
+from .data import AnomalySample, iter_anomaly_split, load_anomaly_split, normal_only
+from .learner import (
+    LEARNER_PRESETS,
+    AnomalyLearner,
+    AnomalyLearnerConfig,
+    images_to_uint8,
+    make_proxy_batch,
+    normalize,
+)
+from .metrics import AnomalyMetrics
+from .patch_memory import calibrate_f1, calibrate_fpr
+
+logger = logging.getLogger("cadmtl.anomaly.learner_training")
+HELD_OUT_SEED = 20240601  # the held-out carve-out does not move with --seed
+HELD_OUT_LOSS_SEED = 7  # fixed proxy-task draws of the held-out batches
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cadmtl anomaly train",
+        description="Train the self-supervised multi-task anomaly learner on the normal images of an _ad config.",
+        epilog="example: accelerate launch -m cadmtl.anomaly.learner_training data/tile --config tile_ad "
+        "--output-dir runs/learner --max-steps 600 --eval-split test",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("repo", help="dataset repo (folder or Hub id) holding the _ad config")
+    parser.add_argument("--config", required=True, help="an anomaly-detection config, e.g. tile_ad")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument(
+        "--backbone", default="tiny", choices=sorted(LEARNER_PRESETS), help="learner size preset"
+    )
+    parser.add_argument("--max-steps", type=int, default=600)
+    parser.add_argument("--weighting", default="coba", help="task weighting over the proxy tasks")
+    parser.add_argument("--tasks", nargs="+", default=None, help="proxy tasks (default: all)")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--cell-size", type=int, default=16)
+    parser.add_argument("--num-experts", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vflip", action="store_true", help="also flip training images vertically")
+    parser.add_argument(
+        "--held-out-images", type=int, default=64, help="normal train images kept out of training"
+    )
+    parser.add_argument("--held-out-batches", type=int, default=2, help="held-out batches of CoBa's losses")
+    parser.add_argument("--coba-every", type=int, default=10)
+    parser.add_argument("--coba-history-length", type=int, default=20, help="in CoBa updates")
+    parser.add_argument("--coba-warmup-steps", type=int, default=5, help="in CoBa updates")
+    parser.add_argument("--standardization", default="global", choices=["global", "pixel"])
+    parser.add_argument("--calibration", default="auto", choices=["auto", "fpr", "f1"])
+    parser.add_argument("--target-fpr", type=float, default=0.01)
+    parser.add_argument("--eval-split", default=None, help="evaluate this split at the end (e.g. test)")
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    parser.add_argument("--save-total-limit", type=int, default=2)
+    parser.add_argument("--resume-from-checkpoint", default=None, help='a checkpoint folder or "latest"')
+    parser.add_argument(
+        "--max-train-images", type=int, default=None, help="use only the first N train images"
+    )
+    args = parser.parse_args(argv)
+    if args.held_out_images < 2:
+        parser.error("--held-out-images must be >= 2 (statistics and calibration halves)")
+    return args
+
+
+def carve_held_out(count: int, held_out: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices) of `count` images: a fixed permutation, the same for every seed."""
+    if held_out >= count:
+        raise ValueError(f"--held-out-images {held_out} leaves no training image out of {count}")
+    order = np.random.default_rng(HELD_OUT_SEED).permutation(count)
+    return sorted(order[held_out:].tolist()), sorted(order[:held_out].tolist())
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def sample_batch(images: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return images[torch.randint(0, images.shape[0], (batch_size,), generator=generator)]
+
+
+@torch.no_grad()
+def held_out_losses(model: torch.nn.Module, batches: list, accelerator: Accelerator) -> dict[str, float]:
+    """Mean proxy losses over the fixed held-out batches (eval mode, the same batches every call)."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    for batch in batches:
+        with accelerator.autocast():
+            losses = model(batch.to(accelerator.device))
+        for task, value in losses.items():
+            totals[task] = totals.get(task, 0.0) + float(value) / len(batches)
+    model.train(was_training)
+    return totals
+
+
+def calibrate(
+    model: AnomalyLearner,
+    calibration_normals: torch.Tensor,
+    validation: list[AnomalySample] | None,
+    target_fpr: float,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Set the model's image / pixel thresholds: F1-max on `validation` (with defects), else the target FPR on
+    the held-out normal images. Returns what was done."""
+    config = model.config
+    if validation:
+        scores, labels, pixels, pixel_labels = [], [], [], []
+        for start in range(0, len(validation), batch_size):
+            chunk = validation[start : start + batch_size]
+            out = model.predict(
+                normalize(
+                    images_to_uint8([s.image for s in chunk], config.image_size),
+                    config.image_mean,
+                    config.image_std,
+                )
+            )
+            for i, sample in enumerate(chunk):
+                scores.append(float(out.image_scores[i]))
+                labels.append(0 if sample.is_normal else 1)
+                height, width = sample.size
+                fused = torch.nn.functional.interpolate(
+                    out.anomaly_maps[i][None, None],
+                    size=(height, width),
+                    mode="bilinear",
+                    align_corners=False,
+                )[0, 0]
+                keep = sample.mask != 255
+                pixels.append(fused.numpy()[keep])
+                pixel_labels.append(sample.mask[keep] == 1)
+        config.image_threshold = calibrate_f1(scores, labels)
+        config.pixel_threshold = calibrate_f1(np.concatenate(pixels), np.concatenate(pixel_labels))
+        config.threshold_method = "f1_max:validation"
+        return {"method": config.threshold_method, "images": len(validation)}
+    maps, scores = [], []
+    for start in range(0, calibration_normals.shape[0], batch_size):
+        chunk = calibration_normals[start : start + batch_size]
+        out = model.predict(normalize(chunk, config.image_mean, config.image_std))
+        maps.append(out.anomaly_maps.flatten())
+        scores.append(out.image_scores)
+    config.image_threshold = calibrate_fpr(torch.cat(scores), target_fpr)
+    config.pixel_threshold = calibrate_fpr(torch.cat(maps), target_fpr)
+    config.threshold_method = f"fpr:{target_fpr}:held_out_normals"
+    return {"method": config.threshold_method, "images": int(calibration_normals.shape[0])}
+
+
+@torch.no_grad()
+def evaluate(
+    model: AnomalyLearner, repo: str, config_name: str, split: str, batch_size: int = 8
+) -> dict[str, Any]:
+    """AnomalyMetrics of `split` (maps at each image's own size) and the CPU scoring time per image."""
+    metrics = AnomalyMetrics()
+    seconds, count, pending = 0.0, 0, []
+    cfg = model.config
+    decisions = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+
+    def flush() -> None:
+        nonlocal seconds, count
+        started = time.perf_counter()
+        pixels = normalize(
+            images_to_uint8([s.image for s in pending], cfg.image_size), cfg.image_mean, cfg.image_std
+        )
+        out = model.predict(pixels)
+        seconds += time.perf_counter() - started
+        count += len(pending)
+        for i, sample in enumerate(pending):
+            height, width = sample.size
+            fused = torch.nn.functional.interpolate(
+                out.anomaly_maps[i][None, None], size=(height, width), mode="bilinear", align_corners=False
+            )[0, 0]
+            metrics.update(
+                fused, sample.mask, sample.is_normal, sample.defect_type, float(out.image_scores[i])
+            )
+            if out.is_anomalous is not None:
+                predicted = bool(out.is_anomalous[i])
+                key = ("tp" if predicted else "fn") if not sample.is_normal else ("fp" if predicted else "tn")
+                decisions[key] += 1
+        pending.clear()
+
+    for sample in iter_anomaly_split(repo, config_name, split):
+        pending.append(sample)
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    results = metrics.compute()
+    results["images"] = count
+    results["seconds_per_image"] = seconds / max(count, 1)
+    results["threshold_decisions"] = decisions
+    return results
+
+
+def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the training described by the command-line arguments; returns the summary written to results.json."""
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    tracker = JsonlTracker("learner", output_dir / "logs")
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=[tracker])
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+
+    # ------------------------------------------------------------------------------------------------ data
+    train = normal_only(
+        load_anomaly_split(args.repo, args.config, "train", limit=args.max_train_images),
+        f"{args.config}/train",
+    )
+    train_index, held_index = carve_held_out(len(train), args.held_out_images)
+    images = images_to_uint8([train[i].image for i in train_index], args.image_size)
+    held_out = images_to_uint8([train[i].image for i in held_index], args.image_size)
+    statistics_normals, calibration_normals = held_out[0::2], held_out[1::2]
+
+    config = AnomalyLearnerConfig(
+        preset=args.backbone,
+        image_size=args.image_size,
+        cell_size=args.cell_size,
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.top_k,
+        vflip=args.vflip,
+        standardization=args.standardization,
+        **({"tasks": args.tasks} if args.tasks else {}),
+    )
+    model = AnomalyLearner(config)
+    tasks = list(config.tasks)
+    held_out_batches = [
+        make_proxy_batch(
+            held_out[i * args.batch_size : (i + 1) * args.batch_size], config, HELD_OUT_LOSS_SEED + i
+        )
+        for i in range(min(args.held_out_batches, math.ceil(held_out.shape[0] / args.batch_size)))
+    ]
+    weighting_options = (
+        {"history_length": args.coba_history_length, "warmup_steps": args.coba_warmup_steps}
+        if args.weighting == "coba"
+        else {}
+    )
+    weighting = build_weighting(args.weighting, tasks, **weighting_options)
+    if weighting.needs_task_gradients or weighting.needs_train_losses:
+        raise ValueError(
+            f"--weighting {args.weighting} is not a loss-level method with held-out or no losses"
+        )
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+    state = LoopState()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    objects = register_stateful(
+        accelerator, {"lr_scheduler": lr_scheduler, "weighting": weighting, "loop": state}
+    )
+    unwrapped: AnomalyLearner = accelerator.unwrap_model(model)
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        logger.info("resumed from %s at step %d", checkpoint, state.step)
+    accelerator.init_trackers("learner", config={k: str(v) for k, v in vars(args).items()})
+    logger.info(
+        "training the %s learner on %s/%s: %d train + %d held-out normals, tasks %s, weighting %s, %d steps",
+        args.backbone,
+        args.repo,
+        args.config,
+        images.shape[0],
+        held_out.shape[0],
+        tasks,
+        weighting.name,
+        args.max_steps,
+    )
+
+    # ---------------------------------------------------------------------------------------------- loop
+    progress = tqdm(
+        total=args.max_steps,
+        initial=state.step,
+        desc="learner",
+        disable=not accelerator.is_local_main_process,
+    )
+    started = time.perf_counter()
+    window: dict[str, list[float]] = {}
+    model.train()
+    while state.step < args.max_steps:
+        step = state.step
+        if weighting.needs_held_out_losses and step % args.coba_every == 0:
+            losses = held_out_losses(model, held_out_batches, accelerator)
+            weighting.update(step, {task: losses[task] for task in tasks})
+        seed = step_seed(args.seed, step, accelerator.process_index)
+        batch = make_proxy_batch(sample_batch(images, args.batch_size, seed), config, seed).to(
+            accelerator.device
+        )
+        with accelerator.autocast():
+            losses = model(batch)
+        weights = weighting.weights
+        total = sum(len(tasks) * weights[task] * losses[task] for task in tasks)
+        total = total + config.aux_loss_coef * losses["moe_aux"]
+        if torch.isfinite(total):
+            accelerator.backward(total)
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+        else:
+            state.nonfinite_steps += 1
+            logger.warning(
+                "step %d: non-finite loss %s, step skipped", step, {k: float(v) for k, v in losses.items()}
+            )
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        for name, value in losses.items():
+            window.setdefault(name, []).append(float(value.detach()))
+        state.step += 1
+        progress.update(1)
+        if state.step % args.logging_steps == 0 or state.step == args.max_steps:
+            record = {f"loss/{name}": float(np.mean(values)) for name, values in window.items()}
+            record["lr"] = lr_scheduler.get_last_lr()[0]
+            record["nonfinite_steps"] = state.nonfinite_steps
+            record.update({f"{weighting.name}/{k}": v for k, v in weighting.log_dict().items()})
+            accelerator.log(record, step=state.step)
+            progress.set_postfix({k[5:]: f"{v:.3f}" for k, v in record.items() if k.startswith("loss/")})
+            window = {}
+        if args.save_every and state.step % args.save_every == 0:
+            save_checkpoint(accelerator, unwrapped, output_dir, state.step, objects, args.save_total_limit)
+    progress.close()
+    train_seconds = time.perf_counter() - started
+
+    # ------------------------------------------------------------------------ statistics, thresholds, save
+    summary: dict[str, Any] = {
+        "steps": state.step,
+        "train_seconds": train_seconds,
+        "weights": weighting.weights,
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped.eval()
+        unwrapped.fit_normal_statistics(normalize(statistics_normals, config.image_mean, config.image_std))
+        validation = None
+        if args.calibration in ("auto", "f1"):
+            try:
+                validation = load_anomaly_split(args.repo, args.config, "validation")
+            except (ValueError, KeyError, FileNotFoundError):  # a config without a validation split
+                validation = None
+            if validation is not None and all(s.is_normal for s in validation):
+                validation = None
+            if validation is None and args.calibration == "f1":
+                raise ValueError(f"--calibration f1 needs a validation split with defects in {args.config}")
+        summary["calibration"] = calibrate(unwrapped, calibration_normals, validation, args.target_fpr)
+        summary["thresholds"] = {"image": config.image_threshold, "pixel": config.pixel_threshold}
+        unwrapped.save_pretrained(output_dir)
+        if args.eval_split:
+            summary["evaluation"] = evaluate(unwrapped, args.repo, args.config, args.eval_split)
+        (output_dir / "results.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`cadmtl anomaly train` / `accelerate launch -m cadmtl.anomaly.learner_training`: exit status 0."""
+    train(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

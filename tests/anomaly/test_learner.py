@@ -1,0 +1,259 @@
+"""The multi-task anomaly learner: heads and maps, MoE balancing loss, synthetic anomalies, training, save / load,
+normal-only standardisation, and the Accelerate training entry point with exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cadmtl.anomaly.learner import (
+    TASKS,
+    AnomalyLearner,
+    AnomalyLearnerConfig,
+    TaskMoE,
+    inpaint_pattern,
+    load_balancing_loss,
+    make_proxy_batch,
+    normalize,
+    rotate_cells,
+    rotation_pattern,
+    synthesize_anomalies,
+)
+
+SIZE = 32
+
+
+def small_config(**kwargs) -> AnomalyLearnerConfig:
+    settings = {"image_size": SIZE, "cell_size": 16, "channels": [8, 16, 32], "expert_hidden": 32, **kwargs}
+    return AnomalyLearnerConfig(**settings)
+
+
+def normal_uint8(count: int, seed: int = 0, size: int = SIZE) -> torch.Tensor:
+    """A shared smooth striped texture plus a little noise, (count, 3, size, size) uint8."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    texture = 128 + 50 * np.sin(x / 3.0) + 30 * np.cos(y / 5.0)
+    images = texture[None, None] + rng.normal(0, 4, (count, 3, size, size))
+    return torch.from_numpy(np.clip(images, 0, 255).round().astype(np.uint8))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tiny models run fastest on one thread; two threads on a busy 2-core machine run ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> AnomalyLearner:
+    torch.manual_seed(0)
+    return AnomalyLearner(small_config()).eval()
+
+
+def test_every_head_and_map_has_its_shape(model):
+    inputs = torch.randn(2, 4, SIZE, SIZE)
+    with torch.no_grad():
+        assert model.run_task(inputs, "inpaint")[0].shape == (2, 3, SIZE, SIZE)
+        assert model.run_task(inputs, "rotation")[0].shape == (2, 4, 2, 2)  # 4 angles per 16-px cell
+        assert model.run_task(inputs, "segment")[0].shape == (2, 1, SIZE, SIZE)
+    raw = model.raw_error_maps(normalize(normal_uint8(3), model.config.image_mean, model.config.image_std))
+    assert set(raw) == set(TASKS)
+    assert all(value.shape == (3, SIZE, SIZE) and torch.isfinite(value).all() for value in raw.values())
+    model.fit_normal_statistics(normalize(normal_uint8(4), model.config.image_mean, model.config.image_std))
+    out = model.predict(torch.randn(2, 3, 40, 56))  # another size: resized in, maps back at 40 x 56
+    assert out.anomaly_maps.shape == (2, 40, 56) and out.image_scores.shape == (2,)
+    assert {task: tuple(v.shape) for task, v in out.task_maps.items()} == dict.fromkeys(TASKS, (2, 40, 56))
+    assert out.is_anomalous is None and out.defect_masks is None  # no thresholds yet
+
+
+def test_proxy_losses_are_finite_scalars(model):
+    losses = model(make_proxy_batch(normal_uint8(4), model.config, seed=0))
+    assert set(losses) == {*TASKS, "moe_aux"}
+    assert all(value.ndim == 0 and torch.isfinite(value) for value in losses.values())
+
+
+def test_load_balancing_loss_on_a_hand_made_routing():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    top1 = probs.topk(1, dim=-1).indices  # experts 0, 0, 1, 0
+    # f = (3/4, 1/4), P = (0.65, 0.35): 2 * (0.75 * 0.65 + 0.25 * 0.35) = 1.15
+    assert load_balancing_loss(probs, top1, 2).item() == pytest.approx(1.15)
+    # top-2 of 2 experts uses both for every token: f = (1/2, 1/2), the balanced value 1 whatever P is
+    assert load_balancing_loss(probs, probs.topk(2, dim=-1).indices, 2).item() == pytest.approx(1.0)
+    # everything on one expert with probability 1: the maximum E
+    collapsed = torch.tensor([[1.0, 0.0, 0.0]] * 5)
+    assert load_balancing_loss(collapsed, torch.zeros(5, 1, dtype=torch.long), 3).item() == pytest.approx(3.0)
+
+
+def test_moe_routes_per_task_with_top_k():
+    torch.manual_seed(0)
+    moe = TaskMoE(dim=8, hidden=16, num_experts=4, top_k=2, tasks=["a", "b"])
+    x = torch.randn(2, 8, 3, 3)
+    out_a, aux, probs = moe(x, "a")
+    out_b, _, _ = moe(x, "b")
+    assert out_a.shape == x.shape and probs.shape == (18, 4) and aux.ndim == 0
+    assert not torch.allclose(out_a, out_b)  # each task has its own gate
+
+
+def test_cell_patterns_cover_every_pixel_and_rotations_invert():
+    masks = inpaint_pattern(4, 8, torch.arange(4))  # (4, 1, 32, 32)
+    assert torch.equal(masks.sum(0), torch.ones(1, 32, 32))
+    labels = torch.stack([rotation_pattern(4, phase)[0] for phase in range(4)])  # each cell sees 0..3 once
+    assert torch.equal(labels.sort(0).values, torch.arange(4).view(4, 1, 1).expand(4, 4, 4))
+    pixels = torch.randn(2, 3, 32, 32)
+    turned = torch.randint(0, 4, (2, 4, 4))
+    back = rotate_cells(rotate_cells(pixels, turned, 8), (4 - turned) % 4, 8)
+    assert torch.equal(back, pixels)
+    assert torch.equal(rotate_cells(pixels, torch.zeros(2, 4, 4, dtype=torch.long), 8), pixels)
+
+
+def test_synthetic_anomaly_masks_are_exactly_the_changed_pixels():
+    images = normal_uint8(12, size=64)
+    out, masks = synthesize_anomalies(images, np.random.default_rng(3), probability=1.0, min_change=12)
+    assert masks.dtype == torch.bool and masks.shape == (12, 64, 64)
+    assert torch.equal(masks, (out != images).any(1))
+    change = (out.short() - images.short()).abs().amax(1)
+    assert (change[masks] >= 12).all()
+    assert masks.flatten(1).any(1).sum() >= 10  # (almost) every image got an anomaly
+    untouched, none = synthesize_anomalies(images, np.random.default_rng(3), probability=0.0)
+    assert torch.equal(untouched, images) and not none.any()
+    config = small_config(image_size=64, anomaly_probability=1.0)
+    batch = make_proxy_batch(images, config, seed=5)
+    changed = (batch.segment_input != batch.clean).any(1)
+    assert torch.equal(changed, batch.segment_mask.bool())
+    again = make_proxy_batch(images, config, seed=5)
+    assert torch.equal(again.segment_input, batch.segment_input)  # a function of the seed only
+
+
+def test_a_few_steps_reduce_each_proxy_loss():
+    torch.manual_seed(0)
+    config = small_config(anomaly_probability=1.0)
+    learner = AnomalyLearner(config)
+    batch = make_proxy_batch(normal_uint8(8), config, seed=1)
+    optimizer = torch.optim.AdamW(learner.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        losses = learner(batch)
+        first = first or {task: losses[task].item() for task in TASKS}
+        optimizer.zero_grad()
+        (sum(losses[task] for task in TASKS) + 0.01 * losses["moe_aux"]).backward()
+        optimizer.step()
+    with torch.no_grad():
+        last = {task: float(value) for task, value in learner(batch).items()}
+    for task in TASKS:
+        assert last[task] < 0.8 * first[task], (task, first[task], last[task])
+
+
+def test_save_and_load_give_identical_maps_and_thresholds(model, tmp_path):
+    config = model.config
+    model.fit_normal_statistics(normalize(normal_uint8(4), config.image_mean, config.image_std))
+    model.config.image_threshold, model.config.pixel_threshold = 1.5, 2.5
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "normal_statistics.safetensors",
+    }
+    assert json.loads((tmp_path / "config.json").read_text())["image_threshold"] == 1.5
+    assert set(load_file(tmp_path / "normal_statistics.safetensors")) == {
+        f"{task}.{key}" for task in TASKS for key in ("location", "scale")
+    }
+    restored = AnomalyLearner.from_pretrained(tmp_path)
+    pixels = torch.randn(3, 3, SIZE, SIZE)
+    a, b = model.predict(pixels), restored.predict(pixels)
+    assert torch.equal(a.anomaly_maps, b.anomaly_maps) and torch.equal(a.image_scores, b.image_scores)
+    assert all(torch.equal(a.task_maps[t], b.task_maps[t]) for t in TASKS)
+    assert torch.equal(a.is_anomalous, b.is_anomalous) and torch.equal(a.defect_masks, b.defect_masks)
+    model.config.image_threshold = model.config.pixel_threshold = None
+
+
+@pytest.mark.parametrize("standardization", ["global", "pixel"])
+def test_standardisation_uses_normal_statistics_only(standardization):
+    torch.manual_seed(0)
+    learner = AnomalyLearner(small_config(standardization=standardization)).eval()
+    config = learner.config
+    learner.fit_normal_statistics(normalize(normal_uint8(16, seed=1), config.image_mean, config.image_std))
+    normal = normalize(normal_uint8(4, seed=2), config.image_mean, config.image_std)
+    fused = learner.predict(normal).anomaly_maps
+    assert abs(fused.mean().item()) < 0.5  # a fresh normal image sits near 0
+    # No per-image or per-batch normalisation: an image's map does not depend on what it is scored with.
+    anomalous = normal.clone()
+    anomalous[:, :, 8:20, 8:20] = 3.0
+    alone = learner.predict(normal[:1])
+    beside = learner.predict(torch.cat([normal[:1], anomalous[1:]]))
+    for (
+        task
+    ) in TASKS:  # equal up to the float noise of batched convolutions, amplified by small normal scales
+        torch.testing.assert_close(alone.raw_task_maps[task][0], beside.raw_task_maps[task][0])
+    scale = alone.anomaly_maps.abs().max().item()
+    torch.testing.assert_close(alone.anomaly_maps[0], beside.anomaly_maps[0], rtol=1e-3, atol=1e-3 * scale)
+    assert learner.predict(anomalous).anomaly_maps[:, 8:20, 8:20].mean() > fused[:, 8:20, 8:20].mean()
+
+
+@pytest.mark.slow
+def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_state):
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from cadmtl.anomaly.learner_training import main, train
+    from dataset_scripts.make_demo import build_demo
+
+    def reset() -> None:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+        GradientState._reset_state()
+
+    repo = tmp_path / "repo"
+    build_demo(repo, train=20, validation=6, test=6, configs=["chassis_cls"], ad_configs=["exterior_ad"])
+    common = [
+        str(repo),
+        "--config",
+        "exterior_ad",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--held-out-images",
+        "6",
+        "--max-steps",
+        "6",
+        "--coba-every",
+        "1",
+        "--coba-warmup-steps",
+        "3",
+        "--coba-history-length",
+        "5",
+        "--mixed-precision",
+        "no",
+        "--logging-steps",
+        "2",
+    ]
+    full = tmp_path / "full"
+    summary = train([*common, "--output-dir", str(full), "--save-every", "3", "--eval-split", "test"])
+    reset()
+    assert len(set(summary["weights"].values())) == 3  # CoBa moved the weights: its state is part of resume
+    assert summary["steps"] == 6 and summary["calibration"]["method"] == "f1_max:validation"
+    assert {"image_auroc", "pixel_auroc", "aupro", "seconds_per_image"} <= set(summary["evaluation"])
+    records = [json.loads(line) for line in (full / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6] and "coba/weight/segment" in records[-1]
+    assert (full / "checkpoints" / "step_3").is_dir()
+    learner = AnomalyLearner.from_pretrained(full)
+    assert learner.config.image_threshold is not None and learner.normal_statistics
+
+    # Interrupted after step 3: a new run resumes from that checkpoint and must end on the same weights.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(full / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
+    assert main([*common, "--output-dir", str(resumed), "--resume-from-checkpoint", "latest"]) == 0
+    reset()
+    expected, got = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert json.loads((resumed / "results.json").read_text())["weights"] == summary["weights"]
