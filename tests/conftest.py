@@ -34,9 +34,10 @@ def tiny_config() -> CadMtlConfig:
     return tiny_cadmtl_config("vit")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    """In-process training runs share Accelerate's singletons: reset them after the test."""
+    """In-process training runs share Accelerate's singletons (an `Accelerator` with another mixed precision
+    cannot be made in the same process): reset them after every test, so no test depends on the order."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     yield
