@@ -23,10 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, normal_only, to_pixel_values
+from cadmtl.anomaly.learner import AnomalyLearner, AnomalyLearnerConfig
 from cadmtl.anomaly.metrics import AnomalyMetrics, f1_max, metrics_table
 from cadmtl.anomaly.patch_memory import PatchMemoryScorer, calibrate_f1, calibrate_fpr
 from cadmtl.features import load_backbone
@@ -37,8 +39,38 @@ logger = logging.getLogger("cadmtl.anomaly")
 OK, NG = "OK", "NG"
 
 
+class LearnerScorer:
+    """The from-scratch learner behind the scorer's interface (`score`, sizes, normalisation, thresholds)."""
+
+    def __init__(self, learner: AnomalyLearner) -> None:
+        self.learner = learner
+        config = learner.config
+        self.image_size = (config.image_size, config.image_size)
+        self.image_mean, self.image_std = list(config.image_mean), list(config.image_std)
+        self.image_threshold, self.pixel_threshold = config.image_threshold, config.pixel_threshold
+
+    @torch.no_grad()
+    def score(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = self.learner.predict(pixel_values.to(self.learner.device))
+        return output.anomaly_maps.float().cpu(), output.image_scores.float().cpu()
+
+
+def load_anomaly_model(path: str) -> PatchMemoryScorer | LearnerScorer:
+    """A saved patch-memory scorer (`cadmtl anomaly fit`) or learner (`cadmtl anomaly train`), told by its config."""
+    config_path = Path(path, "config.json")
+    if not config_path.exists():
+        raise FileNotFoundError(
+            f"{path}: no config.json (expected OUTPUT_DIR/model of `cadmtl anomaly fit / train`)"
+        )
+    if json.loads(config_path.read_text()).get("model_type") == AnomalyLearnerConfig.model_type:
+        learner = AnomalyLearner.from_pretrained(path)
+        learner.eval()
+        return LearnerScorer(learner)
+    return PatchMemoryScorer.from_pretrained(path)
+
+
 def _scores_and_maps(
-    scorer: PatchMemoryScorer, samples: Sequence[AnomalySample], batch_size: int, desc: str
+    scorer: PatchMemoryScorer | LearnerScorer, samples: Sequence[AnomalySample], batch_size: int, desc: str
 ) -> tuple[list[float], list[np.ndarray]]:
     """Image scores and anomaly maps at each image's original size (bilinear from the fit size)."""
     scores, maps = [], []
@@ -143,7 +175,7 @@ def _value_range(scorer: PatchMemoryScorer, maps: Sequence[np.ndarray]) -> tuple
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    scorer = PatchMemoryScorer.from_pretrained(args.model)
+    scorer = load_anomaly_model(args.model)
     samples = load_anomaly_split(args.repo, args.config, args.split)
     started = time.perf_counter()
     scores, maps = _scores_and_maps(scorer, samples, args.batch_size, f"scoring {args.split}")
@@ -190,7 +222,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    scorer = PatchMemoryScorer.from_pretrained(args.model)
+    scorer = load_anomaly_model(args.model)
     sources = collect_images(args.inputs, exclude=args.output_dir)
     if not sources:
         raise FileNotFoundError(f"no images found in {args.inputs}")
@@ -229,14 +261,12 @@ def predict(args: argparse.Namespace) -> int:
 
 def train(argv: Sequence[str]) -> int:
     """`cadmtl anomaly train`: the self-supervised multi-task learner (its own module, under accelerate launch)."""
-    import importlib.util
     import subprocess
 
-    if importlib.util.find_spec("cadmtl.anomaly.learner_training") is None:
-        print(
-            "cadmtl anomaly train: the from-scratch learner is not part of this version yet", file=sys.stderr
-        )
-        return 2
+    if {"-h", "--help"} & set(argv):
+        from cadmtl.anomaly.learner_training import main as learner_main
+
+        return learner_main(["--help"])
     return subprocess.call(
         [sys.executable, "-m", "accelerate.commands.launch", "-m", "cadmtl.anomaly.learner_training", *argv]
     )

@@ -387,7 +387,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 raise ValueError(f"--calibration f1 needs a validation split with defects in {args.config}")
         summary["calibration"] = calibrate(unwrapped, calibration_normals, validation, args.target_fpr)
         summary["thresholds"] = {"image": config.image_threshold, "pixel": config.pixel_threshold}
-        unwrapped.save_pretrained(output_dir)
+        unwrapped.save_pretrained(output_dir / "model")  # OUTPUT_DIR/model, as `cadmtl anomaly fit` saves
         if args.eval_split:
             summary["evaluation"] = evaluate(unwrapped, args.repo, args.config, args.eval_split)
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")

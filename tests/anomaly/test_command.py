@@ -100,3 +100,21 @@ def test_a_config_that_is_not_ad_is_a_clear_error(repo: Path, capsys) -> None:
     argv = ["anomaly", "fit", str(repo), "--config", "exterior_seg", "--output-dir", "unused"]
     assert main(argv) == 2
     assert "'exterior_seg' is not an anomaly-detection config" in capsys.readouterr().err
+
+
+def test_evaluate_and_predict_also_take_a_saved_learner(repo: Path, tmp_path) -> None:
+    from cadmtl.anomaly.data import load_anomaly_split, to_pixel_values
+    from cadmtl.anomaly.learner import AnomalyLearner, AnomalyLearnerConfig
+
+    learner = AnomalyLearner(AnomalyLearnerConfig(preset="tiny", image_size=64)).eval()
+    normals = [sample.image for sample in load_anomaly_split(str(repo), "exterior_ad", "train", limit=4)]
+    learner.fit_normal_statistics([to_pixel_values(normals, 64)])
+    learner.config.image_threshold = 0.5
+    learner.save_pretrained(tmp_path / "learner")
+    out = tmp_path / "eval"
+    argv = ["anomaly", "evaluate", str(tmp_path / "learner"), str(repo), "--config", "exterior_ad"]
+    assert main([*argv, "--split", "test", "--output-dir", str(out), "--save-maps"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["thresholds"]["image"] == 0.5 and 0 <= results["metrics"]["image_auroc"] <= 100
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert all(row["verdict"] == ("NG" if float(row["score"]) >= 0.5 else "OK") for row in rows)

@@ -241,7 +241,7 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
     records = [json.loads(line) for line in (full / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6] and "coba/weight/segment" in records[-1]
     assert (full / "checkpoints" / "step_3").is_dir()
-    learner = AnomalyLearner.from_pretrained(full)
+    learner = AnomalyLearner.from_pretrained(full / "model")
     assert learner.config.image_threshold is not None and learner.normal_statistics
 
     # Interrupted after step 3: a new run resumes from that checkpoint and must end on the same weights.
@@ -252,7 +252,10 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
     shutil.copytree(full / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
     assert main([*common, "--output-dir", str(resumed), "--resume-from-checkpoint", "latest"]) == 0
     reset()
-    expected, got = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    expected, got = (
+        load_file(full / "model" / "model.safetensors"),
+        load_file(resumed / "model" / "model.safetensors"),
+    )
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
