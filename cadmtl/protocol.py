@@ -1,16 +1,18 @@
-"""The paper's public-benchmark protocol: single-task vs. base vs. adaptive multi-task, same budget, several seeds.
+"""The paper's public-benchmark protocol: single-task vs. multi-task methods, same per-task budget, several seeds.
 
     cadmtl protocol --setting smoke              # CPU, minutes: checks the whole pipeline
+    cadmtl protocol --setting cpu                # CPU, about an hour: a small from-scratch ViT on all the public data
     cadmtl protocol --setting full --seeds 0 1 2 \
         --launch-args "--config_file configs/accelerate/multi_gpu.yaml"
 
 1. Builds the public benchmark repo from ../shared/data (`dataset_scripts.make_public`) if it is missing.
-2. For every seed trains five models with `train_accelerate.py` (through `accelerate launch`): one single-task
-   model per task (classification on parts_cls, detection on parts_det, segmentation on parts_seg), the base
-   multi-task model (round robin, equal weights) and the adaptive one (CoBa + task scheduler).
-3. Same budget: a single-task model trains `steps_per_task` optimizer steps, a multi-task model 3x as many, so each
-   task gets the same number of steps (in expectation for adaptive) and the five models cost the same in total
-   as the three single-task models plus two multi-task ones of equal per-task exposure.
+2. For every seed trains one model per method with `train_accelerate.py` (through `accelerate launch`): one
+   single-task model per task (classification on parts_cls, detection on parts_det, segmentation on parts_seg),
+   the base multi-task model (round robin, equal weights), the adaptive one (CoBa + task scheduler), and the
+   task-weighting methods PCGrad, CAGrad, Aligned-MTL and FAMO (`--weighting NAME --all_tasks_per_step`).
+3. Same budget per task: a single-task model trains `steps_per_task` optimizer steps; base and adaptive sample one
+   task per step, so they train 3x as many (each task gets `steps_per_task` steps, in expectation for adaptive);
+   the weighting methods run every task in every step, so they train `steps_per_task` steps.
 4. Evaluates each on the test splits and writes `comparison.md` / `comparison.json`: classification Acc@1,
    detection AP and segmentation mIoU per method, mean ± std over seeds (Table 1 of the paper).
 
@@ -36,14 +38,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
     # setting: (training config, steps per task, examples per split of the public repo (None: all), seeds)
     "smoke": ("configs/public_smoke.yaml", 4, 24, [0]),
+    "cpu": ("configs/public_cpu.yaml", 500, None, [0, 1, 2]),
     "full": ("configs/public_dinov3_vits16plus.yaml", 3000, None, [0, 1, 2]),
 }
-METHODS = {
-    "single-cls": ["--paradigm", "single", "--single_task", "cls"],
-    "single-det": ["--paradigm", "single", "--single_task", "det"],
-    "single-seg": ["--paradigm", "single", "--single_task", "seg"],
-    "base": ["--paradigm", "base"],
-    "adaptive": ["--paradigm", "adaptive"],
+# method: (training arguments, optimizer steps in units of steps_per_task)
+METHODS: dict[str, tuple[list[str], int]] = {
+    "single-cls": (["--paradigm", "single", "--single_task", "cls"], 1),
+    "single-det": (["--paradigm", "single", "--single_task", "det"], 1),
+    "single-seg": (["--paradigm", "single", "--single_task", "seg"], 1),
+    "base": (["--paradigm", "base"], len(TASKS)),
+    "adaptive": (["--paradigm", "adaptive"], len(TASKS)),
+    **{
+        name: (["--paradigm", "base", "--weighting", name, "--all_tasks_per_step"], 1)
+        for name in ("pcgrad", "cagrad", "aligned_mtl", "famo")
+    },
+}
+# Table rows: name -> the multi-task method it reports ("Single" takes each task from its single-task model).
+ROWS = {
+    "Base": "base",
+    "Adaptive": "adaptive",
+    "PCGrad": "pcgrad",
+    "CAGrad": "cagrad",
+    "Aligned-MTL": "aligned_mtl",
+    "FAMO": "famo",
 }
 
 
@@ -68,7 +85,7 @@ def train(
     command = launch_command(
         launch,
         [
-            "--config", str(config), *METHODS[method], "--seed", str(seed), "--max_steps", str(steps),
+            "--config", str(config), *METHODS[method][0], "--seed", str(seed), "--max_steps", str(steps),
             "--dataset", str(dataset_dir), "--output_dir", str(run_dir),
         ],
     )  # fmt: skip
@@ -78,16 +95,21 @@ def train(
 
 
 def compare_runs(runs: dict[int, dict[str, Path]], model_name: str) -> tuple[str, dict]:
-    """The comparison table: the single-task row takes each task from its own single-task model."""
-    rows: dict[str, list[dict[str, float]]] = {"Single": [], "Base": [], "Adaptive": []}
-    for seed_runs in runs.values():
-        # A single-task run only evaluates its own task.
-        single = {}
-        for task in TASKS:
-            single.update(task_summary(load_results(seed_runs[f"single-{task}"]), "test"))
-        rows["Single"].append(single)
-        rows["Base"].append(task_summary(load_results(seed_runs["base"]), "test"))
-        rows["Adaptive"].append(task_summary(load_results(seed_runs["adaptive"]), "test"))
+    """The comparison table: the single-task row takes each task from its own single-task model; a row appears
+    when every seed ran its method(s)."""
+    rows: dict[str, list[dict[str, float]]] = {}
+    singles = [f"single-{task}" for task in TASKS]
+    if all(set(singles) <= set(seed_runs) for seed_runs in runs.values()):
+        rows["Single"] = []
+        for seed_runs in runs.values():
+            # A single-task run only evaluates its own task.
+            single = {}
+            for method in singles:
+                single.update(task_summary(load_results(seed_runs[method]), "test"))
+            rows["Single"].append(single)
+    for row, method in ROWS.items():
+        if all(method in seed_runs for seed_runs in runs.values()):
+            rows[row] = [task_summary(load_results(seed_runs[method]), "test") for seed_runs in runs.values()]
     table = comparison_table([(model_name, method, summaries) for method, summaries in rows.items()])
     return table, {"model": model_name, "per_seed": rows}
 
@@ -106,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--steps-per-task", type=int, default=None)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=None,
+        help="A subset of the methods (default: all).",
+    )
     parser.add_argument("--config", type=Path, default=None, help="Training config (default: the setting's).")
     parser.add_argument("--model-name", default=None, help="Row name in the table (default: the backbone).")
     parser.add_argument("--launch-args", default="", help="Extra `accelerate launch` arguments, one string.")
@@ -120,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = args.output_dir or Path("outputs") / f"protocol-{args.setting}"
     build_public_repo(dataset_dir, args.data, limit)
 
+    methods = [method for method in METHODS if args.methods is None or method in args.methods]
     runs: dict[int, dict[str, Path]] = {}
     for seed in seeds:
-        for method in METHODS:
-            budget = steps if method.startswith("single") else 3 * steps
+        for method in methods:
+            budget = METHODS[method][1] * steps
             run_dir = output_dir / method / f"seed{seed}"
             runs.setdefault(seed, {})[method] = train(
                 run_dir, config, method, seed, budget, dataset_dir, shlex.split(args.launch_args)
@@ -135,7 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "comparison.md").write_text(table)
     (output_dir / "comparison.json").write_text(
-        json.dumps({**data, "steps_per_task": steps, "seeds": seeds}, indent=2)
+        json.dumps(
+            {
+                **data,
+                "steps_per_task": steps,
+                "steps": {method: METHODS[method][1] * steps for method in methods},
+                "seeds": seeds,
+            },
+            indent=2,
+        )
     )
     print(table)
     return 0

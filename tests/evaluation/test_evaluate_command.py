@@ -135,20 +135,34 @@ def test_public_protocol_smoke_setting_runs_end_to_end(tmp_path: Path) -> None:
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
     assert completed.returncode == 0, completed.stderr[-4000:]
     table = (tmp_path / "protocol" / "comparison.md").read_text()
-    for method in ("Single", "Base", "Adaptive"):
+    rows = ("Single", "Base", "Adaptive", "PCGrad", "CAGrad", "Aligned-MTL", "FAMO")
+    for method in rows:
         assert f"| tiny | {method} | 1 |" in table
     data = json.loads((tmp_path / "protocol" / "comparison.json").read_text())
-    assert set(data["per_seed"]) == {"Single", "Base", "Adaptive"}
+    assert set(data["per_seed"]) == set(rows)
     for summaries in data["per_seed"].values():
         assert set(summaries[0]) == {"cls", "det", "seg"}
-    # Same budget: 4 steps for each single-task model, 12 for each multi-task one.
+    # Same budget per task: 4 steps for each single-task model and each all-tasks-per-step weighting method, 12 for
+    # base and adaptive, which sample one task per step.
+    methods = (
+        "single-cls",
+        "single-det",
+        "single-seg",
+        "base",
+        "adaptive",
+        "pcgrad",
+        "cagrad",
+        "aligned_mtl",
+        "famo",
+    )
     steps = {
         method: json.loads((tmp_path / "protocol" / method / "seed0" / "eval_results.json").read_text())[
             "steps"
         ]
-        for method in ("single-cls", "single-det", "single-seg", "base", "adaptive")
+        for method in methods
     }
-    assert steps == {"single-cls": 4, "single-det": 4, "single-seg": 4, "base": 12, "adaptive": 12}
+    assert steps == {method: 12 if method in ("base", "adaptive") else 4 for method in methods}
+    assert data["steps"] == steps
 
 
 @pytest.mark.parametrize("config", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
