@@ -275,6 +275,23 @@ EXAMPLE = (
 )
 
 
+VLM_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def is_vision_language_model(model: str) -> bool:
+    """`tiny-random`, a folder whose config (or LoRA adapter's base) is a Qwen2-VL / Qwen2.5-VL, or a Qwen VL Hub id."""
+    if model == "tiny-random":
+        return True
+    folder = Path(model)
+    for name in ("config.json", "adapter_config.json", "grpo_settings.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            base = str(data.get("base_model_name_or_path", ""))
+            return data.get("model_type") in VLM_MODEL_TYPES or name == "grpo_settings.json" or "VL" in base
+    return not folder.exists() and "/" in model and "-VL" in model
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="cadmtl reference localize",
@@ -283,7 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "model", help="backbone preset (tiny, vits16, ...), DINOv3 checkpoint or CadMtl model folder"
+        "model",
+        help="backbone preset (tiny, vits16, ...), DINOv3 checkpoint or CadMtl model folder (training-free "
+        "localiser), or a vision-language model (Qwen2/2.5-VL id or folder, a GRPO output, tiny-random)",
     )
     parser.add_argument("pairs", help="pairs repo folder (from `cadmtl reference build-pairs`)")
     parser.add_argument("--split", default="test", help="the split to predict (test)")
@@ -310,6 +329,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
     args = parser.parse_args(argv)
+    if is_vision_language_model(args.model):
+        # A VLM answers with the GRPO prompt; its boxes come back in query pixels in the same predictions.jsonl.
+        from cadmtl.reference.grpo import zero_shot_main
+
+        return zero_shot_main(
+            [
+                "--model",
+                args.model,
+                "--dataset",
+                args.pairs,
+                "--split",
+                args.split,
+                "--output-dir",
+                str(args.output_dir),
+            ]
+        )
     window = None if args.window.lower() in ("global", "none") else int(args.window)
     run = localize(
         args.model,

@@ -230,3 +230,47 @@ def test_connected_components_with_pointer_jumping_match_a_flood_fill():
             count += 1
         assert (labels[~mask] == 0).all() and labels.max() == count
         assert len(set(zip(expected[mask], labels[mask]))) == count  # a bijection between the labellings
+
+
+def test_vision_language_models_are_told_from_feature_backbones(tmp_path):
+    from cadmtl.reference.localize import is_vision_language_model
+
+    assert is_vision_language_model("tiny-random") and is_vision_language_model("Qwen/Qwen2.5-VL-7B-Instruct")
+    assert not is_vision_language_model("tiny") and not is_vision_language_model(
+        "facebook/dinov3-vits16-pretrain-lvd1689m"
+    )
+    (tmp_path / "vlm").mkdir()
+    (tmp_path / "vlm" / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    (tmp_path / "cadmtl").mkdir()
+    (tmp_path / "cadmtl" / "config.json").write_text(json.dumps({"model_type": "cadmtl"}))
+    assert is_vision_language_model(str(tmp_path / "vlm")) and not is_vision_language_model(
+        str(tmp_path / "cadmtl")
+    )
+
+
+@pytest.mark.slow
+def test_one_localize_command_also_serves_a_vlm(pairs_repo, tmp_path):
+    from cadmtl.cli import main as cadmtl
+
+    out = tmp_path / "vlm"
+    assert (
+        cadmtl(
+            [
+                "reference",
+                "localize",
+                "tiny-random",
+                str(pairs_repo),
+                "--split",
+                "test",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [line["pair_id"] for line in lines] == [f"test-{i:05d}" for i in range(4)]
+    assert all("parse_ok" in line for line in lines)
+    assert cadmtl(["reference", "evaluate", str(out), str(pairs_repo), "--split", "test"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert 0 <= results["metrics"]["parse_failure_rate"] <= 100
