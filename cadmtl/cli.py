@@ -57,8 +57,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "protocol": Command(
         "cadmtl.protocol:main",
-        "the public-benchmark protocol: single-task vs base vs adaptive over seeds",
-        "cadmtl protocol --setting smoke",
+        "the public-benchmark protocol: single-task vs base vs adaptive vs PCGrad / CAGrad / Aligned-MTL / FAMO over seeds",
+        "cadmtl protocol --setting cpu",
     ),
     "export": Command(
         "cadmtl.export.command:main",

@@ -35,16 +35,21 @@ class LevelScale(nn.Module):
 class DetectionConv(nn.Conv2d):
     """A conv of the detection head: FCOS initialises these with N(0, 0.01) and, for the classification output,
     a bias that starts every location at the prior foreground probability (so the focal loss does not explode at
-    step 0). The model's `_init_weights` reads `prior_probability`."""
+    step 0). The box output starts at `bias_init` = 1 (boxes of one stride per side): with a zero bias the ReLU'd
+    distances start at ~0 px, where a from-scratch model can lock every box at zero size with no gradient left
+    (seen in the CPU protocol). The model's `_init_weights` reads `initial_bias`."""
 
-    def __init__(self, *args: Any, prior_probability: float | None = None, **kwargs: Any):
+    def __init__(
+        self, *args: Any, prior_probability: float | None = None, bias_init: float = 0.0, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self.prior_probability = prior_probability
+        self.bias_value = bias_init
 
     @property
     def initial_bias(self) -> float:
         if self.prior_probability is None:
-            return 0.0
+            return self.bias_value
         return -math.log((1 - self.prior_probability) / self.prior_probability)
 
 
@@ -74,7 +79,7 @@ class FcosHead(nn.Module):
         self.cls_logits = DetectionConv(
             channels, num_classes, kernel_size=3, padding=1, prior_probability=prior_probability
         )
-        self.box_distances = DetectionConv(channels, 4, kernel_size=3, padding=1)
+        self.box_distances = DetectionConv(channels, 4, kernel_size=3, padding=1, bias_init=1.0)
         self.centerness = DetectionConv(channels, 1, kernel_size=3, padding=1)
         self.scales = nn.ModuleList(LevelScale() for _ in strides)
 
