@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from cadmtl.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, load_split
+from cadmtl.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, encoded_bytes, load_split
 from dataset_scripts.images import to_rgb
 from dataset_scripts.schema import AD, GOOD, kind_of_config
 
@@ -41,12 +41,7 @@ class AnomalySample:
 
 
 def _open(value: Any) -> Image.Image:
-    if isinstance(value, Image.Image):
-        return value
-    data = value.get("bytes") if isinstance(value, dict) else value
-    if data is None and isinstance(value, dict) and value.get("path"):
-        return Image.open(value["path"])
-    return Image.open(io.BytesIO(data))
+    return value if isinstance(value, Image.Image) else Image.open(io.BytesIO(encoded_bytes(value)))
 
 
 def iter_anomaly_split(repo: str, config: str, split: str) -> Iterator[AnomalySample]:

@@ -128,7 +128,8 @@ def _load_split(
 
 
 # ------------------------------------------------------------------------------------------- decoding
-def _encoded_bytes(value: Any) -> bytes | None:
+def encoded_bytes(value: Any) -> bytes | None:
+    """The encoded bytes of a datasets image value (bytes, or a {"bytes", "path"} dict); None for a PIL image."""
     if isinstance(value, bytes):
         return value
     if isinstance(value, Mapping):
@@ -166,7 +167,7 @@ def decode_rgb(value: Any, min_size: tuple[int, int] | None = None) -> tuple[tor
     other JPEGs go to torchvision's ``decode_jpeg`` (faster than Pillow at full size), everything else
     to Pillow. EXIF orientation is applied, as ``datasets.Image`` does; ``(H, W)`` is the upright size.
     """
-    data = _encoded_bytes(value)
+    data = encoded_bytes(value)
     if data is not None and data[:3] == _JPEG_MAGIC and _decode_jpeg is not None:
         size = _jpeg_size(data) if min_size is not None else None
         reducible = (
@@ -201,7 +202,7 @@ def decode_rgb(value: Any, min_size: tuple[int, int] | None = None) -> tuple[tor
 
 def decode_mask(value: Any) -> torch.Tensor:
     """``uint8`` tensor ``(H, W)`` of class ids from a single-channel mask PNG."""
-    data = _encoded_bytes(value)
+    data = encoded_bytes(value)
     image = Image.open(io.BytesIO(data)) if data is not None else value
     if image.mode not in ("L", "P"):
         raise ValueError(f"segmentation masks must be single-channel (L) PNGs, got mode {image.mode}")

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
-from cadmtl.data.pipeline import load_split
+from cadmtl.data.pipeline import encoded_bytes, load_split
 from dataset_scripts.images import encode_png, to_rgb
 from dataset_scripts.schema import AD, GOOD, kind_of_config
 from dataset_scripts.synthetic import DefectSpec, place_defects
@@ -193,14 +193,6 @@ class _AdImage:
         return PILImage.open(io.BytesIO(self.image_bytes)).size
 
 
-def _bytes(value: Any) -> bytes:
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return value["bytes"]
-        return Path(value["path"]).read_bytes()
-    return value
-
-
 def _iter_ad(repo: str, config: str, split: str) -> Iterator[_AdImage]:
     """The rows of an ``_ad`` split with the image kept encoded (queries are stored as they came)."""
     if kind_of_config(config) != AD:
@@ -208,11 +200,11 @@ def _iter_ad(repo: str, config: str, split: str) -> Iterator[_AdImage]:
     dataset = load_split(repo, config, split, streaming=True)
     names = dataset.features["defect_type"].names
     for row in dataset.decode(False):
-        mask = np.asarray(PILImage.open(io.BytesIO(_bytes(row["mask"]))), dtype=np.uint8)
+        mask = np.asarray(PILImage.open(io.BytesIO(encoded_bytes(row["mask"]))), dtype=np.uint8)
         defect = row["defect_type"]
         yield _AdImage(
             image_id=str(row["image_id"]),
-            image_bytes=_bytes(row["image"]),
+            image_bytes=encoded_bytes(row["image"]),
             mask=mask,
             is_normal=bool(row["is_normal"]),
             defect_type=names[defect] if isinstance(defect, int) else str(defect),
@@ -584,13 +576,15 @@ def load_pairs(repo: str | Path, split: str, with_images: bool = True) -> Iterat
             pair_id=row["pair_id"],
             query_id=row["query_id"],
             reference_id=row["reference_id"],
-            reference=to_rgb(PILImage.open(io.BytesIO(_bytes(row["reference"])))) if with_images else None,
-            query=to_rgb(PILImage.open(io.BytesIO(_bytes(row["query"])))) if with_images else None,
+            reference=to_rgb(PILImage.open(io.BytesIO(encoded_bytes(row["reference"]))))
+            if with_images
+            else None,
+            query=to_rgb(PILImage.open(io.BytesIO(encoded_bytes(row["query"])))) if with_images else None,
             box=[float(v) for v in row["box"]],
             boxes=[[float(v) for v in b] for b in row["boxes"]],
             mask=None
             if mask is None
-            else np.asarray(PILImage.open(io.BytesIO(_bytes(mask))), dtype=np.uint8),
+            else np.asarray(PILImage.open(io.BytesIO(encoded_bytes(mask))), dtype=np.uint8),
             has_anomaly=bool(row["has_anomaly"]),
             category=row["category"],
             defect_type=row["defect_type"],
