@@ -9,6 +9,9 @@ SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext")
 # Hub files are self-contained: these mirror dataset_scripts.schema.TASKS / IGNORE_INDEX (a test keeps them equal).
 TASKS = ("cls", "det", "seg")
 IGNORE_INDEX = 255  # segmentation pixels that count for no class
+NORMAL_LABEL = "normal"  # the classification label of a defect-free image (dataset_scripts.taxonomy.NORMAL)
+# Where the image-level anomaly score comes from (see `CadMtlImageProcessor.post_process_anomaly_score`).
+VERDICT_SOURCES = ("max", "cls", "det", "seg")
 
 # Strides of the pyramid levels shared by the detection head and the segmentation decoder.
 PYRAMID_STRIDES = (8, 16, 32)
@@ -64,6 +67,18 @@ class CadMtlConfig(PreTrainedConfig):
         image_sizes (`dict[str, int]`, *optional*):
             The square input size each task was trained at, e.g. `{"cls": 224, "det": 512, "seg": 512}`; written
             by the trainer and used by the evaluation command. The model itself accepts any size.
+        verdict_source (`str`, *optional*, defaults to `"max"`):
+            Which head's image-level anomaly score decides the OK / NG verdict: `"cls"` (1 - probability of the
+            `normal` class), `"det"` (the highest detection score), `"seg"` (the fraction of the image whose most
+            likely segmentation class is not the background) or `"max"` (the largest of those the model has).
+            Training picks the source with the best validation AUROC when the validation data has normal and
+            anomalous images.
+        verdict_threshold (`float`, *optional*, defaults to 0.5):
+            An image whose anomaly score is at or above this is NG. The default 0.5 is used until a training run
+            calibrates it (on validation: F1-max, or a target false-positive rate on the normal images).
+        verdict_calibration (`dict`, *optional*):
+            How `verdict_source` / `verdict_threshold` were chosen (method, split, counts, AUROC); `None` while the
+            documented defaults are in use.
 
     Example:
 
@@ -101,6 +116,9 @@ class CadMtlConfig(PreTrainedConfig):
     size_divisor: int = 32
     initializer_range: float = 0.02
     image_sizes: dict[str, int] | None = None
+    verdict_source: str = "max"
+    verdict_threshold: float = 0.5
+    verdict_calibration: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -114,6 +132,8 @@ class CadMtlConfig(PreTrainedConfig):
             raise ValueError(
                 f"image_sizes has unknown tasks {sorted(unknown_tasks)}; expected keys in {TASKS}."
             )
+        if self.verdict_source not in VERDICT_SOURCES:
+            raise ValueError(f"verdict_source {self.verdict_source!r} is not one of {VERDICT_SOURCES}.")
         # `id2label` is derived state that pipelines read: the classification labels here, and each task class
         # swaps in its own task's labels (see `CadMtlFor*`). The per-task lists above are the source of truth.
         self.set_task_labels("cls")
@@ -175,6 +195,11 @@ class CadMtlConfig(PreTrainedConfig):
         if self.is_vit:
             return [self.backbone_config.hidden_size] * len(self.backbone_config.out_features)
         return list(self.backbone_config.hidden_sizes[1:4])
+
+    @property
+    def normal_class_id(self) -> int | None:
+        """Index of the `normal` classification label, or None when the classifier has no such class."""
+        return self.cls_labels.index(NORMAL_LABEL) if NORMAL_LABEL in self.cls_labels else None
 
     def set_task_labels(self, task: str) -> None:
         """Point `id2label` / `label2id` at the labels of `task`."""

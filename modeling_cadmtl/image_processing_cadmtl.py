@@ -21,7 +21,7 @@ from transformers.image_utils import (
 )
 from transformers.processing_utils import ImagesKwargs
 
-from .configuration_cadmtl import IGNORE_INDEX, TASKS
+from .configuration_cadmtl import IGNORE_INDEX, TASKS, VERDICT_SOURCES
 
 # The head each transformers pipeline serves: `pipeline(...)` loads the processor with `_from_pipeline=<its task>`.
 PIPELINE_TASKS = {"image-classification": "cls", "object-detection": "det", "image-segmentation": "seg"}
@@ -384,6 +384,83 @@ class CadMtlImageProcessor(TorchvisionBackend):
             ].argmax(0)
             for image_logits, size in zip(logits, sizes)
         ]
+
+    def post_process_anomaly_score(
+        self,
+        outputs: Any,
+        source: str = "max",
+        threshold: float | None = None,
+        normal_class_id: int | None = None,
+        pixel_mask: torch.Tensor | None = None,
+    ) -> list[dict[str, Any]]:
+        """Image-level anomaly scores in [0, 1] (higher = more anomalous) and, with `threshold`, the OK / NG verdict.
+
+        Each head present in the multi-task `outputs` gives one score per image:
+        - `cls`: 1 - softmax probability of the `normal` class (`normal_class_id`; the head gives no score
+          without one, e.g. a classifier of part names);
+        - `det`: the highest detection score of any location and class, `sqrt(sigmoid(class) * sigmoid(centerness))`
+          as in `post_process_object_detection` (no threshold or NMS needed for a maximum);
+        - `seg`: the anomalous-pixel area, the fraction of the image's pixels (`pixel_mask`: 1 on the image, 0 on
+          padding) whose most likely class is not the background (class 0).
+        `source` picks the score that decides (`"max"`: the largest head score). An image is NG when its score is
+        at or above `threshold` (the model config's calibrated `verdict_threshold`).
+
+        Returns one `{"anomaly_score": float, "head_scores": {head: float}, "verdict": "OK" | "NG"}` per image
+        (`verdict` only with a threshold).
+        """
+        if source not in VERDICT_SOURCES:
+            raise ValueError(f"source {source!r} is not one of {VERDICT_SOURCES}.")
+        heads = self._head_anomaly_scores(outputs, normal_class_id, pixel_mask)
+        if not heads:
+            raise ValueError(
+                "No head gives an anomaly score: the outputs need `cls_logits` (with a normal class), "
+                "`det_logits` or `seg_logits`."
+            )
+        if source == "max":
+            scores = torch.stack(list(heads.values())).amax(dim=0)
+        elif source in heads:
+            scores = heads[source]
+        else:
+            raise ValueError(
+                f"The verdict reads the {source!r} head, but the outputs give only {sorted(heads)}."
+            )
+        results = []
+        for index, score in enumerate(scores.tolist()):
+            result: dict[str, Any] = {
+                "anomaly_score": score,
+                "head_scores": {head: float(values[index]) for head, values in heads.items()},
+            }
+            if threshold is not None:
+                result["verdict"] = "NG" if score >= threshold else "OK"
+            results.append(result)
+        return results
+
+    @staticmethod
+    def _head_anomaly_scores(
+        outputs: Any, normal_class_id: int | None, pixel_mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        heads: dict[str, torch.Tensor] = {}
+        cls_logits = _first_field(outputs, "cls_logits")
+        if cls_logits is not None and normal_class_id is not None:
+            heads["cls"] = 1.0 - cls_logits.float().softmax(dim=-1)[:, normal_class_id]
+        det_logits = _first_field(outputs, "det_logits")
+        if det_logits is not None:
+            probabilities = det_logits.float().sigmoid()
+            centerness = _first_field(outputs, "det_centerness_logits")
+            if centerness is not None:
+                probabilities = (probabilities * centerness.float().sigmoid()[..., None]).sqrt()
+            heads["det"] = probabilities.flatten(1).amax(dim=1)
+        seg_logits = _first_field(outputs, "seg_logits")
+        if seg_logits is not None:
+            anomalous = (seg_logits.argmax(dim=1) != 0).float()
+            if pixel_mask is None:
+                heads["seg"] = anomalous.mean(dim=(1, 2))
+            else:
+                valid = F.interpolate(pixel_mask[:, None].float(), size=anomalous.shape[-2:], mode="nearest")[
+                    :, 0
+                ]
+                heads["seg"] = (anomalous * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp(min=1)
+        return heads
 
 
 CadMtlImageProcessor.register_for_auto_class("AutoImageProcessor")
