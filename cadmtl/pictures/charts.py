@@ -1,7 +1,10 @@
-"""Charts of an evaluation run: confusion matrices and per-class bars of `MetricsReport.to_dict()` reports.
+"""Charts of an evaluation run: confusion matrices, per-class bars and detection curves of `MetricsReport.to_dict()`
+reports.
 
-[`plot_confusion_matrix`] and [`plot_per_class`] draw one report; [`plot_evaluation`] draws both for every config of
-an `eval_results.json`:
+[`plot_confusion_matrix`] and [`plot_per_class`] draw one report; for detection, [`plot_pr_curve`],
+[`plot_confidence_curve`] and [`plot_detection_confusion_matrix`] draw its `analysis` (Ultralytics' PR_curve,
+F1_curve / P_curve / R_curve and confusion_matrix charts); [`plot_evaluation`] draws them all for every config of an
+`eval_results.json`:
 
 ```python
 from cadmtl.pictures.charts import plot_evaluation
@@ -30,9 +33,12 @@ __all__ = [
     "fold_confusion_matrix",
     "normalized_confusion_matrix",
     "per_class_rows",
+    "plot_confidence_curve",
     "plot_confusion_matrix",
+    "plot_detection_confusion_matrix",
     "plot_evaluation",
     "plot_per_class",
+    "plot_pr_curve",
 ]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,13 +78,13 @@ def normalized_confusion_matrix(matrix: Any, normalize: bool = True) -> np.ndarr
 
 
 def fold_confusion_matrix(
-    matrix: Any, label_names: Sequence[str], max_classes: int
+    matrix: Any, label_names: Sequence[str], max_classes: int, keep: Sequence[int] = ()
 ) -> tuple[np.ndarray, list[str]]:
     """Keep the `max_classes - 1` busiest classes of a big confusion matrix and sum the rest into one "other".
 
-    Busiest = most samples in the ground truth plus the predictions; the kept classes stay in id order and every
-    count is preserved (the folded row and column hold the sums). A matrix with at most `max_classes` classes is
-    returned unchanged.
+    Busiest = most samples in the ground truth plus the predictions; the classes in `keep` (e.g. detection's
+    background) are always kept; the kept classes stay in id order and every count is preserved (the folded row
+    and column hold the sums). A matrix with at most `max_classes` classes is returned unchanged.
     """
     counts = np.asarray(matrix, dtype=np.int64)
     names = list(label_names)
@@ -88,7 +94,8 @@ def fold_confusion_matrix(
         raise ValueError(f"max_classes must be >= 2, got {max_classes}")
     if len(names) <= max_classes:
         return counts, names
-    activity = counts.sum(axis=0) + counts.sum(axis=1)
+    activity = (counts.sum(axis=0) + counts.sum(axis=1)).astype(np.float64)
+    activity[list(keep)] = np.inf
     kept = np.sort(np.argsort(-activity, kind="stable")[: max_classes - 1])
     groups = np.full(len(names), len(kept))
     groups[kept] = np.arange(len(kept))
@@ -120,6 +127,7 @@ def plot_confusion_matrix(
     max_classes: int = 50,
     *,
     title: str | None = None,
+    subtitle: str | None = None,
 ) -> Path:
     """Draw the confusion matrix of a classification or segmentation report as a PNG.
 
@@ -177,7 +185,8 @@ def plot_confusion_matrix(
                     color="black" if level > 0.6 else "white",
                 )  # fmt: skip
     heading = "confusion matrix" + (" (row-normalised)" if normalize else "")
-    axis.set_title(f"{title}: {heading}" if title else heading)
+    heading = f"{title}: {heading}" if title else heading
+    axis.set_title(f"{heading}\n{subtitle}" if subtitle else heading)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -275,16 +284,195 @@ def plot_per_class(
     return path
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Detection curves and confusion matrix (a detection report's `analysis`)
+# ----------------------------------------------------------------------------------------------------------
+
+_ALL_CLASSES_COLOR = "#0072B2"  # Okabe-Ito blue
+_MARK_COLOR = "#D55E00"  # Okabe-Ito vermillion
+_CURVE_NAMES = {"F1": "F1", "precision": "precision", "recall": "recall"}
+
+
+def _analysis(report: Mapping[str, Any], what: str, *keys: str) -> Mapping[str, Any]:
+    """A detection report's `analysis`, or a ValueError saying the report predates it."""
+    _check_report(report, what)
+    analysis = report.get("analysis")
+    if not isinstance(analysis, Mapping) or any(analysis.get(key) is None for key in keys):
+        raise ValueError(
+            f"{what}: the report has no detection {', '.join(keys)} (not a detection report, or written before "
+            "DetectionMetrics recorded them: evaluate again to get them)"
+        )
+    return analysis
+
+
+def _curve_values(values: Sequence[float | None]) -> np.ndarray:
+    return np.array([math.nan if value is None else value for value in values], dtype=np.float64)
+
+
+def _legend_outside(axis: Any, entries: int) -> None:
+    axis.legend(
+        loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8 if entries <= 12 else 7, frameon=False
+    )
+
+
+def plot_pr_curve(report: Mapping[str, Any], path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Draw a detection report's precision-recall curves at IoU 0.5 as a PNG (Ultralytics' `PR_curve.png`).
+
+    One thin line per class with ground truth, labelled with its AP50 (up to 20 classes; more are drawn grey and
+    unlabelled), and the all-classes mean in bold, labelled with mAP@0.5. The curves are COCOeval's interpolated
+    precision on its 101 recall points, so each curve's mean is its AP50.
+
+    Raises:
+        ValueError: the report has no `analysis` with a precision-recall curve (older or non-detection report).
+    """
+    analysis = _analysis(report, "plot_pr_curve", "pr_curve", "recall_grid")
+    recall = np.asarray(analysis["recall_grid"], dtype=np.float64)
+    per_class = analysis["pr_curve"].get("per_class") or {}
+    rows = report.get("per_class", {})
+    figure = _figure(9.0, 6.0)
+    axis = figure.add_subplot()
+    labelled = len(per_class) <= _MAX_ANNOTATED_CLASSES
+    for name, values in per_class.items():
+        precision = _curve_values(values)
+        ap50 = rows.get(name, {}).get("AP50")
+        ap50 = float(np.nanmean(precision)) if ap50 is None else float(ap50)
+        if labelled:
+            axis.plot(recall, precision, linewidth=1.0, label=f"{name} {ap50:.3f}")
+        else:
+            axis.plot(recall, precision, linewidth=0.8, color="grey", alpha=0.6)
+    if analysis["pr_curve"].get("all") is not None:
+        mean = _curve_values(analysis["pr_curve"]["all"])
+        map50 = report.get("metrics", {}).get("AP50")
+        map50 = float(np.nanmean(mean)) if map50 is None else float(map50)
+        axis.plot(
+            recall, mean, linewidth=3.0, color=_ALL_CLASSES_COLOR, label=f"all classes {map50:.3f} mAP@0.5"
+        )
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel("recall")
+    axis.set_ylabel("precision")
+    if axis.get_legend_handles_labels()[0]:
+        _legend_outside(axis, len(per_class) + 1)
+    heading = f"precision-recall (IoU {analysis.get('iou_threshold', 0.5):g})"
+    axis.set_title(f"{title}: {heading}" if title else heading)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def plot_confidence_curve(
+    report: Mapping[str, Any], path: str | os.PathLike, curve: str = "F1", *, title: str | None = None
+) -> Path:
+    """Draw F1, precision or recall against the confidence threshold as a PNG (Ultralytics' `F1_curve.png`...).
+
+    One thin line per class with ground truth (labelled up to 20 classes), the all-classes mean in bold; a dotted
+    line marks the report's score threshold (the operating point of its per-class precision / recall). On the F1
+    chart the best all-classes F1 is marked and its value and confidence are in the legend.
+
+    Args:
+        curve: `"F1"`, `"precision"` or `"recall"`.
+
+    Raises:
+        ValueError: unknown `curve`, or the report has no confidence curves (older or non-detection report).
+    """
+    if curve not in _CURVE_NAMES:
+        raise ValueError(f"plot_confidence_curve: curve must be one of {sorted(_CURVE_NAMES)}, got {curve!r}")
+    analysis = _analysis(report, "plot_confidence_curve", "confidence_curves", "confidence_grid")
+    confidence = np.asarray(analysis["confidence_grid"], dtype=np.float64)
+    per_class = analysis["confidence_curves"].get("per_class") or {}
+    figure = _figure(9.0, 6.0)
+    axis = figure.add_subplot()
+    labelled = len(per_class) <= _MAX_ANNOTATED_CLASSES
+    for name, curves in per_class.items():
+        values = _curve_values(curves[curve])
+        if labelled:
+            axis.plot(confidence, values, linewidth=1.0, label=name)
+        else:
+            axis.plot(confidence, values, linewidth=0.8, color="grey", alpha=0.6)
+    every = analysis["confidence_curves"].get("all")
+    if every is not None:
+        mean = _curve_values(every[curve])
+        if curve == "F1" and np.isfinite(mean).any():
+            best = int(np.nanargmax(mean))
+            label = f"all classes {mean[best]:.2f} at {confidence[best]:.2f}"
+            axis.plot(confidence, mean, linewidth=3.0, color=_ALL_CLASSES_COLOR, label=label)
+            axis.plot(confidence[best], mean[best], marker="*", markersize=14, color=_MARK_COLOR, zorder=5)
+        else:
+            axis.plot(confidence, mean, linewidth=3.0, color=_ALL_CLASSES_COLOR, label="all classes")
+    threshold = analysis.get("score_threshold")
+    if threshold is not None:
+        axis.axvline(
+            threshold, color="black", linestyle=":", linewidth=1.2, label=f"score threshold {threshold:g}"
+        )
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel("confidence")
+    axis.set_ylabel(_CURVE_NAMES[curve])
+    _legend_outside(axis, len(per_class) + 2)
+    heading = f"{_CURVE_NAMES[curve]}-confidence (IoU {analysis.get('iou_threshold', 0.5):g})"
+    axis.set_title(f"{title}: {heading}" if title else heading)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def plot_detection_confusion_matrix(
+    report: Mapping[str, Any],
+    path: str | os.PathLike,
+    normalize: bool = True,
+    max_classes: int = 50,
+    *,
+    title: str | None = None,
+) -> Path:
+    """Draw a detection report's confusion matrix (classes + background) as a PNG, as [`plot_confusion_matrix`].
+
+    Rows are ground truth, columns predictions; the background row holds the detections that matched no box, the
+    background column the boxes nobody found (Ultralytics' matching at IoU 0.5 above the report's score
+    threshold). Background is never folded into "other".
+
+    Raises:
+        ValueError: the report has no detection confusion matrix (older or non-detection report).
+    """
+    analysis = _analysis(report, "plot_detection_confusion_matrix", "confusion_matrix")
+    matrix = analysis["confusion_matrix"]
+    labels = list(matrix["labels"])
+    counts, names = fold_confusion_matrix(matrix["matrix"], labels, max_classes, keep=[len(labels) - 1])
+    subtitle = (
+        f"detections matched at IoU >= {analysis.get('iou_threshold', 0.5):g}, score > "
+        f"{analysis.get('score_threshold'):g}; background = unmatched"
+    )
+    return plot_confusion_matrix(
+        {"per_class": {}, "label_names": names, "confusion_matrix": counts},
+        path,
+        normalize,
+        max_classes=len(names),
+        title=title,
+        subtitle=subtitle,
+    )
+
+
 def _safe_file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._@+-]+", "_", name).strip("._") or "config"
 
 
 def plot_evaluation(eval_results_json: str | os.PathLike, output_dir: str | os.PathLike) -> list[Path]:
-    """Per-class bars and (except for detection) a confusion matrix for every config of an eval results file.
+    """Every chart of every config of an eval results file.
 
     `eval_results_json` is what `train_accelerate.py` and the evaluation command write: `{"results": {config:
-    {"task", "split", "metrics", "report"}}}`. Writes `<config>_per_class.png` and `<config>_confusion_matrix.png`
-    into `output_dir` and returns their paths. Configs without a report are skipped with a warning.
+    {"task", "split", "metrics", "report"}}}`. Writes into `output_dir`, per config:
+
+    * `<config>_per_class.png`: the per-class bars (accuracy, AP, IoU);
+    * `<config>_confusion_matrix.png`: the row-normalised confusion matrix (classification, segmentation, and
+      detection with its background row and column);
+    * detection only: `<config>_confusion_matrix_counts.png` (the same matrix in counts), `<config>_pr_curve.png`
+      (precision-recall per class and for all classes, mAP@0.5 in the legend), `<config>_f1_curve.png` (F1
+      against confidence, the best F1 marked), `<config>_p_curve.png` and `<config>_r_curve.png` (precision and
+      recall against confidence).
+
+    Returns the paths written. Configs without a report are skipped with a warning, and so are the detection
+    charts of reports written before detection curves were recorded (the warning counts and names them).
 
     Raises:
         FileNotFoundError / ValueError: the file is missing, is not JSON, or holds no plottable result.
@@ -302,6 +490,8 @@ def plot_evaluation(eval_results_json: str | os.PathLike, output_dir: str | os.P
     output_dir = Path(output_dir)
     written: list[Path] = []
     skipped: list[str] = []
+    without_curves: list[str] = []
+    detection_configs = 0
     stems: set[str] = set()
     for config, result in tqdm(results.items(), desc="plotting evaluation", unit="config"):
         report = result.get("report") if isinstance(result, dict) else None
@@ -322,6 +512,11 @@ def plot_evaluation(eval_results_json: str | os.PathLike, output_dir: str | os.P
                 written.append(
                     plot_confusion_matrix(report, output_dir / f"{stem}_confusion_matrix.png", title=title)
                 )
+            if task == "det":
+                detection_configs += 1
+                written.extend(
+                    _plot_detection_analysis(report, output_dir, stem, title, config, without_curves)
+                )
         except ValueError as error:
             raise ValueError(f"plot_evaluation: {source}, config {config!r}: {error}") from None
     if skipped:
@@ -332,6 +527,35 @@ def plot_evaluation(eval_results_json: str | os.PathLike, output_dir: str | os.P
             source,
             ", ".join(skipped),
         )
+    if without_curves:
+        logger.warning(
+            "plot_evaluation: %d of %d detection configs in %s have no precision-recall / confidence curves or "
+            "detection confusion matrix (written before they were recorded; evaluate again to get them), so "
+            "those charts were not drawn: %s",
+            len(without_curves),
+            detection_configs,
+            source,
+            ", ".join(without_curves),
+        )
     if not written:
         raise ValueError(f"plot_evaluation: no config in {source} has a per-class report to plot")
     return written
+
+
+def _plot_detection_analysis(
+    report: Mapping[str, Any], output_dir: Path, stem: str, title: str, config: str, without_curves: list[str]
+) -> list[Path]:
+    analysis = report.get("analysis")
+    if not isinstance(analysis, Mapping) or not analysis.get("confidence_curves"):
+        without_curves.append(config)
+        return []
+    return [
+        plot_detection_confusion_matrix(report, output_dir / f"{stem}_confusion_matrix.png", title=title),
+        plot_detection_confusion_matrix(
+            report, output_dir / f"{stem}_confusion_matrix_counts.png", normalize=False, title=title
+        ),
+        plot_pr_curve(report, output_dir / f"{stem}_pr_curve.png", title=title),
+        plot_confidence_curve(report, output_dir / f"{stem}_f1_curve.png", "F1", title=title),
+        plot_confidence_curve(report, output_dir / f"{stem}_p_curve.png", "precision", title=title),
+        plot_confidence_curve(report, output_dir / f"{stem}_r_curve.png", "recall", title=title),
+    ]

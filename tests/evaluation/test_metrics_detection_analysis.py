@@ -38,7 +38,9 @@ def _two_images() -> tuple[list[dict], list[dict]]:
             [0.9, 0.8, 0.6, 0.2],
             [0, 0, 1, 0],  # A found; B found as a dent; a scratch on nothing; a low-score duplicate of A
         ),
-        _prediction([[0, 0, 20, 15], [100, 100, 110, 110]], [0.5, 0.4], [1, 0]),  # C found (IoU 0.75); a stray dent
+        _prediction(
+            [[0, 0, 20, 15], [100, 100, 110, 110]], [0.5, 0.4], [1, 0]
+        ),  # C found (IoU 0.75); a stray dent
     ]
     targets = [
         _target([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 1]),
@@ -165,7 +167,9 @@ def test_classes_without_ground_truth_and_crowd_boxes() -> None:
     assert (stain["TP"], stain["FP"], stain["FN"]) == (0, 0, 0) and math.isnan(stain["precision"])
     dent = report.per_class["dent"]
     assert (dent["precision"], dent["recall"], dent["F1"]) == (0.0, 0.0, 0.0)
-    assert set(report.analysis["pr_curve"]["per_class"]) == {"dent"}  # curves only where there is ground truth
+    assert set(report.analysis["pr_curve"]["per_class"]) == {
+        "dent"
+    }  # curves only where there is ground truth
     assert report.extra_metrics["precision"] == 0.0 and report.extra_metrics["best_F1"] == 0.0
 
 

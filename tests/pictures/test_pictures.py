@@ -409,12 +409,95 @@ def test_plot_evaluation_draws_every_config(eval_results, tmp_path, caplog):
     assert [path.name for path in written] == [
         "chassis_cls@test_per_class.png",
         "chassis_cls@test_confusion_matrix.png",
-        "exterior_det_per_class.png",  # detection has no confusion matrix
+        "exterior_det_per_class.png",
+        "exterior_det_confusion_matrix.png",  # detection: classes + background, from its analysis
+        "exterior_det_confusion_matrix_counts.png",
+        "exterior_det_pr_curve.png",
+        "exterior_det_f1_curve.png",
+        "exterior_det_p_curve.png",
+        "exterior_det_r_curve.png",
         "exterior_seg_per_class.png",
         "exterior_seg_confusion_matrix.png",
     ]
     assert all(_png_size(path)[0] > 300 for path in written)
     assert "1 of 4 configs" in caplog.text and "old_run" in caplog.text
+
+
+def _detection_report(score_threshold: float = 0.3) -> dict:
+    """Two images, two classes: a found dent, a scratch found as a dent, a missed scratch, two stray boxes."""
+    metric = DetectionMetrics(label_names=DET_LABELS[:2], score_threshold=score_threshold)
+    metric.update(
+        [
+            {
+                "boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]]),
+                "scores": torch.tensor([0.9, 0.8, 0.6]),
+                "labels": torch.tensor([0, 0, 1]),
+            },
+            {
+                "boxes": torch.tensor([[0.0, 0, 20, 15]]),
+                "scores": torch.tensor([0.2]),
+                "labels": torch.tensor([1]),
+            },
+        ],
+        [
+            {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([0, 1])},
+            {"boxes": torch.tensor([[0.0, 0, 20, 20]]), "labels": torch.tensor([1])},
+        ],
+    )
+    return json.loads(json.dumps(metric.compute_detailed().to_dict()))  # as read back from eval_results.json
+
+
+def test_detection_charts_from_a_small_report(tmp_path):
+    report = _detection_report()
+    assert report["analysis"]["confusion_matrix"]["matrix"] == [[1, 0, 0], [1, 0, 1], [0, 1, 0]]
+    for name, draw in (
+        ("pr.png", lambda path: charts.plot_pr_curve(report, path, title="det")),
+        ("f1.png", lambda path: charts.plot_confidence_curve(report, path, "F1")),
+        ("recall.png", lambda path: charts.plot_confidence_curve(report, path, "recall")),
+        ("cm.png", lambda path: charts.plot_detection_confusion_matrix(report, path)),
+        ("cm_counts.png", lambda path: charts.plot_detection_confusion_matrix(report, path, normalize=False)),
+    ):
+        width, height = _png_size(draw(tmp_path / name))
+        assert 500 <= width <= 2000 and 400 <= height <= 2000
+    with pytest.raises(ValueError, match="curve must be one of"):
+        charts.plot_confidence_curve(report, tmp_path / "x.png", "AP")
+
+
+def test_detection_charts_of_an_old_report_fail_or_skip_clearly(tmp_path, caplog):
+    old = _detection_report()
+    del old["analysis"]  # eval_results.json written before the curves were recorded
+    for draw in (charts.plot_pr_curve, charts.plot_confidence_curve, charts.plot_detection_confusion_matrix):
+        with pytest.raises(ValueError, match=r"no detection .* evaluate again"):
+            draw(old, tmp_path / "x.png")
+    results = {
+        "old_det": {"task": "det", "split": "test", "metrics": old["metrics"], "report": old},
+        "new_det": {"task": "det", "split": "test", "metrics": old["metrics"], "report": _detection_report()},
+    }
+    source = tmp_path / "eval_results.json"
+    source.write_text(json.dumps({"results": results}))
+    with caplog.at_level(logging.WARNING, logger=charts.__name__):
+        written = charts.plot_evaluation(source, tmp_path / "charts")
+    assert [path.name for path in written if path.name.startswith("old_det")] == ["old_det_per_class.png"]
+    assert len([path for path in written if path.name.startswith("new_det")]) == 7
+    assert "1 of 2 detection configs" in caplog.text and "old_det" in caplog.text
+
+
+def test_large_detection_confusion_matrix_keeps_background(tmp_path):
+    size = 60
+    labels = [f"class_{i}" for i in range(size)] + ["background"]
+    matrix = np.diag(np.arange(1, size + 2))
+    matrix[-1, -1] = 0
+    report = {
+        "per_class": {},
+        "analysis": {"confusion_matrix": {"labels": labels, "matrix": matrix.tolist()}},
+    }
+    report["analysis"].update(score_threshold=0.3, iou_threshold=0.5)
+    folded, names = charts.fold_confusion_matrix(matrix, labels, 50, keep=[size])
+    assert names[-2:] == ["background", "other (12 classes)"] and folded.sum() == matrix.sum()
+    folded, names = charts.fold_confusion_matrix(matrix[::-1, ::-1], labels[::-1], 50, keep=[0])
+    assert names[0] == "background"  # the quietest row and column, kept anyway
+    width, height = _png_size(charts.plot_detection_confusion_matrix(report, tmp_path / "big.png"))
+    assert max(width, height) < 3000
 
 
 def test_plot_evaluation_errors_name_the_file(tmp_path):
@@ -434,8 +517,8 @@ def test_plot_evaluation_errors_name_the_file(tmp_path):
 
 def test_cli_charts_and_predict(eval_results, forced_model_dir, image_folder, tmp_path, capsys):
     assert cli_main(["charts", str(eval_results), "--output-dir", str(tmp_path / "charts")]) == 0
-    assert "wrote 5 charts" in capsys.readouterr().out
-    assert len(list((tmp_path / "charts").glob("*.png"))) == 5
+    assert "wrote 11 charts" in capsys.readouterr().out
+    assert len(list((tmp_path / "charts").glob("*.png"))) == 11
 
     arguments = [
         "predict",
