@@ -82,13 +82,16 @@ def test_classification_matches_metric_class() -> None:
 def test_detection_matches_metric_class_from_file_path() -> None:
     predictions, references = _detection_batch(seed=1)
     module = evaluate.load(str(Path(CADMTL_METRICS_PATH) / "cadmtl_metrics.py"), "detection")
-    result = module.compute(predictions=predictions, references=references, detailed=True)
-    metric = DetectionMetrics()
+    result = module.compute(
+        predictions=predictions, references=references, detailed=True, score_threshold=0.5
+    )
+    metric = DetectionMetrics(score_threshold=0.5)
     metric.update(predictions, references)
     report = metric.compute_detailed()
     _same({key: result[key] for key in report.metrics}, report.metrics)
     assert result["counts"] == report.counts
     assert result["per_class"] == report.to_dict()["per_class"]
+    assert result["analysis"] == report.analysis and result["analysis"]["score_threshold"] == 0.5
     assert 0 < result["AP"] < 1
 
 

@@ -18,7 +18,12 @@ import datasets
 import evaluate
 import numpy as np
 
-from cadmtl.evaluation.metrics import ClassificationMetrics, DetectionMetrics, SegmentationMetrics
+from cadmtl.evaluation.metrics import (
+    DEFAULT_SCORE_THRESHOLD,
+    ClassificationMetrics,
+    DetectionMetrics,
+    SegmentationMetrics,
+)
 from dataset_scripts.schema import IGNORE_INDEX
 
 _DESCRIPTION = """\
@@ -40,15 +45,16 @@ Args (config `detection`):
     predictions: one dict per image, as `post_process_object_detection` returns it: `boxes` (xyxy, absolute
         pixels), `scores`, `labels`; optional `image_id` (int or str).
     references: one dict per image: `boxes` (xyxy, absolute), `labels`; optional `image_id`, `iscrowd`, `area`.
-    label_names (list[str], optional), max_dets (int, default 100). Boxes only (iou_type "bbox").
+    label_names (list[str], optional), max_dets (int, default 100), score_threshold (float, default 0.3: the
+    operating point of the per-class precision / recall and the confusion matrix). Boxes only (iou_type "bbox").
 Args (config `segmentation`):
     predictions: predicted class-id maps (2-D arrays or PIL images; uint8 avoids a datasets down-cast warning).
     references: ground-truth class-id maps with `ignore_index` for unlabelled pixels.
     num_classes (int, required), ignore_index (int, default 255), label_names (list[str], optional),
     reduce_zero_label (bool, default False).
 All configs:
-    detailed (bool, default False): also return `per_class`, `counts`, `extra_metrics` and `confusion_matrix`
-        (JSON-safe: NaN becomes None there).
+    detailed (bool, default False): also return `per_class`, `counts`, `extra_metrics`, `confusion_matrix` and
+        `analysis` (detection curves and confusion matrix; JSON-safe: NaN becomes None there).
 Returns:
     dict of metric name -> fraction in [0, 1] (plus the detail keys when `detailed=True`).
 Examples:
@@ -173,6 +179,7 @@ class CadmtlMetrics(evaluate.Metric):
             metric = DetectionMetrics(
                 label_names=options.pop("label_names", None),
                 max_dets=options.pop("max_dets", 100),
+                score_threshold=options.pop("score_threshold", DEFAULT_SCORE_THRESHOLD),
                 sync_on_compute=False,
             )
             metric.update([_present_fields(p) for p in predictions], [_present_fields(r) for r in references])
@@ -198,7 +205,7 @@ class CadmtlMetrics(evaluate.Metric):
         result: dict[str, Any] = dict(report.metrics)
         if detailed:
             details = report.to_dict()
-            for key in ("per_class", "counts", "extra_metrics", "confusion_matrix"):
+            for key in ("per_class", "counts", "extra_metrics", "confusion_matrix", "analysis"):
                 result[key] = details[key]
         return result
 
