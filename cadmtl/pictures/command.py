@@ -4,7 +4,9 @@
     cadmtl charts outputs/cadmtl-demo/eval_results.json --output-dir charts/
 
 `predict` runs the model (a saved folder or a Hub repo id) on image files and folders and writes one overlay PNG
-per image; `charts` draws the per-class bars and confusion matrices of an `eval_results.json`. The work is done by
+per image; `charts` draws the per-class bars and confusion matrices of an `eval_results.json`, and for detection
+configs the precision-recall, F1 / precision / recall-confidence curves and the detection confusion matrix (see
+`cadmtl.pictures.charts.plot_evaluation` for the file names). The work is done by
 `cadmtl.pictures.predict` and `cadmtl.pictures.charts`. `python -m cadmtl.pictures.command {predict,charts} ...` is an alias.
 """
 
@@ -101,7 +103,9 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
 def charts_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(
         "cadmtl charts",
-        "Per-class bar charts and confusion matrices of eval results.",
+        "Per-class bar charts and confusion matrices of eval results. For detection configs also\n"
+        "<config>_pr_curve.png (precision-recall, mAP@0.5), _f1_curve.png / _p_curve.png / _r_curve.png\n"
+        "(against confidence) and _confusion_matrix.png / _confusion_matrix_counts.png (with background).",
         CHARTS_EXAMPLE,
         _add_charts_arguments,
     )
