@@ -145,6 +145,7 @@ def _assert_reports_equal(actual: MetricsReport, expected: MetricsReport) -> Non
             assert (math.isnan(got[key]) and math.isnan(want[key])) or got[key] == want[key], (section, key)
     assert actual.counts == expected.counts
     assert actual.label_names == expected.label_names
+    assert actual.analysis == expected.analysis  # detection curves and confusion matrix (JSON-ready, no NaN)
     for name, row in expected.per_class.items():
         for key, value in row.items():
             other = actual.per_class[name][key]
