@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     window = LogWindow(accelerator.num_processes)
     # Each rank records its task sequence: every rank must draw the same task at the same step.
     task_log_path = output_dir / "logs" / f"tasks_rank{accelerator.process_index}.txt"
-    last_losses: dict[str, torch.Tensor] = {}  # each task's latest training loss (this rank), for results.csv
+    # Each task's latest training loss on this rank, for results.csv (NaN until the task's first step).
+    last_losses = {task: torch.tensor(float("nan")) for task in tasks}
     stop = train_args.eval_every > 0 and tracker.should_stop  # a checkpoint taken when patience ran out
     with open(task_log_path, "a") as task_log:
         while state.step < train_args.max_steps and not stop:
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     checkpoint_objects,
                     train_args.save_total_limit,
                 )
-    if stop:
+    if stop and state.step < train_args.max_steps:
         logger.info("early stopping at step %d: %s", state.step, tracker.stop_reason())
     progress.close()
     shipped = finish_weights(accelerator, unwrapped, ema, output_dir, train_args.load_best_model_at_end)

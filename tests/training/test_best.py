@@ -230,3 +230,21 @@ def test_checkpoint_with_other_objects_is_refused(tmp_path: Path) -> None:
     check_same_objects(tmp_path, {"loop": "custom_checkpoint_0.pkl", "ema": "custom_checkpoint_1.pkl"})
     with pytest.raises(ValueError, match=r"only in the checkpoint: \['ema'\]; only in this run: \[\]"):
         check_same_objects(tmp_path, {"loop": "custom_checkpoint_0.pkl"})
+
+
+def test_arguments_of_best_tracking_are_checked() -> None:
+    from cadmtl.training.arguments import parse_arguments
+
+    train_args = parse_arguments(["--eval_every", "5", "--patience", "3", "--greater_is_better", "false"])[2]
+    assert (train_args.patience, train_args.greater_is_better, train_args.metric_for_best_model) == (
+        3,
+        False,
+        "mean_primary",
+    )
+    assert parse_arguments([])[2].greater_is_better is None  # decided by the metric's name
+    with pytest.raises(ValueError, match="patience needs evaluations during training: set eval_every > 0"):
+        parse_arguments(["--patience", "3"])
+    with pytest.raises(ValueError, match="load_best_model_at_end needs evaluations during training"):
+        parse_arguments(["--load_best_model_at_end"])
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\) \(0: off\), got 1.0"):
+        parse_arguments(["--ema_decay", "1"])

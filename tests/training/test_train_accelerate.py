@@ -366,7 +366,10 @@ def test_patience_stops_early_and_best_model_is_kept(small_demo: Path, tmp_path:
     rows = read_results_csv(output / "results.csv")
     assert [r["step"] for r in rows] == ["2", "4", "6"] and [r["is_best"] for r in rows] == ["1", "0", "0"]
     assert len({r["fitness"] for r in rows}) == 1 and 0 <= float(rows[0]["fitness"]) <= 1
-    assert {"train/cls_loss", "metrics/chassis_cls/acc@1", "metrics/exterior_det/AP", "time"} <= set(rows[0])
+    assert {"train/cls_loss", "train/det_loss", "train/seg_loss", "time"} <= set(rows[0])
+    assert {"metrics/chassis_cls/acc@1", "metrics/exterior_det/AP", "metrics/exterior_seg/mIoU"} <= set(
+        rows[0]
+    )
     assert float(rows[0]["time"]) < float(rows[2]["time"])
     info = json.loads((output / "best" / "best.json").read_text())
     assert info["step"] == 2 and info["metric_for_best_model"] == "mean_primary" and not info["ema"]
