@@ -14,13 +14,17 @@ Each optimizer step: draw the task (identical on every rank: a pure function of 
 next batch, forward only its head, backward, drop the gradients of frozen early layers and unused heads, clip,
 step. Checkpoints (`accelerator.save_state`) carry CoBa, the scheduler, the data positions and the RNG states, so
 `--resume_from_checkpoint latest` continues exactly where a killed run stopped.
+
+With `--eval_every N`, each evaluation adds a row to OUTPUT_DIR/results.csv and, when `--metric_for_best_model`
+improves, writes OUTPUT_DIR/best/; `--patience K` stops after K evaluations without improvement, `--ema_decay D`
+evaluates and ships an EMA of the weights, `--load_best_model_at_end` ships best/ (`cadmtl.training.best`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +43,24 @@ from cadmtl.data.sources import (
     merged_labels,
 )
 from cadmtl.training.arguments import parse_arguments
+from cadmtl.training.best import (
+    RESULTS_CSV,
+    BestTracker,
+    ResultsCsv,
+    broadcast_value,
+    build_ema,
+    check_metric_for_best_model,
+    default_greater_is_better,
+    finish_weights,
+    prepare_best_dir,
+    results_row,
+    save_best,
+    selection_value,
+)
 from cadmtl.training.checkpoint import (
     LoopState,
     check_same_model,
+    check_same_objects,
     find_checkpoint,
     register_stateful,
     save_checkpoint,
@@ -96,6 +115,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"No dataset configs for the tasks {tasks}: set --cls_configs / --det_configs / --seg_configs."
         )
     tasks = list(configs_by_task)
+    check_metric_for_best_model(
+        train_args.metric_for_best_model, [c for configs in configs_by_task.values() for c in configs]
+    )
     sources = discover_sources(data_args.dataset, configs_by_task, data_args.train_split)
     model = build_model(
         model_args, {task: merged_labels(task_sources) for task, task_sources in sources.items()}
@@ -136,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # ------------------------------------------------------------------------------- optimisation state
     frozen = early_backbone_parameters(model, resolve_freeze_blocks(model, train_args.freeze_backbone_layers))
+    # The EMA copies the plain model, before compilation and DDP; evaluations, best/ and model/ then use it.
+    ema = build_ema(model, train_args.ema_decay) if train_args.ema_decay else None
     if train_args.torch_compile:
         model.backbone.compile(dynamic=False)  # one graph per input shape (DINOv3 fails with dynamic shapes)
     param_groups = build_param_groups(
@@ -160,6 +184,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The LR scheduler is not prepared: Accelerate would step it once per process, but max_steps counts the
     # optimizer steps of each process.
     model, optimizer = accelerator.prepare(model, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+    tracker = BestTracker(
+        train_args.metric_for_best_model,
+        train_args.greater_is_better
+        if train_args.greater_is_better is not None
+        else default_greater_is_better(train_args.metric_for_best_model),
+        train_args.patience,
+    )
+    results_csv = ResultsCsv(output_dir / RESULTS_CSV)
     checkpoint_objects = register_stateful(
         accelerator,
         {
@@ -168,12 +202,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "task_scheduler": task_scheduler,
             "loop": state,
             "data_streams": streams,
+            **({"best": tracker, "results": results_csv} if train_args.eval_every else {}),
+            **({"ema": ema} if ema is not None else {}),
         },
     )
     unwrapped: CadMtlModel = accelerator.unwrap_model(model)
+    eval_model = ema.module if ema is not None else model
     checkpoint = find_checkpoint(train_args.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
         check_same_model(checkpoint, unwrapped)
+        check_same_objects(checkpoint, checkpoint_objects)
         accelerator.load_state(str(checkpoint))
         logger.info("resumed from %s at step %d", checkpoint, state.step)
     held_out = (
@@ -210,6 +248,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train_args.max_steps,
         )
 
+    processor = CadMtlImageProcessor(
+        size={"height": image_sizes["det"], "width": image_sizes["det"]},
+        task_sizes={t: image_sizes[t] for t in tasks},
+    )
+    if train_args.eval_every and accelerator.is_main_process:
+        results_csv.open(state.step if checkpoint is not None else None)
+        prepare_best_dir(output_dir, tracker, resumed=checkpoint is not None)
+
     # ---------------------------------------------------------------------------------------------- loop
     progress = tqdm(
         total=train_args.max_steps,
@@ -221,8 +267,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     window = LogWindow(accelerator.num_processes)
     # Each rank records its task sequence: every rank must draw the same task at the same step.
     task_log_path = output_dir / "logs" / f"tasks_rank{accelerator.process_index}.txt"
+    # Each task's latest training loss on this rank, for results.csv (NaN until the task's first step).
+    last_losses = {task: torch.tensor(float("nan")) for task in tasks}
+    stop = train_args.eval_every > 0 and tracker.should_stop  # a checkpoint taken when patience ran out
     with open(task_log_path, "a") as task_log:
-        while state.step < train_args.max_steps:
+        while state.step < train_args.max_steps and not stop:
             step = state.step
             if weighting.needs_held_out_losses and step % train_args.coba_every == 0 and held_out:
                 update_started = time.perf_counter()
@@ -256,6 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     step_tasks,
                     state.consecutive_nonfinite,
                 )
+            if ema is not None and outcome.stepped:
+                ema.update_parameters(unwrapped)
+            last_losses.update({task: values[-1] for task, values in outcome.task_losses.items()})
             if weighting.needs_train_losses and outcome.stepped:
                 weighting.observe_train_losses(step, reduced_task_losses(accelerator, outcome))
             task_log.write(f"{step} {','.join(step_tasks)}\n")
@@ -272,6 +324,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
                 accelerator.log(record, step=state.step)
                 progress.set_postfix({k[5:]: f"{v:.3f}" for k, v in record.items() if k.startswith("loss/")})
+            # Evaluate before checkpointing, so a checkpoint holds this evaluation's best / patience state.
+            if train_args.eval_every and state.step % train_args.eval_every == 0:
+                results = evaluate_all(
+                    eval_model, sources, eval_settings, labels, data_args, train_args, accelerator
+                )
+                fitness = broadcast_value(accelerator, selection_value(results, tracker.metric))
+                is_best = tracker.update(state.step, fitness)
+                accelerator.log(
+                    {
+                        **{f"eval/{c}/{k}": v for c, r in results.items() for k, v in r["metrics"].items()},
+                        "eval/fitness": fitness,
+                    },
+                    step=state.step,
+                )
+                if accelerator.is_main_process:
+                    losses = {task: loss.item() for task, loss in last_losses.items()}
+                    results_csv.append(
+                        results_row(state.step, results_csv.elapsed(), losses, results, fitness, is_best)
+                    )
+                if is_best:
+                    # best/'s card reports the validation metrics of this evaluation.
+                    card = model_card_data(
+                        model_args,
+                        replace(data_args, test_split=None),
+                        train_args,
+                        configs_by_task,
+                        results,
+                        state.step,
+                        weighting,
+                        task_scheduler.temperature,
+                    )
+                    info = {
+                        "step": state.step,
+                        "metric_for_best_model": tracker.metric,
+                        "value": fitness,
+                        "greater_is_better": tracker.greater_is_better,
+                        "ema": ema is not None,
+                        "metrics": {c: r["metrics"] for c, r in results.items()},
+                    }
+                    save_best(accelerator, eval_model, output_dir, processor, card, info)
+                    logger.info("step %d: new best %s %.6g, saved best/", state.step, tracker.metric, fitness)
+                stop = tracker.should_stop
             if train_args.save_every and state.step % train_args.save_every == 0:
                 save_checkpoint(
                     accelerator,
@@ -281,19 +375,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     checkpoint_objects,
                     train_args.save_total_limit,
                 )
-            if (
-                train_args.eval_every
-                and state.step % train_args.eval_every == 0
-                and state.step < train_args.max_steps
-            ):
-                results = evaluate_all(
-                    model, sources, eval_settings, labels, data_args, train_args, accelerator
-                )
-                accelerator.log(
-                    {f"eval/{c}/{k}": v for c, r in results.items() for k, v in r["metrics"].items()},
-                    step=state.step,
-                )
+    if stop and state.step < train_args.max_steps:
+        logger.info("early stopping at step %d: %s", state.step, tracker.stop_reason())
     progress.close()
+    shipped = finish_weights(accelerator, unwrapped, ema, output_dir, train_args.load_best_model_at_end)
+    logger.info("final evaluation and model/ use %s", shipped)
 
     # --------------------------------------------------------------------------------- evaluate and save
     results = final_results(model, sources, eval_settings, labels, data_args, train_args, accelerator)
@@ -318,10 +404,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         state.step,
         weighting,
         task_scheduler.temperature,
-    )
-    processor = CadMtlImageProcessor(
-        size={"height": image_sizes["det"], "width": image_sizes["det"]},
-        task_sizes={t: image_sizes[t] for t in tasks},
     )
     save_run(accelerator, model, output_dir, summary, card_data, processor, train_args)
     accelerator.end_training()

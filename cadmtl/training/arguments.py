@@ -168,7 +168,45 @@ class TrainingArguments:
         metadata={"help": "Also scale the sampled task's loss by K * w (CoBa weights); off: sampling alone."},
     )
     eval_every: int = field(
-        default=0, metadata={"help": "Evaluate on eval_split every N steps (0: at the end)."}
+        default=0,
+        metadata={
+            "help": "Evaluate on eval_split every N steps (0: only at the end); each evaluation adds a row to "
+            "OUTPUT_DIR/results.csv and saves OUTPUT_DIR/best/ when metric_for_best_model improves."
+        },
+    )
+    metric_for_best_model: str = field(
+        default="mean_primary",
+        metadata={
+            "help": "With eval_every: the metric that picks OUTPUT_DIR/best/ and drives --patience. mean_primary: the "
+            "mean over the evaluated configs of each config's primary metric (cls acc@1, det AP, seg mIoU); or "
+            "CONFIG/METRIC, e.g. exterior_det/AP50."
+        },
+    )
+    greater_is_better: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Whether a higher metric_for_best_model is better (default: True unless it is a loss)."
+        },
+    )
+    patience: int = field(
+        default=0,
+        metadata={
+            "help": "Early stopping: stop after this many evaluations in a row without improvement, then finish "
+            "normally (final evaluation and save). 0: off. Needs eval_every."
+        },
+    )
+    load_best_model_at_end: bool = field(
+        default=False,
+        metadata={
+            "help": "model/ (and the final evaluation) get the best/ weights instead of the last. Needs eval_every."
+        },
+    )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: off); "
+            "evaluations, best/ and model/ then use the averaged weights."
+        },
     )
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: never)."})
     save_total_limit: int = 2
@@ -213,6 +251,13 @@ def _check(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
             raise ValueError(f"{task}_batch_size must be >= 1, got {size}.")
     if train_args.max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {train_args.max_steps}.")
+    if train_args.patience < 0:
+        raise ValueError(f"patience must be >= 0, got {train_args.patience}.")
+    for name in ("patience", "load_best_model_at_end"):
+        if getattr(train_args, name) and not train_args.eval_every:
+            raise ValueError(f"{name} needs evaluations during training: set eval_every > 0.")
+    if not 0.0 <= train_args.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {train_args.ema_decay}.")
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:

@@ -116,3 +116,19 @@ def check_same_model(checkpoint: Path, model: CadMtlModel) -> None:
                 f"Checkpoint {checkpoint} belongs to a different backbone: {key} is "
                 f"{saved['backbone_config'].get(key)} there and {current['backbone_config'].get(key)} here."
             )
+
+
+def check_same_objects(checkpoint: Path, objects_index: Mapping[str, str]) -> None:
+    """Refuse a checkpoint whose registered objects differ from this run's (e.g. one saved with an EMA resumed
+    without ``--ema_decay``), before Accelerate loads a state into the wrong object."""
+    index_path = checkpoint / OBJECTS_INDEX
+    if not index_path.exists():
+        return  # an older checkpoint: Accelerate still checks the count
+    saved = json.loads(index_path.read_text())
+    if saved != dict(objects_index):
+        missing, extra = sorted(set(saved) - set(objects_index)), sorted(set(objects_index) - set(saved))
+        raise ValueError(
+            f"Checkpoint {checkpoint} holds the states {sorted(saved)}, this run registers {sorted(objects_index)}"
+            f" (only in the checkpoint: {missing}; only in this run: {extra}). Resume with the options it was "
+            "saved with (--eval_every for 'best' and 'results', --ema_decay for 'ema')."
+        )

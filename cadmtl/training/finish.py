@@ -123,6 +123,24 @@ def model_card_data(
     }
 
 
+def save_model_folder(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    folder: Path,
+    processor: CadMtlImageProcessor,
+    card_data: dict[str, Any],
+) -> CadMtlModel:
+    """A Hub-ready model folder (weights, config, Hub code, processor, card) of the unwrapped model; main process."""
+    unwrapped: CadMtlModel = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(
+        folder,
+        state_dict=accelerator.get_state_dict(model),
+        image_processor=processor,
+        model_card_data=card_data,
+    )
+    return unwrapped
+
+
 def save_run(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -135,14 +153,8 @@ def save_run(
     """Main process: the Hub-ready model folder, eval_results.json / .md, the training curves; push if asked."""
     if not accelerator.is_main_process:
         return
-    unwrapped: CadMtlModel = accelerator.unwrap_model(model)
     model_dir = output_dir / "model"
-    unwrapped.save_pretrained(
-        model_dir,
-        state_dict=accelerator.get_state_dict(model),
-        image_processor=processor,
-        model_card_data=card_data,
-    )
+    unwrapped = save_model_folder(accelerator, model, model_dir, processor, card_data)
     tables = results_tables(summary["results"], output_dir.name)
     (output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2, default=str))
     (output_dir / "eval_results.md").write_text(tables)

@@ -327,3 +327,116 @@ def test_every_weighting_method_trains_in_the_loop(
         and summary["nonfinite_steps"] == 0
     )
     assert abs(sum(summary["weighting"]["weights"].values()) - 1) < 1e-6
+
+
+def read_results_csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def safetensors_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def model_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a saved model folder, under the module's own parameter names."""
+    from modeling_cadmtl import CadMtlModel
+
+    return CadMtlModel.from_pretrained(folder).state_dict()
+
+
+@pytest.mark.slow
+def test_patience_stops_early_and_best_model_is_kept(small_demo: Path, tmp_path: Path) -> None:
+    """Learning rate 0: every evaluation ties the first, so patience 2 stops after the evaluation of step 6."""
+    from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
+
+    output = tmp_path / "run"
+    (output / "best").mkdir(parents=True)  # a stale best/ of an earlier run in the same folder is dropped
+    argv = [
+        "--dataset", str(small_demo), "--output_dir", str(output), "--max_steps", "20", "--paradigm", "base",
+        "--learning_rate", "0", "--eval_every", "2", "--patience", "2", "--load_best_model_at_end",
+        "--max_eval_batches", "1", "--test_split", "None", *FAST,
+    ]  # fmt: skip
+    summary = run_main(argv)
+    assert summary["steps"] == 6
+    rows = read_results_csv(output / "results.csv")
+    assert [r["step"] for r in rows] == ["2", "4", "6"] and [r["is_best"] for r in rows] == ["1", "0", "0"]
+    assert len({r["fitness"] for r in rows}) == 1 and 0 <= float(rows[0]["fitness"]) <= 1
+    assert {"train/cls_loss", "train/det_loss", "train/seg_loss", "time"} <= set(rows[0])
+    assert {"metrics/chassis_cls/acc@1", "metrics/exterior_det/AP", "metrics/exterior_seg/mIoU"} <= set(
+        rows[0]
+    )
+    assert float(rows[0]["time"]) < float(rows[2]["time"])
+    info = json.loads((output / "best" / "best.json").read_text())
+    assert info["step"] == 2 and info["metric_for_best_model"] == "mean_primary" and not info["ema"]
+    assert info["value"] == pytest.approx(float(rows[0]["fitness"]))
+    best = CadMtlModel.from_pretrained(output / "best")
+    assert best.config.cls_labels == CadMtlModel.from_pretrained(output / "model").config.cls_labels
+    assert CadMtlImageProcessor.from_pretrained(output / "best").task_sizes == {
+        "cls": 64,
+        "det": 64,
+        "seg": 64,
+    }
+    assert (output / "best" / "README.md").exists()
+    final, kept = safetensors_weights(output / "model"), safetensors_weights(output / "best")
+    assert final.keys() == kept.keys()
+    for name, tensor in kept.items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_ema_is_evaluated_saved_and_resumed_exactly(small_demo: Path, tmp_path: Path) -> None:
+    """best/ and model/ hold the EMA weights; resuming from step 4 ends with the same EMA as the uninterrupted run."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from cadmtl.training.checkpoint import registered_state
+
+    common = [
+        "--dataset", str(small_demo), "--max_steps", "8", "--eval_every", "4", "--save_every", "4",
+        "--save_total_limit", "10", "--ema_decay", "0.5", "--paradigm", "base", "--max_eval_batches", "1",
+        "--test_split", "None", *FAST,
+    ]  # fmt: skip
+    uninterrupted = tmp_path / "uninterrupted"
+    run_main([*common, "--output_dir", str(uninterrupted), "--load_best_model_at_end"])
+    rows = read_results_csv(uninterrupted / "results.csv")
+    assert [r["step"] for r in rows] == ["4", "8"]
+    best_step = json.loads((uninterrupted / "best" / "best.json").read_text())["step"]
+    assert [r["step"] for r in rows if r["is_best"] == "1"][-1] == str(best_step)
+
+    def ema_weights(step: int) -> dict[str, torch.Tensor]:
+        state = registered_state(uninterrupted / "checkpoints" / f"step_{step}", "ema")
+        assert int(state["n_averaged"]) == step  # one update per optimizer step
+        return {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
+
+    # best/ (and model/, load_best_model_at_end) hold the EMA of the best step, in fp32, not the raw weights.
+    best, final = model_weights(uninterrupted / "best"), model_weights(uninterrupted / "model")
+    ema = ema_weights(best_step)
+    raw = safetensors_weights(uninterrupted / "checkpoints" / f"step_{best_step}")
+    assert best.keys() == ema.keys()
+    for name, tensor in best.items():
+        assert tensor.dtype == torch.float32
+        torch.testing.assert_close(tensor, ema[name].cpu(), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(raw[name], best[name]) for name in raw)
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    GradientState._reset_state()
+    resumed = tmp_path / "resumed"
+    checkpoint_4 = str(uninterrupted / "checkpoints" / "step_4")
+    run_main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", checkpoint_4])
+    expected = registered_state(uninterrupted / "checkpoints" / "step_8", "ema")
+    actual = registered_state(resumed / "checkpoints" / "step_8", "ema")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=0, msg=name)
+    assert registered_state(resumed / "checkpoints" / "step_8", "best")["evaluations"] == 2
+    # Without load_best_model_at_end, model/ ships the final EMA.
+    for name, tensor in model_weights(resumed / "model").items():
+        torch.testing.assert_close(tensor, ema_weights(8)[name].cpu(), rtol=0, atol=0, msg=name)
+    resumed_rows = read_results_csv(resumed / "results.csv")
+    assert [r["step"] for r in resumed_rows] == ["8"]
+    assert resumed_rows[0]["fitness"] == rows[1]["fitness"]
