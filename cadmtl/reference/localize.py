@@ -140,7 +140,9 @@ def runner_from_settings(settings: str | Path, device: str | torch.device = "cpu
     saved = json.loads(path.read_text())
     backbone, _ = load_backbone(saved["model"])
     extractor = PatchFeatureExtractor(backbone, saved["layers"])
-    return PairRunner(extractor, ReferenceLocalizer.from_dict(saved["localizer"]), saved["image_size"], device)
+    return PairRunner(
+        extractor, ReferenceLocalizer.from_dict(saved["localizer"]), saved["image_size"], device
+    )
 
 
 # ------------------------------------------------------------------------------------------------ outputs
