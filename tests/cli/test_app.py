@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +171,34 @@ def test_default_model_prefers_the_environment_then_trains_then_falls_back(monke
     model, untrained = app.default_model()
     assert untrained and calls[0][-1].endswith("train_accelerate.py")
     assert CadMtlModel.from_pretrained(model).config.cls_labels == tiny_cadmtl_config().cls_labels
+
+
+@pytest.mark.slow
+def test_python_app_py_serves_the_model_named_by_the_environment(models, images):
+    """The documented command: `CADMTL_MODEL=DIR GRADIO_SERVER_PORT=PORT python app.py`."""
+    port = _free_port()
+    env = dict(os.environ, CADMTL_MODEL=str(models["model"]), GRADIO_SERVER_PORT=str(port))
+    env.update(GRADIO_SERVER_NAME="127.0.0.1", PYTHONPATH=str(REPO_ROOT))
+    server = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "app.py")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "app.py did not start serving within 120 s"
+                time.sleep(1)
+        _, _, verdict, score, _ = client.predict(
+            gradio_client.handle_file(str(images["plain"])), api_name="/predict"
+        )
+        assert verdict.startswith("NG") and score > 0.99
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 # ------------------------------------------------------------------------------------------- a real browser
