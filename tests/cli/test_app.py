@@ -29,9 +29,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_app():
+    offline = os.environ.get("HF_HUB_OFFLINE")
     spec = importlib.util.spec_from_file_location("cadmtl_demo_app", REPO_ROOT / "app.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if offline is None:  # app.py defaults it for its own process; the other tests keep the session's setting
+        os.environ.pop("HF_HUB_OFFLINE", None)
     return module
 
 
