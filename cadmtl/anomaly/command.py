@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
@@ -221,6 +222,20 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def predict_image(
+    scorer: PatchMemoryScorer | LearnerScorer, image: Image.Image
+) -> tuple[Image.Image, float, str]:
+    """One RGB image -> (heat-map picture with the thresholded defect contour, image score, "OK" / "NG" / "" when
+    uncalibrated): `cadmtl anomaly predict` and the demo app's anomaly tab."""
+    pixel_values = to_pixel_values([image], scorer.image_size, scorer.image_mean, scorer.image_std)
+    maps, scores = scorer.score(pixel_values)
+    amap = F.interpolate(maps[:1, None], size=(image.height, image.width), mode="bilinear")[0, 0].numpy()
+    predicted = None if scorer.pixel_threshold is None else (amap >= scorer.pixel_threshold).astype(np.uint8)
+    picture = draw_anomaly_map(image, amap, _value_range(scorer, [amap]), predicted_mask=predicted)
+    score = float(scores[0])
+    return picture, score, _verdict(scorer, score)
+
+
 def predict(args: argparse.Namespace) -> int:
     scorer = load_anomaly_model(args.model)
     sources = collect_images(args.inputs, exclude=args.output_dir)
@@ -235,18 +250,11 @@ def predict(args: argparse.Namespace) -> int:
         except Exception as error:  # a corrupt file is reported in scores.csv and the rest go on
             rows.append([str(source.path), "", "error", f"{type(error).__name__}: {error}"])
             continue
-        pixel_values = to_pixel_values([image], scorer.image_size, scorer.image_mean, scorer.image_std)
-        maps, scores = scorer.score(pixel_values)
-        amap = F.interpolate(maps[:1, None], size=(image.height, image.width), mode="bilinear")[0, 0].numpy()
-        predicted = (
-            None if scorer.pixel_threshold is None else (amap >= scorer.pixel_threshold).astype(np.uint8)
-        )
-        picture = draw_anomaly_map(image, amap, _value_range(scorer, [amap]), predicted_mask=predicted)
+        picture, score, verdict = predict_image(scorer, image)
         target = output / source.output_name
         target.parent.mkdir(parents=True, exist_ok=True)
         picture.save(target)
-        score = float(scores[0])
-        rows.append([str(source.path), f"{score:.6g}", _verdict(scorer, score), ""])
+        rows.append([str(source.path), f"{score:.6g}", verdict, ""])
     with open(output / "scores.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file_name", "score", "verdict", "error"])

@@ -1,12 +1,14 @@
-"""`cadmtl predict` (prediction overlays) and `cadmtl charts` (evaluation charts).
+"""`cadmtl predict` (COCO results, OK / NG verdicts, overlays) and `cadmtl charts` (evaluation charts).
 
-    cadmtl predict outputs/cadmtl-demo/model photos/ --output-dir overlays/ [--threshold 0.3]
+    cadmtl predict outputs/cadmtl-demo/model photos/ "line/*.jpg" belt.mp4 --output-dir predict/ --video-fps 1
     cadmtl charts outputs/cadmtl-demo/eval_results.json --output-dir charts/
 
-`predict` runs the model (a saved folder or a Hub repo id) on image files and folders and writes one overlay PNG
-per image; `charts` draws the per-class bars and confusion matrices of an `eval_results.json`, and for detection
-configs the precision-recall, F1 / precision / recall-confidence curves and the detection confusion matrix (see
-`cadmtl.pictures.charts.plot_evaluation` for the file names). The work is done by
+`predict` runs the model (a saved folder or a Hub repo id) on image files, folders, globs and videos and writes
+`detections.json` (COCO results), `images.json` (COCO images + categories), `summary.csv` (verdict, anomaly score,
+top class, number of defects, error per image) and one overlay PNG per image; `charts` draws the per-class bars and
+confusion matrices of an `eval_results.json`, and for detection configs the precision-recall, F1 / precision /
+recall-confidence curves and the detection confusion matrix (see `cadmtl.pictures.charts.plot_evaluation` for the
+file names). The work is done by
 `cadmtl.pictures.predict` and `cadmtl.pictures.charts`. `python -m cadmtl.pictures.command {predict,charts} ...` is an alias.
 """
 
@@ -18,25 +20,49 @@ import sys
 from collections.abc import Sequence
 
 from cadmtl.pictures.charts import plot_evaluation
-from cadmtl.pictures.predict import TASKS, collect_images, render_predictions
+from cadmtl.pictures.predict import TASKS, default_device, predict_files
 
 PREDICT_EXAMPLE = (
-    "example:\n  cadmtl predict outputs/cadmtl-demo/model photos/ --output-dir overlays/ --threshold 0.3"
+    "examples:\n"
+    "  cadmtl predict outputs/cadmtl-demo/model photos/ --output-dir predict/ --threshold 0.3\n"
+    '  cadmtl predict outputs/cadmtl-demo/model "line/**/*.jpg" belt.mp4 --output-dir predict/ --video-fps 2 --crops\n'
+    "\n"
+    "writes OUT/detections.json (COCO results; category_id = detection label index + 1), OUT/images.json\n"
+    "(COCO images + categories: COCO('images.json').loadRes('detections.json') loads them), OUT/summary.csv\n"
+    "(file_name, verdict, anomaly_score, top_class, top_class_score, num_defects, error) and the overlays."
 )
 CHARTS_EXAMPLE = "example:\n  cadmtl charts outputs/cadmtl-demo/eval_results.json --output-dir charts/"
 
 
 def _add_predict_arguments(predict: argparse.ArgumentParser) -> None:
     predict.add_argument("model", help="saved model folder or Hub repo id")
-    predict.add_argument("images", nargs="+", help="image files and/or folders (walked recursively)")
-    predict.add_argument("--output-dir", required=True, help="folder for the overlays (mirrors input names)")
-    predict.add_argument("--threshold", type=float, default=0.3, help="minimum detection score to draw")
+    predict.add_argument(
+        "images",
+        nargs="+",
+        metavar="INPUTS",
+        help="image files, folders (walked recursively), glob patterns (quoted) and video files",
+    )
+    predict.add_argument(
+        "--output-dir", required=True, help="folder for the JSON / CSV results and the overlays"
+    )
+    predict.add_argument(
+        "--threshold", type=float, default=0.3, help="minimum detection score to report, count and draw"
+    )
     predict.add_argument("--top-k", type=int, default=3, help="classes listed in the banner")
     predict.add_argument(
         "--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="which predictions to draw"
     )
-    predict.add_argument("--device", default="cpu", help='where the model runs: "cpu", "cuda", "cuda:1", ...')
+    predict.add_argument(
+        "--device",
+        default=None,
+        help='where the model runs: "cpu", "cuda", "cuda:1", "mps" (default: CUDA, else MPS, else CPU)',
+    )
     predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    predict.add_argument(
+        "--video-fps", type=float, default=1.0, help="frames taken per second of video (0: every frame)"
+    )
+    predict.add_argument("--crops", action="store_true", help="also write one PNG per detection under crops/")
+    predict.add_argument("--no-overlays", action="store_true", help="write the JSON / CSV results only")
 
 
 def _add_charts_arguments(charts: argparse.ArgumentParser) -> None:
@@ -56,21 +82,29 @@ def _parser(prog: str, description: str, example: str, add: object) -> argparse.
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    found = len(collect_images(args.images, exclude=args.output_dir))
-    written = render_predictions(
+    device = args.device or default_device()
+    run = predict_files(
         args.model,
         args.images,
         args.output_dir,
         det_threshold=args.threshold,
         top_k_classes=args.top_k,
         tasks=args.tasks,
-        device=args.device,
+        device=device,
         batch_size=args.batch_size,
+        video_fps=args.video_fps,
+        overlays=not args.no_overlays,
+        crops=args.crops,
     )
-    skipped = found - len(written)
+    verdicts = [row["verdict"] for row in run.rows if not row["error"]]
+    failed = len(run.errors)
     print(
-        f"wrote {len(written)} overlays to {args.output_dir}"
-        + (f" ({skipped} unreadable files skipped, listed above)" if skipped else "")
+        f"scored {run.num_scored} images on {device}: {verdicts.count('NG')} NG, {verdicts.count('OK')} OK, "
+        f"{run.num_detections} detections"
+        + (f"; {failed} unreadable inputs (errors in summary.csv)" if failed else "")
+        + f"; wrote detections.json, images.json, summary.csv and {len(run.overlays)} overlays"
+        + (f" and {len(run.crops)} crops" if args.crops else "")
+        + f" to {args.output_dir}"
     )
     return 0
 
@@ -85,7 +119,7 @@ def _run(runner: object, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return runner(args)  # type: ignore[operator]
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ImportError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -93,7 +127,7 @@ def _run(runner: object, args: argparse.Namespace) -> int:
 def predict_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(
         "cadmtl predict",
-        "Draw CadMtl predictions (masks, boxes, classes) on images.",
+        "Run a CadMtl model on images and videos: COCO detections, OK / NG verdicts, overlays.",
         PREDICT_EXAMPLE,
         _add_predict_arguments,
     )

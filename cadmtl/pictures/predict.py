@@ -1,27 +1,54 @@
-"""Running a saved CadMtl model on image files and writing one overlay PNG per image at its own resolution.
+"""Running a saved CadMtl model on image files, folders, globs and videos: COCO results, a verdict per image, overlays.
 
 Example:
 
 ```python
-from cadmtl.pictures.predict import render_predictions
+from cadmtl.pictures.predict import Predictor, predict_files
 
-render_predictions("outputs/run/model", ["photos/"], "outputs/run/pictures", det_threshold=0.4)
+run = predict_files("outputs/cadmtl-demo/model", ["photos/", "line/*.jpg", "belt.mp4"], "outputs/predict")
+predictor = Predictor.from_pretrained("outputs/cadmtl-demo/model")  # one image at a time (the demo app)
+(result,) = predictor([image])  # result.verdict, result.anomaly_score, result.prediction (boxes, mask, classes)
 ```
+
+[`predict_files`] writes, under its output folder:
+
+- `detections.json`: COCO results, one `{"image_id", "category_id", "bbox": [x, y, w, h] pixels, "score",
+  "file_name"}` per detection at or above the threshold. `category_id` is the detection label index **+ 1**, as in
+  the evaluation's COCO ground truth (`cadmtl.evaluation.metrics`); the names are the `categories` of `images.json`.
+- `images.json`: a COCO dataset without annotations, `{"info", "images": [{"id", "file_name", "width",
+  "height"}], "annotations": [], "categories": [{"id", "name"}]}`, so that
+  `COCO("images.json").loadRes("detections.json")` loads the results (pycocotools needs `categories` there, and
+  `loadRes` refuses an empty results list). Image ids start at 1, in input order.
+- `summary.csv`: one row per image or video frame: `file_name`, `verdict` (`OK` / `NG`), `anomaly_score`,
+  `top_class`, `top_class_score`, `num_defects` (detections at or above the threshold), `error`. An input that
+  cannot be read (corrupt, truncated, not an image, a video that cannot be decoded) gets a row with only its
+  `file_name` and `error`; it is never scored, and the other inputs go on.
+- one overlay PNG per image (mirroring the input names with `.png`; a video's frames go to a folder named after
+  the video, one `<seconds>s.png` per frame) and, with `crops=True`, `crops/<overlay name>/<k>_<label>.png`.
+
+A video frame's `file_name` is the video path with a media-fragment time, `belt.mp4#t=2.000`. Videos are decoded
+with PyAV (`pip install 'cad-mtl[video]'`): torchvision 0.29 no longer reads video.
+
+The verdict is the processor's `post_process_anomaly_score` with the model config's `verdict_source`,
+`verdict_threshold` (calibrated at the end of training) and `normal_class_id`; its `anomaly_score` is in [0, 1].
 """
 
 from __future__ import annotations
 
+import csv
+import glob
+import json
 import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 from tqdm.auto import tqdm
 
 from cadmtl.pictures.overlays import ImagePrediction, draw_predictions
@@ -30,9 +57,35 @@ from dataset_scripts.schema import TASKS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "TASKS", "ImageSource", "collect_images", "load_image", "render_predictions"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SUMMARY_COLUMNS",
+    "TASKS",
+    "VIDEO_EXTENSIONS",
+    "ImageResult",
+    "ImageSource",
+    "PredictRun",
+    "Predictor",
+    "collect_images",
+    "default_device",
+    "iter_video_frames",
+    "load_image",
+    "predict_files",
+    "render_predictions",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+SUMMARY_COLUMNS = (
+    "file_name",
+    "verdict",
+    "anomaly_score",
+    "top_class",
+    "top_class_score",
+    "num_defects",
+    "error",
+)
+_GLOB_CHARACTERS = frozenset("*?[")
 
 # ----------------------------------------------------------------------------------------------------------
 # Finding and reading images
@@ -41,31 +94,49 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 @dataclass(frozen=True)
 class ImageSource:
-    """An image file to draw and the relative path (with `.png`) its overlay gets under the output folder."""
+    """An input file and the relative path its overlay gets under the output folder.
+
+    For a video (`is_video`), `output_name` is the folder its frames' overlays go to (the video's own name).
+    """
 
     path: Path
     output_name: Path
+    is_video: bool = False
+
+
+def _expand(item: str | os.PathLike) -> list[Path]:
+    """`item` as paths: itself when it exists or holds no glob character, else its sorted glob matches."""
+    text = os.fspath(item)
+    if Path(text).exists() or not _GLOB_CHARACTERS & set(text):
+        return [Path(text)]
+    matches = sorted(glob.glob(text, recursive=True))
+    if not matches:
+        raise FileNotFoundError(f"collect_images: the pattern {text} matches no file")
+    return [Path(match) for match in matches]
 
 
 def collect_images(
-    inputs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None
+    inputs: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None, *, videos: bool = False
 ) -> list[ImageSource]:
-    """The image files named by `inputs` (files or folders) and the names their overlays will get.
+    """The image (and, with `videos=True`, video) files named by `inputs` and the names their overlays will get.
 
-    Folders are walked recursively for `IMAGE_EXTENSIONS` in any letter case (sorted, so the order is stable);
-    files named explicitly are taken whatever their extension (a `.tif` works if PIL reads it). An overlay keeps
-    the path relative to its folder, with `.png` as extension; with several inputs each folder's images go under
-    a sub-folder named after it. When two images would get the same name (`a.jpg` and `a.png`) both keep their
-    original extension (`a.jpg.png`, `a.png.png`). Files inside `exclude` (the output folder) are skipped so a
-    second run does not draw on its own overlays.
+    `inputs` are files, folders and glob patterns (`"line/**/*.jpg"`, expanded when no such file exists). Folders
+    are walked recursively for `IMAGE_EXTENSIONS` (and `VIDEO_EXTENSIONS`) in any letter case (sorted, so the
+    order is stable); files named explicitly are taken whatever their extension (a `.tif` works if PIL reads it;
+    with `videos=True` a file with a video extension is a video). An overlay keeps the path relative to its
+    folder, with `.png` as extension; with several inputs each folder's images go under a sub-folder named after
+    it. When two images would get the same name (`a.jpg` and `a.png`) both keep their original extension
+    (`a.jpg.png`, `a.png.png`). Files inside `exclude` (the output folder) are skipped so a second run does not
+    draw on its own overlays.
 
     Raises:
-        FileNotFoundError: an input does not exist.
+        FileNotFoundError: an input does not exist, or a pattern matches nothing.
         ValueError: no input was given, or the inputs hold no image file.
     """
-    inputs = [Path(item) for item in inputs]
+    inputs = [path for item in inputs for path in _expand(item)]
     if not inputs:
         raise ValueError("collect_images: no image file or folder was given")
+    extensions = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if videos else ())
     excluded = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[Path, Path]] = []
     for item in inputs:
@@ -74,7 +145,7 @@ def collect_images(
             # an output folder inside the input folder is skipped; one equal to it cannot be (nothing would be left)
             skip = excluded if excluded is not None and excluded != item.resolve() else None
             for path in sorted(item.rglob("*")):
-                if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                if not path.is_file() or path.suffix.lower() not in extensions:
                     continue
                 if skip is not None and path.resolve().is_relative_to(skip):
                     continue
@@ -85,30 +156,35 @@ def collect_images(
             raise FileNotFoundError(f"collect_images: {item} does not exist")
     if not found:
         raise ValueError(
-            f"collect_images: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, inputs))}"
+            f"collect_images: no image files ({', '.join(extensions)}) in {', '.join(map(str, inputs))}"
         )
-    return _unique_output_names(found)
+    return _unique_output_names(found, videos)
 
 
-def _unique_output_names(found: list[tuple[Path, Path]]) -> list[ImageSource]:
-    def first_choice(relative: Path) -> Path:
-        return relative.with_suffix(".png")
+def _unique_output_names(found: list[tuple[Path, Path]], videos: bool) -> list[ImageSource]:
+    def is_video(path: Path) -> bool:
+        return videos and path.suffix.lower() in VIDEO_EXTENSIONS
+
+    def first_choice(path: Path, relative: Path) -> Path:
+        # a video's frames go to a folder named like the video file itself (`belt.mp4/`): no image overlay
+        # (always `.png`) can take that name
+        return relative if is_video(path) else relative.with_suffix(".png")
 
     counts: dict[Path, int] = {}
-    for _, relative in found:
-        counts[first_choice(relative)] = counts.get(first_choice(relative), 0) + 1
+    for path, relative in found:
+        counts[first_choice(path, relative)] = counts.get(first_choice(path, relative), 0) + 1
     sources, taken = [], set()
     for path, relative in found:
-        name = first_choice(relative)
+        name = first_choice(path, relative)
         if counts[name] > 1:
             name = relative.with_name(relative.name + ".png")
         # the same file reached through two inputs, or a.jpg.png next to a.jpg: number the later ones
         candidate, number = name, 2
         while candidate in taken:
-            candidate = name.with_name(f"{name.stem}-{number}.png")
+            candidate = name.with_name(f"{name.stem}-{number}{name.suffix}")
             number += 1
         taken.add(candidate)
-        sources.append(ImageSource(path, candidate))
+        sources.append(ImageSource(path, candidate, is_video(path)))
     return sources
 
 
@@ -116,21 +192,84 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file as an upright 8-bit RGB image (its first frame for multi-frame files).
 
     EXIF orientation is applied (the overlay looks like the photo does in a viewer, and the model sees the same
-    pixels); every mode is converted by the project's one rule, :func:`dataset_scripts.images.to_rgb`.
+    pixels); every mode is converted by the project's one rule, :func:`dataset_scripts.images.to_rgb`. A truncated
+    file raises `OSError` even where something set PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` (which would otherwise
+    fill the missing part with grey and let it be scored as a partial image).
     """
-    with Image.open(path) as opened:
-        opened.load()
-        image = ImageOps.exif_transpose(opened)
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
     return to_rgb(image)
 
 
-def _read_images(sources: Sequence[ImageSource]) -> Iterator[tuple[ImageSource, Image.Image | None, str]]:
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def iter_video_frames(path: str | os.PathLike, fps: float = 1.0) -> Iterator[tuple[float, Image.Image]]:
+    """(time in seconds, RGB frame) of a video file, `fps` frames per second of video (the first frame at or after
+    each multiple of `1 / fps`); `fps <= 0` gives every frame. Decoded by PyAV.
+
+    Raises:
+        ImportError: PyAV is not installed (`pip install 'cad-mtl[video]'`).
+        ValueError: the file has no video stream, or cannot be decoded (the message names the file).
+    """
+    try:
+        import av
+    except ImportError as error:
+        raise ImportError(
+            f"{path}: reading video needs PyAV (`pip install 'cad-mtl[video]'` or `pip install av`)"
+        ) from error
+    next_time, index = 0.0, 0
+    try:
+        with av.open(os.fspath(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: the file has no video stream")
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 25)
+            for frame in container.decode(stream):
+                time = float(frame.time) if frame.time is not None else index / rate
+                index += 1
+                if fps > 0 and time + 1e-6 < next_time:
+                    continue
+                if fps > 0:
+                    next_time = (math.floor(time * fps + 1e-6) + 1) / fps
+                yield time, frame.to_image().convert("RGB")
+    except av.FFmpegError as error:
+        reason = getattr(error, "strerror", None) or error  # FFmpeg's message without the repeated file name
+        raise ValueError(f"{path}: the video cannot be decoded after {index} frames ({reason})") from error
+
+
+@dataclass
+class _Item:
+    """One image to score (or an input that failed, with `error`): what a row of summary.csv is about."""
+
+    file_name: str
+    output_name: Path | None
+    image: Image.Image | None = None
+    error: str = ""
+
+
+def _read_items(sources: Sequence[ImageSource], video_fps: float) -> Iterator[_Item]:
     for source in sources:
+        if not source.is_video:
+            try:
+                yield _Item(str(source.path), source.output_name, load_image(source.path))
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+                # PIL reports truncated or non-image files as OSError, some broken headers as SyntaxError/ValueError
+                yield _Item(str(source.path), source.output_name, error=_reason(error))
+            continue
         try:
-            yield source, load_image(source.path), ""
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            # PIL reports truncated or non-image files as OSError, some broken headers as SyntaxError/ValueError
-            yield source, None, f"{type(error).__name__}: {error}"
+            for time, frame in iter_video_frames(source.path, video_fps):
+                name = f"{time:.3f}s.png"
+                yield _Item(f"{source.path}#t={time:.3f}", source.output_name / name, frame)
+        except (ImportError, OSError, ValueError) as error:
+            yield _Item(str(source.path), None, error=_reason(error))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,78 +280,150 @@ def _read_images(sources: Sequence[ImageSource]) -> Iterator[tuple[ImageSource, 
 # computed at a smaller size and enlarged with nearest neighbour.
 _MAX_SEGMENTATION_LOGITS = 2**26
 
-
-def _load_model_and_processor(model_dir: str | os.PathLike, device: str | torch.device) -> tuple[Any, Any]:
-    from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
-
-    model = CadMtlModel.from_pretrained(model_dir).to(device).eval()
-    try:
-        processor = CadMtlImageProcessor.from_pretrained(model_dir)
-    except OSError as error:
-        logger.warning(
-            "%s has no usable preprocessor_config.json (%s); using the default CadMtlImageProcessor (512x512)",
-            model_dir,
-            error,
-        )
-        processor = CadMtlImageProcessor()
-    return model, processor
-
-
-@torch.inference_mode()
-def _predict_batch(
-    model: Any,
-    processor: Any,
-    images: list[Image.Image],
-    tasks: tuple[str, ...],
-    det_threshold: float,
-    top_k_classes: int,
-) -> list[ImagePrediction]:
-    config = model.config
-    # Each head runs at the input size it was trained at (the processor's `task_sizes`): one forward pass per
-    # distinct size, all the heads of that size at once.
-    outputs: dict[str, Any] = {}
-    masks: dict[str, torch.Tensor | None] = {}
-    for group in _tasks_by_size(processor, tasks):
-        group_outputs, pixel_mask = _forward(model, processor, images, group)
-        for task in group:
-            outputs.update({field: group_outputs[field] for field in _TASK_FIELDS[task]})
-            masks[task] = pixel_mask
-    sizes = [(image.height, image.width) for image in images]
-    predictions = [ImagePrediction() for _ in images]
-
-    if "cls" in tasks:
-        ranked = processor.post_process_image_classification(
-            outputs, top_k=top_k_classes, id2label=dict(enumerate(config.cls_labels))
-        )
-        for prediction, result in zip(predictions, ranked):
-            prediction.classes = [
-                (name, float(score)) for name, score in zip(result["label_names"], result["scores"].tolist())
-            ]
-    if "det" in tasks:
-        detections = processor.post_process_object_detection(
-            outputs, threshold=det_threshold, target_sizes=sizes
-        )
-        for prediction, result in zip(predictions, detections):
-            prediction.boxes = result["boxes"].cpu().numpy()
-            prediction.box_scores = result["scores"].cpu().numpy()
-            prediction.box_labels = result["labels"].cpu().numpy()
-    if "seg" in tasks:
-        pixel_mask = masks["seg"]
-        for index, prediction in enumerate(predictions):
-            logits = outputs["seg_logits"][index]
-            if pixel_mask is not None:
-                # padding sits at the bottom / right: keep the part of the input that is the image
-                rows, columns = pixel_mask[index].any(dim=1).sum(), pixel_mask[index].any(dim=0).sum()
-                logits = logits[:, : int(rows), : int(columns)]
-            prediction.segmentation = _class_map(processor, logits, sizes[index])
-    return predictions
-
-
 _TASK_FIELDS = {
     "cls": ("cls_logits",),
     "det": ("det_logits", "det_centerness_logits", "pred_boxes"),
     "seg": ("seg_logits",),
 }
+
+
+def default_device() -> str:
+    """Where inference runs when nobody says: CUDA, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@dataclass
+class ImageResult:
+    """Everything the model says about one image.
+
+    Attributes:
+        prediction: the top classes, the detections at or above the threshold and (when "seg" is one of the
+            predictor's `tasks`) the segmentation class map, in the image's own pixels (see [`ImagePrediction`]).
+        anomaly_score: the image-level anomaly score in [0, 1] from the config's `verdict_source`.
+        head_scores: each head's anomaly score (`cls`, `det`, `seg`).
+        verdict: `"OK"` or `"NG"` (score at or above the config's `verdict_threshold`).
+    """
+
+    prediction: ImagePrediction
+    anomaly_score: float
+    head_scores: dict[str, float] = field(default_factory=dict)
+    verdict: str = "OK"
+
+
+class Predictor:
+    """A CadMtl model and its processor: PIL images in, [`ImageResult`]s out (the one inference path of
+    `cadmtl predict` and the demo app).
+
+    Every head runs (the `max` verdict reads all three, the COCO results and the summary need classes and
+    boxes), each at the input size it was trained at (the processor's `task_sizes`): one forward pass per distinct
+    size. `tasks` selects what `draw` draws (and whether the full-size segmentation map is computed).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        tasks: Sequence[str] = TASKS,
+        det_threshold: float = 0.3,
+        top_k_classes: int = 3,
+    ) -> None:
+        tasks = tuple(dict.fromkeys(tasks))
+        unknown = [task for task in tasks if task not in TASKS]
+        if not tasks or unknown:
+            raise ValueError(f"Predictor: tasks must be a non-empty subset of {TASKS}, got {tasks}")
+        if not 0.0 <= det_threshold <= 1.0:
+            raise ValueError(f"Predictor: det_threshold must be in [0, 1], got {det_threshold}")
+        if top_k_classes < 1:
+            raise ValueError(f"Predictor: top_k_classes must be >= 1, got {top_k_classes}")
+        self.model, self.processor = model.eval(), processor
+        self.tasks, self.det_threshold, self.top_k_classes = tasks, det_threshold, top_k_classes
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str | os.PathLike, device: str | torch.device | None = None, **kwargs: Any
+    ) -> Predictor:
+        """Load a saved model folder or Hub repo id on `device` (default: [`default_device`])."""
+        from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
+
+        model = CadMtlModel.from_pretrained(model_dir).to(device or default_device())
+        try:
+            processor = CadMtlImageProcessor.from_pretrained(model_dir)
+        except OSError as error:
+            logger.warning(
+                "%s has no usable preprocessor_config.json (%s); using the default CadMtlImageProcessor (512x512)",
+                model_dir,
+                error,
+            )
+            processor = CadMtlImageProcessor()
+        return cls(model, processor, **kwargs)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[Image.Image]) -> list[ImageResult]:
+        """Score RGB PIL images (one batch: every image goes through the model at once)."""
+        config = self.config
+        outputs: dict[str, Any] = {}
+        masks: dict[str, torch.Tensor | None] = {}
+        for group in _tasks_by_size(self.processor, TASKS):
+            group_outputs, pixel_mask = _forward(self.model, self.processor, images, group)
+            for task in group:
+                outputs.update({name: group_outputs[name] for name in _TASK_FIELDS[task]})
+                masks[task] = pixel_mask
+        sizes = [(image.height, image.width) for image in images]
+        scores = self.processor.post_process_anomaly_score(
+            outputs,
+            source=config.verdict_source,
+            threshold=config.verdict_threshold,
+            normal_class_id=config.normal_class_id,
+            pixel_mask=masks["seg"],
+        )
+        ranked = self.processor.post_process_image_classification(
+            outputs, top_k=self.top_k_classes, id2label=dict(enumerate(config.cls_labels))
+        )
+        detections = self.processor.post_process_object_detection(
+            outputs, threshold=self.det_threshold, target_sizes=sizes
+        )
+        results = []
+        for index, (score, classes, found) in enumerate(zip(scores, ranked, detections)):
+            names, values = classes["label_names"], classes["scores"].tolist()
+            prediction = ImagePrediction(
+                classes=[(name, float(value)) for name, value in zip(names, values)],
+                boxes=found["boxes"].cpu().numpy(),
+                box_scores=found["scores"].cpu().numpy(),
+                box_labels=found["labels"].cpu().numpy(),
+            )
+            if "seg" in self.tasks:  # a full-size class map costs time and memory: only when it is drawn
+                logits = outputs["seg_logits"][index]
+                pixel_mask = masks["seg"]
+                if pixel_mask is not None:
+                    # padding sits at the bottom / right: keep the part of the input that is the image
+                    rows, columns = pixel_mask[index].any(dim=1).sum(), pixel_mask[index].any(dim=0).sum()
+                    logits = logits[:, : int(rows), : int(columns)]
+                prediction.segmentation = _class_map(self.processor, logits, sizes[index])
+            results.append(
+                ImageResult(prediction, float(score["anomaly_score"]), score["head_scores"], score["verdict"])
+            )
+        return results
+
+    def draw(self, image: Image.Image, result: ImageResult) -> Image.Image:
+        """The overlay of `result` on `image`: of the mask, boxes and class banner, those of `tasks`."""
+        prediction = result.prediction
+        shown = ImagePrediction(
+            classes=prediction.classes if "cls" in self.tasks else [],
+            boxes=prediction.boxes if "det" in self.tasks else None,
+            box_scores=prediction.box_scores if "det" in self.tasks else None,
+            box_labels=prediction.box_labels if "det" in self.tasks else None,
+            segmentation=prediction.segmentation if "seg" in self.tasks else None,
+        )
+        return draw_predictions(image, shown, self.config.det_labels, self.config.seg_labels)
 
 
 def _tasks_by_size(processor: Any, tasks: Sequence[str]) -> list[tuple[str, ...]]:
@@ -225,13 +436,15 @@ def _tasks_by_size(processor: Any, tasks: Sequence[str]) -> list[tuple[str, ...]
 
 
 def _forward(
-    model: Any, processor: Any, images: list[Image.Image], tasks: tuple[str, ...]
+    model: Any, processor: Any, images: Sequence[Image.Image], tasks: tuple[str, ...]
 ) -> tuple[Any, torch.Tensor | None]:
     """The model's outputs for `tasks` on `images` preprocessed at the size of those tasks, and the pixel mask."""
     device = next(model.parameters()).device
     size = processor.size_for(tasks[0])
     fixed_size = size.get("height") is not None
-    inputs = processor(images, return_tensors="pt", size=size, **({} if fixed_size else {"do_pad": True}))
+    inputs = processor(
+        list(images), return_tensors="pt", size=size, **({} if fixed_size else {"do_pad": True})
+    )
     pixel_values = inputs["pixel_values"].to(device)
     pixel_mask = inputs.get("pixel_mask")
     pixel_mask = pixel_mask.to(device) if pixel_mask is not None else None
@@ -252,6 +465,216 @@ def _class_map(processor: Any, logits: torch.Tensor, size: tuple[int, int]) -> n
     return class_map
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Writing the results of a run
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictRun:
+    """What [`predict_files`] wrote: the paths, and one summary row per image, frame or failed input."""
+
+    output_dir: Path
+    rows: list[dict[str, Any]]
+    overlays: list[Path]
+    crops: list[Path]
+    num_detections: int
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return [row for row in self.rows if row["error"]]
+
+    @property
+    def num_scored(self) -> int:
+        return len(self.rows) - len(self.errors)
+
+
+def _crop(image: Image.Image, box: Sequence[float]) -> Image.Image:
+    x_min, y_min, x_max, y_max = box
+    left, top = (
+        min(max(0, math.floor(x_min)), image.width - 1),
+        min(max(0, math.floor(y_min)), image.height - 1),
+    )
+    right, bottom = (
+        max(left + 1, min(image.width, math.ceil(x_max))),
+        max(top + 1, min(image.height, math.ceil(y_max))),
+    )
+    return image.crop((left, top, right, bottom))
+
+
+def predict_files(
+    model_dir: str | os.PathLike,
+    inputs: str | os.PathLike | Iterable[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    det_threshold: float = 0.3,
+    top_k_classes: int = 3,
+    tasks: Sequence[str] = TASKS,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    video_fps: float = 1.0,
+    overlays: bool = True,
+    crops: bool = False,
+    predictor: Predictor | None = None,
+) -> PredictRun:
+    """Run a CadMtl model on image files, folders, globs and videos; write the files listed in the module docstring.
+
+    Args:
+        model_dir: a saved model folder or a Hub repo id (anything `CadMtlModel.from_pretrained` takes); its
+            `preprocessor_config.json` sets the network input size of each head (`task_sizes`, else `size`).
+        inputs: image files, folders (walked recursively), glob patterns and video files (see [`collect_images`]).
+        output_dir: where the results go (created if needed).
+        det_threshold: minimum detection score for a box to be reported, counted and drawn.
+        top_k_classes: how many classes the banner lists.
+        tasks: which predictions to draw, any of "cls", "det", "seg" (every head still runs for the verdict and
+            the JSON / CSV files).
+        device: where the model runs ("cpu", "cuda", "cuda:1", "mps"); default [`default_device`].
+        batch_size: images per forward pass.
+        video_fps: frames taken per second of video (`<= 0`: every frame).
+        overlays: write one overlay PNG per image.
+        crops: write one PNG per detection under `crops/`.
+        predictor: an already loaded [`Predictor`] (then `model_dir`, `det_threshold`, `top_k_classes`, `tasks`
+            and `device` are its own).
+
+    Raises:
+        ValueError: bad arguments, overlays that would overwrite their inputs, or no input could be read (the
+            files are written first; the message names the inputs and their errors).
+    """
+    if batch_size < 1:
+        raise ValueError(f"predict_files: batch_size must be >= 1, got {batch_size}")
+    output_dir = Path(output_dir)
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    sources = collect_images(inputs, exclude=output_dir, videos=True)
+    overwritten = [
+        str(s.path)
+        for s in sources
+        if not s.is_video and (output_dir / s.output_name).resolve() == s.path.resolve()
+    ]
+    if overwritten and overlays:
+        raise ValueError(
+            f"predict_files: the overlays would overwrite their input images ({', '.join(overwritten[:5])}); "
+            "choose an output_dir outside the image folders"
+        )
+    if predictor is None:
+        predictor = Predictor.from_pretrained(
+            model_dir, device, tasks=tasks, det_threshold=det_threshold, top_k_classes=top_k_classes
+        )
+    config = predictor.config
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    rows: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    detections: list[dict[str, Any]] = []
+    written: list[Path] = []
+    crop_paths: list[Path] = []
+    batch: list[_Item] = []
+
+    def flush() -> None:
+        for item, result in zip(batch, predictor([item.image for item in batch])):
+            image_id = len(images) + 1
+            image = item.image
+            images.append(
+                {"id": image_id, "file_name": item.file_name, "width": image.width, "height": image.height}
+            )
+            prediction = result.prediction
+            boxes = prediction.boxes
+            for k, (box, score, label) in enumerate(zip(boxes, prediction.box_scores, prediction.box_labels)):
+                x_min, y_min, x_max, y_max = (float(value) for value in box)
+                detections.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": int(label) + 1,
+                        "bbox": [
+                            round(x_min, 2),
+                            round(y_min, 2),
+                            round(x_max - x_min, 2),
+                            round(y_max - y_min, 2),
+                        ],
+                        "score": round(float(score), 5),
+                        "file_name": item.file_name,
+                    }
+                )
+                if crops:
+                    target = (
+                        output_dir
+                        / "crops"
+                        / item.output_name.with_suffix("")
+                        / f"{k}_{config.det_labels[int(label)]}.png"
+                    )
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    _crop(image, (x_min, y_min, x_max, y_max)).save(target, format="PNG")
+                    crop_paths.append(target)
+            top_class, top_score = prediction.classes[0]
+            rows.append(
+                {
+                    "file_name": item.file_name,
+                    "verdict": result.verdict,
+                    "anomaly_score": f"{result.anomaly_score:.6g}",
+                    "top_class": top_class,
+                    "top_class_score": f"{top_score:.6g}",
+                    "num_defects": len(boxes),
+                    "error": "",
+                }
+            )
+            if overlays:
+                target = output_dir / item.output_name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                predictor.draw(image, result).save(target, format="PNG")
+                written.append(target)
+        progress.update(len(batch))
+        batch.clear()
+
+    has_video = any(source.is_video for source in sources)
+    with tqdm(total=None if has_video else len(sources), desc="predicting", unit="img") as progress:
+        for item in _read_items(sources, video_fps):
+            if item.image is None:
+                rows.append(
+                    {**dict.fromkeys(SUMMARY_COLUMNS, ""), "file_name": item.file_name, "error": item.error}
+                )
+                progress.update(1)
+                continue
+            batch.append(item)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+
+    categories = [{"id": index + 1, "name": name} for index, name in enumerate(config.det_labels)]
+    dataset = {
+        "info": {
+            "description": f"cadmtl predict {model_dir}",
+            "det_threshold": predictor.det_threshold,
+            "category_ids": "detection label index + 1",
+            "verdict_source": config.verdict_source,
+            "verdict_threshold": config.verdict_threshold,
+        },
+        "images": images,
+        "annotations": [],
+        "categories": categories,
+    }
+    (output_dir / "images.json").write_text(json.dumps(dataset, indent=1) + "\n")
+    (output_dir / "detections.json").write_text(json.dumps(detections) + "\n")
+    with open(output_dir / "summary.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    run = PredictRun(output_dir, rows, written, crop_paths, len(detections))
+    failed = run.errors
+    if failed:
+        listing = "; ".join(f"{row['file_name']} ({row['error']})" for row in failed[:20])
+        more = f"; and {len(failed) - 20} more" if len(failed) > 20 else ""
+        if not run.num_scored:
+            raise ValueError(
+                f"predict_files: none of the {len(failed)} image files could be read: {listing}{more} "
+                f"(see {output_dir / 'summary.csv'})"
+            )
+        logger.warning(
+            "Skipped %d of %d inputs that could not be read: %s%s", len(failed), len(run.rows), listing, more
+        )
+    return run
+
+
 def render_predictions(
     model_dir: str | os.PathLike,
     images: str | os.PathLike | Iterable[str | os.PathLike],
@@ -260,89 +683,18 @@ def render_predictions(
     det_threshold: float = 0.3,
     top_k_classes: int = 3,
     tasks: Sequence[str] = TASKS,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     batch_size: int = 8,
 ) -> list[Path]:
-    """Run a CadMtl model on image files and write one overlay PNG per image; returns the written paths.
-
-    Args:
-        model_dir: a saved model folder or a Hub repo id (anything `CadMtlModel.from_pretrained` takes); its
-            `preprocessor_config.json` sets the network input size of each head (`task_sizes`, else `size`).
-        images: image files and/or folders (walked recursively, see [`collect_images`]).
-        output_dir: where the overlays go, mirroring the input names with `.png` (created if needed).
-        det_threshold: minimum detection score for a box to be drawn.
-        top_k_classes: how many classes the banner lists.
-        tasks: which predictions to draw, any of "cls", "det", "seg"; the model runs once per batch and distinct
-            input size among them (each head at the size it was trained at, from the processor's `task_sizes`).
-        device: where the model runs ("cpu", "cuda", "cuda:1", ...).
-        batch_size: images per forward pass.
-
-    Files PIL cannot read are skipped, counted and reported in one warning (file and reason); if none can be
-    read a `ValueError` names them.
-    """
-    tasks = tuple(dict.fromkeys(tasks))
-    unknown = [task for task in tasks if task not in TASKS]
-    if not tasks or unknown:
-        raise ValueError(f"render_predictions: tasks must be a non-empty subset of {TASKS}, got {tasks}")
-    if not 0.0 <= det_threshold <= 1.0:
-        raise ValueError(f"render_predictions: det_threshold must be in [0, 1], got {det_threshold}")
-    if top_k_classes < 1 or batch_size < 1:
-        raise ValueError(
-            f"render_predictions: top_k_classes and batch_size must be >= 1, got {top_k_classes} and {batch_size}"
-        )
-    output_dir = Path(output_dir)
-    if isinstance(images, (str, os.PathLike)):
-        images = [images]
-    sources = collect_images(images, exclude=output_dir)
-    overwritten = [str(s.path) for s in sources if (output_dir / s.output_name).resolve() == s.path.resolve()]
-    if overwritten:
-        raise ValueError(
-            f"render_predictions: the overlays would overwrite their input images ({', '.join(overwritten[:5])}); "
-            "choose an output_dir outside the image folders"
-        )
-    model, processor = _load_model_and_processor(model_dir, device)
-    config = model.config
-
-    written: list[Path] = []
-    unreadable: list[tuple[Path, str]] = []
-    batch: list[tuple[ImageSource, Image.Image]] = []
-
-    def flush() -> None:
-        pictures = [picture for _, picture in batch]
-        predictions = _predict_batch(model, processor, pictures, tasks, det_threshold, top_k_classes)
-        for (source, picture), prediction in zip(batch, predictions):
-            overlay = draw_predictions(picture, prediction, config.det_labels, config.seg_labels)
-            target = output_dir / source.output_name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            overlay.save(target, format="PNG")
-            written.append(target)
-        progress.update(len(batch))
-        batch.clear()
-
-    with tqdm(total=len(sources), desc="drawing predictions", unit="img") as progress:
-        for source, picture, reason in _read_images(sources):
-            if picture is None:
-                unreadable.append((source.path, reason))
-                progress.update(1)
-                continue
-            batch.append((source, picture))
-            if len(batch) == batch_size:
-                flush()
-        if batch:
-            flush()
-
-    if unreadable:
-        listing = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:20])
-        more = f"; and {len(unreadable) - 20} more" if len(unreadable) > 20 else ""
-        if not written:
-            raise ValueError(
-                f"render_predictions: none of the {len(unreadable)} image files could be read: {listing}{more}"
-            )
-        logger.warning(
-            "Skipped %d of %d image files that could not be read: %s%s",
-            len(unreadable),
-            len(sources),
-            listing,
-            more,
-        )
-    return written
+    """[`predict_files`] returning only the overlay paths it wrote (the earlier, overlay-only interface)."""
+    run = predict_files(
+        model_dir,
+        images,
+        output_dir,
+        det_threshold=det_threshold,
+        top_k_classes=top_k_classes,
+        tasks=tasks,
+        device=device,
+        batch_size=batch_size,
+    )
+    return run.overlays

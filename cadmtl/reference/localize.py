@@ -130,6 +130,21 @@ class PairRunner:
             yield from zip(batch, self.maps(batch))
 
 
+def runner_from_settings(settings: str | Path, device: str | torch.device = "cpu") -> PairRunner:
+    """The calibrated localiser of an earlier run: `OUT/localizer.json` of `cadmtl reference localize` (or `OUT/`),
+    with its backbone, layers, image size and threshold (the demo app's reference tab)."""
+    path = Path(settings)
+    path = path / "localizer.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{settings}: no localizer.json (written by `cadmtl reference localize`)")
+    saved = json.loads(path.read_text())
+    backbone, _ = load_backbone(saved["model"])
+    extractor = PatchFeatureExtractor(backbone, saved["layers"])
+    return PairRunner(
+        extractor, ReferenceLocalizer.from_dict(saved["localizer"]), saved["image_size"], device
+    )
+
+
 # ------------------------------------------------------------------------------------------------ outputs
 def draw_pair(pair: Pair, boxes: np.ndarray, scores: np.ndarray, gap: int = 8) -> Image.Image:
     """Reference | query side by side; predicted boxes (orange, with scores) and true boxes (blue) on the query."""

@@ -212,7 +212,7 @@ def test_render_predictions_writes_overlays_at_original_size(
     with caplog.at_level(logging.WARNING, logger=predict.__name__):
         written = predict.render_predictions(forced_model_dir, image_folder, out, batch_size=2)
     assert written == [out / "parts" / "gray.png", out / "wide.png"]
-    assert "Skipped 1 of 3 image files" in caplog.text and "broken.jpg" in caplog.text
+    assert "Skipped 1 of 3 inputs" in caplog.text and "broken.jpg" in caplog.text
 
     det_colors, seg_colors = overlays.task_colors(DET_LABELS, SEG_LABELS)
     for path, source in zip(written, [image_folder / "parts" / "gray.PNG", image_folder / "wide.png"]):
@@ -526,9 +526,15 @@ def test_cli_charts_and_predict(eval_results, forced_model_dir, image_folder, tm
         str(image_folder / "wide.png"),
         str(image_folder / "broken.jpg"),
     ]
-    assert cli_main([*arguments, "--output-dir", str(tmp_path / "pics"), "--threshold", "0.5"]) == 0
+    assert (
+        cli_main(
+            [*arguments, "--output-dir", str(tmp_path / "pics"), "--threshold", "0.5", "--device", "cpu"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "wrote 1 overlays" in printed and "1 unreadable files skipped" in printed
+    assert "scored 1 images on cpu" in printed and "1 unreadable inputs (errors in summary.csv)" in printed
+    assert "and 1 overlays" in printed
     assert (tmp_path / "pics" / "wide.png").is_file()
 
     assert (

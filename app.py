@@ -1,0 +1,297 @@
+"""The cad-mtl browser demo (a Gradio app, also the Hugging Face Space's `app_file`).
+
+    CADMTL_MODEL=outputs/cadmtl-demo/model GRADIO_SERVER_PORT=7860 python app.py
+
+Tabs:
+- **Inspect** (always): upload a photo -> the annotated image (detection boxes and segmentation masks,
+  `gr.AnnotatedImage`), the class scores (`gr.Label`), the OK / NG verdict and its anomaly score. The API endpoint
+  is `api_name="predict"` (one image in; annotated image, class scores, verdict, anomaly score and a JSON of the
+  details out). Inference is `cadmtl.pictures.predict.Predictor`, the code path of `cadmtl predict`.
+- **Anomaly (normal-only)** when `CADMTL_ANOMALY_MODEL` names a model folder of `cadmtl anomaly fit` (patch-memory
+  scorer) or `cadmtl anomaly train` (learner): heat map, score and verdict (`api_name="anomaly"`).
+- **Reference localisation** when `CADMTL_REFERENCE_MODEL` names the `localizer.json` (or its folder) of a
+  `cadmtl reference localize` run: a reference and a query image -> boxes where the query differs
+  (`api_name="reference"`).
+
+Environment:
+- `CADMTL_MODEL`: the CadMtl model folder (or Hub repo id, when online) to serve. Unset: the demo model
+  `outputs/cadmtl-demo/model` next to this file; when it is missing it is trained first, by the README's default
+  run (`train_accelerate.py`: builds `data/cad100k-mini`, ~1 min on a CPU). If that training fails the app serves an
+  untrained tiny model and says so on the page (the documented fallback: the boxes and scores mean nothing).
+- `CADMTL_DEVICE`: where the models run (default `cpu`, as on a free Space).
+- `GRADIO_SERVER_PORT` / `GRADIO_SERVER_NAME`: Gradio's own settings. Analytics are off
+  (`GRADIO_ANALYTICS_ENABLED=False`) and the Hub is used offline (`HF_HUB_OFFLINE=1`) unless set otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+# before gradio / huggingface_hub are imported: they read these at import time
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:  # a Space runs app.py from the repository without installing the package
+    sys.path.insert(0, str(ROOT))
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cadmtl.pictures.overlays import task_colors  # noqa: E402
+from cadmtl.pictures.predict import Predictor, load_image  # noqa: E402
+
+logger = logging.getLogger("cadmtl.app")
+
+DEMO_MODEL = ROOT / "outputs" / "cadmtl-demo" / "model"
+UNTRAINED_NOTICE = (
+    "**Untrained fallback model**: the demo model could not be trained here, so this page serves a random tiny "
+    "model. Its boxes, classes and scores mean nothing; set `CADMTL_MODEL` to a trained model folder."
+)
+
+
+def _hex(color: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*color)
+
+
+def _not_an_image(name: str, path: str, error: BaseException) -> gr.Error:
+    reason = str(error).replace(path, name)  # the server's cache path means nothing to the user
+    return gr.Error(
+        f"{name} is not an image this demo can read ({type(error).__name__}: {reason}). "
+        "Upload a JPEG, PNG, BMP or WebP photo."
+    )
+
+
+def _upload_path(value: Any) -> tuple[str | None, str]:
+    """(local path, original name) of an image input's raw value. The image inputs run with `preprocess=False`:
+    gr.Image's own preprocessing opens the file with PIL and turns a non-image into a generic processing error,
+    where this app wants to say what is wrong."""
+    if value is None or isinstance(value, str):
+        return value, Path(value).name if value else ""
+    if isinstance(value, dict):
+        path, name = value.get("path"), value.get("orig_name")
+    else:
+        path, name = getattr(value, "path", None), getattr(value, "orig_name", None)
+    return path, name or (Path(path).name if path else "")
+
+
+def _read_upload(value: Any, what: str = "image") -> Image.Image:
+    """The uploaded file as RGB, or a `gr.Error` the page shows (nothing uploaded, not an image, truncated)."""
+    path, name = _upload_path(value)
+    if not path:
+        raise gr.Error(f"Upload an {what} first.")
+    try:
+        return load_image(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise _not_an_image(name, path, error) from error
+
+
+# ----------------------------------------------------------------------------------------------- models
+def default_model() -> tuple[str, bool]:
+    """(model folder, is the untrained fallback): `CADMTL_MODEL`, else the demo model, trained if missing."""
+    chosen = os.environ.get("CADMTL_MODEL")
+    if chosen:
+        return chosen, False
+    if (DEMO_MODEL / "config.json").is_file():
+        return str(DEMO_MODEL), False
+    logger.warning(
+        "No model at %s: training the demo model first (README default run, ~1 min on CPU)", DEMO_MODEL
+    )
+    completed = subprocess.run([sys.executable, str(ROOT / "train_accelerate.py")], cwd=ROOT, check=False)
+    if completed.returncode == 0 and (DEMO_MODEL / "config.json").is_file():
+        return str(DEMO_MODEL), False
+    logger.error(
+        "Training the demo model failed (exit %d): serving an untrained tiny model", completed.returncode
+    )
+    return str(_untrained_model()), True
+
+
+def _untrained_model() -> Path:
+    import torch
+
+    from cadmtl.testing import tiny_cadmtl_config
+    from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
+
+    folder = ROOT / "outputs" / "cadmtl-untrained" / "model"
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        processor = CadMtlImageProcessor(size={"height": 224, "width": 224})
+        CadMtlModel(tiny_cadmtl_config()).save_pretrained(folder, image_processor=processor)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- handlers
+def inspect(predictor: Predictor, path: Any) -> tuple[Any, dict[str, float], str, float, dict]:
+    """One uploaded image -> (annotated image, class scores, verdict text, anomaly score, details)."""
+    image = _read_upload(path)
+    (result,) = predictor([image])
+    config = predictor.config
+    prediction = result.prediction
+    annotations: list[tuple[Any, str]] = []
+    if prediction.segmentation is not None:
+        for class_id in np.unique(prediction.segmentation):
+            if class_id != 0:  # background stays clear
+                mask = (prediction.segmentation == class_id).astype(np.float32)
+                annotations.append((mask, config.seg_labels[class_id]))
+    detections = []
+    for box, score, label in zip(prediction.boxes, prediction.box_scores, prediction.box_labels):
+        name = config.det_labels[int(label)]
+        x_min, y_min, x_max, y_max = (round(float(value)) for value in box)
+        annotations.append(((x_min, y_min, max(x_max, x_min + 1), max(y_max, y_min + 1)), name))
+        detections.append(
+            {"label": name, "score": round(float(score), 4), "box_xyxy": [x_min, y_min, x_max, y_max]}
+        )
+    classes = {name: float(score) for name, score in prediction.classes}
+    verdict = f"{result.verdict} (anomaly score {result.anomaly_score:.3f}, threshold {config.verdict_threshold:.3f})"
+    details = {
+        "verdict": result.verdict,
+        "anomaly_score": result.anomaly_score,
+        "verdict_source": config.verdict_source,
+        "verdict_threshold": config.verdict_threshold,
+        "head_scores": result.head_scores,
+        "detections": detections,
+    }
+    return (image, annotations), classes, verdict, result.anomaly_score, details
+
+
+def inspect_anomaly(scorer: Any, path: Any) -> tuple[Image.Image, float, str]:
+    from cadmtl.anomaly.command import predict_image
+
+    picture, score, verdict = predict_image(scorer, _read_upload(path))
+    return picture, score, verdict or "uncalibrated (no threshold stored)"
+
+
+def localize_reference(runner: Any, reference_path: Any, query_path: Any) -> tuple[Any, float, str]:
+    reference = _read_upload(reference_path, "reference image")
+    query = _read_upload(query_path, "query image")
+    features = runner.features([reference, query])
+    (found,) = runner.localizer.localize(features[1:], features[:1], (query.height, query.width))
+    annotations = [
+        (tuple(round(float(v)) for v in box), f"differs {float(score):.2f}")
+        for box, score in zip(found["boxes"].tolist(), found["scores"].tolist())
+    ]
+    score = float(found["score"])
+    verdict = "NG (differs from the reference)" if annotations else "OK (matches the reference)"
+    return (query, annotations), score, verdict
+
+
+# ----------------------------------------------------------------------------------------------- the page
+def build_demo(
+    model: str | os.PathLike,
+    *,
+    anomaly_model: str | os.PathLike | None = None,
+    reference_model: str | os.PathLike | None = None,
+    device: str = "cpu",
+    untrained: bool = False,
+) -> gr.Blocks:
+    """The Gradio Blocks of the demo for a CadMtl model folder and, optionally, the anomaly and reference models."""
+    predictor = Predictor.from_pretrained(model, device)
+    config = predictor.config
+    predictor.top_k_classes = len(config.cls_labels)  # the Label shows every class score
+    det_colors, seg_colors = task_colors(config.det_labels, config.seg_labels)
+    color_map = {name: _hex(color) for name, color in zip(config.det_labels, det_colors)}
+    color_map.update({name: _hex(color) for name, color in zip(config.seg_labels[1:], seg_colors[1:])})
+
+    with gr.Blocks(title="cad-mtl inspection demo") as demo:
+        gr.Markdown(
+            "# cad-mtl: car defect inspection\n"
+            "One DINOv3 model classifies, detects and segments defects; the OK / NG verdict compares its anomaly "
+            f"score (`{config.verdict_source}` head) with the calibrated threshold {config.verdict_threshold:.3f}."
+        )
+        if untrained:
+            gr.Markdown(UNTRAINED_NOTICE)
+        with gr.Tab("Inspect"):
+            with gr.Row():
+                upload = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard"])
+                annotated = gr.AnnotatedImage(
+                    label="Defects (boxes and masks)", color_map=color_map, elem_id="annotated"
+                )
+            with gr.Row():
+                classes = gr.Label(label="Class scores", num_top_classes=predictor.top_k_classes)
+                with gr.Column():
+                    verdict = gr.Textbox(label="Verdict", elem_id="verdict")
+                    score = gr.Number(label="Anomaly score", precision=4)
+            details = gr.JSON(label="Details")
+            run = gr.Button("Inspect", variant="primary")
+            outputs = [annotated, classes, verdict, score, details]
+            run.click(
+                lambda path: inspect(predictor, path),
+                inputs=upload,
+                outputs=outputs,
+                api_name="predict",
+                preprocess=False,
+            )
+            upload.upload(
+                lambda path: inspect(predictor, path),
+                inputs=upload,
+                outputs=outputs,
+                api_name=False,
+                preprocess=False,
+            )
+
+        if anomaly_model:
+            from cadmtl.anomaly.command import load_anomaly_model
+
+            scorer = load_anomaly_model(str(anomaly_model))
+            with gr.Tab("Anomaly (normal-only)"):
+                gr.Markdown(
+                    f"Normal-only scorer `{Path(anomaly_model).name}`: heat map, image score, verdict."
+                )
+                with gr.Row():
+                    anomaly_upload = gr.Image(type="filepath", label="Photo")
+                    heat = gr.Image(type="pil", label="Anomaly heat map")
+                anomaly_score = gr.Number(label="Anomaly score", precision=4)
+                anomaly_verdict = gr.Textbox(label="Verdict")
+                gr.Button("Score", variant="primary").click(
+                    lambda path: inspect_anomaly(scorer, path),
+                    inputs=anomaly_upload,
+                    outputs=[heat, anomaly_score, anomaly_verdict],
+                    api_name="anomaly",
+                    preprocess=False,
+                )
+
+        if reference_model:
+            from cadmtl.reference.localize import runner_from_settings
+
+            runner = runner_from_settings(reference_model, device)
+            with gr.Tab("Reference localisation"):
+                gr.Markdown(
+                    "A defect-free reference and a query of the same part: boxes where the query differs."
+                )
+                with gr.Row():
+                    reference = gr.Image(type="filepath", label="Reference")
+                    query = gr.Image(type="filepath", label="Query")
+                differences = gr.AnnotatedImage(label="Where the query differs")
+                reference_score = gr.Number(label="Difference score (map maximum)", precision=4)
+                reference_verdict = gr.Textbox(label="Verdict")
+                gr.Button("Compare", variant="primary").click(
+                    lambda ref, qry: localize_reference(runner, ref, qry),
+                    inputs=[reference, query],
+                    outputs=[differences, reference_score, reference_verdict],
+                    api_name="reference",
+                    preprocess=False,
+                )
+    return demo
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    model, untrained = default_model()
+    demo = build_demo(
+        model,
+        anomaly_model=os.environ.get("CADMTL_ANOMALY_MODEL") or None,
+        reference_model=os.environ.get("CADMTL_REFERENCE_MODEL") or None,
+        device=os.environ.get("CADMTL_DEVICE", "cpu"),
+        untrained=untrained,
+    )
+    demo.launch()  # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose the address
+
+
+if __name__ == "__main__":
+    main()
