@@ -201,6 +201,17 @@ class CadMtlConfig(PreTrainedConfig):
         """Index of the `normal` classification label, or None when the classifier has no such class."""
         return self.cls_labels.index(NORMAL_LABEL) if NORMAL_LABEL in self.cls_labels else None
 
+    @property
+    def trained_tasks(self) -> tuple[str, ...]:
+        """The heads a training run fitted (the tasks of `image_sizes`); every head when it is not recorded."""
+        return tuple(task for task in TASKS if task in self.image_sizes) if self.image_sizes else TASKS
+
+    @property
+    def verdict_heads(self) -> tuple[str, ...]:
+        """The heads whose anomaly score counts for the verdict: the trained ones, less `cls` without a `normal`
+        class (an untrained head's score would only add noise to `"max"`)."""
+        return tuple(t for t in self.trained_tasks if t != "cls" or self.normal_class_id is not None)
+
     def set_task_labels(self, task: str) -> None:
         """Point `id2label` / `label2id` at the labels of `task`."""
         self.id2label = dict(enumerate(self.labels_for(task)))
