@@ -12,6 +12,12 @@ IGNORE_INDEX = 255  # segmentation pixels that count for no class
 NORMAL_LABEL = "normal"  # the classification label of a defect-free image (dataset_scripts.taxonomy.NORMAL)
 # Where the image-level anomaly score comes from (see `CadMtlImageProcessor.post_process_anomaly_score`).
 VERDICT_SOURCES = ("max", "cls", "det", "seg")
+# The OK / NG inspection pipeline (`pipeline_cadmtl.py`), which `save_pretrained` names in config.json as
+# `custom_pipelines` (`pt`: the transformers Auto class that loads the model through the repo's `auto_map`).
+PIPELINE_TASK = "cadmtl-inspection"
+CUSTOM_PIPELINES = {
+    PIPELINE_TASK: {"impl": "pipeline_cadmtl.CadMtlInspectionPipeline", "pt": ["AutoModel"], "type": "image"}
+}
 
 # Strides of the pyramid levels shared by the detection head and the segmentation decoder.
 PYRAMID_STRIDES = (8, 16, 32)
