@@ -63,22 +63,9 @@ def calibrate_and_report_verdict(
     calibration = calibrate_verdict(
         validation, train_args.verdict_calibration, train_args.verdict_target_fpr, eval_settings.split
     )
-    if apply_calibration(config, calibration):
-        logger.info(
-            "OK / NG verdict calibrated on %s (%s): source %s, threshold %.6g, AUROC %.4f",
-            eval_settings.split,
-            calibration["method"],
-            calibration["source"],
-            calibration["threshold"],
-            calibration["auroc"],
-        )
-    else:
-        logger.warning(
-            "OK / NG verdict not calibrated (%s); the model keeps verdict_source=%r, verdict_threshold=%s",
-            calibration["reason"],
-            config.verdict_source,
-            config.verdict_threshold,
-        )
+    calibrated = apply_calibration(config, calibration)  # on every rank: each one saves the same config
+    if accelerator.is_main_process:
+        _log_calibration(calibration, calibrated, config)
     report: dict[str, Any] = {
         "calibration": calibration,
         "source": config.verdict_source,
@@ -97,3 +84,22 @@ def calibrate_and_report_verdict(
     if accelerator.is_main_process:
         logger.info("OK / NG verdict\n%s", verdict_table(report["splits"]))
     return report
+
+
+def _log_calibration(calibration: dict[str, Any], calibrated: bool, config: Any) -> None:
+    if calibrated:
+        logger.info(
+            "OK / NG verdict calibrated on %s (%s): source %s, threshold %.6g, AUROC %.4f",
+            calibration["split"],
+            calibration["method"],
+            calibration["source"],
+            calibration["threshold"],
+            calibration["auroc"],
+        )
+    else:
+        logger.warning(
+            "OK / NG verdict not calibrated (%s); the model keeps verdict_source=%r, verdict_threshold=%s",
+            calibration["reason"],
+            config.verdict_source,
+            config.verdict_threshold,
+        )
