@@ -76,7 +76,8 @@ class CadMtlConfig(PreTrainedConfig):
         verdict_source (`str`, *optional*, defaults to `"max"`):
             Which head's image-level anomaly score decides the OK / NG verdict: `"cls"` (1 - probability of the
             `normal` class), `"det"` (the highest detection score), `"seg"` (the fraction of the image whose most
-            likely segmentation class is not the background) or `"max"` (the largest of those the model has).
+            likely segmentation class is not the background) or `"max"` (the largest of those of `verdict_heads`: the
+            trained heads, `image_sizes`' tasks).
             Training picks the source with the best validation AUROC when the validation data has normal and
             anomalous images.
         verdict_threshold (`float`, *optional*, defaults to 0.5):
