@@ -138,9 +138,12 @@ def test_one_head_and_per_task_sizes(tmp_path: Path) -> None:
     processor = CadMtlImageProcessor.from_pretrained(tmp_path / "model")
     with torch.no_grad():
         reference = model(processor(pictures, task="cls", return_tensors="pt")["pixel_values"], task="cls")
-    [got] = predictor.predict(pictures[:1]).values()
+    results = predictor.predict(pictures[:1])
+    assert set(results) == {"classification", "verdict"}
     [want] = processor.post_process_image_classification({"cls_logits": reference.cls_logits[:1]})
-    torch.testing.assert_close(got[0]["scores"], want["scores"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results["classification"][0]["scores"], want["scores"], atol=1e-5, rtol=0)
+    # a classification-only graph: the verdict ("max") reads the classifier alone
+    assert set(results["verdict"][0]["head_scores"]) == {"cls"}
 
 
 @pytest.mark.slow
