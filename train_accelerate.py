@@ -78,6 +78,7 @@ from cadmtl.training.step import (
     reduced_task_losses,
     training_step,
 )
+from cadmtl.training.verdict import calibrate_and_report_verdict
 from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
 
 logger = logging.getLogger("train_accelerate")
@@ -394,6 +395,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_seconds": time.perf_counter() - started,
         "results": results,
     }
+    # The OK / NG threshold, calibrated on validation and stored in the config before it is saved.
+    summary["verdict"] = calibrate_and_report_verdict(
+        model, sources, eval_settings, data_args, train_args, accelerator
+    )
     accelerator.wait_for_everyone()
     card_data = model_card_data(
         model_args,

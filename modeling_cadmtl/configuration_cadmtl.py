@@ -12,6 +12,12 @@ IGNORE_INDEX = 255  # segmentation pixels that count for no class
 NORMAL_LABEL = "normal"  # the classification label of a defect-free image (dataset_scripts.taxonomy.NORMAL)
 # Where the image-level anomaly score comes from (see `CadMtlImageProcessor.post_process_anomaly_score`).
 VERDICT_SOURCES = ("max", "cls", "det", "seg")
+# The OK / NG inspection pipeline (`pipeline_cadmtl.py`), which `save_pretrained` names in config.json as
+# `custom_pipelines` (`pt`: the transformers Auto class that loads the model through the repo's `auto_map`).
+PIPELINE_TASK = "cadmtl-inspection"
+CUSTOM_PIPELINES = {
+    PIPELINE_TASK: {"impl": "pipeline_cadmtl.CadMtlInspectionPipeline", "pt": ["AutoModel"], "type": "image"}
+}
 
 # Strides of the pyramid levels shared by the detection head and the segmentation decoder.
 PYRAMID_STRIDES = (8, 16, 32)
@@ -70,7 +76,8 @@ class CadMtlConfig(PreTrainedConfig):
         verdict_source (`str`, *optional*, defaults to `"max"`):
             Which head's image-level anomaly score decides the OK / NG verdict: `"cls"` (1 - probability of the
             `normal` class), `"det"` (the highest detection score), `"seg"` (the fraction of the image whose most
-            likely segmentation class is not the background) or `"max"` (the largest of those the model has).
+            likely segmentation class is not the background) or `"max"` (the largest of those of `verdict_heads`: the
+            trained heads, `image_sizes`' tasks).
             Training picks the source with the best validation AUROC when the validation data has normal and
             anomalous images.
         verdict_threshold (`float`, *optional*, defaults to 0.5):
@@ -200,6 +207,17 @@ class CadMtlConfig(PreTrainedConfig):
     def normal_class_id(self) -> int | None:
         """Index of the `normal` classification label, or None when the classifier has no such class."""
         return self.cls_labels.index(NORMAL_LABEL) if NORMAL_LABEL in self.cls_labels else None
+
+    @property
+    def trained_tasks(self) -> tuple[str, ...]:
+        """The heads a training run fitted (the tasks of `image_sizes`); every head when it is not recorded."""
+        return tuple(task for task in TASKS if task in self.image_sizes) if self.image_sizes else TASKS
+
+    @property
+    def verdict_heads(self) -> tuple[str, ...]:
+        """The heads whose anomaly score counts for the verdict: the trained ones, less `cls` without a `normal`
+        class (an untrained head's score would only add noise to `"max"`)."""
+        return tuple(t for t in self.trained_tasks if t != "cls" or self.normal_class_id is not None)
 
     def set_task_labels(self, task: str) -> None:
         """Point `id2label` / `label2id` at the labels of `task`."""

@@ -392,6 +392,7 @@ class CadMtlImageProcessor(TorchvisionBackend):
         threshold: float | None = None,
         normal_class_id: int | None = None,
         pixel_mask: torch.Tensor | None = None,
+        heads: Any = None,
     ) -> list[dict[str, Any]]:
         """Image-level anomaly scores in [0, 1] (higher = more anomalous) and, with `threshold`, the OK / NG verdict.
 
@@ -403,14 +404,18 @@ class CadMtlImageProcessor(TorchvisionBackend):
         - `seg`: the anomalous-pixel area, the fraction of the image's pixels (`pixel_mask`: 1 on the image, 0 on
           padding) whose most likely class is not the background (class 0).
         `source` picks the score that decides (`"max"`: the largest head score). An image is NG when its score is
-        at or above `threshold` (the model config's calibrated `verdict_threshold`).
+        at or above `threshold` (the model config's calibrated `verdict_threshold`). `heads` (e.g. the config's
+        `verdict_heads`) keeps only those heads' scores, so `"max"` ignores heads that were never trained.
 
         Returns one `{"anomaly_score": float, "head_scores": {head: float}, "verdict": "OK" | "NG"}` per image
         (`verdict` only with a threshold).
         """
         if source not in VERDICT_SOURCES:
             raise ValueError(f"source {source!r} is not one of {VERDICT_SOURCES}.")
+        wanted = heads
         heads = self._head_anomaly_scores(outputs, normal_class_id, pixel_mask)
+        if wanted is not None:
+            heads = {head: scores for head, scores in heads.items() if head in wanted}
         if not heads:
             raise ValueError(
                 "No head gives an anomaly score: the outputs need `cls_logits` (with a normal class), "
@@ -434,6 +439,27 @@ class CadMtlImageProcessor(TorchvisionBackend):
                 result["verdict"] = "NG" if score >= threshold else "OK"
             results.append(result)
         return results
+
+    def post_process_verdict(
+        self,
+        outputs: Any,
+        config: Any,
+        pixel_mask: torch.Tensor | None = None,
+        threshold: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """`post_process_anomaly_score` with the model config's verdict settings: its `verdict_source`, its
+        calibrated `verdict_threshold` (or `threshold` to override it), its `normal` class and `verdict_heads`.
+
+        Returns one `{"verdict": "OK" | "NG", "anomaly_score": float, "head_scores": {head: float}}` per image.
+        """
+        return self.post_process_anomaly_score(
+            outputs,
+            source=config.verdict_source,
+            threshold=config.verdict_threshold if threshold is None else threshold,
+            normal_class_id=config.normal_class_id,
+            pixel_mask=pixel_mask,
+            heads=config.verdict_heads,
+        )
 
     @staticmethod
     def _head_anomaly_scores(

@@ -131,6 +131,49 @@ def _results_tables(results: dict[str, Any]) -> str:
     return "\n\n".join(blocks) + "\n\nValues are percentages."
 
 
+def _percent(value: Any) -> str:
+    return "-" if value is None or value != value else f"{100 * float(value):.1f}"
+
+
+def _verdict_section(config: Any, verdict: dict[str, Any] | None) -> str:
+    """How this checkpoint decides OK / NG (from its config) and, when the run measured it, the verdict's metrics
+    per split (`verdict["splits"]`, as `cadmtl.evaluation.verdict.verdict_report` gives them)."""
+    source, threshold = config.verdict_source, config.verdict_threshold
+    calibration = config.verdict_calibration
+    if calibration and calibration.get("calibrated"):
+        how = f"calibrated on the {calibration.get('split')} images by {calibration.get('method')}"
+        if calibration.get("method") == "fpr":
+            how += f" (target false-positive rate {calibration.get('target_fpr')})"
+        how += f", {calibration.get('n_normal')} normal and {calibration.get('n_anomalous')} anomalous images"
+    else:
+        reason = ((verdict or {}).get("calibration") or {}).get("reason")
+        how = "the documented default, not calibrated" + (f" ({reason})" if reason else "")
+    lines = [
+        f"An image is **NG** when its anomaly score from `{source}` is at least **{threshold:.4g}** "
+        f"({how}); `config.verdict_source` / `config.verdict_threshold` hold the setting.",
+    ]
+    splits = (verdict or {}).get("splits") or {}
+    if splits:
+        lines += [
+            "",
+            "| split | normal | anomalous | image AUROC | F1-max | precision | recall | false-positive rate |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for split, report in splits.items():
+            at = report.get("at_threshold") or {}
+            chosen = (report.get("sources") or {}).get(at.get("source"), {})
+            lines.append(
+                f"| {split} | {report.get('n_normal')} | {report.get('n_anomalous')} | {_percent(chosen.get('auroc'))} "
+                f"| {_percent(chosen.get('f1_max'))} | {_percent(at.get('precision'))} | {_percent(at.get('recall'))} "
+                f"| {_percent(at.get('fpr'))} |"
+            )
+        lines += [
+            "",
+            "Values are percentages; precision, recall and false-positive rate are at the threshold.",
+        ]
+    return "\n".join(lines)
+
+
 def _backbone_description(config: Any) -> str:
     backbone = config.backbone_config
     if config.is_vit:
@@ -156,6 +199,7 @@ def render_model_card(config: Any, data: dict[str, Any] | None = None, template:
         "backbone": _backbone_description(config),
         "label_table": _label_table(config),
         "results_tables": _results_tables(data.get("results") or {}),
+        "verdict_section": _verdict_section(config, data.get("verdict")),
         "comparison_table": data.get("comparison_table") or "_Not run for this checkpoint._",
         "training_data": data.get("training_data") or "_Not recorded._",
         "training_settings": "```json\n"

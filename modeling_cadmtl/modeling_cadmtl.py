@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,13 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput
 
-from .configuration_cadmtl import PYRAMID_STRIDES, TASKS, CadMtlConfig, default_vit_out_indices
+from .configuration_cadmtl import (
+    CUSTOM_PIPELINES,
+    PYRAMID_STRIDES,
+    TASKS,
+    CadMtlConfig,
+    default_vit_out_indices,
+)
 from .detection_cadmtl import (
     DetectionConv,
     FcosHead,
@@ -48,6 +55,8 @@ AUTO_MAP = {
     "AutoModelForObjectDetection": "modeling_cadmtl.CadMtlForObjectDetection",
     "AutoModelForSemanticSegmentation": "modeling_cadmtl.CadMtlForSemanticSegmentation",
 }
+
+PIPELINE_FILE = "pipeline_cadmtl.py"
 
 
 @dataclass
@@ -147,13 +156,22 @@ class CadMtlPreTrainedModel(PreTrainedModel):
 
         Also writes `preprocessor_config.json` (from `image_processor`, or a default `CadMtlImageProcessor` when
         the folder has none yet), the model code as flat files with `auto_map` in config.json (so
-        `AutoModel.from_pretrained(repo, trust_remote_code=True)` works without this package), and `README.md`
+        `AutoModel.from_pretrained(repo, trust_remote_code=True)` works without this package), the inspection
+        pipeline (`pipeline_cadmtl.py`, named in config.json's `custom_pipelines`, so
+        `pipeline("cadmtl-inspection", model=repo, trust_remote_code=True)` gives OK / NG verdicts), and `README.md`
         rendered from `model_card.md` with `model_card_data` (evaluation results, training settings).
         """
         self.config.auto_map = dict(AUTO_MAP)
+        self.config.custom_pipelines = {task: dict(info) for task, info in CUSTOM_PIPELINES.items()}
         super().save_pretrained(save_directory, *args, **kwargs)
         if not kwargs.get("is_main_process", True):
             return
+        # The pipeline is no import of the model (it would load transformers' pipelines with every model), so
+        # transformers does not copy it with the model code.
+        shutil.copyfile(
+            os.path.join(os.path.dirname(__file__), PIPELINE_FILE),
+            os.path.join(save_directory, PIPELINE_FILE),
+        )
         if image_processor is None and not os.path.exists(
             os.path.join(save_directory, "preprocessor_config.json")
         ):

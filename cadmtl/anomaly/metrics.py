@@ -1,6 +1,7 @@
 """Anomaly-detection metrics: image / pixel AUROC, AUPRO@0.3, image / pixel F1-max and pixel AP.
 
-Everything is exact and tie-aware, computed with numpy from sorted scores (no sklearn, no histograms):
+Everything is exact and tie-aware, computed with numpy from sorted scores (no sklearn, no histograms). The
+binary-score metrics (AUROC, AP, F1-max) are defined in `cadmtl.evaluation.metrics` and imported here:
 
 * AUROC is the Mann-Whitney U statistic (a tie between a positive and a negative counts 1/2), i.e. the area
   under the ROC curve with linear interpolation between distinct thresholds.
@@ -29,87 +30,43 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cadmtl.evaluation.metrics import (
+    auroc_sorted,
+    average_precision,
+    average_precision_sorted,
+    binary_auroc,
+    f1_max,
+    f1_max_sorted,
+    split_scores,
+)
 from dataset_scripts.schema import IGNORE_INDEX
+
+# The image-level binary metrics are defined once, in `cadmtl.evaluation.metrics`; re-exported here.
+__all__ = [
+    "METRIC_KEYS",
+    "METRIC_TITLES",
+    "AnomalyMetrics",
+    "aupro",
+    "auroc_sorted",
+    "average_precision",
+    "average_precision_sorted",
+    "binary_auroc",
+    "compute_anomaly_metrics",
+    "connected_components",
+    "f1_max",
+    "f1_max_sorted",
+    "metrics_table",
+    "split_scores",
+]
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "pixel_ap")
 METRIC_TITLES = ("image AUROC", "pixel AUROC", "AUPRO", "image F1-max", "pixel F1-max", "pixel AP")
-_CHUNK = 1 << 22  # positives per searchsorted call in AUROC: keeps the index arrays bounded
 
 
 def _as_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(array, torch.Tensor):
         return array.detach().cpu().numpy()
     return np.asarray(array)
-
-
-def split_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (ascending) scores of the positives and of the negatives. `scores`, `labels`: (N,)."""
-    scores, labels = np.asarray(scores).ravel(), np.asarray(labels).ravel().astype(bool)
-    positives, negatives = scores[labels], scores[~labels]
-    positives.sort()
-    negatives.sort()
-    return positives, negatives
-
-
-def auroc_sorted(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """AUROC in [0, 1] (NaN without both classes) from sorted positive and negative scores.
-
-    Mann-Whitney: for each positive, count the negatives strictly below it plus half of those equal to it.
-    """
-    if positives.size == 0 or negatives.size == 0:
-        return math.nan
-    wins = 0.0
-    for start in range(0, positives.size, _CHUNK):
-        chunk = positives[start : start + _CHUNK]
-        below = np.searchsorted(negatives, chunk, side="left")
-        at_or_below = np.searchsorted(negatives, chunk, side="right")
-        wins += float(below.sum(dtype=np.float64)) + 0.5 * float((at_or_below - below).sum(dtype=np.float64))
-    return wins / (float(positives.size) * float(negatives.size))
-
-
-def _curve_at_positive_thresholds(
-    positives: np.ndarray, negatives: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(thresholds, tp, fp) at each distinct positive score: recall only changes there, and between two of
-    them lowering the threshold only adds false positives, so AP and F1-max need no other threshold."""
-    thresholds = np.unique(positives)
-    tp = positives.size - np.searchsorted(positives, thresholds, side="left")
-    fp = negatives.size - np.searchsorted(negatives, thresholds, side="left")
-    return thresholds, tp.astype(np.float64), fp.astype(np.float64)
-
-
-def average_precision_sorted(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """Step-wise average precision in [0, 1] (NaN without positives)."""
-    if positives.size == 0:
-        return math.nan
-    _, tp, fp = _curve_at_positive_thresholds(positives, negatives)
-    recall_gain = (tp - np.append(tp[1:], 0.0)) / positives.size  # thresholds ascending: tp decreasing
-    return float(np.sum(recall_gain * tp / (tp + fp)))
-
-
-def f1_max_sorted(positives: np.ndarray, negatives: np.ndarray) -> tuple[float, float]:
-    """(best F1 in [0, 1], its threshold) over every threshold; (NaN, NaN) without positives."""
-    if positives.size == 0:
-        return math.nan, math.nan
-    thresholds, tp, fp = _curve_at_positive_thresholds(positives, negatives)
-    f1 = 2 * tp / (tp + fp + positives.size)
-    best = int(np.argmax(f1))
-    return float(f1[best]), float(thresholds[best])
-
-
-def binary_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """AUROC in [0, 1]. `scores`: (N,) float, `labels`: (N,) bool/0-1."""
-    return auroc_sorted(*split_scores(scores, labels))
-
-
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Step-wise AP in [0, 1]. `scores`: (N,), `labels`: (N,)."""
-    return average_precision_sorted(*split_scores(scores, labels))
-
-
-def f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(F1-max in [0, 1], threshold). `scores`: (N,), `labels`: (N,)."""
-    return f1_max_sorted(*split_scores(scores, labels))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -22,9 +21,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+
+# One threshold calibration serves every scorer; re-exported here for `cadmtl.anomaly` users.
+from ..evaluation.metrics import calibrate_f1, calibrate_fpr  # noqa: F401
 from ..features import PatchFeatureExtractor, backbone_depth, backbone_from_config, is_vit_config
 from .memory_bank import NearestNeighborIndex, greedy_coreset
-from .metrics import f1_max
 
 CONFIG_NAME = "config.json"
 MEMORY_BANK_NAME = "memory_bank.safetensors"
@@ -48,31 +49,6 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     x = F.pad(x, (0, 0, radius, radius), mode=mode)
     x = F.conv2d(x, kernel.view(1, 1, -1, 1))
     return x[:, 0]
-
-
-def calibrate_fpr(
-    normal_scores: Sequence[float] | np.ndarray | torch.Tensor, target_fpr: float = 0.01
-) -> float:
-    """Smallest float32 threshold t with at most floor(target_fpr * n) normal scores >= t (anomalous:
-    score >= t). The threshold is a float32 value so the comparison holds for float32 and float64 scores."""
-    scores = np.sort(np.asarray(torch.as_tensor(normal_scores).cpu(), dtype=np.float32).ravel())
-    if scores.size == 0:
-        raise ValueError("calibrate_fpr needs at least one normal score")
-    allowed = math.floor(target_fpr * scores.size)
-    if allowed >= scores.size:
-        return float(scores[0])
-    return float(np.nextafter(scores[scores.size - 1 - allowed], np.float32(np.inf)))
-
-
-def calibrate_f1(
-    scores: Sequence[float] | np.ndarray | torch.Tensor, labels: Sequence[int] | np.ndarray | torch.Tensor
-) -> float:
-    """Threshold of the best F1 (anomalous: score >= t); `labels` 1 = anomalous."""
-    scores = np.asarray(torch.as_tensor(scores).cpu(), dtype=np.float64).ravel()
-    labels = np.asarray(torch.as_tensor(labels).cpu()).ravel().astype(bool)
-    if not labels.any():
-        raise ValueError("calibrate_f1 needs at least one anomalous sample")
-    return f1_max(scores, labels)[1]
 
 
 def _iter_batches(images: Iterable[torch.Tensor] | torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:

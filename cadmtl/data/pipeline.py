@@ -390,6 +390,17 @@ class TaskTransform:
             boxes = torch.stack([out_w - boxes[:, 2], boxes[:, 1], out_w - boxes[:, 0], boxes[:, 3]], dim=1)
         return image, boxes
 
+    def eval_pixels(self, image: torch.Tensor) -> torch.Tensor:
+        """The evaluation input of a decoded uint8 image (3, H, W), labels aside: the whole image resized to
+        ``image_size`` and normalised. Every task's evaluation transform feeds the model exactly this (detection's
+        resize at scale 1 is the same resize), so one decoded image serves every head of that size."""
+        if self.train:
+            raise ValueError(
+                "eval_pixels is the evaluation transform: build the TaskTransform with train=False"
+            )
+        pixels, _ = self._crop_and_resize(image)
+        return self._normalise(pixels)
+
     # ----------------------------------------------------------------------------------- call
     def _normalise(self, image: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
         """uint8 (3, H, W) -> normalised float; with ``rng``, brightness / contrast / saturation jitter too.

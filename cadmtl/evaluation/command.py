@@ -8,7 +8,8 @@
 
 Writes `<output-dir>/eval_results.json` (metrics and per-class reports) and `eval_results.md` (tables shaped like
 the paper's: per-domain detection AP / AP50 / AP75 / AR, classification Acc@1 / Acc@5, segmentation mIoU /
-mFscore / mPrec / mRecall).
+mFscore / mPrec / mRecall), plus the OK / NG verdict over the configs' images (`is_normal`) at the model's stored
+threshold: image AUROC, F1-max, precision, recall and false-positive rate (`--no-verdict` skips it).
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ def evaluate_model(
     device: str | None = None,
     mixed_precision: str = "bf16",
     domain_conditioning: bool = True,
+    verdict: bool = True,
 ) -> dict[str, Any]:
-    """Metrics of `model_name_or_path` on `split` of each dataset config: the content of eval_results.json."""
+    """Metrics of `model_name_or_path` on `split` of each dataset config: the content of eval_results.json.
+
+    With `verdict`, also the OK / NG verdict on those configs' images pooled (every CAD config has `is_normal`),
+    at the model's stored `verdict_source` / `verdict_threshold`: image AUROC and F1-max per source, precision /
+    recall / false-positive rate at the threshold."""
     from accelerate import PartialState
 
     from cadmtl.data.sources import LoaderSettings, attach_label_maps, available_configs, discover_sources
@@ -87,7 +93,7 @@ def evaluate_model(
         show_progress=state.is_local_main_process,
         domain_conditioning=domain_conditioning,
     )
-    return {
+    evaluation = {
         "model": str(model_name_or_path),
         "dataset": dataset,
         "split": split,
@@ -96,6 +102,59 @@ def evaluate_model(
         "domain_conditioning": domain_conditioning,
         "results": results,
     }
+    if verdict:
+        evaluation["verdict"] = evaluate_verdict(
+            model, dataset, configs, split, sizes, state, batch_size, num_workers, autocast, max_batches
+        )
+    return evaluation
+
+
+def evaluate_verdict(
+    model: Any,
+    dataset: str,
+    configs: list[str],
+    split: str,
+    sizes: dict[str, int],
+    state: Any,
+    batch_size: int,
+    num_workers: int,
+    autocast: torch.dtype | None,
+    max_batches: int | None,
+) -> dict[str, Any]:
+    """The OK / NG verdict metrics of the model on the images of `configs`' `split` (pooled), at the source and
+    threshold stored in its config: `{"source", "threshold", "calibration", "report"}` (`report` is None with
+    the reason when the model's heads give no anomaly score)."""
+    from cadmtl.evaluation.verdict import score_verdict_split, verdict_report
+
+    config = model.config
+    result: dict[str, Any] = {
+        "source": config.verdict_source,
+        "threshold": config.verdict_threshold,
+        "calibration": config.verdict_calibration,
+        "report": None,
+    }
+    if not config.verdict_heads:
+        result["reason"] = "no trained head gives an anomaly score"
+        return result
+    scores = score_verdict_split(
+        model,
+        dataset,
+        configs,
+        split,
+        image_sizes=sizes,
+        heads=config.verdict_heads,
+        normal_class_id=config.normal_class_id,
+        device=state.device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        autocast_dtype=autocast,
+        max_batches=max_batches,
+        show_progress=state.is_local_main_process,
+    )
+    result["report"] = verdict_report(scores, config.verdict_source, config.verdict_threshold, split)
+    return result
 
 
 def parse_compare_spec(spec: str) -> tuple[str, str, str]:
@@ -143,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="Score classification among all the head's classes, not each config's (domain's) own.",
     )
+    parser.add_argument(
+        "--no-verdict",
+        action="store_true",
+        help="Skip the OK / NG verdict metrics (image AUROC, F1-max, precision / recall / FPR at the stored "
+        "threshold).",
+    )
     parser.add_argument("--name", default=None, help="Row name in the tables (default: the model path).")
     parser.add_argument("--output-dir", type=Path, default=Path("eval"))
     parser.add_argument(
@@ -177,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         mixed_precision=args.mixed_precision,
         domain_conditioning=not args.no_domain_conditioning,
+        verdict=not args.no_verdict,
     )
     from accelerate import PartialState
 
@@ -186,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / "eval_results.json").write_text(json.dumps(evaluation, indent=2))
         tables = domain_tables({args.name or args.model: evaluation["results"]})
+        report = (evaluation.get("verdict") or {}).get("report")
+        if report is not None:
+            from cadmtl.evaluation.verdict import verdict_table
+
+            tables += "\n\n**OK / NG verdict**\n\n" + verdict_table({args.split: report}) + "\n"
         (args.output_dir / "eval_results.md").write_text(tables)
         print(tables)
     return 0

@@ -21,7 +21,7 @@ EXAMPLE = """examples:
 
 then, in Python:
   from cadmtl.export.onnx import OnnxPredictor
-  OnnxPredictor("onnx/").predict(images)  # {"classification": ..., "detection": ..., "segmentation": ...}"""
+  OnnxPredictor("onnx/").predict(images)  # {"classification", "detection", "segmentation", "verdict"}"""
 
 
 def parser() -> argparse.ArgumentParser:

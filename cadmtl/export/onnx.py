@@ -22,7 +22,8 @@ from cadmtl.export.onnx import OnnxPredictor, export_onnx
 
 export_onnx("outputs/cadmtl-demo/model", "onnx/")
 predictor = OnnxPredictor("onnx/")
-results = predictor.predict(images)  # {"classification": [...], "detection": [...], "segmentation": [...]}
+results = predictor.predict(images)  # {"classification": [...], "detection": [...], "segmentation": [...],
+                                    #  "verdict": [{"verdict": "OK" | "NG", "anomaly_score", "head_scores"}, ...]}
 ```
 """
 
@@ -209,7 +210,7 @@ class OnnxPredictor:
     `predict(images)` returns `{"classification": [...], "detection": [...], "segmentation": [...]}` (the heads the
     graph has), one entry per image in the formats of the processor's `post_process_image_classification`,
     `post_process_object_detection` and `post_process_semantic_segmentation` (boxes and masks at each image's
-    original size).
+    original size), and `"verdict"`: the OK / NG verdict of each image from the config's calibrated threshold.
 
     Raises at construction: `FileNotFoundError` when a file is missing, `ValueError` when the graph's outputs do
     not match the config (an unknown output, or a class count that differs from the config's labels).
@@ -300,15 +301,22 @@ class OnnxPredictor:
         det_threshold: float = 0.3,
         top_k: int = 5,
         nms_threshold: float = 0.6,
+        verdict_threshold: float | None = None,
     ) -> dict[str, list[Any]]:
-        """Predictions of every exported head for `images` (one PIL image / array or a list of them)."""
+        """Predictions of every exported head for `images` (one PIL image / array or a list of them), and the
+        OK / NG verdict of each image under `"verdict"`: `{"verdict", "anomaly_score", "head_scores"}` from the
+        config's `verdict_source` and calibrated `verdict_threshold` (`verdict_threshold` overrides it), as
+        `CadMtlImageProcessor.post_process_verdict` gives it for the PyTorch model. It is left out when the graph
+        lacks the head the verdict reads; with `"max"` it is the maximum over the exported heads."""
         if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)) and not (
             isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
         ):
             images = [images]
         images = list(images)
+        verdict_heads = tuple(head for head in self.config.verdict_heads if head in self.tasks)
+        gives_verdict = bool(verdict_heads) and self.config.verdict_source in ("max", *verdict_heads)
         if not images:
-            return {RESULT_KEYS[task]: [] for task in self.tasks}
+            return {RESULT_KEYS[task]: [] for task in self.tasks} | ({"verdict": []} if gives_verdict else {})
         target_sizes = [_image_size(image) for image in images]
         outputs: dict[str, torch.Tensor] = {}
         for size, tasks in self._size_groups(self.tasks):
@@ -327,6 +335,15 @@ class OnnxPredictor:
         if "seg" in self.tasks:
             results["segmentation"] = self.processor.post_process_semantic_segmentation(
                 outputs, target_sizes=target_sizes
+            )
+        if gives_verdict:
+            threshold = self.config.verdict_threshold if verdict_threshold is None else verdict_threshold
+            results["verdict"] = self.processor.post_process_anomaly_score(
+                outputs,
+                source=self.config.verdict_source,
+                threshold=threshold,
+                normal_class_id=self.config.normal_class_id,
+                heads=verdict_heads,
             )
         return results
 

@@ -230,6 +230,17 @@ class TrainingArguments:
     max_eval_batches: int | None = field(
         default=None, metadata={"help": "Cap evaluation batches (smoke runs)."}
     )
+    verdict_calibration: str = field(
+        default="f1_max",
+        metadata={
+            "help": "How the end of the run sets the OK / NG threshold on the validation images: f1_max (the "
+            "threshold of the best F1) or fpr (the lowest one with a false-positive rate <= verdict_target_fpr)."
+        },
+    )
+    verdict_target_fpr: float = field(
+        default=0.01,
+        metadata={"help": "The false-positive rate on normal images of verdict_calibration=fpr."},
+    )
     push_to_hub: bool = False
     hub_model_id: str | None = None
 
@@ -249,6 +260,12 @@ def _check(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
         size = getattr(data_args, f"{task}_batch_size")
         if size is not None and size < 1:
             raise ValueError(f"{task}_batch_size must be >= 1, got {size}.")
+    if train_args.verdict_calibration not in ("f1_max", "fpr"):
+        raise ValueError(
+            f"verdict_calibration must be f1_max or fpr, got {train_args.verdict_calibration!r}."
+        )
+    if not 0.0 <= train_args.verdict_target_fpr <= 1.0:
+        raise ValueError(f"verdict_target_fpr must be in [0, 1], got {train_args.verdict_target_fpr}.")
     if train_args.max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {train_args.max_steps}.")
     if train_args.patience < 0:

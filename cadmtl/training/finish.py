@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from cadmtl.data.sources import LoaderSettings, TaskSource
 from cadmtl.evaluation.loop import evaluate_sources
 from cadmtl.evaluation.reporting import domain_tables
+from cadmtl.evaluation.verdict import verdict_table
 from cadmtl.presets import PRESETS
 from cadmtl.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from cadmtl.training.tracking import plot_training_curves
@@ -154,8 +155,13 @@ def save_run(
     if not accelerator.is_main_process:
         return
     model_dir = output_dir / "model"
+    verdict = summary.get("verdict")
+    if verdict is not None:  # the card shows the verdict's settings and its metrics on the final split
+        card_data = {**card_data, "verdict": verdict}
     unwrapped = save_model_folder(accelerator, model, model_dir, processor, card_data)
     tables = results_tables(summary["results"], output_dir.name)
+    if verdict is not None and verdict["splits"]:
+        tables += "\n\n**OK / NG verdict**\n\n" + verdict_table(verdict["splits"]) + "\n"
     (output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2, default=str))
     (output_dir / "eval_results.md").write_text(tables)
     metrics_path = output_dir / "logs" / "metrics.jsonl"

@@ -24,6 +24,7 @@ HUB_FILES = {
     "neck_cadmtl.py",
     "image_processing_cadmtl.py",
     "model_card_cadmtl.py",
+    "pipeline_cadmtl.py",
 }
 HUB_ALLOWED = {"torch", "torchvision", "transformers", "safetensors", "huggingface_hub", "numpy", "PIL"}
 # The cadmtl wings, lowest first: a module may import its own wing and wings of a lower rank only.

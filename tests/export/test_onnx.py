@@ -138,9 +138,12 @@ def test_one_head_and_per_task_sizes(tmp_path: Path) -> None:
     processor = CadMtlImageProcessor.from_pretrained(tmp_path / "model")
     with torch.no_grad():
         reference = model(processor(pictures, task="cls", return_tensors="pt")["pixel_values"], task="cls")
-    [got] = predictor.predict(pictures[:1]).values()
+    results = predictor.predict(pictures[:1])
+    assert set(results) == {"classification", "verdict"}
     [want] = processor.post_process_image_classification({"cls_logits": reference.cls_logits[:1]})
-    torch.testing.assert_close(got[0]["scores"], want["scores"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results["classification"][0]["scores"], want["scores"], atol=1e-5, rtol=0)
+    # a classification-only graph: the verdict ("max") reads the classifier alone
+    assert set(results["verdict"][0]["head_scores"]) == {"cls"}
 
 
 @pytest.mark.slow
@@ -173,3 +176,29 @@ def test_heads_trained_at_different_sizes_get_a_dynamic_graph(tmp_path: Path) ->
                 want = processor.post_process_semantic_segmentation(reference, target_sizes=target_sizes)
                 for got, expected in zip(results["segmentation"], want):
                     assert (got == expected).float().mean() > 0.999
+
+
+@pytest.mark.slow
+def test_onnx_verdicts_match_pytorch(exported) -> None:
+    model, model_dir, folder = exported
+    predictor = OnnxPredictor(folder)
+    processor = CadMtlImageProcessor.from_pretrained(model_dir)
+    pictures = images()
+    with torch.no_grad():
+        reference = model(processor(pictures, return_tensors="pt")["pixel_values"])
+    expected = processor.post_process_verdict(reference, model.config)
+    got = predictor.predict(pictures)["verdict"]
+    assert len(got) == len(pictures) and model.config.verdict_threshold == 0.5
+    for mine, theirs in zip(got, expected):
+        assert mine["anomaly_score"] == pytest.approx(theirs["anomaly_score"], abs=1e-4)
+        assert mine["head_scores"] == pytest.approx(theirs["head_scores"], abs=1e-4)
+        assert set(mine["head_scores"]) == {"cls", "det", "seg"} and mine["verdict"] == theirs["verdict"]
+    # a threshold between the images' scores: both paths split them the same way
+    threshold = float(np.median([r["anomaly_score"] for r in expected]))
+    onnx_verdicts = [
+        r["verdict"] for r in predictor.predict(pictures, verdict_threshold=threshold)["verdict"]
+    ]
+    torch_verdicts = [
+        r["verdict"] for r in processor.post_process_verdict(reference, model.config, threshold=threshold)
+    ]
+    assert onnx_verdicts == torch_verdicts and set(onnx_verdicts) == {"OK", "NG"}

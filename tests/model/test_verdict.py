@@ -69,3 +69,21 @@ def test_config_defaults_and_normal_class() -> None:
         {**config.to_dict(), "verdict_threshold": 0.27, "verdict_source": "det"}
     )
     assert (restored.verdict_threshold, restored.verdict_source) == (0.27, "det")
+
+
+def test_heads_and_the_config_settings() -> None:
+    processor = CadMtlImageProcessor()
+    only_det = processor.post_process_anomaly_score(_outputs(), normal_class_id=0, heads=("det",))
+    assert [set(r["head_scores"]) for r in only_det] == [{"det"}, {"det"}]
+    assert only_det[1]["anomaly_score"] == pytest.approx(0.5)  # "max" ignores the heads left out
+    config = CadMtlConfig(
+        cls_labels=[NORMAL, "dent"], image_sizes={"cls": 32, "seg": 64}, verdict_threshold=0.7
+    )
+    assert config.trained_tasks == ("cls", "seg") and config.verdict_heads == ("cls", "seg")
+    results = processor.post_process_verdict(_outputs(), config)
+    assert [set(r["head_scores"]) for r in results] == [{"cls", "seg"}] * 2
+    assert [r["verdict"] for r in results] == ["OK", "NG"]  # max(0.1, 0.5) < 0.7 <= max(0.8, 0.0)
+    assert [r["verdict"] for r in processor.post_process_verdict(_outputs(), config, threshold=0.5)] == [
+        "NG",
+        "NG",
+    ]

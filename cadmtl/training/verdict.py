@@ -1,0 +1,105 @@
+"""The OK / NG verdict at the end of a training run: calibrated on validation, stored in the model config."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from cadmtl.data.sources import LoaderSettings, TaskSource
+from cadmtl.evaluation.verdict import (
+    apply_calibration,
+    calibrate_verdict,
+    score_verdict_split,
+    verdict_report,
+    verdict_table,
+)
+from cadmtl.training.arguments import DataArguments, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+def calibrate_and_report_verdict(
+    model: torch.nn.Module,
+    sources: dict[str, list[TaskSource]],
+    eval_settings: LoaderSettings,
+    data_args: DataArguments,
+    train_args: TrainingArguments,
+    accelerator: Accelerator,
+) -> dict[str, Any]:
+    """The OK / NG verdict at the end of a run (every rank calls it: scoring is collective).
+
+    Scores the validation images of every trained config, pooled; when they hold normal and anomalous images,
+    picks the verdict source (best AUROC) and its threshold (`--verdict_calibration f1_max | fpr`) and stores them
+    in the model config before it is saved. Otherwise the config keeps its defaults and the reason is logged and
+    recorded. Returns `{"calibration", "source", "threshold", "splits": {split: verdict metrics}}` for
+    eval_results.json and the model card (the test split too when one is set).
+    """
+    config = accelerator.unwrap_model(model).config
+    configs = [source.config for task_sources in sources.values() for source in task_sources]
+
+    def score(split: str):
+        return score_verdict_split(
+            model,
+            data_args.dataset,
+            configs,
+            split,
+            image_sizes=eval_settings.image_sizes,
+            heads=config.verdict_heads,
+            normal_class_id=config.normal_class_id,
+            device=accelerator.device,
+            batch_size=data_args.eval_batch_size,
+            num_workers=data_args.num_workers,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
+            max_batches=train_args.max_eval_batches,
+            show_progress=accelerator.is_local_main_process,
+        )
+
+    validation = score(eval_settings.split)
+    calibration = calibrate_verdict(
+        validation, train_args.verdict_calibration, train_args.verdict_target_fpr, eval_settings.split
+    )
+    calibrated = apply_calibration(config, calibration)  # on every rank: each one saves the same config
+    if accelerator.is_main_process:
+        _log_calibration(calibration, calibrated, config)
+    report: dict[str, Any] = {
+        "calibration": calibration,
+        "source": config.verdict_source,
+        "threshold": config.verdict_threshold,
+        "splits": {},
+    }
+    if not validation.scores:
+        return report
+    splits = {eval_settings.split: validation}
+    if data_args.test_split:
+        splits[data_args.test_split] = score(data_args.test_split)
+    for split, scores in splits.items():
+        report["splits"][split] = verdict_report(
+            scores, config.verdict_source, config.verdict_threshold, split
+        )
+    if accelerator.is_main_process:
+        logger.info("OK / NG verdict\n%s", verdict_table(report["splits"]))
+    return report
+
+
+def _log_calibration(calibration: dict[str, Any], calibrated: bool, config: Any) -> None:
+    if calibrated:
+        logger.info(
+            "OK / NG verdict calibrated on %s (%s): source %s, threshold %.6g, AUROC %.4f",
+            calibration["split"],
+            calibration["method"],
+            calibration["source"],
+            calibration["threshold"],
+            calibration["auroc"],
+        )
+    else:
+        logger.warning(
+            "OK / NG verdict not calibrated (%s); the model keeps verdict_source=%r, verdict_threshold=%s",
+            calibration["reason"],
+            config.verdict_source,
+            config.verdict_threshold,
+        )
