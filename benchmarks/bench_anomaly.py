@@ -144,7 +144,7 @@ def bench_fit(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(0)
     for count in args.fit_images:
         images = torch.randn(count, 3, size, size, generator=generator)
-        scorer = PatchMemoryScorer(
+        scorer = PatchMemoryScorer.from_backbone(
             backbone, layers=(6, 9), coreset_fraction=args.fraction, image_size=(size, size)
         )
         seconds, peak = measure(lambda scorer=scorer, images=images: scorer.fit(images, batch_size=8))

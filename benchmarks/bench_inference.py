@@ -7,10 +7,17 @@ the same number of threads). The two are timed in alternation, repeat after repe
 machine hits both alike; the table shows the median time per batch, the best time, and the largest difference
 between their outputs. Pre- and post-processing are not timed (they are the same code for both).
 
+`--model scorer` times the patch-memory anomaly scorer instead (`PatchMemoryScorer` on the preset, fitted on
+`--bank-images` random images with a 10 % coreset, exported with the memory bank inside the graph; outputs
+`anomaly_maps`, `image_scores`), served by `cadmtl.export.anomaly.AnomalyOnnxPredictor`.
+
 Examples:
     # the CPU table of BENCHMARKS.md
     nice -n 10 python benchmarks/bench_inference.py --presets tiny vits16 --sizes 224 512 --batch-sizes 1 8 \
         --repeats 5 --threads 2
+    # the exported anomaly scorer, batch 1, tiny preset, 224 px
+    nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/bench_inference.py --model scorer --presets tiny \
+        --sizes 224 --batch-sizes 1 --repeats 20 --threads 1
     # a GPU (CUDAExecutionProvider if onnxruntime-gpu is installed)
     python benchmarks/bench_inference.py --device cuda --presets vits16 vitb16 --sizes 224 512 --batch-sizes 1 8
 """
@@ -26,7 +33,10 @@ from pathlib import Path
 
 import torch
 
+from cadmtl.anomaly import PatchMemoryScorer
+from cadmtl.export.anomaly import ANOMALY_OUTPUTS, AnomalyOnnxPredictor
 from cadmtl.export.onnx import OnnxPredictor, export_onnx, session_options
+from cadmtl.features import backbone_from_preset
 from cadmtl.presets import PRESETS, backbone_preset
 from modeling_cadmtl import CadMtlConfig, CadMtlImageProcessor, CadMtlModel
 
@@ -45,6 +55,15 @@ def build_model(name: str, neck_channels: int) -> CadMtlModel:
     )
     torch.manual_seed(0)
     return CadMtlModel(config).eval()
+
+
+def save_scorer(name: str, size: int, bank_images: int, folder: Path) -> PatchMemoryScorer:
+    """A scorer on the preset (random weights) fitted on random images, 10 % coreset, saved to `folder`."""
+    torch.manual_seed(0)
+    scorer = PatchMemoryScorer.from_backbone(backbone_from_preset(name), image_size=(size, size))
+    scorer.fit(torch.randn(bank_images, 3, size, size, generator=torch.Generator().manual_seed(1)))
+    scorer.save_pretrained(folder)
+    return scorer
 
 
 def sync(device: torch.device) -> None:
@@ -66,15 +85,22 @@ def measure(
     args: argparse.Namespace, preset: str, size: int, batch_sizes: list[int], folder: Path
 ) -> list[dict]:
     device = torch.device(args.device)
-    model = build_model(preset, args.neck_channels)
     model_dir, onnx_dir = folder / f"{preset}-{size}", folder / f"{preset}-{size}-onnx"
-    model.save_pretrained(
-        model_dir, image_processor=CadMtlImageProcessor(size={"height": size, "width": size})
-    )
+    if args.model == "scorer":
+        model, fields, predictor_class = (
+            save_scorer(preset, size, args.bank_images, model_dir),
+            ANOMALY_OUTPUTS,
+            AnomalyOnnxPredictor,
+        )
+    else:
+        model, fields, predictor_class = build_model(preset, args.neck_channels), FIELDS, OnnxPredictor
+        model.save_pretrained(
+            model_dir, image_processor=CadMtlImageProcessor(size={"height": size, "width": size})
+        )
     started = time.perf_counter()
     export_onnx(model_dir, onnx_dir)
     export_seconds = time.perf_counter() - started
-    predictor = OnnxPredictor(
+    predictor = predictor_class(
         onnx_dir,
         providers=providers(device),
         options=session_options(intra_op_num_threads=args.threads, optimization=args.ort_level),
@@ -109,7 +135,7 @@ def measure(
         reference, outputs = run_torch(), run_ort()
         difference = max(
             float((outputs[field].float() - getattr(reference, field).float().cpu()).abs().max())
-            for field in FIELDS
+            for field in fields
         )
         rows.append(
             {
@@ -151,6 +177,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--model",
+        default="cadmtl",
+        choices=["cadmtl", "scorer"],
+        help="CadMtl (3 heads) or the anomaly scorer",
+    )
+    parser.add_argument(
+        "--bank-images", type=int, default=50, help="scorer: random images fitted (10 %% coreset)"
+    )
     parser.add_argument("--presets", nargs="+", default=["tiny", "vits16"], choices=PRESETS)
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 512])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
@@ -181,7 +216,8 @@ def main() -> None:
 
     print(
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"onnxruntime {ort.__version__}, device {args.device}, level {args.ort_level}, {args.repeats} repeats",
+        f"onnxruntime {ort.__version__}, device {args.device}, level {args.ort_level}, {args.repeats} repeats, "
+        f"model {args.model}",
         flush=True,
     )
     rows = []

@@ -4,7 +4,7 @@ metrics.
 
 >>> from cadmtl.anomaly import AnomalyMetrics, PatchMemoryScorer, calibrate_fpr
 >>> from cadmtl.features import backbone_from_preset
->>> scorer = PatchMemoryScorer(backbone_from_preset("vits16"), layers=(6, 9), coreset_fraction=0.1)
+>>> scorer = PatchMemoryScorer.from_backbone(backbone_from_preset("vits16"), layers=(6, 9), coreset_fraction=0.1)
 >>> scorer.fit(normal_images)  # doctest: +SKIP  (iterable of normalised (3, 224, 224) tensors)
 >>> maps, scores = scorer.score(pixel_values)  # doctest: +SKIP  (maps at the input size)
 >>> scorer.image_threshold = calibrate_fpr(validation_normal_scores, 0.01)  # doctest: +SKIP

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -40,38 +39,21 @@ logger = logging.getLogger("cadmtl.anomaly")
 OK, NG = "OK", "NG"
 
 
-class LearnerScorer:
-    """The from-scratch learner behind the scorer's interface (`score`, sizes, normalisation, thresholds)."""
-
-    def __init__(self, learner: AnomalyLearner) -> None:
-        self.learner = learner
-        config = learner.config
-        self.image_size = (config.image_size, config.image_size)
-        self.image_mean, self.image_std = list(config.image_mean), list(config.image_std)
-        self.image_threshold, self.pixel_threshold = config.image_threshold, config.pixel_threshold
-
-    @torch.no_grad()
-    def score(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        output = self.learner.predict(pixel_values.to(self.learner.device))
-        return output.anomaly_maps.float().cpu(), output.image_scores.float().cpu()
-
-
-def load_anomaly_model(path: str) -> PatchMemoryScorer | LearnerScorer:
-    """A saved patch-memory scorer (`cadmtl anomaly fit`) or learner (`cadmtl anomaly train`), told by its config."""
+def load_anomaly_model(path: str) -> PatchMemoryScorer | AnomalyLearner:
+    """A saved patch-memory scorer (`cadmtl anomaly fit`) or learner (`cadmtl anomaly train`), told by its config;
+    both score with `score(pixel_values) -> (maps, image scores)` at their `image_size`."""
     config_path = Path(path, "config.json")
     if not config_path.exists():
         raise FileNotFoundError(
             f"{path}: no config.json (expected OUTPUT_DIR/model of `cadmtl anomaly fit / train`)"
         )
     if json.loads(config_path.read_text()).get("model_type") == AnomalyLearnerConfig.model_type:
-        learner = AnomalyLearner.from_pretrained(path)
-        learner.eval()
-        return LearnerScorer(learner)
+        return AnomalyLearner.from_pretrained(path).eval()
     return PatchMemoryScorer.from_pretrained(path)
 
 
 def _scores_and_maps(
-    scorer: PatchMemoryScorer | LearnerScorer, samples: Sequence[AnomalySample], batch_size: int, desc: str
+    scorer: PatchMemoryScorer | AnomalyLearner, samples: Sequence[AnomalySample], batch_size: int, desc: str
 ) -> tuple[list[float], list[np.ndarray]]:
     """Image scores and anomaly maps at each image's original size (bilinear from the fit size)."""
     scores, maps = [], []
@@ -131,7 +113,7 @@ def fit(args: argparse.Namespace) -> int:
     bank_images = [train[i] for i in sorted(order[held_out_count:])]
     if args.few_shot:
         bank_images = bank_images[: args.few_shot]
-    scorer = PatchMemoryScorer(
+    scorer = PatchMemoryScorer.from_backbone(
         load_backbone(args.backbone, args.seed)[0],
         layers=args.layers,
         coreset_fraction=args.coreset_fraction,
@@ -223,7 +205,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def predict_image(
-    scorer: PatchMemoryScorer | LearnerScorer, image: Image.Image
+    scorer: PatchMemoryScorer | AnomalyLearner, image: Image.Image
 ) -> tuple[Image.Image, float, str]:
     """One RGB image -> (heat-map picture with the thresholded defect contour, image score, "OK" / "NG" / "" when
     uncalibrated): `cadmtl anomaly predict` and the demo app's anomaly tab."""

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.nn import functional as F
 
 from cadmtl.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, encoded_bytes, load_split
 from dataset_scripts.images import to_rgb
 from dataset_scripts.schema import AD, GOOD, kind_of_config
+from modeling_cadmtl_anomaly.image_processing_cadmtl_anomaly import pixel_values_from_images
 
 NORMAL_PIXEL, ANOMALOUS_PIXEL, IGNORED_PIXEL = 0, 1, 255
 
@@ -97,20 +97,7 @@ def to_pixel_values(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """(B, 3, H, W) float32: each image resized (bilinear, antialiased) to `size` and normalised."""
+    """(B, 3, H, W) float32: each image resized (bilinear, antialiased) to `size` and normalised, exactly as the
+    saved models' `AnomalyImageProcessor` does (this is its implementation)."""
     height, width = (size, size) if isinstance(size, int) else size
-    tensors = []
-    for image in images:
-        array = torch.from_numpy(np.asarray(to_rgb(image), dtype=np.uint8).copy()).permute(2, 0, 1)
-        resized = F.interpolate(
-            array[None].float() / 255.0,
-            size=(height, width),
-            mode="bilinear",
-            antialias=True,
-            align_corners=False,
-        )[0]
-        tensors.append(resized)
-    batch = torch.stack(tensors)
-    mean_t = torch.tensor(mean, dtype=batch.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=batch.dtype).view(1, 3, 1, 1)
-    return (batch - mean_t) / std_t
+    return pixel_values_from_images(images, (height, width), mean, std)

@@ -15,6 +15,10 @@ per-pixel *error map* at inference:
   patches and the dataset's procedural car defects ``dataset_scripts.synthetic.place_defects``) are segmented;
   error = the predicted anomaly probability on the untouched image (1 pass).
 
+The network and its inference (error maps, standardisation, fusion, ``predict``) are the Hub model
+``modeling_cadmtl_anomaly.AnomalyLearnerModel``, so a saved learner runs with ``AutoModel.from_pretrained(DIR,
+trust_remote_code=True)`` alone; this module adds the training side (proxy batches, losses, normal statistics).
+
 Scoring (``predict``): each raw map is Gaussian-smoothed, standardised with statistics of held-out *normal* images
 only (``normal_statistics``: global robust location / scale per task = median and 1.4826 * MAD of all their
 pixels, or per-pixel mean / std with ``standardization="pixel"``; never per image), the standardised maps are
@@ -28,147 +32,62 @@ F1-max on a split with defects, and are stored with the model (``save_pretrained
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch import nn
-from transformers import PretrainedConfig
+from safetensors.torch import load_file
 
 from dataset_scripts.synthetic import DefectSpec, place_defects
 from dataset_scripts.taxonomy import SYNTHESIS_STYLES
+from modeling_cadmtl_anomaly import AnomalyLearnerConfig, AnomalyLearnerModel, AnomalyOutput
+from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import (
+    ENCODER_STRIDE,
+    LEARNER_PRESETS,
+    STANDARDIZATIONS,
+    TASKS,
+)
+from modeling_cadmtl_anomaly.features_cadmtl_anomaly import image_scores
+from modeling_cadmtl_anomaly.learner_cadmtl_anomaly import (
+    TaskMoE,
+    inpaint_pattern,
+    load_balancing_loss,
+    rotate_cells,
+    rotation_pattern,
+)
 
-from .patch_memory import IMAGENET_MEAN, IMAGENET_STD, gaussian_blur
+from .patch_memory import iter_batches
 
-TASKS = ("inpaint", "rotation", "segment")
-MODEL_NAME = "model.safetensors"
-STATISTICS_NAME = "normal_statistics.safetensors"
-CONFIG_NAME = "config.json"
-STANDARDIZATIONS = ("global", "pixel")
-IMAGE_SCORE_MODES = ("max", "top_mean")
-LEARNER_PRESETS = {
-    "tiny": {"channels": [24, 48, 96], "expert_hidden": 192},
-    "small": {"channels": [32, 64, 160], "expert_hidden": 320},
-}
-ENCODER_STRIDE = 8
+__all__ = [
+    "ENCODER_STRIDE",
+    "LEARNER_PRESETS",
+    "STANDARDIZATIONS",
+    "TASKS",
+    "AnomalyLearner",
+    "AnomalyLearnerConfig",
+    "LearnerOutput",
+    "ProxyBatch",
+    "TaskMoE",
+    "focal_loss",
+    "image_scores",
+    "images_to_uint8",
+    "inpaint_pattern",
+    "load_balancing_loss",
+    "make_proxy_batch",
+    "normalize",
+    "rotate_cells",
+    "rotation_pattern",
+    "synthesize_anomalies",
+]
+
 MAD_TO_STD = 1.4826
-
-
-class AnomalyLearnerConfig(PretrainedConfig):
-    """Settings of an :class:`AnomalyLearner` (shape, proxy tasks, scoring) and its calibrated thresholds.
-
-    Args:
-        preset: ``tiny`` or ``small`` (encoder widths, expert width); ``channels`` / ``expert_hidden`` override.
-        image_size: square side the model works at (a multiple of ``cell_size``); inputs are resized to it.
-        cell_size: side of the inpainting / rotation cells (a multiple of 8, the encoder stride).
-        num_experts, num_experts_per_tok: the mixture-of-experts layer (top-k); ``aux_loss_coef`` scales its load-balancing loss.
-        anomaly_probability: chance that a training image of the segmentation task receives synthetic anomalies.
-        sigma: Gaussian smoothing of each raw error map (pixels at ``image_size``).
-        standardization: ``global`` (median / MAD of all normal pixels per task) or ``pixel`` (per-pixel mean /
-            std over the normal images, std floored at 10 % of its median).
-        image_score: ``top_mean`` (mean of the top ``top_fraction`` fused-map pixels) or ``max``.
-        image_threshold, pixel_threshold, threshold_method: stored calibration (anomalous: value >= threshold).
-    """
-
-    model_type = "cadmtl_anomaly_learner"
-
-    def __init__(
-        self,
-        preset: str = "tiny",
-        channels: Sequence[int] | None = None,
-        expert_hidden: int | None = None,
-        image_size: int = 128,
-        cell_size: int = 16,
-        num_experts: int = 4,
-        num_experts_per_tok: int = 2,
-        aux_loss_coef: float = 0.01,
-        tasks: Sequence[str] = TASKS,
-        anomaly_probability: float = 0.5,
-        hflip: bool = True,
-        vflip: bool = False,
-        sigma: float = 2.0,
-        standardization: str = "global",
-        image_score: str = "top_mean",
-        top_fraction: float = 0.01,
-        image_mean: Sequence[float] = IMAGENET_MEAN,
-        image_std: Sequence[float] = IMAGENET_STD,
-        image_threshold: float | None = None,
-        pixel_threshold: float | None = None,
-        threshold_method: str | None = None,
-        **kwargs,
-    ):
-        if preset not in LEARNER_PRESETS:
-            raise ValueError(f"unknown learner preset {preset!r}; expected one of {sorted(LEARNER_PRESETS)}")
-        shape = LEARNER_PRESETS[preset]
-        self.preset = preset
-        self.channels = list(channels) if channels is not None else list(shape["channels"])
-        self.expert_hidden = int(expert_hidden) if expert_hidden is not None else shape["expert_hidden"]
-        if len(self.channels) != 3:
-            raise ValueError(f"channels must hold 3 widths (strides 2, 4, 8); got {self.channels}")
-        if cell_size % ENCODER_STRIDE or image_size % cell_size:
-            raise ValueError(
-                f"cell_size ({cell_size}) must be a multiple of {ENCODER_STRIDE} and image_size ({image_size}) "
-                "a multiple of cell_size"
-            )
-        if not 1 <= num_experts_per_tok <= num_experts:
-            raise ValueError(
-                f"num_experts_per_tok must be in [1, num_experts={num_experts}]; got {num_experts_per_tok}"
-            )
-        unknown = sorted(set(tasks) - set(TASKS))
-        if unknown or not tasks:
-            raise ValueError(f"tasks must be a non-empty subset of {TASKS}; got {list(tasks)}")
-        if standardization not in STANDARDIZATIONS:
-            raise ValueError(f"standardization must be one of {STANDARDIZATIONS}; got {standardization!r}")
-        if image_score not in IMAGE_SCORE_MODES:
-            raise ValueError(f"image_score must be one of {IMAGE_SCORE_MODES}; got {image_score!r}")
-        self.image_size = int(image_size)
-        self.cell_size = int(cell_size)
-        self.num_experts = int(num_experts)
-        self.num_experts_per_tok = int(num_experts_per_tok)
-        self.aux_loss_coef = float(aux_loss_coef)
-        self.tasks = [t for t in TASKS if t in tasks]
-        self.anomaly_probability = float(anomaly_probability)
-        self.hflip = bool(hflip)
-        self.vflip = bool(vflip)
-        self.sigma = float(sigma)
-        self.standardization = standardization
-        self.image_score = image_score
-        self.top_fraction = float(top_fraction)
-        self.image_mean = [float(v) for v in image_mean]
-        self.image_std = [float(v) for v in image_std]
-        self.image_threshold = image_threshold
-        self.pixel_threshold = pixel_threshold
-        self.threshold_method = threshold_method
-        super().__init__(**kwargs)
-
-    @property
-    def grid(self) -> int:
-        """Cells per side."""
-        return self.image_size // self.cell_size
-
-
-@dataclass
-class LearnerOutput:
-    """What :meth:`AnomalyLearner.predict` returns (maps at the input size).
-
-    anomaly_maps: (B, H, W) fused map, the mean of the standardised task maps (normal pixels ~ 0).
-    image_scores: (B,) top-mean (or max) of the fused map at the model size.
-    task_maps: {task: (B, H, W)} standardised per-task maps; raw_task_maps: the same before standardisation.
-    is_anomalous / defect_masks: the calibrated decisions, None until a threshold is set.
-    """
-
-    anomaly_maps: torch.Tensor
-    image_scores: torch.Tensor
-    task_maps: dict[str, torch.Tensor] = field(default_factory=dict)
-    raw_task_maps: dict[str, torch.Tensor] = field(default_factory=dict)
-    is_anomalous: torch.Tensor | None = None
-    defect_masks: torch.Tensor | None = None
+LEGACY_STATISTICS_NAME = "normal_statistics.safetensors"  # the earlier layout kept them out of the weights
+LearnerOutput = AnomalyOutput  # what `predict` returns
 
 
 @dataclass
@@ -191,150 +110,12 @@ class ProxyBatch:
         return ProxyBatch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Mixture of experts
-# ----------------------------------------------------------------------------------------------------------
+class AnomalyLearner(AnomalyLearnerModel):
+    """The Hub learner (network, error maps, `predict`, save / load) plus training: `forward(ProxyBatch)` returns
+    the proxy losses (the Accelerate loop calls it), `fit_normal_statistics` fits the standardisation. Inference
+    goes through `predict` (`AnomalyLearnerModel.forward`)."""
 
-
-def load_balancing_loss(
-    router_probs: torch.Tensor, expert_indices: torch.Tensor, num_experts: int
-) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e``.
-
-    ``router_probs``: (N, E) softmax of the gate; ``expert_indices``: (N, k) the chosen experts; ``f_e`` = the
-    fraction of the N * k assignments that went to expert e, ``P_e`` = the mean router probability of e. It is
-    1.0 when routing is perfectly balanced and reaches E when every token goes to one expert with probability 1
-    (transformers' Mixtral loss is this times k).
-    """
-    one_hot = F.one_hot(expert_indices, num_experts).to(router_probs.dtype)  # (N, k, E)
-    fraction = one_hot.sum(dim=(0, 1)) / one_hot.sum()
-    mean_prob = router_probs.mean(dim=0)
-    return num_experts * torch.sum(fraction * mean_prob)
-
-
-class TaskMoE(nn.Module):
-    """Token-wise mixture of pointwise-MLP experts with one gate per task (top-k, renormalised weights).
-
-    Every expert runs on every token (E is small), so all parameters get gradients (DDP-safe without
-    ``find_unused_parameters``) and the result does not depend on batch composition.
-    """
-
-    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, tasks: Sequence[str]):
-        super().__init__()
-        self.num_experts, self.top_k = num_experts, top_k
-        self.norm = nn.GroupNorm(1, dim)
-        self.gates = nn.ModuleDict({task: nn.Linear(dim, num_experts, bias=False) for task in tasks})
-        self.w1 = nn.Parameter(torch.randn(num_experts, dim, hidden) * dim**-0.5)
-        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
-        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, dim) * hidden**-0.5 * 0.1)
-        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
-
-    def forward(self, x: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, C, H, W) -> (x + routed experts, load-balancing loss, router probabilities (B*H*W, E))."""
-        batch, channels, height, width = x.shape
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(-1, channels)
-        probs = self.gates[task](tokens).float().softmax(dim=-1)
-        top_values, top_indices = probs.topk(self.top_k, dim=-1)
-        combine = torch.zeros_like(probs).scatter(
-            1, top_indices, top_values / top_values.sum(-1, keepdim=True)
-        )
-        hidden = F.gelu(torch.einsum("nc,ech->enh", tokens, self.w1) + self.b1[:, None])
-        experts = torch.einsum("enh,ehc->enc", hidden, self.w2) + self.b2[:, None]  # (E, N, C)
-        routed = torch.einsum("ne,enc->nc", combine.to(experts.dtype), experts)
-        routed = routed.view(batch, height, width, channels).permute(0, 3, 1, 2)
-        return x + routed, load_balancing_loss(probs, top_indices, self.num_experts), probs
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Network
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _groups(channels: int) -> int:
-    return math.gcd(8, channels)
-
-
-class ConvBlock(nn.Sequential):
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(_groups(cout), cout), nn.GELU()
-        )
-
-
-class ResBlock(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            ConvBlock(channels, channels),
-            nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
-            nn.GroupNorm(_groups(channels), channels),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x + self.body(x))
-
-
-class AnomalyLearner(nn.Module):
-    """Shared encoder + task-conditioned MoE + shared decoder + one dense head per proxy task (see module doc)."""
-
-    def __init__(self, config: AnomalyLearnerConfig):
-        super().__init__()
-        self.config = config
-        c1, c2, c3 = config.channels
-        # Input: RGB plus an indicator channel (1 = blanked pixel for inpainting, 0 otherwise).
-        self.stem = nn.Sequential(ConvBlock(4, c1, 2), ResBlock(c1))  # stride 2
-        self.down2 = nn.Sequential(ConvBlock(c1, c2, 2), ResBlock(c2))  # stride 4
-        self.down3 = nn.Sequential(ConvBlock(c2, c3, 2), ResBlock(c3), ResBlock(c3))  # stride 8
-        self.moe = TaskMoE(
-            c3, config.expert_hidden, config.num_experts, config.num_experts_per_tok, config.tasks
-        )
-        self.up2 = nn.Sequential(ConvBlock(c3 + c2, c2), ResBlock(c2))
-        self.up1 = nn.Sequential(ConvBlock(c2 + c1, c1), ResBlock(c1))
-        out_channels = {"inpaint": 3, "segment": 1}
-        self.dense_heads = nn.ModuleDict(
-            {
-                task: nn.Sequential(ConvBlock(c1, c1), nn.Conv2d(c1, out_channels[task], 1))
-                for task in config.tasks
-                if task in out_channels
-            }
-        )
-        if "rotation" in config.tasks:
-            self.rotation_head = nn.Sequential(ConvBlock(c3, c3), nn.Conv2d(c3, 4, 1))
-        self.normal_statistics: dict[str, dict[str, torch.Tensor]] = {}
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.config.tasks)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    # -------------------------------------------------------------------------------------------- heads
-
-    def run_task(self, inputs: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 4, S, S) inputs -> (task output, load-balancing loss). Outputs: inpaint (B, 3, S, S) image,
-        rotation (B, 4, g, g) logits per cell, segment (B, 1, S, S) anomaly logits."""
-        f1 = self.stem(inputs)
-        f2 = self.down2(f1)
-        f3 = self.down3(f2)
-        routed, aux, _ = self.moe(f3, task)
-        if task == "rotation":
-            pooled = F.avg_pool2d(routed, self.config.cell_size // ENCODER_STRIDE)
-            return self.rotation_head(pooled), aux
-        x = self.up2(torch.cat([F.interpolate(routed, size=f2.shape[-2:], mode="nearest"), f2], 1))
-        x = self.up1(torch.cat([F.interpolate(x, size=f1.shape[-2:], mode="nearest"), f1], 1))
-        # Heads run at stride 2 (the cost of full-resolution convolutions on CPU); outputs are upsampled.
-        out = self.dense_heads[task](x)
-        return F.interpolate(out, size=inputs.shape[-2:], mode="bilinear", align_corners=False), aux
-
-    @staticmethod
-    def _with_indicator(pixels: torch.Tensor, indicator: torch.Tensor | None = None) -> torch.Tensor:
-        if indicator is None:
-            indicator = pixels.new_zeros(pixels.shape[0], 1, *pixels.shape[-2:])
-        return torch.cat([pixels, indicator.to(pixels.dtype)], 1)
-
-    def forward(self, batch: ProxyBatch) -> dict[str, torch.Tensor]:
+    def forward(self, batch: ProxyBatch) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """The proxy losses of one batch in one call (DDP-safe): {task: loss, "moe_aux": mean balancing loss}."""
         losses: dict[str, torch.Tensor] = {}
         aux_losses = []
@@ -355,56 +136,11 @@ class AnomalyLearner(nn.Module):
         losses["moe_aux"] = torch.stack(aux_losses).mean()
         return losses
 
-    # ---------------------------------------------------------------------------------------- error maps
-
-    @torch.no_grad()
-    def raw_error_maps(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, S, S) normalised images at the model size -> {task: (B, S, S) smoothed raw error map}.
-
-        Deterministic: inpainting uses the 4 phases of the cell pattern (each pixel blanked once), rotation the
-        4 passes of a fixed rotation pattern (each cell seen at every angle), segmentation one pass."""
-        config = self.config
-        pixels = pixel_values.to(self.device, torch.float32)
-        batch, size = pixels.shape[0], config.image_size
-        maps: dict[str, torch.Tensor] = {}
-        if "inpaint" in config.tasks:
-            total = pixels.new_zeros(batch, size, size)
-            for phase in range(4):
-                mask = inpaint_pattern(config.grid, config.cell_size, torch.full((batch,), phase)).to(pixels)
-                out, _ = self.run_task(self._with_indicator(pixels * (1 - mask), mask), "inpaint")
-                total += ((out.float() - pixels).pow(2).mean(1, keepdim=True) * mask)[:, 0]
-            maps["inpaint"] = total
-        if "rotation" in config.tasks:
-            total = pixels.new_zeros(batch, config.grid, config.grid)
-            for phase in range(4):
-                labels = rotation_pattern(config.grid, phase).expand(batch, -1, -1).to(pixels.device)
-                logits, _ = self.run_task(
-                    self._with_indicator(rotate_cells(pixels, labels, config.cell_size)), "rotation"
-                )
-                total += F.cross_entropy(logits.float(), labels, reduction="none")
-            maps["rotation"] = (
-                total.div(4).repeat_interleave(config.cell_size, 1).repeat_interleave(config.cell_size, 2)
-            )
-        if "segment" in config.tasks:
-            logits, _ = self.run_task(self._with_indicator(pixels), "segment")
-            maps["segment"] = logits[:, 0].float().sigmoid()
-        return {task: gaussian_blur(value, config.sigma) for task, value in maps.items()}
-
-    def _resize_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        size = self.config.image_size
-        if pixel_values.ndim == 3:
-            pixel_values = pixel_values[None]
-        if tuple(pixel_values.shape[-2:]) != (size, size):
-            pixel_values = F.interpolate(
-                pixel_values.float(), size=(size, size), mode="bilinear", antialias=True
-            )
-        return pixel_values
-
     @torch.no_grad()
     def fit_normal_statistics(self, normal_pixel_values: Iterable[torch.Tensor], batch_size: int = 8) -> None:
         """Per-task location / scale of the raw maps of NORMAL images (batches or single (3, H, W) images)."""
         collected: dict[str, list[torch.Tensor]] = {task: [] for task in self.config.tasks}
-        for batch in _batches(normal_pixel_values, batch_size):
+        for batch in iter_batches(normal_pixel_values, batch_size):
             for task, value in self.raw_error_maps(self._resize_input(batch)).items():
                 collected[task].append(value.cpu())
         if not collected[self.config.tasks[0]]:
@@ -428,98 +164,23 @@ class AnomalyLearner(nn.Module):
                 )
                 scale = std.clamp_min(max(float(std.median()) * 0.1, 1e-6))
             statistics[task] = {"location": location, "scale": scale}
-        self.normal_statistics = statistics
-
-    @torch.no_grad()
-    def predict(self, pixel_values: torch.Tensor) -> LearnerOutput:
-        """(B, 3, H, W) normalised images (any size: resized to the model size) -> maps at (H, W), see
-        :class:`LearnerOutput`. Needs :meth:`fit_normal_statistics` (or ``from_pretrained``) first."""
-        if not self.normal_statistics:
-            raise ValueError(
-                "no normal statistics: call fit_normal_statistics(normal images) or from_pretrained"
-            )
-        if pixel_values.ndim == 3:
-            pixel_values = pixel_values[None]
-        height, width = pixel_values.shape[-2:]
-        raw = self.raw_error_maps(self._resize_input(pixel_values))
-        standardised = {}
-        for task, value in raw.items():
-            stats = self.normal_statistics[task]
-            standardised[task] = (value - stats["location"].to(value)) / stats["scale"].to(value)
-        fused = torch.stack(list(standardised.values())).mean(0)
-        scores = image_scores(fused, self.config.image_score, self.config.top_fraction)
-
-        def resize(maps: torch.Tensor) -> torch.Tensor:
-            if tuple(maps.shape[-2:]) == (height, width):
-                return maps
-            return F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[
-                :, 0
-            ]
-
-        fused_out = resize(fused)
-        image_threshold, pixel_threshold = self.config.image_threshold, self.config.pixel_threshold
-        return LearnerOutput(
-            anomaly_maps=fused_out,
-            image_scores=scores,
-            task_maps={task: resize(value) for task, value in standardised.items()},
-            raw_task_maps={task: resize(value) for task, value in raw.items()},
-            is_anomalous=None if image_threshold is None else scores >= image_threshold,
-            defect_masks=None if pixel_threshold is None else fused_out >= pixel_threshold,
-        )
-
-    # ------------------------------------------------------------------------------------- serialisation
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write config.json (settings + thresholds), model.safetensors and normal_statistics.safetensors."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.save_pretrained(directory)
-        state = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        save_file(state, directory / MODEL_NAME)
-        if self.normal_statistics:
-            flat = {
-                f"{task}.{key}": value.detach().cpu().contiguous()
-                for task, stats in self.normal_statistics.items()
-                for key, value in stats.items()
-            }
-            save_file(flat, directory / STATISTICS_NAME)
+        self.set_normal_statistics(statistics, len(torch.cat(collected[self.config.tasks[0]])))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> AnomalyLearner:
-        """Restore a learner written by :meth:`save_pretrained` (weights, statistics, thresholds), in eval mode."""
-        directory = Path(directory)
-        model = cls(AnomalyLearnerConfig.from_pretrained(directory))
-        model.load_state_dict(load_file(directory / MODEL_NAME), strict=True)
-        if (directory / STATISTICS_NAME).exists():
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
+    ) -> Any:
+        """A saved learner in eval mode; a folder of the earlier layout (statistics in
+        normal_statistics.safetensors) loads too."""
+        legacy = Path(pretrained_model_name_or_path) / LEGACY_STATISTICS_NAME
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if legacy.is_file() and not model.normal_statistics:
             statistics: dict[str, dict[str, torch.Tensor]] = {}
-            for name, value in load_file(directory / STATISTICS_NAME).items():
+            for name, value in load_file(legacy).items():
                 task, key = name.split(".")
                 statistics.setdefault(task, {})[key] = value
-            model.normal_statistics = statistics
+            model.set_normal_statistics(statistics, num_images=1)
         return model.eval()
-
-
-def _batches(items: Iterable[torch.Tensor] | torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
-    pending: list[torch.Tensor] = []
-    for item in items:
-        if item.ndim == 4:
-            yield from (item[i : i + batch_size] for i in range(0, item.shape[0], batch_size))
-            continue
-        pending.append(item)
-        if len(pending) == batch_size:
-            yield torch.stack(pending)
-            pending = []
-    if pending:
-        yield torch.stack(pending)
-
-
-def image_scores(maps: torch.Tensor, mode: str = "top_mean", top_fraction: float = 0.01) -> torch.Tensor:
-    """(B, H, W) -> (B,): the max or the mean of the top `top_fraction` pixels."""
-    flat = maps.flatten(1)
-    if mode == "max":
-        return flat.max(dim=1).values
-    count = max(1, math.ceil(top_fraction * flat.shape[1]))
-    return flat.topk(count, dim=1).values.mean(dim=1)
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -532,31 +193,6 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) 
 # ----------------------------------------------------------------------------------------------------------
 # Proxy-task inputs
 # ----------------------------------------------------------------------------------------------------------
-
-
-def inpaint_pattern(grid: int, cell_size: int, phases: torch.Tensor) -> torch.Tensor:
-    """(B,) phases in 0..3 -> (B, 1, S, S) masks: cell (i, j) is blanked when 2 * (i % 2) + (j % 2) == phase."""
-    index = torch.arange(grid)
-    cell_phase = 2 * (index[:, None] % 2) + (index[None, :] % 2)  # (g, g)
-    cells = (cell_phase[None] == phases.view(-1, 1, 1)).float()
-    return cells.repeat_interleave(cell_size, 1).repeat_interleave(cell_size, 2)[:, None]
-
-
-def rotation_pattern(grid: int, phase: int) -> torch.Tensor:
-    """(1, g, g) rotation labels of inference pass `phase`: (phase + i + 2 j) % 4 (each cell, all 4 angles)."""
-    index = torch.arange(grid)
-    return ((phase + index[:, None] + 2 * index[None, :]) % 4)[None].long()
-
-
-def rotate_cells(pixels: torch.Tensor, labels: torch.Tensor, cell_size: int) -> torch.Tensor:
-    """Rotate each cell of (B, C, S, S) by labels (B, g, g) * 90 degrees (counter-clockwise)."""
-    batch, channels, size, _ = pixels.shape
-    grid = size // cell_size
-    cells = pixels.view(batch, channels, grid, cell_size, grid, cell_size).permute(0, 2, 4, 1, 3, 5)
-    rotated = torch.stack([torch.rot90(cells, k, dims=(-2, -1)) for k in range(4)])  # (4, B, g, g, C, c, c)
-    index = labels[None, ..., None, None, None].expand(1, -1, -1, -1, channels, cell_size, cell_size)
-    chosen = rotated.gather(0, index.to(pixels.device))[0]
-    return chosen.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, size, size)
 
 
 def smooth_noise_mask(size: int, rng: np.random.Generator, threshold: float | None = None) -> torch.Tensor:

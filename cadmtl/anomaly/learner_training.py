@@ -12,7 +12,8 @@ never train the model. Their even positions fit the normal statistics that stand
 positions calibrate the thresholds at ``--target-fpr``, unless the config has a validation split with defects
 (``--calibration auto``), where image and pixel thresholds maximise F1 there.
 
-Writes to ``--output-dir``: the model (config.json, model.safetensors, normal_statistics.safetensors),
+Writes to ``--output-dir``: the model (a Hub folder: config.json, model.safetensors with the normal statistics,
+preprocessor_config.json, the ``modeling_cadmtl_anomaly`` code files),
 logs/metrics.jsonl, checkpoints/step_N, results.json (training time and, with ``--eval-split``, the metrics).
 
 Example:

@@ -1,10 +1,14 @@
 """`cadmtl export`: export a saved model for serving.
 
     cadmtl export onnx outputs/cadmtl-demo/model onnx/ [--task det] [--image-size 512] [--opset 18]
+    cadmtl export onnx outputs/ad-demo/model onnx-ad/              # a scorer / learner of `cadmtl anomaly`
+    cadmtl export onnx outputs/reference-tiny/localizer.json onnx-ref/  # the reference localiser
 
 Writes `onnx/model.onnx` (dynamic batch, input `pixel_values`, outputs named like the model's fields), the
 processor (`preprocessor_config.json`) and the config (`config.json`, label names); `cadmtl.export.onnx.OnnxPredictor`
-serves the folder with onnxruntime. The work is done by `cadmtl.export.onnx.export_onnx`.
+serves the folder with onnxruntime. The work is done by `cadmtl.export.onnx.export_onnx`. An anomaly model gives
+`anomaly_maps` and `image_scores` (`cadmtl.export.anomaly.AnomalyOnnxPredictor`), the reference localiser
+`difference_maps` and `patch_distances` of (reference, query) pairs (`LocalizerOnnxPredictor`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,15 @@ from modeling_cadmtl.configuration_cadmtl import TASKS
 EXAMPLE = """examples:
   cadmtl export onnx outputs/cadmtl-demo/model onnx/
   cadmtl export onnx outputs/cadmtl-demo/model onnx-det/ --task det --image-size 512
+  cadmtl export onnx outputs/ad-demo/model onnx-ad/
+  cadmtl export onnx outputs/reference-tiny/localizer.json onnx-ref/
 
 then, in Python:
   from cadmtl.export.onnx import OnnxPredictor
-  OnnxPredictor("onnx/").predict(images)  # {"classification", "detection", "segmentation", "verdict"}"""
+  OnnxPredictor("onnx/").predict(images)  # {"classification", "detection", "segmentation", "verdict"}
+  from cadmtl.export.anomaly import AnomalyOnnxPredictor, LocalizerOnnxPredictor
+  AnomalyOnnxPredictor("onnx-ad/").predict(images)  # [{"anomaly_map", "score", "verdict", "mask"}, ...]
+  LocalizerOnnxPredictor("onnx-ref/").predict(references, queries)  # [{"boxes", "scores", "map", ...}, ...]"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,21 +45,29 @@ def parser() -> argparse.ArgumentParser:
         "onnx",
         help="ONNX graph + processor + config, for onnxruntime",
         description="Export MODEL to OUT_DIR/model.onnx (torch.onnx dynamo exporter, dynamic batch, no NMS in the "
-        "graph) with its preprocessor_config.json and config.json.",
+        "graph) with its preprocessor_config.json and config.json. MODEL is a CadMtl model, an anomaly model "
+        "(DIR/model of `cadmtl anomaly fit / train`) or a reference localiser (localizer.json).",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    onnx.add_argument("model", help="saved model folder (with model.safetensors) or Hub repo id")
-    onnx.add_argument("out_dir", help="folder for model.onnx, preprocessor_config.json and config.json")
     onnx.add_argument(
-        "--task", choices=TASKS, default=None, help="export only this head (default: all three)"
+        "model",
+        help="saved model folder (with model.safetensors: CadMtl, or an anomaly scorer / learner), Hub repo id, "
+        "or a reference localiser's localizer.json (or its folder)",
+    )
+    onnx.add_argument(
+        "out_dir", help="folder for model.onnx, preprocessor_config.json and config.json (localizer.json)"
+    )
+    onnx.add_argument(
+        "--task", choices=TASKS, default=None, help="CadMtl: export only this head (default: all three)"
     )
     onnx.add_argument(
         "--image-size",
         type=int,
         default=None,
-        help="fixed square input size in pixels (default: the head's training size from the processor; with all "
-        "heads trained at different sizes, height and width are dynamic)",
+        help="CadMtl: fixed square input size in pixels (default: the head's training size from the processor; "
+        "with all heads trained at different sizes, height and width are dynamic); anomaly models and localisers "
+        "keep the size they were fitted at",
     )
     onnx.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
     return root
@@ -67,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"cadmtl export onnx: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {path} (+ preprocessor_config.json, config.json)")
+    extra = "localizer.json" if (path.parent / "localizer.json").is_file() else "config.json"
+    print(f"wrote {path} (+ preprocessor_config.json, {extra})")
     return 0
 
 

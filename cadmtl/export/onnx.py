@@ -15,6 +15,8 @@ different sizes, H and W are dynamic (multiples of nothing in particular: the mo
 `OnnxPredictor` runs each head at its own size, like `cadmtl predict`. A fixed size lets onnxruntime fold more of
 the graph (the position embeddings), so it is the faster choice when one size serves.
 
+Anomaly models and the reference localiser are exported by the same call (see `cadmtl.export.anomaly`).
+
 Example:
 
 ```python
@@ -113,16 +115,32 @@ def export_onnx(
     """Export `model_dir` (a saved CadMtl folder or Hub repo id) to `out_dir/model.onnx` with its processor and
     config; returns the path of `model.onnx`. See the module docstring for the input size rules.
 
+    `model_dir` may also be a saved anomaly model (`DIR/model` of `cadmtl anomaly fit / train`) or a reference
+    localiser (`localizer.json` of `cadmtl reference localize`, or its folder): those are exported by
+    `cadmtl.export.anomaly` (`task` and `image_size` do not apply: they are fixed by the fitted model).
+
     Raises:
         FileNotFoundError: `model_dir` is a folder without weights, or does not exist.
-        ValueError: an unknown task, an image size that is not positive, an opset below 18.
+        ValueError: an unknown task, an image size that is not positive, an opset below 18, a config.json of an
+            unknown model type.
     """
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset must be >= {MIN_OPSET} (the dynamo exporter's minimum), got {opset}.")
+    from .anomaly import export_anomaly_onnx, export_localizer_onnx, model_kind
+
+    kind = model_kind(model_dir)
+    if kind != "cadmtl":
+        if task is not None or image_size is not None:
+            raise ValueError(
+                f"{model_dir} is {'an anomaly model' if kind == 'anomaly' else 'a reference localiser'}: "
+                "--task and --image-size only apply to CadMtl models (its input size is the one it was fitted at)."
+            )
+        export = export_anomaly_onnx if kind == "anomaly" else export_localizer_onnx
+        return export(model_dir, out_dir, opset=opset, optimize=optimize)
     if task is not None and task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; expected one of {TASKS} (or none for every head).")
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}.")
-    if opset < MIN_OPSET:
-        raise ValueError(f"opset must be >= {MIN_OPSET} (the dynamo exporter's minimum), got {opset}.")
     _check_model_folder(model_dir)
     model = CadMtlModel.from_pretrained(model_dir).float().eval()
     processor = _load_processor(model_dir)

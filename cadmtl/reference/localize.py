@@ -267,6 +267,7 @@ def localize(
     run = {
         "model": model,
         "backbone": described,
+        "seed": seed,
         "layers": layers,
         "image_size": image_size,
         "localizer": localizer.to_dict(),

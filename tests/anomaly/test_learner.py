@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cadmtl.anomaly.learner import (
     TASKS,
@@ -157,18 +157,35 @@ def test_save_and_load_give_identical_maps_and_thresholds(model, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} >= {
         "config.json",
         "model.safetensors",
-        "normal_statistics.safetensors",
+        "preprocessor_config.json",
+        "learner_cadmtl_anomaly.py",
     }
-    assert json.loads((tmp_path / "config.json").read_text())["image_threshold"] == 1.5
-    assert set(load_file(tmp_path / "normal_statistics.safetensors")) == {
-        f"{task}.{key}" for task in TASKS for key in ("location", "scale")
-    }
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["image_threshold"] == 1.5 and saved["architectures"] == ["AnomalyLearnerModel"]
+    weights = load_file(tmp_path / "model.safetensors")  # the normal statistics are buffers of the weights
+    assert {f"{task}_{key}" for task in TASKS for key in ("location", "scale")} <= set(weights)
+    assert int(weights["normal_statistics_images"]) == 4
     restored = AnomalyLearner.from_pretrained(tmp_path)
     pixels = torch.randn(3, 3, SIZE, SIZE)
     a, b = model.predict(pixels), restored.predict(pixels)
     assert torch.equal(a.anomaly_maps, b.anomaly_maps) and torch.equal(a.image_scores, b.image_scores)
     assert all(torch.equal(a.task_maps[t], b.task_maps[t]) for t in TASKS)
     assert torch.equal(a.is_anomalous, b.is_anomalous) and torch.equal(a.defect_masks, b.defect_masks)
+
+    # The earlier layout (statistics in normal_statistics.safetensors, not in the weights) still loads.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    config.save_pretrained(legacy)
+    statistics = {k: v for k, v in weights.items() if k.endswith(("_location", "_scale"))}
+    save_file(
+        {k: v for k, v in weights.items() if k not in statistics and k != "normal_statistics_images"},
+        legacy / "model.safetensors",
+    )
+    save_file(
+        {k.replace("_location", ".location").replace("_scale", ".scale"): v for k, v in statistics.items()},
+        legacy / "normal_statistics.safetensors",
+    )
+    assert torch.equal(AnomalyLearner.from_pretrained(legacy).predict(pixels).anomaly_maps, a.anomaly_maps)
     model.config.image_threshold = model.config.pixel_threshold = None
 
 

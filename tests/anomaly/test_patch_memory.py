@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import DINOv3ConvNextConfig, DINOv3ViTBackbone, DINOv3ViTConfig
 
 from cadmtl.anomaly import PatchMemoryScorer, calibrate_f1, calibrate_fpr, gaussian_blur
@@ -89,17 +90,19 @@ def test_wrong_layers_and_empty_bank_errors(backbone):
     with pytest.raises(
         ValueError, match=r"checkpoint feature layers \[2, 4\] do not match a backbone of 3 layers"
     ):
-        PatchMemoryScorer(backbone, layers=[2, 4])
-    scorer = PatchMemoryScorer(backbone, layers=[2], image_size=(SIZE, SIZE))
+        PatchMemoryScorer.from_backbone(backbone, layers=[2, 4])
+    scorer = PatchMemoryScorer.from_backbone(backbone, layers=[2], image_size=(SIZE, SIZE))
     with pytest.raises(ValueError, match="memory bank is empty"):
         scorer.score(torch.zeros(1, 3, SIZE, SIZE))
     with pytest.raises(ValueError, match="multiple of the patch size"):
-        PatchMemoryScorer(backbone, layers=[2], image_size=(60, 64)).fit([torch.zeros(3, 60, 64)])
+        PatchMemoryScorer.from_backbone(backbone, layers=[2], image_size=(60, 64)).fit(
+            [torch.zeros(3, 60, 64)]
+        )
 
 
 def test_shapes_copy_scores_zero_and_other_sizes(backbone):
     images = normal_images(4)
-    scorer = PatchMemoryScorer(backbone, layers=[1, 2], image_size=(SIZE, SIZE)).fit(
+    scorer = PatchMemoryScorer.from_backbone(backbone, layers=[1, 2], image_size=(SIZE, SIZE)).fit(
         list(images), few_shot=True
     )
     assert scorer.memory_bank.shape == (4 * 16, 64)  # few-shot: every patch, no coreset
@@ -109,7 +112,9 @@ def test_shapes_copy_scores_zero_and_other_sizes(backbone):
     assert scores.abs().max() < 1e-5 and maps.abs().max() < 1e-5
     maps, scores = scorer.score(torch.randn(3, 3, 80, 96))  # resized to 64 x 64, maps back at 80 x 96
     assert maps.shape == (3, 80, 96) and bool((scores > 1.0).all())
-    coreset = PatchMemoryScorer(backbone, layers=[1, 2], coreset_fraction=0.25, image_size=(SIZE, SIZE))
+    coreset = PatchMemoryScorer.from_backbone(
+        backbone, layers=[1, 2], coreset_fraction=0.25, image_size=(SIZE, SIZE)
+    )
     assert coreset.fit(images, batch_size=3).memory_bank.shape == (16, 64)  # batch input, 25 % of 64 patches
 
 
@@ -124,7 +129,7 @@ def test_pasted_square_scores_higher_and_map_peaks_inside(backbone, aggregate, s
     # 8 x 8 patch grid. With aggregation, the averaged neighbours of a 1-patch defect are as novel as the defect
     # itself (PatchCore's receptive field), so the aggregated case uses a defect of 2 x 2 patches.
     top, bottom, left, right = square
-    scorer = PatchMemoryScorer(
+    scorer = PatchMemoryScorer.from_backbone(
         backbone, layers=[1, 2], coreset_fraction=0.5, image_size=(128, 128), aggregate=aggregate
     ).fit(normal_images(6, size=128))
     query = normal_images(2, seed=1, size=128)
@@ -137,7 +142,7 @@ def test_pasted_square_scores_higher_and_map_peaks_inside(backbone, aggregate, s
 
 
 def test_save_and_load_score_identically(backbone, tmp_path):
-    scorer = PatchMemoryScorer(
+    scorer = PatchMemoryScorer.from_backbone(
         backbone, layers=[2, 3], coreset_fraction=0.5, image_size=(SIZE, SIZE), image_score="max"
     ).fit(normal_images(4))
     query = normal_images(3, seed=2)
@@ -146,31 +151,72 @@ def test_save_and_load_score_identically(backbone, tmp_path):
     scorer.image_threshold = calibrate_fpr(scores[1:], target_fpr=0.0)
     scorer.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "cadmtl_patch_memory" and config["architectures"] == ["PatchMemoryModel"]
     assert (
         config["layers"] == [2, 3] and config["image_size"] == [SIZE, SIZE] and config["image_score"] == "max"
     )
     assert config["pixel_threshold"] is None and config["image_threshold"] == scorer.image_threshold
     assert config["backbone_config"]["num_register_tokens"] == 2 and config["memory_bank_size"] == 32
-    assert {p.name for p in tmp_path.iterdir()} == {
-        "config.json",
-        "memory_bank.safetensors",
-        "backbone.safetensors",
+    # The memory bank is a buffer of the weights; the Hub code files and the processor ship alongside.
+    assert load_file(tmp_path / "model.safetensors")["memory_bank"].shape == (32, 64)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_cadmtl_anomaly.py"} <= {
+        p.name for p in tmp_path.iterdir()
     }
     loaded = PatchMemoryScorer.from_pretrained(tmp_path)
     loaded_maps, loaded_scores = loaded.score(query)
     assert torch.equal(loaded_maps, maps) and torch.equal(loaded_scores, scores)
     assert loaded.image_threshold == scorer.image_threshold
     prediction = loaded.predict(query)
-    assert prediction["is_anomalous"].tolist() == [True, False, False] and prediction["defect_masks"] is None
+    assert prediction.is_anomalous.tolist() == [True, False, False] and prediction.defect_masks is None
+
+
+def test_a_folder_of_the_earlier_layout_still_loads(backbone, tmp_path):
+    """config.json + memory_bank.safetensors + backbone.safetensors (before the scorer became a Hub model)."""
+    scorer = PatchMemoryScorer.from_backbone(
+        backbone, layers=[1, 2], coreset_fraction=0.5, image_size=(SIZE, SIZE), image_threshold=0.5
+    ).fit(normal_images(2))
+    legacy = {
+        "layers": [1, 2],
+        "coreset_fraction": 0.5,
+        "image_size": [SIZE, SIZE],
+        "image_score": "top_mean",
+        "top_fraction": 0.01,
+        "sigma": 4.0,
+        "metric": "l2",
+        "aggregate": True,
+        "layer_norm": True,
+        "k": 1,
+        "seed": 0,
+        "projection_dim": 128,
+        "image_mean": scorer.image_mean,
+        "image_std": scorer.image_std,
+        "image_threshold": 0.5,
+        "pixel_threshold": None,
+        "search_dtype": None,
+        "search_projection_dim": None,
+        "num_candidates": 16,
+        "memory_bank_size": int(scorer.memory_bank.shape[0]),
+        "backbone_class": type(backbone).__name__,
+        "backbone_config": backbone.config.to_dict(),
+    }
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    save_file({"memory_bank": scorer.memory_bank}, tmp_path / "memory_bank.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in backbone.state_dict().items()}, tmp_path / "backbone.safetensors"
+    )
+    loaded = PatchMemoryScorer.from_pretrained(tmp_path)
+    query = normal_images(2, seed=5)
+    assert loaded.image_threshold == 0.5
+    assert torch.equal(loaded.score(query)[1], scorer.score(query)[1])
 
 
 def test_approximate_search_scorer_close_to_exact_and_saved(backbone, tmp_path):
     images, query = normal_images(4), normal_images(2, seed=3)
     query[1, :, 16:32, 16:32] = 3.0
-    exact = PatchMemoryScorer(backbone, layers=[1, 2], coreset_fraction=0.5, image_size=(SIZE, SIZE)).fit(
-        images
-    )
-    fast = PatchMemoryScorer(
+    exact = PatchMemoryScorer.from_backbone(
+        backbone, layers=[1, 2], coreset_fraction=0.5, image_size=(SIZE, SIZE)
+    ).fit(images)
+    fast = PatchMemoryScorer.from_backbone(
         backbone,
         layers=[1, 2],
         coreset_fraction=0.5,
@@ -207,7 +253,9 @@ def test_gaussian_blur_keeps_mass_and_constants():
 def test_convnext_scorer_round_trip(tmp_path):
     torch.manual_seed(0)
     convnext = backbone_from_config(DINOv3ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1]))
-    scorer = PatchMemoryScorer(convnext.eval(), layers=[2, 3], coreset_fraction=0.25, image_size=(SIZE, SIZE))
+    scorer = PatchMemoryScorer.from_backbone(
+        convnext.eval(), layers=[2, 3], coreset_fraction=0.25, image_size=(SIZE, SIZE)
+    )
     scorer.fit(normal_images(2))
     assert scorer.memory_bank.shape == (32, 48)  # 2 images x 8 x 8 cells x 25 %, 16 + 32 channels
     query = normal_images(1, seed=4)

@@ -26,6 +26,17 @@ HUB_FILES = {
     "model_card_cadmtl.py",
     "pipeline_cadmtl.py",
 }
+# The second Hub package: the normal-only anomaly models (scorer, learner), shipped by their save_pretrained.
+ANOMALY_HUB_PACKAGE = REPO_ROOT / "modeling_cadmtl_anomaly"
+ANOMALY_HUB_FILES = {
+    "__init__.py",
+    "configuration_cadmtl_anomaly.py",
+    "features_cadmtl_anomaly.py",
+    "modeling_cadmtl_anomaly.py",
+    "learner_cadmtl_anomaly.py",
+    "image_processing_cadmtl_anomaly.py",
+}
+HUB_PACKAGES = {HUB_PACKAGE: HUB_FILES, ANOMALY_HUB_PACKAGE: ANOMALY_HUB_FILES}
 HUB_ALLOWED = {"torch", "torchvision", "transformers", "safetensors", "huggingface_hub", "numpy", "PIL"}
 # The cadmtl wings, lowest first: a module may import its own wing and wings of a lower rank only.
 WING_RANKS = {
@@ -61,17 +72,22 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def test_the_hub_package_holds_exactly_the_files_that_ship() -> None:
-    assert {path.name for path in HUB_PACKAGE.iterdir() if path.name != "__pycache__"} == HUB_FILES
+@pytest.mark.parametrize("package", list(HUB_PACKAGES), ids=lambda path: path.name)
+def test_the_hub_package_holds_exactly_the_files_that_ship(package: Path) -> None:
+    assert {path.name for path in package.iterdir() if path.name != "__pycache__"} == HUB_PACKAGES[package]
 
 
-def test_hub_files_import_only_the_model_runtime_and_each_other() -> None:
+@pytest.mark.parametrize("package", list(HUB_PACKAGES), ids=lambda path: path.name)
+def test_hub_files_import_only_the_model_runtime_and_each_other(package: Path) -> None:
+    """Each Hub package is self-contained: the model runtime and its own files (never the other package)."""
     wrong = []
-    for path in sorted(HUB_PACKAGE.glob("*.py")):
+    for path in sorted(package.glob("*.py")):
         for line, module in imported_modules(path):
             top = module.split(".")[0]
-            if top not in HUB_ALLOWED | {"modeling_cadmtl"} and top not in sys.stdlib_module_names:
-                wrong.append(f"{path.name}:{line} imports {module}")
+            if top not in HUB_ALLOWED | {package.name} and top not in sys.stdlib_module_names:
+                wrong.append(f"{package.name}/{path.name}:{line} imports {module}")
+            elif top == package.name and module.count(".") > 1:
+                wrong.append(f"{package.name}/{path.name}:{line} imports {module} (flat files only)")
     assert not wrong, "\n".join(wrong)
 
 
@@ -137,12 +153,56 @@ print("ok", tuple(outputs.seg_logits.shape))
     assert HUB_FILES - {"__init__.py"} <= saved and "model.safetensors" in saved
 
 
+@pytest.mark.slow
+def test_the_anomaly_hub_package_runs_with_the_project_packages_unimportable(tmp_path: Path) -> None:
+    script = """
+import sys
+for name in ("datasets", "accelerate", "pycocotools", "matplotlib", "evaluate", "pyarrow",
+             "cadmtl", "dataset_scripts", "modeling_cadmtl"):
+    sys.modules[name] = None  # import name -> ImportError
+import numpy as np
+import torch
+from transformers import DINOv3ViTConfig
+from modeling_cadmtl_anomaly import (AnomalyImageProcessor, AnomalyLearnerConfig, AnomalyLearnerModel,
+                                     PatchMemoryConfig, PatchMemoryModel)
+backbone = DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           num_register_tokens=2, patch_size=16)
+scorer = PatchMemoryModel(PatchMemoryConfig(backbone_config=backbone, image_size=[64, 64]))
+scorer.set_memory_bank(torch.randn(20, scorer.extractor.num_channels))
+processor = AnomalyImageProcessor.from_model_config(scorer.config)
+image = np.zeros((80, 100, 3), dtype=np.uint8)
+outputs = scorer(**processor(image, return_tensors="pt"))
+[result] = processor.post_process_anomaly_maps(outputs, target_sizes=[(80, 100)], image_threshold=0.0)
+learner = AnomalyLearnerModel(AnomalyLearnerConfig(image_size=32))
+learner.set_normal_statistics({t: {"location": torch.zeros(1, 1), "scale": torch.ones(1, 1)}
+                               for t in learner.tasks}, num_images=1)
+maps = learner(torch.zeros(1, 3, 32, 32)).anomaly_maps
+scorer.save_pretrained(sys.argv[1])
+print("ok", tuple(result["anomaly_map"].shape), result["verdict"], tuple(maps.shape))
+"""
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "saved")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "ok (80, 100) NG (1, 32, 32)"
+    saved = {path.name for path in (tmp_path / "saved").iterdir()}
+    assert ANOMALY_HUB_FILES - {"__init__.py"} <= saved and "model.safetensors" in saved
+
+
 def test_task_names_and_ignore_index_have_one_definition_and_agreeing_copies() -> None:
     from dataset_scripts.schema import IGNORE_INDEX, TASKS
     from modeling_cadmtl import CadMtlImageProcessor
     from modeling_cadmtl import configuration_cadmtl as hub
 
     assert hub.TASKS == TASKS and hub.IGNORE_INDEX == IGNORE_INDEX
+    from cadmtl.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+    from modeling_cadmtl_anomaly import configuration_cadmtl_anomaly as anomaly_hub
+
+    assert (anomaly_hub.IMAGENET_MEAN, anomaly_hub.IMAGENET_STD) == (IMAGENET_MEAN, IMAGENET_STD)
     assert (
         CadMtlImageProcessor.ignore_index == IGNORE_INDEX
         and hub.CadMtlConfig().seg_ignore_index == IGNORE_INDEX
@@ -187,11 +247,13 @@ def test_every_image_to_rgb_path_follows_the_one_rule(mode: str, tmp_path: Path)
     from cadmtl.pictures.predict import load_image
     from dataset_scripts.images import to_rgb
     from modeling_cadmtl.image_processing_cadmtl import to_rgb as hub_to_rgb
+    from modeling_cadmtl_anomaly.image_processing_cadmtl_anomaly import to_rgb as anomaly_hub_to_rgb
 
     image = _images()[mode]
     expected = np.asarray(to_rgb(image))
     assert expected.dtype == np.uint8 and expected.shape == (7, 9, 3)
     np.testing.assert_array_equal(np.asarray(hub_to_rgb(image)), expected)
+    np.testing.assert_array_equal(np.asarray(anomaly_hub_to_rgb(image)), expected)
     np.testing.assert_array_equal(decode_rgb(image)[0].permute(1, 2, 0).numpy(), expected)
     if mode in ("RGB", "L", "P", "P+transparency", "RGBA", "LA", "I;16"):  # modes PNG holds as they are
         path = tmp_path / "image.png"

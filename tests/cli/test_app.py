@@ -65,7 +65,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         root / "model", image_processor=CadMtlImageProcessor(size={"height": 64, "width": 64})
     )
 
-    scorer = PatchMemoryScorer(
+    scorer = PatchMemoryScorer.from_backbone(
         backbone_from_config(tiny_vit_config()).eval(), layers=[1, 2], image_size=(64, 64)
     )
     scorer.fit(list(torch.randn(2, 3, 64, 64) * 0.1), few_shot=True)

@@ -60,6 +60,16 @@ def test_readme_python_snippet_runs(line: int, code: str, skip_reason: str | Non
             model_dir, image_processor=CadMtlImageProcessor(size={"height": 64, "width": 64})
         )
         populate_hf_cache(model_dir, "cad-mtl/dinov3-b-adaptive", hf_home)
+    if "outputs/ad-demo/model" in code:
+        # Stand-in for `cadmtl anomaly fit ... --image-size 128`: a tiny fitted, calibrated scorer.
+        from cadmtl.anomaly import PatchMemoryScorer
+        from cadmtl.features import backbone_from_preset
+
+        torch.manual_seed(0)
+        scorer = PatchMemoryScorer.from_backbone(backbone_from_preset("tiny"), image_size=(128, 128))
+        scorer.fit(torch.randn(2, 3, 128, 128))
+        scorer.image_threshold, scorer.pixel_threshold = 1.0, 2.0
+        scorer.save_pretrained(tmp_path / "outputs" / "ad-demo" / "model")
     env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
     completed = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300

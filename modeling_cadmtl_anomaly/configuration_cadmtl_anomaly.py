@@ -1,0 +1,200 @@
+"""Configurations of the normal-only anomaly models: the patch-memory scorer and the from-scratch learner.
+
+Both record how their inputs are prepared (`image_size`, `image_mean`, `image_std`) and the calibrated decisions
+(`image_threshold`, `pixel_threshold`: anomalous when the value is at or above them; None until calibrated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+IMAGENET_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
+IMAGENET_STD = tuple(IMAGENET_DEFAULT_STD)
+IMAGE_SCORE_MODES = ("max", "top_mean")
+METRICS = ("l2", "cosine")
+SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext")
+
+# The learner's proxy tasks and shapes.
+TASKS = ("inpaint", "rotation", "segment")
+STANDARDIZATIONS = ("global", "pixel")
+LEARNER_PRESETS = {
+    "tiny": {"channels": [24, 48, 96], "expert_hidden": 192},
+    "small": {"channels": [32, 64, 160], "expert_hidden": 320},
+}
+ENCODER_STRIDE = 8
+
+
+class PatchMemoryConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`PatchMemoryModel`]: a DINOv3 backbone, which of its layers give the patch features, the
+    size of the memory bank of normal patches and how distances become maps and image scores.
+
+    Args:
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+            A `DINOv3ViTConfig` (default, shaped like ViT-S/16) or `DINOv3ConvNextConfig`.
+        backbone_class (`str`, *optional*):
+            The transformers class of the backbone (`DINOv3ViTModel`, `DINOv3ViTBackbone`, ...); None: `AutoModel`.
+        layers (`list[int]`, *optional*):
+            1-based backbone layers whose patch features are concatenated; None: (depth // 2, 3 * depth // 4).
+        aggregate, layer_norm (`bool`): 3x3 neighbourhood averaging of the features; the backbone's final norm on
+            every chosen ViT layer.
+        image_size (`list[int]`, *optional*, defaults to `[224, 224]`):
+            (height, width) the bank was fitted at; inputs of another size are resized to it.
+        image_score (`str`): `"top_mean"` (mean of the top `top_fraction` patch distances) or `"max"`.
+        sigma (`float`): Gaussian smoothing of the maps, in input pixels.
+        metric (`str`): `"l2"` (PatchCore) or `"cosine"` (AnomalyDINO).
+        k (`int`): distance to the nearest (k = 1) or mean over the k nearest bank entries.
+        memory_bank_size (`int`): rows of the memory bank (the `memory_bank` buffer of the weights).
+        search_dtype, search_projection_dim, num_candidates: approximate nearest-neighbour search (None: exact).
+        coreset_fraction, seed, projection_dim: how the bank was reduced when it was fitted (kept for the record).
+        image_mean, image_std: the normalisation of the inputs.
+        image_threshold, pixel_threshold (`float`, *optional*): the calibrated decisions.
+    """
+
+    model_type = "cadmtl_patch_memory"
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="dinov3_vit",
+            init_kwargs={"num_register_tokens": 4, "pos_embed_rescale": None},
+        ),
+    }
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    backbone_class: str | None = None
+    layers: list[int] | None = None
+    aggregate: bool = True
+    layer_norm: bool = True
+    image_size: list[int] | None = None
+    image_score: str = "top_mean"
+    top_fraction: float = 0.01
+    sigma: float = 4.0
+    metric: str = "l2"
+    k: int = 1
+    memory_bank_size: int = 0
+    search_dtype: str | None = None
+    search_projection_dim: int | None = None
+    num_candidates: int = 16
+    coreset_fraction: float = 0.1
+    seed: int = 0
+    projection_dim: int | None = 128
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.backbone_config.model_type not in SUPPORTED_BACKBONES:
+            raise ValueError(
+                f"Unsupported backbone model_type {self.backbone_config.model_type!r}; expected one of "
+                f"{SUPPORTED_BACKBONES}."
+            )
+        if self.image_score not in IMAGE_SCORE_MODES:
+            raise ValueError(f"image_score must be one of {IMAGE_SCORE_MODES}; got {self.image_score!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}; got {self.metric!r}")
+        self.layers = [int(layer) for layer in self.layers] if self.layers is not None else None
+        self.image_size = [int(v) for v in self.image_size] if self.image_size is not None else None
+        self.image_mean = [float(v) for v in (self.image_mean or IMAGENET_MEAN)]
+        self.image_std = [float(v) for v in (self.image_std or IMAGENET_STD)]
+
+
+class AnomalyLearnerConfig(PreTrainedConfig):
+    """Settings of an :class:`AnomalyLearner` (shape, proxy tasks, scoring) and its calibrated thresholds.
+
+    Args:
+        preset: ``tiny`` or ``small`` (encoder widths, expert width); ``channels`` / ``expert_hidden`` override.
+        image_size: square side the model works at (a multiple of ``cell_size``); inputs are resized to it.
+        cell_size: side of the inpainting / rotation cells (a multiple of 8, the encoder stride).
+        num_experts, num_experts_per_tok: the mixture-of-experts layer (top-k); ``aux_loss_coef`` scales its load-balancing loss.
+        anomaly_probability: chance that a training image of the segmentation task receives synthetic anomalies.
+        sigma: Gaussian smoothing of each raw error map (pixels at ``image_size``).
+        standardization: ``global`` (median / MAD of all normal pixels per task) or ``pixel`` (per-pixel mean /
+            std over the normal images, std floored at 10 % of its median).
+        image_score: ``top_mean`` (mean of the top ``top_fraction`` fused-map pixels) or ``max``.
+        image_threshold, pixel_threshold, threshold_method: stored calibration (anomalous: value >= threshold).
+    """
+
+    model_type = "cadmtl_anomaly_learner"
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        channels: Sequence[int] | None = None,
+        expert_hidden: int | None = None,
+        image_size: int = 128,
+        cell_size: int = 16,
+        num_experts: int = 4,
+        num_experts_per_tok: int = 2,
+        aux_loss_coef: float = 0.01,
+        tasks: Sequence[str] = TASKS,
+        anomaly_probability: float = 0.5,
+        hflip: bool = True,
+        vflip: bool = False,
+        sigma: float = 2.0,
+        standardization: str = "global",
+        image_score: str = "top_mean",
+        top_fraction: float = 0.01,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        threshold_method: str | None = None,
+        **kwargs,
+    ):
+        if preset not in LEARNER_PRESETS:
+            raise ValueError(f"unknown learner preset {preset!r}; expected one of {sorted(LEARNER_PRESETS)}")
+        shape = LEARNER_PRESETS[preset]
+        self.preset = preset
+        self.channels = list(channels) if channels is not None else list(shape["channels"])
+        self.expert_hidden = int(expert_hidden) if expert_hidden is not None else shape["expert_hidden"]
+        if len(self.channels) != 3:
+            raise ValueError(f"channels must hold 3 widths (strides 2, 4, 8); got {self.channels}")
+        if cell_size % ENCODER_STRIDE or image_size % cell_size:
+            raise ValueError(
+                f"cell_size ({cell_size}) must be a multiple of {ENCODER_STRIDE} and image_size ({image_size}) "
+                "a multiple of cell_size"
+            )
+        if not 1 <= num_experts_per_tok <= num_experts:
+            raise ValueError(
+                f"num_experts_per_tok must be in [1, num_experts={num_experts}]; got {num_experts_per_tok}"
+            )
+        unknown = sorted(set(tasks) - set(TASKS))
+        if unknown or not tasks:
+            raise ValueError(f"tasks must be a non-empty subset of {TASKS}; got {list(tasks)}")
+        if standardization not in STANDARDIZATIONS:
+            raise ValueError(f"standardization must be one of {STANDARDIZATIONS}; got {standardization!r}")
+        if image_score not in IMAGE_SCORE_MODES:
+            raise ValueError(f"image_score must be one of {IMAGE_SCORE_MODES}; got {image_score!r}")
+        self.image_size = int(image_size)
+        self.cell_size = int(cell_size)
+        self.num_experts = int(num_experts)
+        self.num_experts_per_tok = int(num_experts_per_tok)
+        self.aux_loss_coef = float(aux_loss_coef)
+        self.tasks = [t for t in TASKS if t in tasks]
+        self.anomaly_probability = float(anomaly_probability)
+        self.hflip = bool(hflip)
+        self.vflip = bool(vflip)
+        self.sigma = float(sigma)
+        self.standardization = standardization
+        self.image_score = image_score
+        self.top_fraction = float(top_fraction)
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
+        self.image_threshold = image_threshold
+        self.pixel_threshold = pixel_threshold
+        self.threshold_method = threshold_method
+        super().__init__(**kwargs)
+
+    @property
+    def grid(self) -> int:
+        """Cells per side."""
+        return self.image_size // self.cell_size
+
+
+__all__ = ["AnomalyLearnerConfig", "PatchMemoryConfig"]

@@ -1,0 +1,263 @@
+"""The inference pieces shared by the anomaly models (and, through `cadmtl`, by reference localisation): patch
+features of a DINOv3 backbone, nearest-neighbour search in a memory bank, Gaussian smoothing and image scores.
+
+`PatchFeatureExtractor` runs any model whose `forward(pixel_values, output_hidden_states=True)` returns
+`hidden_states` like transformers' DINOv3 models: index 0 is the input of the first block (the embeddings for a
+ViT, the pixels for ConvNeXt) and index i the output of block / stage i. Layer indices therefore follow
+transformers' `out_indices` convention ("stage{i}") and run from 1 to the backbone depth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedConfig
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps, kernel radius 4 sigma, reflect padding (as anomalib)."""
+    if sigma <= 0:
+        return maps
+    radius = int(4 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=maps.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).to(maps.dtype)
+    x = maps[:, None]
+    # Reflect padding needs pad < size; fall back to replicate on tiny maps.
+    mode = "reflect" if min(maps.shape[-2:]) > radius else "replicate"
+    x = F.pad(x, (radius, radius, 0, 0), mode=mode)
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, radius, radius), mode=mode)
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def image_scores(maps: torch.Tensor, mode: str = "top_mean", top_fraction: float = 0.01) -> torch.Tensor:
+    """(B, H, W) -> (B,): the max or the mean of the top `top_fraction` pixels."""
+    flat = maps.flatten(1)
+    if mode == "max":
+        return flat.max(dim=1).values
+    count = max(1, math.ceil(top_fraction * flat.shape[1]))
+    return flat.topk(count, dim=1).values.mean(dim=1)
+
+
+def backbone_depth(config: PreTrainedConfig) -> int:
+    """Number of selectable layers: transformer blocks of a ViT, stages of a ConvNeXt."""
+    if not is_vit_config(config) and hasattr(config, "hidden_sizes"):
+        return len(config.hidden_sizes)
+    return int(config.num_hidden_layers)
+
+
+def is_vit_config(config: PreTrainedConfig) -> bool:
+    return hasattr(config, "patch_size") and hasattr(config, "num_register_tokens")
+
+
+def check_layers(layers: Sequence[int], config: PreTrainedConfig) -> list[int]:
+    """The layers as a list, or a ValueError naming them and the backbone depth."""
+    layers = [int(layer) for layer in layers]
+    depth = backbone_depth(config)
+    if not layers or any(not 1 <= layer <= depth for layer in layers):
+        raise ValueError(
+            f"checkpoint feature layers {layers} do not match a backbone of {depth} layers "
+            f"(valid layer indices: 1..{depth})"
+        )
+    return layers
+
+
+class PatchFeatureExtractor(nn.Module):
+    """Patch features (B, C, h, w) of `pixel_values` (B, 3, H, W) from the chosen backbone layers.
+
+    ViT: patch tokens of each layer (CLS and `config.num_register_tokens` register tokens dropped), reshaped to
+    the (H // patch, W // patch) grid; with `layer_norm=True` the backbone's final LayerNorm is applied to every
+    chosen layer, as DINOv2/v3's `get_intermediate_layers(norm=True)`. ConvNeXt: stage outputs, resized
+    (bilinear) to the first chosen layer's grid. Layers are concatenated along channels. With `aggregate=True`
+    each feature is averaged over its 3x3 neighbourhood (stride 1, padding 1, as PatchCore) for local context.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layers: Sequence[int],
+        aggregate: bool = True,
+        layer_norm: bool = True,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        self.layers = check_layers(layers, self.config)
+        self.aggregate = aggregate
+        self.layer_norm = layer_norm
+        self.is_vit = is_vit_config(self.config)
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per feature cell along each side."""
+        if self.is_vit:
+            return int(self.config.patch_size)
+        return 4 * 2 ** (self.layers[0] - 1)  # ConvNeXt: stem /4, then /2 per stage
+
+    @property
+    def num_channels(self) -> int:
+        if self.is_vit:
+            return self.config.hidden_size * len(self.layers)
+        return sum(self.config.hidden_sizes[layer - 1] for layer in self.layers)
+
+    def _vit_maps(self, hidden_states: Sequence[torch.Tensor], height: int, width: int) -> list[torch.Tensor]:
+        grid_h, grid_w = height // self.config.patch_size, width // self.config.patch_size
+        num_prefix = 1 + self.config.num_register_tokens
+        norm = getattr(self.backbone, "norm", None) if self.layer_norm else None
+        maps = []
+        for layer in self.layers:
+            tokens = hidden_states[layer]
+            if norm is not None:
+                tokens = norm(tokens)
+            tokens = tokens[:, num_prefix:, :]  # (B, h*w, C)
+            maps.append(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, grid_h, grid_w))
+        return maps
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values`: (B, 3, H, W), already normalised -> (B, C, h, w)."""
+        outputs = self.backbone(pixel_values, output_hidden_states=True)
+        hidden_states = outputs.hidden_states
+        if len(hidden_states) != backbone_depth(self.config) + 1:
+            raise ValueError(
+                f"expected {backbone_depth(self.config) + 1} hidden states from the backbone, got {len(hidden_states)}"
+            )
+        if self.is_vit:
+            maps = self._vit_maps(hidden_states, pixel_values.shape[-2], pixel_values.shape[-1])
+        else:
+            maps = [hidden_states[layer] for layer in self.layers]
+            size = maps[0].shape[-2:]
+            maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear") for m in maps]
+        if self.aggregate:
+            # count_include_pad=False: border cells average their real neighbours instead of zeros.
+            maps = [F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=False) for m in maps]
+        return torch.cat(maps, dim=1)
+
+
+def random_projection(features: torch.Tensor, dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Seeded Gaussian random projection (N, C) -> (N, dim) float32, scaled to preserve distances in expectation
+    (Johnson-Lindenstrauss)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    matrix = torch.randn(features.shape[1], dim, generator=generator).to(features.device) / math.sqrt(dim)
+    return features.float() @ matrix
+
+
+def _ranking_distances(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor) -> torch.Tensor:
+    """(q, b) ||b||^2 - 2ab: the squared L2 distance minus the per-query constant ||a||^2, all a ranking needs
+    (the kept neighbours' distances are recomputed exactly). One fused GEMM in float32, no extra passes."""
+    if queries.dtype == torch.float32:
+        return torch.addmm(bank_norms[None], queries, bank.T, alpha=-2)
+    return (queries @ bank.T).float().mul_(-2).add_(bank_norms[None])
+
+
+class NearestNeighborIndex:
+    """Distances from queries to their nearest entries of a fixed bank (M, C), searched in memory-bounded chunks.
+
+    The search representation of the bank (normalised for cosine, projected, cast) is built once here, so
+    repeated `search` calls pay only for the queries.
+
+    Args:
+        bank: (M, C) stored features.
+        metric: "l2" (Euclidean) or "cosine" (1 - cosine similarity, as AnomalyDINO).
+        compute_dtype: None searches in float32, exactly. torch.bfloat16 / float16 searches in reduced
+            precision, keeps `num_candidates` per query and re-ranks them exactly (approximate: a true neighbour
+            may fall outside the candidates; ~3x faster on CPUs with bf16 instructions).
+        projection_dim: search on a seeded Gaussian projection of the features to this many dims, then re-rank
+            the candidates exactly (approximate; the cost of the search drops by C / projection_dim).
+        chunk_size, bank_chunk_size: queries x bank entries per distance block (float32), bounding memory.
+    """
+
+    def __init__(
+        self,
+        bank: torch.Tensor,
+        metric: str = "l2",
+        compute_dtype: torch.dtype | None = None,
+        projection_dim: int | None = None,
+        num_candidates: int = 16,
+        seed: int = 0,
+        chunk_size: int = 1024,
+        bank_chunk_size: int = 4096,
+    ):
+        if bank.ndim != 2 or bank.shape[0] == 0:
+            raise ValueError("the memory bank is empty: fit the scorer on at least one image first")
+        if metric not in ("l2", "cosine"):
+            raise ValueError(f"metric must be 'l2' or 'cosine'; got {metric!r}")
+        self.metric = metric
+        self.bank = self._prepare(bank.float())
+        self.projection_dim = projection_dim if projection_dim and projection_dim < bank.shape[1] else None
+        self.seed = seed
+        self.compute_dtype = compute_dtype
+        self.approximate = compute_dtype is not None or self.projection_dim is not None
+        self.num_candidates = num_candidates
+        self.chunk_size = chunk_size
+        self.bank_chunk_size = bank_chunk_size
+        self.search_bank = self._search_space(self.bank)
+        self.search_norms = self.search_bank.float().pow(2).sum(dim=1)
+
+    def _prepare(self, features: torch.Tensor) -> torch.Tensor:
+        # On unit vectors, ||a - b||^2 = 2 - 2 cos, so the L2 search ranks cosine neighbours identically.
+        return F.normalize(features, dim=1) if self.metric == "cosine" else features
+
+    def _search_space(self, features: torch.Tensor) -> torch.Tensor:
+        if self.projection_dim is not None:
+            features = random_projection(features, self.projection_dim, self.seed)
+        return features if self.compute_dtype is None else features.to(self.compute_dtype)
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int = 1) -> torch.Tensor:
+        """(N, C) queries -> (N,) float32 distance to the nearest entry (mean over the k nearest if k > 1).
+
+        The kept neighbours' distances are recomputed directly as ||a - b||, so they are exact (a query equal to
+        a bank entry scores exactly 0) whichever search space found them.
+        """
+        if queries.shape[1] != self.bank.shape[1]:
+            raise ValueError(
+                f"queries have {queries.shape[1]} channels but the bank has {self.bank.shape[1]}"
+            )
+        queries = self._prepare(queries.float().to(self.bank.device))
+        if (
+            torch.compiler.is_exporting()
+        ):  # a graph has a symbolic number of queries: one block, no Python loop
+            return self._search_block(queries, k)
+        return torch.cat(
+            [
+                self._search_block(queries[start : start + self.chunk_size], k)
+                for start in range(0, queries.shape[0], self.chunk_size)
+            ]
+        )
+
+    def _search_block(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """(q, C) prepared queries -> (q,) distances (see `search`)."""
+        keep = min(self.bank.shape[0], max(k, self.num_candidates) if self.approximate else k)
+        candidates = self._candidates(self._search_space(queries), keep)
+        exact = (queries[:, None, :] - self.bank[candidates]).norm(dim=-1)
+        exact = exact.topk(min(k, exact.shape[1]), dim=1, largest=False).values
+        if self.metric == "cosine":
+            exact = exact.pow(2) / 2  # ||a - b||^2 / 2 = 1 - cos on unit vectors
+        return exact.mean(dim=1)
+
+    def _candidates(self, search_queries: torch.Tensor, keep: int) -> torch.Tensor:
+        """(q, keep) indices of the nearest bank entries in the search space, merged block by block."""
+        best_values = best_indices = None
+        for bank_start in range(0, self.search_bank.shape[0], self.bank_chunk_size):
+            stop = bank_start + self.bank_chunk_size
+            block = _ranking_distances(
+                search_queries, self.search_bank[bank_start:stop], self.search_norms[bank_start:stop]
+            )
+            if keep == 1:
+                values, indices = block.min(dim=1, keepdim=True)
+            else:
+                values, indices = block.topk(min(keep, block.shape[1]), dim=1, largest=False)
+            indices = indices + bank_start
+            if best_values is not None:
+                values = torch.cat([best_values, values], dim=1)
+                indices = torch.cat([best_indices, indices], dim=1)
+                values, order = values.topk(min(keep, values.shape[1]), dim=1, largest=False)
+                indices = indices.gather(1, order)
+            best_values, best_indices = values, indices
+        return best_indices

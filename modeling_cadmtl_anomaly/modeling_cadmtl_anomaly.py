@@ -1,0 +1,286 @@
+"""The patch-memory anomaly scorer (PatchCore / AnomalyDINO family) as a transformers model, and the Hub plumbing
+shared with the from-scratch learner (`learner_cadmtl_anomaly.py`).
+
+`PatchMemoryModel(pixel_values)`: patch features of the chosen DINOv3 layers (class and register tokens dropped,
+3x3 neighbourhood aggregation) -> distance of each patch to its nearest entry of the memory bank (a buffer of the
+weights, searched in memory-bounded chunks) -> bilinear upsampling to the input size -> Gaussian smoothing = the
+anomaly map; the image score is the maximum or the mean of the top 1 % of the patch distances, so it does not
+depend on the input resolution. Maps are never normalised per image: a normal image keeps low values.
+
+Fitting the bank (greedy coreset selection of normal patches) is done by `cadmtl anomaly fit`; this file only
+scores, so a saved scorer runs with torch + transformers alone:
+
+```python
+>>> from transformers import AutoImageProcessor, AutoModel
+>>> model = AutoModel.from_pretrained("outputs/ad-demo/model", trust_remote_code=True)
+>>> processor = AutoImageProcessor.from_pretrained("outputs/ad-demo/model", trust_remote_code=True)
+>>> outputs = model(**processor(images, return_tensors="pt"))
+>>> results = processor.post_process_anomaly_maps(outputs, target_sizes=[(h, w)], **model.thresholds)
+```
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_cadmtl_anomaly import PatchMemoryConfig
+from .features_cadmtl_anomaly import (
+    NearestNeighborIndex,
+    PatchFeatureExtractor,
+    backbone_depth,
+    gaussian_blur,
+    image_scores,
+    is_vit_config,
+)
+
+# Written into config.json so AutoConfig / AutoModel resolve to the classes in the repo's flat code files.
+PATCH_MEMORY_AUTO_MAP = {
+    "AutoConfig": "configuration_cadmtl_anomaly.PatchMemoryConfig",
+    "AutoModel": "modeling_cadmtl_anomaly.PatchMemoryModel",
+}
+PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_cadmtl_anomaly.AnomalyImageProcessor"}
+
+
+@dataclass
+class AnomalyOutput(ModelOutput):
+    """Output of the anomaly models (maps at the input size; higher = more anomalous).
+
+    Args:
+        anomaly_maps `(B, H, W)`: the anomaly map of each image.
+        image_scores `(B,)`: the image-level anomaly score.
+        is_anomalous `(B,)` bool, defect_masks `(B, H, W)` bool: the calibrated decisions (value >= threshold),
+            None until the config holds `image_threshold` / `pixel_threshold`.
+        task_maps, raw_task_maps: the learner's standardised and raw per-task maps `{task: (B, H, W)}`.
+    """
+
+    anomaly_maps: torch.FloatTensor | None = None
+    image_scores: torch.FloatTensor | None = None
+    is_anomalous: torch.BoolTensor | None = None
+    defect_masks: torch.BoolTensor | None = None
+    task_maps: dict[str, torch.FloatTensor] | None = None
+    raw_task_maps: dict[str, torch.FloatTensor] | None = None
+
+
+def default_layers(config: Any) -> list[int]:
+    """Half and three quarters of the backbone depth: mid-level, local features, e.g. (6, 9) for ViT-S/B."""
+    depth = backbone_depth(config)
+    return sorted({max(1, depth // 2), max(1, 3 * depth // 4)})
+
+
+def build_backbone(config: PatchMemoryConfig) -> nn.Module:
+    """A randomly initialised backbone of `config.backbone_class` (a transformers class name; else AutoModel)."""
+    model_class = getattr(transformers, config.backbone_class, None) if config.backbone_class else None
+    if model_class is not None:
+        return model_class(config.backbone_config)
+    return AutoModel.from_config(config.backbone_config)
+
+
+class AnomalyPreTrainedModel(PreTrainedModel):
+    """Shared Hub behaviour of the anomaly models: `save_pretrained` also writes the processor and this package's
+    flat code files with `auto_map` in config.json, so `AutoModel.from_pretrained(repo, trust_remote_code=True)`
+    needs neither cad-mtl nor its training dependencies."""
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _supports_sdpa = True
+    auto_map: dict[str, str] = {}
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Layers keep PyTorch's default initialisation (the backbone its own); saved weights replace everything.
+        pass
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(height, width) the model scores at; inputs of another size are resized to it."""
+        raise NotImplementedError
+
+    @property
+    def thresholds(self) -> dict[str, float | None]:
+        """The calibrated `image_threshold` and `pixel_threshold` (keyword arguments of
+        `AnomalyImageProcessor.post_process_anomaly_maps`)."""
+        return {
+            "image_threshold": self.config.image_threshold,
+            "pixel_threshold": self.config.pixel_threshold,
+        }
+
+    @property
+    def image_threshold(self) -> float | None:
+        return self.config.image_threshold
+
+    @image_threshold.setter
+    def image_threshold(self, value: float | None) -> None:
+        self.config.image_threshold = None if value is None else float(value)
+
+    @property
+    def pixel_threshold(self) -> float | None:
+        return self.config.pixel_threshold
+
+    @pixel_threshold.setter
+    def pixel_threshold(self, value: float | None) -> None:
+        self.config.pixel_threshold = None if value is None else float(value)
+
+    @property
+    def image_mean(self) -> list[float]:
+        return list(self.config.image_mean)
+
+    @property
+    def image_std(self) -> list[float]:
+        return list(self.config.image_std)
+
+    def _decisions(self, maps: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        image_threshold, pixel_threshold = self.config.image_threshold, self.config.pixel_threshold
+        return {
+            "is_anomalous": None if image_threshold is None else scores >= image_threshold,
+            "defect_masks": None if pixel_threshold is None else maps >= pixel_threshold,
+        }
+
+    @torch.no_grad()
+    def score(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) normalised images -> (maps (B, H, W) at the input size, image scores (B,)), float32 CPU."""
+        outputs = self.predict(pixel_values)
+        return outputs.anomaly_maps.float().cpu(), outputs.image_scores.float().cpu()
+
+    def predict(self, pixel_values: torch.Tensor) -> AnomalyOutput:
+        raise NotImplementedError
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args: Any, image_processor: Any | None = None, **kwargs: Any
+    ) -> None:
+        """`PreTrainedModel.save_pretrained` (config.json, model.safetensors) plus the image processor
+        (`image_processor`, else one built from the config) and the flat code files of this package."""
+        self.config.auto_map = dict(self.auto_map)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        # A subclass (cad-mtl's fitting / training classes) saves as the Hub class it extends.
+        self.config.architectures = [self.auto_map["AutoModel"].split(".")[-1]]
+        self.config.save_pretrained(save_directory)
+        from .image_processing_cadmtl_anomaly import AnomalyImageProcessor
+
+        if image_processor is None:
+            image_processor = AnomalyImageProcessor.from_model_config(self.config)
+        image_processor.save_pretrained(save_directory)
+        here = Path(__file__).resolve().parent
+        for code in sorted(here.glob("*.py")):
+            if code.name != "__init__.py":
+                shutil.copyfile(code, Path(save_directory) / code.name)
+
+
+class PatchMemoryModel(AnomalyPreTrainedModel):
+    """Patch-memory anomaly scorer: `forward(pixel_values)` -> `AnomalyOutput` (see the module docstring).
+
+    `backbone`: an already built backbone module to use instead of a fresh one from the config (how cad-mtl wraps
+    a pretrained DINOv3 or CadMtl backbone before fitting).
+    """
+
+    config: PatchMemoryConfig
+    config_class = PatchMemoryConfig
+    base_model_prefix = "patch_memory"
+    auto_map = PATCH_MEMORY_AUTO_MAP
+
+    def __init__(self, config: PatchMemoryConfig, backbone: nn.Module | None = None):
+        super().__init__(config)
+        backbone = backbone if backbone is not None else build_backbone(config)
+        if config.layers is None:
+            config.layers = default_layers(backbone.config)
+        self.extractor = PatchFeatureExtractor(backbone, config.layers, config.aggregate, config.layer_norm)
+        self.register_buffer("memory_bank", torch.zeros(config.memory_bank_size, self.extractor.num_channels))
+        self._index: NearestNeighborIndex | None = None
+        self._index_bank: torch.Tensor | None = None
+        self.post_init()
+        self.eval()
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.extractor.backbone
+
+    @property
+    def layers(self) -> list[int]:
+        return self.extractor.layers
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        return tuple(self.config.image_size) if self.config.image_size is not None else None
+
+    def _resize_to_fit_size(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.config.image_size is None:
+            self.config.image_size = list(pixel_values.shape[-2:])
+        if tuple(pixel_values.shape[-2:]) != self.image_size:
+            pixel_values = F.interpolate(
+                pixel_values, size=self.image_size, mode="bilinear", align_corners=False
+            )
+        return pixel_values
+
+    def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, C, h, w) features at the fit size."""
+        pixel_values = self._resize_to_fit_size(pixel_values.float())
+        if is_vit_config(self.extractor.config):
+            patch = self.extractor.config.patch_size
+            if self.image_size[0] % patch or self.image_size[1] % patch:
+                raise ValueError(f"image size {self.image_size} must be a multiple of the patch size {patch}")
+        param = next(self.backbone.parameters())
+        return self.extractor(pixel_values.to(device=param.device, dtype=param.dtype)).float()
+
+    def index(self) -> NearestNeighborIndex:
+        """The search index of the current memory bank, built once per bank (rebuilt after a new bank). While
+        exporting, an exact float32 index is built inside the graph from the `memory_bank` buffer."""
+        if self.memory_bank.shape[0] == 0:
+            raise ValueError("the memory bank is empty: fit the scorer (cadmtl anomaly fit) before scoring")
+        config = self.config
+        if torch.compiler.is_exporting():
+            return NearestNeighborIndex(self.memory_bank, config.metric, seed=config.seed)
+        if self._index is None or self._index_bank is not self.memory_bank:
+            dtype = getattr(torch, config.search_dtype) if config.search_dtype else None
+            self._index = NearestNeighborIndex(
+                self.memory_bank,
+                config.metric,
+                dtype,
+                config.search_projection_dim,
+                config.num_candidates,
+                config.seed,
+            )
+            self._index_bank = self.memory_bank
+        return self._index
+
+    def set_memory_bank(self, bank: torch.Tensor) -> None:
+        """Replace the memory bank (M, C) of normal patch features (the search index is rebuilt)."""
+        if bank.ndim != 2 or bank.shape[1] != self.extractor.num_channels:
+            raise ValueError(
+                f"a memory bank must be (entries, {self.extractor.num_channels}); got {tuple(bank.shape)}"
+            )
+        self.memory_bank = bank.to(self.memory_bank.device, torch.float32).contiguous()
+        self.config.memory_bank_size = int(bank.shape[0])
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> AnomalyOutput:
+        """(B, 3, H, W) normalised images -> maps (B, H, W) at the input size, image scores (B,), decisions."""
+        index = self.index()
+        if pixel_values.ndim == 3:
+            pixel_values = pixel_values[None]
+        height, width = pixel_values.shape[-2:]
+        features = self.patch_features(pixel_values)  # (B, C, h, w)
+        batch, channels, grid_h, grid_w = features.shape
+        queries = features.permute(0, 2, 3, 1).reshape(-1, channels)
+        distances = index.search(queries, self.config.k).view(batch, grid_h, grid_w)
+        maps = F.interpolate(distances[:, None], size=(height, width), mode="bilinear", align_corners=False)
+        maps = gaussian_blur(maps[:, 0], self.config.sigma)
+        scores = image_scores(distances, self.config.image_score, self.config.top_fraction)
+        return AnomalyOutput(anomaly_maps=maps, image_scores=scores, **self._decisions(maps, scores))
+
+    @torch.no_grad()
+    def predict(self, pixel_values: torch.Tensor) -> AnomalyOutput:
+        return self(pixel_values)
+
+
+__all__ = ["AnomalyOutput", "AnomalyPreTrainedModel", "PatchMemoryModel"]
