@@ -148,7 +148,15 @@ def inspect(predictor: Predictor, path: Any) -> tuple[Any, dict[str, float], str
             {"label": name, "score": round(float(score), 4), "box_xyxy": [x_min, y_min, x_max, y_max]}
         )
     classes = {name: float(score) for name, score in prediction.classes}
-    verdict = f"{result.verdict} (anomaly score {result.anomaly_score:.3f}, threshold {config.verdict_threshold:.3f})"
+    if (
+        result.anomaly_score is None
+    ):  # no head of this model gives an anomaly score (see post_process_verdict)
+        verdict = "no verdict: none of this model's heads gives an anomaly score"
+    else:
+        verdict = (
+            f"{result.verdict} (anomaly score {result.anomaly_score:.3f}, "
+            f"threshold {config.verdict_threshold:.3f})"
+        )
     details = {
         "verdict": result.verdict,
         "anomaly_score": result.anomaly_score,

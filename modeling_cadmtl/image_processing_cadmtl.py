@@ -65,6 +65,11 @@ def _first_field(outputs: Any, *names: str) -> torch.Tensor | None:
     return None
 
 
+def _output_tensors(outputs: Any) -> list[torch.Tensor]:
+    values = outputs.values() if hasattr(outputs, "values") else vars(outputs).values()
+    return [value for value in values if isinstance(value, torch.Tensor)]
+
+
 def _as_size_list(target_sizes: Any, batch_size: int) -> list[tuple[int, int]] | None:
     if target_sizes is None:
         return None
@@ -450,8 +455,14 @@ class CadMtlImageProcessor(TorchvisionBackend):
         """`post_process_anomaly_score` with the model config's verdict settings: its `verdict_source`, its
         calibrated `verdict_threshold` (or `threshold` to override it), its `normal` class and `verdict_heads`.
 
-        Returns one `{"verdict": "OK" | "NG", "anomaly_score": float, "head_scores": {head: float}}` per image.
+        Returns one `{"verdict": "OK" | "NG", "anomaly_score": float, "head_scores": {head: float}}` per image. A
+        model none of whose heads gives an anomaly score (`config.verdict_heads` empty: e.g. a classifier of part
+        names without a `normal` class and no detection / segmentation head) has no verdict: `verdict` and
+        `anomaly_score` are None.
         """
+        if not config.verdict_heads:
+            batch_size = next(len(value) for value in _output_tensors(outputs))
+            return [{"verdict": None, "anomaly_score": None, "head_scores": {}} for _ in range(batch_size)]
         return self.post_process_anomaly_score(
             outputs,
             source=config.verdict_source,

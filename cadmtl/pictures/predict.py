@@ -303,13 +303,14 @@ class ImageResult:
     Attributes:
         prediction: the top classes, the detections at or above the threshold and (when "seg" is one of the
             predictor's `tasks`) the segmentation class map, in the image's own pixels (see [`ImagePrediction`]).
-        anomaly_score: the image-level anomaly score in [0, 1] from the config's `verdict_source`.
+        anomaly_score: the image-level anomaly score in [0, 1] from the config's `verdict_source` (None, and
+            `verdict` "", for a model none of whose heads gives one: see `post_process_verdict`).
         head_scores: each head's anomaly score (`cls`, `det`, `seg`).
         verdict: `"OK"` or `"NG"` (score at or above the config's `verdict_threshold`).
     """
 
     prediction: ImagePrediction
-    anomaly_score: float
+    anomaly_score: float | None
     head_scores: dict[str, float] = field(default_factory=dict)
     verdict: str = "OK"
 
@@ -378,13 +379,7 @@ class Predictor:
                 outputs.update({name: group_outputs[name] for name in _TASK_FIELDS[task]})
                 masks[task] = pixel_mask
         sizes = [(image.height, image.width) for image in images]
-        scores = self.processor.post_process_anomaly_score(
-            outputs,
-            source=config.verdict_source,
-            threshold=config.verdict_threshold,
-            normal_class_id=config.normal_class_id,
-            pixel_mask=masks["seg"],
-        )
+        scores = self.processor.post_process_verdict(outputs, config, pixel_mask=masks["seg"])
         ranked = self.processor.post_process_image_classification(
             outputs, top_k=self.top_k_classes, id2label=dict(enumerate(config.cls_labels))
         )
@@ -409,7 +404,7 @@ class Predictor:
                     logits = logits[:, : int(rows), : int(columns)]
                 prediction.segmentation = _class_map(self.processor, logits, sizes[index])
             results.append(
-                ImageResult(prediction, float(score["anomaly_score"]), score["head_scores"], score["verdict"])
+                ImageResult(prediction, score["anomaly_score"], score["head_scores"], score["verdict"] or "")
             )
         return results
 
@@ -610,7 +605,7 @@ def predict_files(
                 {
                     "file_name": item.file_name,
                     "verdict": result.verdict,
-                    "anomaly_score": f"{result.anomaly_score:.6g}",
+                    "anomaly_score": "" if result.anomaly_score is None else f"{result.anomaly_score:.6g}",
                     "top_class": top_class,
                     "top_class_score": f"{top_score:.6g}",
                     "num_defects": len(boxes),

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 
 from cadmtl.data.sources import LoaderSettings, TaskSource
 from cadmtl.evaluation.verdict import (
+    VerdictScores,
     apply_calibration,
     calibrate_verdict,
     score_verdict_split,
@@ -59,7 +60,9 @@ def calibrate_and_report_verdict(
             show_progress=accelerator.is_local_main_process,
         )
 
-    validation = score(eval_settings.split)
+    # A model none of whose heads gives an anomaly score (e.g. a classifier of part names, no `normal` class) has
+    # no verdict: nothing to score, and the calibration records why.
+    validation = score(eval_settings.split) if config.verdict_heads else VerdictScores()
     calibration = calibrate_verdict(
         validation, train_args.verdict_calibration, train_args.verdict_target_fpr, eval_settings.split
     )

@@ -87,3 +87,12 @@ def test_heads_and_the_config_settings() -> None:
         "NG",
         "NG",
     ]
+
+
+def test_a_model_without_an_anomaly_head_has_no_verdict() -> None:
+    # a part classifier (no `normal` class) trained alone: no head gives an anomaly score
+    config = CadMtlConfig(cls_labels=["door", "hood"], image_sizes={"cls": 64})
+    assert config.verdict_heads == ()
+    outputs = {"cls_logits": torch.zeros(3, 2)}
+    results = CadMtlImageProcessor().post_process_verdict(outputs, config)
+    assert results == [{"verdict": None, "anomaly_score": None, "head_scores": {}}] * 3

@@ -142,6 +142,20 @@ def test_the_verdict_follows_the_saved_threshold(forced_model_dir, inputs, tmp_p
     assert result.prediction.segmentation is None  # only "cls" is drawn: no full-size class map
 
 
+def test_a_model_without_an_anomaly_head_gets_an_empty_verdict(forced_model_dir, inputs, tmp_path):
+    # a classifier of part names trained alone: no `normal` class, no det / seg head trained -> no verdict
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for path in forced_model_dir.iterdir():
+        (model_dir / path.name).write_bytes(path.read_bytes())
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(verdict_source="max", image_sizes={"cls": 64}, cls_labels=["door", "hood", "mirror"])
+    (model_dir / "config.json").write_text(json.dumps(config))
+    predict.predict_files(model_dir, [inputs / "wide.png"], tmp_path / "out", device="cpu")
+    (row,) = _rows(tmp_path / "out" / "summary.csv")
+    assert (row["verdict"], row["anomaly_score"], row["top_class"], row["error"]) == ("", "", "mirror", "")
+
+
 def test_nothing_readable_still_writes_the_summary_then_fails(forced_model_dir, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
