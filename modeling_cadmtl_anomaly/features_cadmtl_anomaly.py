@@ -175,7 +175,8 @@ class NearestNeighborIndex:
             choice; clamped to M; lists that end up empty are dropped. None (default): no inverted file.
             `num_probes == num_lists` searches every entry and gives the exact result.
         num_probes: lists searched per query (1 <= num_probes <= num_lists; clamped to the non-empty lists).
-        chunk_size, bank_chunk_size: queries x bank entries per distance block (float32), bounding memory.
+        chunk_size, bank_chunk_size: queries x bank entries per distance block (float32), bounding memory. The
+            inverted file takes at least 4096 queries per block, so that each list's GEMM sees more queries.
     """
 
     def __init__(
@@ -210,6 +211,7 @@ class NearestNeighborIndex:
         self.num_lists = None
         if num_lists is not None:
             self._build_inverted_file(min(num_lists, bank.shape[0]), num_probes)
+            self.chunk_size = max(chunk_size, 4096)
 
     def _prepare(self, features: torch.Tensor) -> torch.Tensor:
         # On unit vectors, ||a - b||^2 = 2 - 2 cos, so the L2 search ranks cosine neighbours identically.
