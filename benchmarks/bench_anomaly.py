@@ -90,7 +90,7 @@ def bench_coreset(args: argparse.Namespace) -> None:
             print(f"| {dim} | {dtype_name} | {indices[0].numel()} | {seconds:.1f} | {peak:.0f} |", flush=True)
 
 
-SEARCH_MODES = {  # name: NearestNeighborIndex options
+SEARCH_MODES = {  # name: NearestNeighborIndex options; "num_lists": "sqrt" -> round(sqrt(bank size))
     "exact float32": {},
     "bf16, re-rank 16 (approx.)": {"compute_dtype": torch.bfloat16, "num_candidates": 16},
     "bf16, projection 128, re-rank 32 (approx.)": {
@@ -98,34 +98,102 @@ SEARCH_MODES = {  # name: NearestNeighborIndex options
         "projection_dim": 128,
         "num_candidates": 32,
     },
+    "IVF sqrt(M) lists, 4 probes (approx.)": {"num_lists": "sqrt", "num_probes": 4},
+    "IVF sqrt(M) lists, 8 probes (approx.)": {"num_lists": "sqrt", "num_probes": 8},
+    "IVF sqrt(M) lists, 16 probes (approx.)": {"num_lists": "sqrt", "num_probes": 16},
 }
+
+
+def _index_options(options: dict, bank_size: int) -> dict:
+    if options.get("num_lists") == "sqrt":
+        options = {**options, "num_lists": round(bank_size**0.5)}
+    return options
+
+
+@torch.inference_mode()
+def real_patch_features(folder: str, count: int, size: int, cache: str | None) -> torch.Tensor:
+    """(count, grid, 768) patch features (layers 6 and 9, the scorer's default for ViT-S) of the first `count`
+    *.jpg images under `folder` (sorted paths) with the random-init `vits16` preset, seed 0; the 384-dim rows
+    of the tables use layer 9 alone (the last 384 channels). Cached in `cache` (a .pt file, resumable)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from cadmtl.anomaly.data import to_pixel_values
+    from cadmtl.features import load_backbone
+
+    files = sorted(f for f in Path(folder).rglob("*.jpg"))[:count]
+    features = []
+    if cache and Path(cache).is_file():  # resumes a partial extraction
+        features = [torch.load(cache)]
+    done = sum(f.shape[0] for f in features)
+    if done < len(files):
+        backbone = load_backbone("vits16", 0)[0]
+        scorer = PatchMemoryScorer.from_backbone(backbone, layers=(6, 9), image_size=(size, size))
+    for start in range(done, len(files), 8):
+        images = [Image.open(f).convert("RGB") for f in files[start : start + 8]]
+        maps = scorer.patch_features(to_pixel_values(images, size))
+        features.append(maps.flatten(2).transpose(1, 2))
+        print(f"  features: {start + len(images)} / {len(files)} images", end="\r", flush=True)
+        if cache and (start // 8) % 8 == 7:
+            torch.save(torch.cat(features), cache)
+    features = torch.cat(features)[:count]
+    if cache:
+        torch.save(features, cache)
+    return features
 
 
 @torch.inference_mode()
 def bench_search(args: argparse.Namespace) -> None:
     """Per batch: the backbone forward, then each search mode over `batch * grid` queries. The index (bank
-    cast / projection) is built once outside the timing, as `PatchMemoryScorer` does. Recall = share of queries
-    whose distance equals the exact one; random Gaussian data is the worst case for the projection."""
+    cast / projection / k-means of the inverted file) is built once outside the timing, as `PatchMemoryScorer`
+    does. Recall = share of queries whose distance equals the exact one; random Gaussian data is the worst case
+    for the approximate modes. With `--real-features FOLDER` the bank is the patches of the first images of the
+    folder and the queries those of the next `batch` images (random-init vits16 features, see
+    `real_patch_features`)."""
     backbone = vit_s16()
     size = args.image_size
     grid = (size // 16) ** 2
-    print(f"\n### Nearest-neighbour search vs the ViT-S/16 forward ({size} px, {grid} patches / image)\n")
+    modes = {name: SEARCH_MODES[name] for name in args.search_modes}
+    data = (
+        "random Gaussian features"
+        if args.real_features is None
+        else f"patch features of {args.real_features}"
+    )
+    print(
+        f"\n### Nearest-neighbour search vs the ViT-S/16 forward ({size} px, {grid} patches / image), {data}\n"
+    )
     print("| batch | bank | dim | search | forward (ms) | NN (ms) | NN / forward | recall |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|")
     generator = torch.Generator().manual_seed(0)
+    real = None
+    if args.real_features is not None:
+        bank_images = -(-max(args.bank_sizes) // grid)
+        real = real_patch_features(
+            args.real_features, bank_images + max(args.batch_sizes), size, args.features_cache
+        )
     for batch in args.batch_sizes:
         pixels = torch.randn(batch, 3, size, size, generator=generator)
-        forward, _ = measure(lambda pixels=pixels: backbone(pixels), args.repeats, warmup=True)
+        measure(lambda pixels=pixels: backbone(pixels), 1)  # warm-up
         for bank_size, dim in itertools.product(args.bank_sizes, args.dims):
-            bank = torch.randn(bank_size, dim, generator=generator)
-            queries = torch.randn(batch * grid, dim, generator=generator)
+            if real is None:
+                bank = torch.randn(bank_size, dim, generator=generator)
+                queries = torch.randn(batch * grid, dim, generator=generator)
+            else:
+                channels = slice(0, 768) if dim == 768 else slice(768 - dim, 768)
+                bank = real[:bank_images, :, channels].reshape(-1, dim)[:bank_size]
+                queries = real[bank_images : bank_images + batch, :, channels].reshape(-1, dim)
             exact = None
-            for name, options in SEARCH_MODES.items():
-                index = NearestNeighborIndex(bank, **options)
+            for name, options in modes.items():
+                index = NearestNeighborIndex(bank, **_index_options(options, bank_size))
                 distances = index.search(queries)  # also the warm-up
-                exact = distances if exact is None else exact
+                exact = NearestNeighborIndex(bank).search(queries) if exact is None else exact
                 recall = float((distances - exact).abs().le(1e-5).float().mean())
-                seconds, _ = measure(lambda index=index, q=queries: index.search(q), args.repeats)
+                # forward and search timed in the same run, interleaved, so that both see the same load
+                forward = seconds = 0.0
+                for _ in range(args.repeats):
+                    forward += measure(lambda pixels=pixels: backbone(pixels))[0] / args.repeats
+                    seconds += measure(lambda index=index, q=queries: index.search(q))[0] / args.repeats
                 print(
                     f"| {batch} | {bank_size} | {dim} | {name} | {1e3 * forward:.0f} | {1e3 * seconds:.0f} "
                     f"| {seconds / forward:.2f} | {recall:.3f} |",
@@ -169,6 +237,17 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--search-modes", nargs="+", default=list(SEARCH_MODES), choices=list(SEARCH_MODES), metavar="MODE"
+    )
+    parser.add_argument(
+        "--real-features",
+        default=None,
+        help="image folder: search real patch features instead of random ones",
+    )
+    parser.add_argument(
+        "--features-cache", default=None, help=".pt file caching the --real-features features"
+    )
     parser.add_argument("--fit-images", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument(
         "--parts", nargs="+", default=["coreset", "search", "fit"], choices=["coreset", "search", "fit"]

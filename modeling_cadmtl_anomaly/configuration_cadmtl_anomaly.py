@@ -12,6 +12,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .features_cadmtl_anomaly import check_ivf_arguments
+
 IMAGENET_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD = tuple(IMAGENET_DEFAULT_STD)
 IMAGE_SCORE_MODES = ("max", "top_mean")
@@ -50,6 +52,10 @@ class PatchMemoryConfig(PreTrainedConfig):
         k (`int`): distance to the nearest (k = 1) or mean over the k nearest bank entries.
         memory_bank_size (`int`): rows of the memory bank (the `memory_bank` buffer of the weights).
         search_dtype, search_projection_dim, num_candidates: approximate nearest-neighbour search (None: exact).
+        search_num_lists, search_num_probes: inverted-file approximate search (see `NearestNeighborIndex`): the
+            bank is split into `search_num_lists` k-means lists (seeded by `seed`, built when the model first
+            scores) and each patch searches its `search_num_probes` nearest lists. None (default): exact. The
+            ONNX export always searches exactly.
         coreset_fraction, seed, projection_dim: how the bank was reduced when it was fitted (kept for the record).
         image_mean, image_std: the normalisation of the inputs.
         image_threshold, pixel_threshold (`float`, *optional*): the calibrated decisions.
@@ -79,6 +85,8 @@ class PatchMemoryConfig(PreTrainedConfig):
     search_dtype: str | None = None
     search_projection_dim: int | None = None
     num_candidates: int = 16
+    search_num_lists: int | None = None
+    search_num_probes: int = 8
     coreset_fraction: float = 0.1
     seed: int = 0
     projection_dim: int | None = 128
@@ -98,6 +106,7 @@ class PatchMemoryConfig(PreTrainedConfig):
             raise ValueError(f"image_score must be one of {IMAGE_SCORE_MODES}; got {self.image_score!r}")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}; got {self.metric!r}")
+        check_ivf_arguments(self.search_num_lists, self.search_num_probes)
         self.layers = [int(layer) for layer in self.layers] if self.layers is not None else None
         self.image_size = [int(v) for v in self.image_size] if self.image_size is not None else None
         self.image_mean = [float(v) for v in (self.image_mean or IMAGENET_MEAN)]

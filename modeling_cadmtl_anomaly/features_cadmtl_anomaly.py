@@ -169,7 +169,14 @@ class NearestNeighborIndex:
             may fall outside the candidates; ~3x faster on CPUs with bf16 instructions).
         projection_dim: search on a seeded Gaussian projection of the features to this many dims, then re-rank
             the candidates exactly (approximate; the cost of the search drops by C / projection_dim).
-        chunk_size, bank_chunk_size: queries x bank entries per distance block (float32), bounding memory.
+        num_lists: inverted-file search (as faiss `IndexIVFFlat`, approximate): the bank is split into this many
+            lists by a seeded k-means (a few Lloyd iterations on a sample), and each query is compared only with
+            the entries of the `num_probes` lists whose centroids are nearest. ~sqrt(M) lists is the usual
+            choice; clamped to M; lists that end up empty are dropped. None (default): no inverted file.
+            `num_probes == num_lists` searches every entry and gives the exact result.
+        num_probes: lists searched per query (1 <= num_probes <= num_lists; clamped to the non-empty lists).
+        chunk_size, bank_chunk_size: queries x bank entries per distance block (float32), bounding memory. The
+            inverted file takes at least 4096 queries per block, so that each list's GEMM sees more queries.
     """
 
     def __init__(
@@ -182,11 +189,14 @@ class NearestNeighborIndex:
         seed: int = 0,
         chunk_size: int = 1024,
         bank_chunk_size: int = 4096,
+        num_lists: int | None = None,
+        num_probes: int = 8,
     ):
         if bank.ndim != 2 or bank.shape[0] == 0:
             raise ValueError("the memory bank is empty: fit the scorer on at least one image first")
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine'; got {metric!r}")
+        check_ivf_arguments(num_lists, num_probes)
         self.metric = metric
         self.bank = self._prepare(bank.float())
         self.projection_dim = projection_dim if projection_dim and projection_dim < bank.shape[1] else None
@@ -198,6 +208,10 @@ class NearestNeighborIndex:
         self.bank_chunk_size = bank_chunk_size
         self.search_bank = self._search_space(self.bank)
         self.search_norms = self.search_bank.float().pow(2).sum(dim=1)
+        self.num_lists = None
+        if num_lists is not None:
+            self._build_inverted_file(min(num_lists, bank.shape[0]), num_probes)
+            self.chunk_size = max(chunk_size, 4096)
 
     def _prepare(self, features: torch.Tensor) -> torch.Tensor:
         # On unit vectors, ||a - b||^2 = 2 - 2 cos, so the L2 search ranks cosine neighbours identically.
@@ -235,14 +249,21 @@ class NearestNeighborIndex:
         """(q, C) prepared queries -> (q,) distances (see `search`)."""
         keep = min(self.bank.shape[0], max(k, self.num_candidates) if self.approximate else k)
         candidates = self._candidates(self._search_space(queries), keep)
-        exact = (queries[:, None, :] - self.bank[candidates]).norm(dim=-1)
+        exact = (queries[:, None, :] - self.bank[candidates.clamp(min=0)]).norm(dim=-1)
+        missing = candidates < 0  # IVF: the probed lists held fewer than `keep` entries
+        exact = exact.masked_fill(missing, math.inf) if self.num_lists is not None else exact
         exact = exact.topk(min(k, exact.shape[1]), dim=1, largest=False).values
         if self.metric == "cosine":
             exact = exact.pow(2) / 2  # ||a - b||^2 / 2 = 1 - cos on unit vectors
+        if self.num_lists is not None and k > 1:
+            found = exact.isfinite()
+            return exact.where(found, 0).sum(dim=1) / found.sum(dim=1).clamp(min=1)
         return exact.mean(dim=1)
 
     def _candidates(self, search_queries: torch.Tensor, keep: int) -> torch.Tensor:
         """(q, keep) indices of the nearest bank entries in the search space, merged block by block."""
+        if self.num_lists is not None:
+            return self._ivf_candidates(search_queries, keep)
         best_values = best_indices = None
         for bank_start in range(0, self.search_bank.shape[0], self.bank_chunk_size):
             stop = bank_start + self.bank_chunk_size
@@ -261,3 +282,118 @@ class NearestNeighborIndex:
                 indices = indices.gather(1, order)
             best_values, best_indices = values, indices
         return best_indices
+
+    def _build_inverted_file(self, num_lists: int, num_probes: int) -> None:
+        """Seeded k-means of the search bank into `num_lists` lists; the bank is stored sorted by list so each
+        list is one contiguous slice (`list_offsets`), and `list_ids` maps a sorted row to its bank row."""
+        points = self.search_bank.float()
+        centroids = kmeans(points, num_lists, seed=self.seed)
+        assignment = _nearest_centroids(points, centroids, self.bank_chunk_size)
+        order = torch.argsort(assignment, stable=True)
+        counts = torch.bincount(assignment, minlength=num_lists)
+        kept = counts > 0  # a list k-means left empty can never hold a neighbour: drop it
+        self.centroids = centroids[kept]
+        self.centroid_norms = self.centroids.pow(2).sum(dim=1)
+        counts = counts[kept]
+        self.list_offsets = [0, *torch.cumsum(counts, 0).tolist()]
+        self.list_ids = order
+        self.search_bank = self.search_bank[order].contiguous()
+        self.search_norms = self.search_norms[order].contiguous()
+        self.num_lists = int(self.centroids.shape[0])
+        self.num_probes = min(num_probes, self.num_lists)
+
+    def _ivf_candidates(self, search_queries: torch.Tensor, keep: int) -> torch.Tensor:
+        """(q, keep) bank indices (-1 where the probed lists hold fewer than `keep` entries): each query is
+        compared with the entries of its `num_probes` nearest lists. The (query, list) pairs are grouped by list
+        so that every list is one GEMM against all the queries that probe it."""
+        num_queries, probes = search_queries.shape[0], self.num_probes
+        to_centroids = _ranking_distances(search_queries.float(), self.centroids, self.centroid_norms)
+        probed = to_centroids.topk(probes, dim=1, largest=False).indices.flatten()  # (q * probes,)
+        order = torch.argsort(probed, stable=True)  # pairs grouped by list
+        pair_queries = search_queries[order // probes]
+        counts = torch.bincount(probed, minlength=self.num_lists).tolist()
+        values, indices = [], []
+        start = 0
+        for list_id, count in enumerate(counts):
+            if count == 0:
+                continue
+            low, high = self.list_offsets[list_id], self.list_offsets[list_id + 1]
+            block = _ranking_distances(
+                pair_queries[start : start + count], self.search_bank[low:high], self.search_norms[low:high]
+            )
+            if keep == 1:
+                value, index = block.min(dim=1, keepdim=True)
+            else:
+                value, index = block.topk(min(keep, high - low), dim=1, largest=False)
+                if value.shape[1] < keep:  # a short list: pad with "not found"
+                    pad = keep - value.shape[1]
+                    value = F.pad(value, (0, pad), value=math.inf)
+                    index = F.pad(index, (0, pad), value=-1 - low)
+            values.append(value)
+            indices.append(index + low)
+            start += count
+        pair_values = torch.empty(order.shape[0], keep, device=search_queries.device)
+        pair_indices = torch.empty(order.shape[0], keep, dtype=torch.long, device=search_queries.device)
+        pair_values[order] = torch.cat(values)
+        pair_indices[order] = torch.cat(indices)
+        pair_values = pair_values.view(num_queries, probes * keep)
+        pair_indices = pair_indices.view(num_queries, probes * keep)
+        if keep == 1:
+            best = pair_values.argmin(dim=1, keepdim=True)
+        else:
+            best = pair_values.topk(min(keep, pair_values.shape[1]), dim=1, largest=False).indices
+        sorted_rows = pair_indices.gather(1, best)
+        found = sorted_rows >= 0
+        return torch.where(found, self.list_ids[sorted_rows.clamp(min=0)], -1)
+
+
+def check_ivf_arguments(num_lists: int | None, num_probes: int) -> None:
+    """A ValueError for inverted-file settings that cannot work (see `NearestNeighborIndex`)."""
+    if num_lists is None:
+        return
+    if num_lists < 1:
+        raise ValueError(f"num_lists (the inverted-file search) must be >= 1 or None; got {num_lists}")
+    if not 1 <= num_probes <= num_lists:
+        raise ValueError(
+            f"num_probes must be between 1 and num_lists ({num_lists}); got {num_probes} "
+            "(num_probes == num_lists searches every list, i.e. exactly)"
+        )
+
+
+def _nearest_centroids(points: torch.Tensor, centroids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(N,) index of each point's nearest centroid, in chunks of points."""
+    norms = centroids.pow(2).sum(dim=1)
+    return torch.cat(
+        [
+            _ranking_distances(points[start : start + chunk_size], centroids, norms).argmin(dim=1)
+            for start in range(0, points.shape[0], chunk_size)
+        ]
+    )
+
+
+def kmeans(
+    points: torch.Tensor,
+    num_clusters: int,
+    iterations: int = 10,
+    sample_per_cluster: int = 64,
+    seed: int = 0,
+) -> torch.Tensor:
+    """(num_clusters, C) float32 centroids of (N, C) points: seeded Lloyd iterations on a random sample of at
+    most `sample_per_cluster` points per cluster (as faiss, which caps at 256), initialised on distinct sample
+    points. A cluster left empty is re-seeded on a random sample point, so every centroid stays a real one."""
+    if not 1 <= num_clusters <= points.shape[0]:
+        raise ValueError(f"k-means needs 1 <= clusters <= points ({points.shape[0]}); got {num_clusters}")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    count = min(points.shape[0], num_clusters * sample_per_cluster)
+    sample = points[torch.randperm(points.shape[0], generator=generator)[:count].to(points.device)].float()
+    centroids = sample[:num_clusters].clone()
+    for _ in range(iterations):
+        assignment = _nearest_centroids(sample, centroids, 4096)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, sample)
+        sizes = torch.bincount(assignment, minlength=num_clusters)
+        empty = sizes == 0
+        centroids = sums / sizes.clamp(min=1)[:, None].to(sums.dtype)
+        if empty.any():
+            reseed = torch.randint(count, (int(empty.sum()),), generator=generator).to(points.device)
+            centroids[empty] = sample[reseed]
+    return centroids

@@ -234,8 +234,10 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         return self.extractor(pixel_values.to(device=param.device, dtype=param.dtype)).float()
 
     def index(self) -> NearestNeighborIndex:
-        """The search index of the current memory bank, built once per bank (rebuilt after a new bank). While
-        exporting, an exact float32 index is built inside the graph from the `memory_bank` buffer."""
+        """The search index of the current memory bank, built once per bank (rebuilt after a new bank; the
+        inverted file's k-means runs here, seeded). While exporting, an exact float32 index is built inside the
+        graph from the `memory_bank` buffer: approximate modes (dtype, projection, inverted file) are not
+        exported."""
         if self.memory_bank.shape[0] == 0:
             raise ValueError("the memory bank is empty: fit the scorer (cadmtl anomaly fit) before scoring")
         config = self.config
@@ -250,6 +252,8 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
                 config.search_projection_dim,
                 config.num_candidates,
                 config.seed,
+                num_lists=config.search_num_lists,
+                num_probes=config.search_num_probes,
             )
             self._index_bank = self.memory_bank
         return self._index

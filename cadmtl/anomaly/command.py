@@ -119,6 +119,8 @@ def fit(args: argparse.Namespace) -> int:
         coreset_fraction=args.coreset_fraction,
         image_size=(args.image_size, args.image_size),
         seed=args.seed,
+        search_num_lists=args.search_lists,
+        search_num_probes=args.search_probes,
     )
     started = time.perf_counter()
     pixel_values = to_pixel_values([s.image for s in bank_images], scorer.image_size)
@@ -270,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser = commands.add_parser(
         "fit",
         help="build the patch-memory scorer from normal images and calibrate it",
-        epilog="example:\n  cadmtl anomaly fit data/cad100k-mini --config exterior_ad --output-dir outputs/ad --backbone tiny",
+        epilog="example:\n  cadmtl anomaly fit data/cad100k-mini --config exterior_ad --output-dir outputs/ad --backbone tiny\n"
+        "  cadmtl anomaly fit data/cad100k-mini --config exterior_ad --output-dir outputs/ad --search-lists 316",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fit_parser.add_argument("repo", help="dataset repo folder or Hub id")
@@ -296,6 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--target-fpr", type=float, default=0.01)
     fit_parser.add_argument("--batch-size", type=int, default=8)
     fit_parser.add_argument("--seed", type=int, default=0)
+    fit_parser.add_argument(
+        "--search-lists",
+        type=int,
+        default=None,
+        help="approximate inverted-file search when scoring: k-means lists of the bank (~sqrt of its size); "
+        "default exact (the ONNX export always searches exactly)",
+    )
+    fit_parser.add_argument(
+        "--search-probes", type=int, default=8, help="lists searched per patch with --search-lists"
+    )
 
     eval_parser = commands.add_parser(
         "evaluate",

@@ -86,6 +86,8 @@ class PatchMemoryScorer(PatchMemoryModel):
         search_dtype: str | None = None,
         search_projection_dim: int | None = None,
         num_candidates: int = 16,
+        search_num_lists: int | None = None,
+        search_num_probes: int = 8,
     ) -> PatchMemoryScorer:
         """A scorer with an empty memory bank on `backbone` (a DINOv3 ViT / ConvNeXt model or backbone).
 
@@ -101,6 +103,8 @@ class PatchMemoryScorer(PatchMemoryModel):
             image_mean, image_std: the normalisation the inputs are expected to carry (saved with the processor).
             search_dtype, search_projection_dim, num_candidates: approximate nearest-neighbour search (see
                 `NearestNeighborIndex`), e.g. "bfloat16" and 128; None (default) searches exactly in float32.
+            search_num_lists, search_num_probes: inverted-file approximate search (k-means lists, seeded by
+                `seed`; ~sqrt(bank size) lists); None (default) searches exactly.
         """
         config = PatchMemoryConfig(
             backbone_config=backbone.config,
@@ -117,6 +121,8 @@ class PatchMemoryScorer(PatchMemoryModel):
             search_dtype=search_dtype,
             search_projection_dim=search_projection_dim,
             num_candidates=num_candidates,
+            search_num_lists=search_num_lists,
+            search_num_probes=search_num_probes,
             coreset_fraction=coreset_fraction,
             seed=seed,
             projection_dim=projection_dim,

@@ -118,3 +118,27 @@ def test_evaluate_and_predict_also_take_a_saved_learner(repo: Path, tmp_path) ->
     assert results["thresholds"]["image"] == 0.5 and 0 <= results["metrics"]["image_auroc"] <= 100
     rows = list(csv.DictReader((out / "scores.csv").open()))
     assert all(row["verdict"] == ("NG" if float(row["score"]) >= 0.5 else "OK") for row in rows)
+
+
+def test_fit_with_an_inverted_file_search_saves_it_and_refuses_bad_probes(
+    repo: Path, tmp_path, capsys
+) -> None:
+    argv = [
+        "anomaly",
+        "fit",
+        str(repo),
+        "--config",
+        "exterior_ad",
+        "--backbone",
+        "tiny",
+        "--image-size",
+        "64",
+    ]
+    assert main([*argv, "--output-dir", str(tmp_path), "--search-lists", "8", "--search-probes", "3"]) == 0
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert (config["search_num_lists"], config["search_num_probes"]) == (8, 3)
+    assert (
+        main([*argv, "--output-dir", str(tmp_path / "bad"), "--search-lists", "2", "--search-probes", "3"])
+        == 2
+    )
+    assert "num_probes must be between 1 and num_lists (2); got 3" in capsys.readouterr().err

@@ -90,3 +90,52 @@ def test_approximate_index_with_projection_and_bf16_finds_cluster_neighbours():
     assert bool((approximate >= exact - 1e-5).all())  # never below the exact distance (exact re-rank)
     recall = (approximate - exact).abs().le(1e-5).float().mean()
     assert recall >= 0.95, recall
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_inverted_file_probing_every_list_equals_the_exact_search(metric, k):
+    generator = torch.Generator().manual_seed(4)
+    bank, queries = torch.randn(2000, 32, generator=generator), torch.randn(150, 32, generator=generator)
+    exact = NearestNeighborIndex(bank, metric, bank_chunk_size=512).search(queries, k)
+    index = NearestNeighborIndex(bank, metric, num_lists=40, num_probes=40, bank_chunk_size=512)
+    assert index.num_lists == 40 and index.list_offsets[-1] == 2000
+    assert torch.equal(index.search(queries, k), exact)
+
+
+def test_inverted_file_finds_cluster_neighbours_with_few_probes_and_is_deterministic():
+    points, _ = _clusters(num_clusters=30, per_cluster=40, dim=64, seed=6)
+    generator = torch.Generator().manual_seed(7)
+    queries = points[torch.randint(0, 1200, (300,), generator=generator)] + 0.5 * torch.randn(
+        300, 64, generator=generator
+    )
+    exact = nearest_neighbor_distance(queries, points)
+    index = NearestNeighborIndex(points, num_lists=35, num_probes=3, seed=1)
+    approximate = index.search(queries)
+    assert bool((approximate >= exact - 1e-5).all())  # a subset of the bank: never below the exact distance
+    recall = (approximate - exact).abs().le(1e-5).float().mean()
+    assert recall >= 0.98, recall
+    again = NearestNeighborIndex(points, num_lists=35, num_probes=3, seed=1)
+    assert torch.equal(again.centroids, index.centroids) and torch.equal(again.list_ids, index.list_ids)
+
+
+def test_inverted_file_bad_arguments_and_degenerate_banks():
+    generator = torch.Generator().manual_seed(8)
+    bank, queries = torch.randn(50, 8, generator=generator), torch.randn(20, 8, generator=generator)
+    with pytest.raises(ValueError, match=r"num_probes must be between 1 and num_lists \(4\); got 5"):
+        NearestNeighborIndex(bank, num_lists=4, num_probes=5)
+    with pytest.raises(ValueError, match=r"num_lists .* must be >= 1"):
+        NearestNeighborIndex(bank, num_lists=0)
+    exact = nearest_neighbor_distance(queries, bank)
+    # more lists than entries: clamped to one entry per list; probing them all is exact
+    clamped = NearestNeighborIndex(bank, num_lists=80, num_probes=80)
+    assert clamped.num_lists == 50 and torch.equal(clamped.search(queries), exact)
+    # 40 identical entries: k-means leaves lists empty; they are dropped and the probes clamped
+    repeated = torch.cat([bank[:1].repeat(40, 1), bank[10:20]])
+    index = NearestNeighborIndex(repeated, num_lists=20, num_probes=20)
+    assert index.num_lists < 20 and index.num_probes == index.num_lists
+    assert min(torch.tensor(index.list_offsets).diff().tolist()) >= 1
+    assert torch.equal(index.search(queries), nearest_neighbor_distance(queries, repeated))
+    # k larger than what the probed lists hold: the mean over the neighbours found
+    single = NearestNeighborIndex(bank, num_lists=50, num_probes=1)
+    torch.testing.assert_close(single.search(queries, k=3), single.search(queries, k=1))

@@ -267,3 +267,31 @@ def test_convnext_scorer_round_trip(tmp_path):
         and torch.equal(loaded_maps, maps)
         and torch.equal(loaded_scores, scores)
     )
+
+
+def test_inverted_file_search_is_configured_saved_and_loaded(backbone, tmp_path):
+    images, query = normal_images(4), normal_images(2, seed=3)
+    exact = PatchMemoryScorer.from_backbone(
+        backbone, layers=[1, 2], coreset_fraction=1.0, image_size=(SIZE, SIZE)
+    ).fit(images)
+    ivf = PatchMemoryScorer.from_backbone(
+        backbone,
+        layers=[1, 2],
+        coreset_fraction=1.0,
+        image_size=(SIZE, SIZE),
+        search_num_lists=6,
+        search_num_probes=6,  # every list: the exact scores
+    ).fit(images)
+    assert ivf.index() is ivf.index() and ivf.index().num_lists == 6
+    torch.testing.assert_close(ivf.score(query)[1], exact.score(query)[1], rtol=0, atol=0)
+    ivf.config.search_num_probes = 2
+    ivf._index = None
+    ivf.save_pretrained(tmp_path)
+    loaded = PatchMemoryScorer.from_pretrained(tmp_path)
+    assert (loaded.config.search_num_lists, loaded.config.search_num_probes) == (6, 2)
+    assert loaded.index().num_probes == 2
+    # the seeded k-means rebuilds the same lists, so the loaded scorer scores as the saved one
+    assert torch.equal(loaded.index().centroids, ivf.index().centroids)
+    assert torch.equal(loaded.score(query)[1], ivf.score(query)[1])
+    with pytest.raises(ValueError, match="num_probes must be between 1 and num_lists"):
+        PatchMemoryScorer.from_backbone(backbone, layers=[1, 2], search_num_lists=4, search_num_probes=5)
