@@ -18,7 +18,8 @@ per-pixel *error map* at inference:
 Scoring (``predict``): each raw map is Gaussian-smoothed, standardised with statistics of held-out *normal* images
 only (``normal_statistics``: global robust location / scale per task = median and 1.4826 * MAD of all their
 pixels, or per-pixel mean / std with ``standardization="pixel"``; never per image), the standardised maps are
-averaged into the fused anomaly map and the image score is the mean of its top ``top_fraction`` pixels (or its
+averaged into the fused anomaly map (with ``task_weights`` when set: :func:`choose_task_weights` derives them from
+held-out images, see ``fusion``) and the image score is the mean of its top ``top_fraction`` pixels (or its
 max). Thresholds (``image_threshold``, ``pixel_threshold``) are calibrated on held-out normals at a target FPR or by
 F1-max on a split with defects, and are stored with the model (``save_pretrained`` / ``from_pretrained``).
 
@@ -28,6 +29,7 @@ F1-max on a split with defects, and are stored with the model (``save_pretrained
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -44,6 +46,7 @@ from transformers import PretrainedConfig
 from dataset_scripts.synthetic import DefectSpec, place_defects
 from dataset_scripts.taxonomy import SYNTHESIS_STYLES
 
+from .metrics import binary_auroc
 from .patch_memory import IMAGENET_MEAN, IMAGENET_STD, gaussian_blur
 
 TASKS = ("inpaint", "rotation", "segment")
@@ -52,6 +55,8 @@ STATISTICS_NAME = "normal_statistics.safetensors"
 CONFIG_NAME = "config.json"
 STANDARDIZATIONS = ("global", "pixel")
 IMAGE_SCORE_MODES = ("max", "top_mean")
+# How the task maps are weighted into the fused map (see choose_task_weights); the first needs no data.
+FUSIONS = ("mean", "auroc", "select", "normal_variance")
 LEARNER_PRESETS = {
     "tiny": {"channels": [24, 48, 96], "expert_hidden": 192},
     "small": {"channels": [32, 64, 160], "expert_hidden": 320},
@@ -73,6 +78,9 @@ class AnomalyLearnerConfig(PretrainedConfig):
         standardization: ``global`` (median / MAD of all normal pixels per task) or ``pixel`` (per-pixel mean /
             std over the normal images, std floored at 10 % of its median).
         image_score: ``top_mean`` (mean of the top ``top_fraction`` fused-map pixels) or ``max``.
+        task_weights: ``{task: weight >= 0}`` of the fused map (normalised to sum 1; a task at 0 is left out of
+            the fusion but its map is still returned); ``None`` = equal weights. ``fusion`` records the rule
+            that chose them (:data:`FUSIONS`).
         image_threshold, pixel_threshold, threshold_method: stored calibration (anomalous: value >= threshold).
     """
 
@@ -98,6 +106,8 @@ class AnomalyLearnerConfig(PretrainedConfig):
         top_fraction: float = 0.01,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
+        task_weights: dict[str, float] | None = None,
+        fusion: str = "mean",
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
         threshold_method: str | None = None,
@@ -142,6 +152,10 @@ class AnomalyLearnerConfig(PretrainedConfig):
         self.top_fraction = float(top_fraction)
         self.image_mean = [float(v) for v in image_mean]
         self.image_std = [float(v) for v in image_std]
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}; got {fusion!r}")
+        self.fusion = fusion
+        self.task_weights = None if task_weights is None else check_task_weights(task_weights, self.tasks)
         self.image_threshold = image_threshold
         self.pixel_threshold = pixel_threshold
         self.threshold_method = threshold_method
@@ -157,7 +171,8 @@ class AnomalyLearnerConfig(PretrainedConfig):
 class LearnerOutput:
     """What :meth:`AnomalyLearner.predict` returns (maps at the input size).
 
-    anomaly_maps: (B, H, W) fused map, the mean of the standardised task maps (normal pixels ~ 0).
+    anomaly_maps: (B, H, W) fused map, the (``task_weights``-weighted) mean of the standardised task maps
+        (normal pixels ~ 0).
     image_scores: (B,) top-mean (or max) of the fused map at the model size.
     task_maps: {task: (B, H, W)} standardised per-task maps; raw_task_maps: the same before standardisation.
     is_anomalous / defect_masks: the calibrated decisions, None until a threshold is set.
@@ -446,7 +461,7 @@ class AnomalyLearner(nn.Module):
         for task, value in raw.items():
             stats = self.normal_statistics[task]
             standardised[task] = (value - stats["location"].to(value)) / stats["scale"].to(value)
-        fused = torch.stack(list(standardised.values())).mean(0)
+        fused = fuse_task_maps(standardised, self.config.task_weights)
         scores = image_scores(fused, self.config.image_score, self.config.top_fraction)
 
         def resize(maps: torch.Tensor) -> torch.Tensor:
@@ -511,6 +526,81 @@ def _batches(items: Iterable[torch.Tensor] | torch.Tensor, batch_size: int) -> I
             pending = []
     if pending:
         yield torch.stack(pending)
+
+
+def check_task_weights(weights: dict[str, float], tasks: Sequence[str]) -> dict[str, float]:
+    """``weights`` normalised to sum 1 over ``tasks`` (missing tasks get 0); clear errors for bad values."""
+    unknown = sorted(set(weights) - set(tasks))
+    if unknown:
+        raise ValueError(f"task_weights name tasks {unknown} that the model does not have ({list(tasks)})")
+    values = {task: float(weights.get(task, 0.0)) for task in tasks}
+    if any(not math.isfinite(v) or v < 0 for v in values.values()) or sum(values.values()) <= 0:
+        raise ValueError(f"task_weights must be finite, >= 0 and not all 0; got {weights}")
+    total = sum(values.values())
+    return {task: value / total for task, value in values.items()}
+
+
+def fuse_task_maps(task_maps: dict[str, torch.Tensor], weights: dict[str, float] | None) -> torch.Tensor:
+    """The fused map: the mean of the standardised task maps, or their ``weights``-weighted mean."""
+    if weights is None:
+        return torch.stack(list(task_maps.values())).mean(0)
+    used = [(weights[task], value) for task, value in task_maps.items() if weights.get(task, 0.0) > 0]
+    return sum(weight * value for weight, value in used) / sum(weight for weight, _ in used)
+
+
+def choose_task_weights(
+    task_maps: dict[str, torch.Tensor],
+    is_anomalous: Sequence[bool] | np.ndarray | None,
+    method: str,
+    image_score: str = "top_mean",
+    top_fraction: float = 0.01,
+) -> dict[str, float] | None:
+    """Fusion weights from the standardised task maps ``{task: (N, S, S)}`` of held-out images.
+
+    * ``mean``: ``None`` (equal weights).
+    * ``auroc`` (needs defects): each task weighted by how far its own image score separates the anomalous
+      from the normal images, ``max(AUROC - 0.5, 0)``; equal weights if no task beats chance.
+    * ``select`` (needs defects): the equal-weight subset of tasks whose fused image score has the highest
+      AUROC (ties: the larger subset), i.e. tasks that do not help on these images are dropped.
+    * ``normal_variance`` (normal images only, ``is_anomalous`` may be None; anomalous rows are ignored):
+      inverse-variance weights ``1 / var`` of each task's image scores over the normal images: a task whose
+      normal images already spread over a wide range of scores is noise for the image decision.
+    """
+    if method not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}; got {method!r}")
+    tasks = list(task_maps)
+    count = next(iter(task_maps.values())).shape[0]
+    labels = np.zeros(count, bool) if is_anomalous is None else np.asarray(is_anomalous, bool)
+    if labels.shape != (count,):
+        raise ValueError(f"is_anomalous has {labels.shape} labels for {count} images")
+    if method == "mean":
+        return None
+    scores = {
+        t: image_scores(m.float(), image_score, top_fraction).double().cpu().numpy()
+        for t, m in task_maps.items()
+    }
+    if method == "normal_variance":
+        if (~labels).sum() < 2:
+            raise ValueError("fusion normal_variance needs at least 2 normal images")
+        variances = {t: float(np.var(s[~labels], ddof=1)) for t, s in scores.items()}
+        return check_task_weights({t: 1.0 / max(v, 1e-12) for t, v in variances.items()}, tasks)
+    if labels.all() or not labels.any():
+        raise ValueError(
+            f"fusion {method} needs anomalous and normal images (a validation split with defects)"
+        )
+    if method == "auroc":
+        excess = {t: max(binary_auroc(s, labels) - 0.5, 0.0) for t, s in scores.items()}
+        return None if not any(excess.values()) else check_task_weights(excess, tasks)
+    best, best_auroc = None, -1.0
+    for size in range(len(tasks), 0, -1):
+        for subset in itertools.combinations(tasks, size):
+            fused = torch.stack([task_maps[t].float() for t in subset]).mean(0)
+            auroc = binary_auroc(
+                image_scores(fused, image_score, top_fraction).double().cpu().numpy(), labels
+            )
+            if auroc > best_auroc:
+                best, best_auroc = subset, auroc
+    return check_task_weights(dict.fromkeys(best, 1.0), tasks)
 
 
 def image_scores(maps: torch.Tensor, mode: str = "top_mean", top_fraction: float = 0.01) -> torch.Tensor:
