@@ -344,4 +344,8 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
-    assert json.loads((resumed / "results.json").read_text())["weights"] == summary["weights"]
+    resumed_summary = json.loads((resumed / "results.json").read_text())
+    assert resumed_summary["weights"] == summary["weights"]
+    # The default fusion needs normal images only: the validation split's 3 normal images here.
+    assert resumed_summary["fusion"]["method"] == "normal_variance"
+    assert resumed_summary["fusion"]["images"] == "validation (3 images)"
