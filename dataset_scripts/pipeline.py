@@ -83,6 +83,9 @@ class SourceSample:
     mask_values: dict[int, str] | None = None  # mask pixel value -> source class name
     expected_size: tuple[int, int] | None = None  # (width, height) stated by the annotations
     split: str | None = None  # ad sources: the split the reader assigned (None: ConvertOptions.split)
+    source: str | None = (
+        None  # ad sources: this row's ``source`` (e.g. synthetic), else ConvertOptions.source_kind
+    )
 
 
 @dataclass
@@ -458,6 +461,8 @@ class _RowBuilder:
                 )
             canvas = anomalous.astype(np.uint8)
         row = self.base_row(image, image_id, [], normal)
+        if sample.source is not None:
+            row["source"] = sample.source
         row["mask"] = {"bytes": encode_png(canvas), "path": None}
         row["defect_type"] = self.class_id[defect]
         return row

@@ -54,6 +54,10 @@ ISSUE_KINDS: dict[str, tuple[Action, str]] = {
     "converted_mode": ("fix", "image converted to 8-bit RGB"),
     "exif_transposed": ("fix", "image rotated upright from its EXIF orientation"),
     "reencoded": ("fix", "image re-encoded (format not JPEG/PNG/WEBP, or pixels changed)"),
+    "defect_not_placed": (
+        "fix",
+        "synthetic anomaly detection: no room for the planned synthetic defect, the image stays normal",
+    ),
     "empty_anomaly_mask": (
         "fix",
         "anomaly detection: anomalous image whose mask marks no pixel; kept (counts for image-level metrics)",

@@ -403,14 +403,20 @@ def place_defects(
     *,
     radius_range: tuple[float, float] = (0.12, 0.22),
     attempts: int = 25,
+    region: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[PlacedDefect]]:
     """Paint several defects without overlapping boxes; later defects win where masks still touch.
 
-    ``radius_range`` is relative to the shorter image side. A defect that finds no free place after
-    ``attempts`` tries is left out, so the result can hold fewer defects than ``specs``.
+    ``radius_range`` is relative to the shorter image side. ``region`` (bool H x W, optional) is where defect
+    centres may fall, e.g. the car in a street photo; without it they fall anywhere. A defect that finds no
+    free place after ``attempts`` tries is left out, so the result can hold fewer defects than ``specs``.
     """
     image = _as_float_rgb(normal)
     h, w = image.shape[:2]
+    if region is not None:
+        if region.shape != (h, w):
+            raise ValueError(f"region of shape {region.shape} does not match the {h}x{w} image")
+        region_ys, region_xs = np.nonzero(region)
     placed: list[tuple[DefectSpec, np.ndarray]] = []
     taken: list[tuple[float, float, float, float]] = []
     for spec in specs:
@@ -420,7 +426,19 @@ def place_defects(
             if 2 * margin >= min(h, w):
                 radius = min(h, w) / 2.2
                 margin = radius * 1.05
-            center = (float(rng.uniform(margin, w - margin)), float(rng.uniform(margin, h - margin)))
+            if region is None:
+                center = (float(rng.uniform(margin, w - margin)), float(rng.uniform(margin, h - margin)))
+            else:  # a region pixel far enough from the image edges
+                inside = np.flatnonzero(
+                    (region_xs + 0.5 >= margin)
+                    & (region_xs + 0.5 <= w - margin)
+                    & (region_ys + 0.5 >= margin)
+                    & (region_ys + 0.5 <= h - margin)
+                )
+                if not inside.size:
+                    continue
+                pick = int(inside[rng.integers(inside.size)])
+                center = (float(region_xs[pick]) + 0.5, float(region_ys[pick]) + 0.5)
             footprint = (center[0] - margin, center[1] - margin, 2 * margin, 2 * margin)
             if not _overlaps(footprint, taken):
                 break

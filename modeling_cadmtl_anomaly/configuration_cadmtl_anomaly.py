@@ -6,6 +6,7 @@ Both record how their inputs are prepared (`image_size`, `image_mean`, `image_st
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -23,6 +24,9 @@ SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext")
 # The learner's proxy tasks and shapes.
 TASKS = ("inpaint", "rotation", "segment")
 STANDARDIZATIONS = ("global", "pixel")
+# How the learner's standardised task maps are weighted into the fused map (the rule that chose `task_weights`;
+# `cadmtl.anomaly.learner.choose_task_weights` applies them); "mean" needs no data.
+FUSIONS = ("mean", "auroc", "select", "normal_variance")
 LEARNER_PRESETS = {
     "tiny": {"channels": [24, 48, 96], "expert_hidden": 192},
     "small": {"channels": [32, 64, 160], "expert_hidden": 320},
@@ -126,6 +130,9 @@ class AnomalyLearnerConfig(PreTrainedConfig):
         standardization: ``global`` (median / MAD of all normal pixels per task) or ``pixel`` (per-pixel mean /
             std over the normal images, std floored at 10 % of its median).
         image_score: ``top_mean`` (mean of the top ``top_fraction`` fused-map pixels) or ``max``.
+        task_weights: ``{task: weight >= 0}`` of the fused map (normalised to sum 1; a task at 0 is left out of
+            the fusion but its map is still returned); ``None`` = equal weights. ``fusion`` records the rule
+            that chose them (:data:`FUSIONS`).
         image_threshold, pixel_threshold, threshold_method: stored calibration (anomalous: value >= threshold).
     """
 
@@ -151,6 +158,8 @@ class AnomalyLearnerConfig(PreTrainedConfig):
         top_fraction: float = 0.01,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
+        task_weights: dict[str, float] | None = None,
+        fusion: str = "mean",
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
         threshold_method: str | None = None,
@@ -195,6 +204,10 @@ class AnomalyLearnerConfig(PreTrainedConfig):
         self.top_fraction = float(top_fraction)
         self.image_mean = [float(v) for v in image_mean]
         self.image_std = [float(v) for v in image_std]
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}; got {fusion!r}")
+        self.fusion = fusion
+        self.task_weights = None if task_weights is None else check_task_weights(task_weights, self.tasks)
         self.image_threshold = image_threshold
         self.pixel_threshold = pixel_threshold
         self.threshold_method = threshold_method
@@ -206,4 +219,16 @@ class AnomalyLearnerConfig(PreTrainedConfig):
         return self.image_size // self.cell_size
 
 
-__all__ = ["AnomalyLearnerConfig", "PatchMemoryConfig"]
+__all__ = ["AnomalyLearnerConfig", "PatchMemoryConfig", "check_task_weights"]
+
+
+def check_task_weights(weights: dict[str, float], tasks: Sequence[str]) -> dict[str, float]:
+    """``weights`` normalised to sum 1 over ``tasks`` (missing tasks get 0); clear errors for bad values."""
+    unknown = sorted(set(weights) - set(tasks))
+    if unknown:
+        raise ValueError(f"task_weights name tasks {unknown} that the model does not have ({list(tasks)})")
+    values = {task: float(weights.get(task, 0.0)) for task in tasks}
+    if any(not math.isfinite(v) or v < 0 for v in values.values()) or sum(values.values()) <= 0:
+        raise ValueError(f"task_weights must be finite, >= 0 and not all 0; got {weights}")
+    total = sum(values.values())
+    return {task: value / total for task, value in values.items()}

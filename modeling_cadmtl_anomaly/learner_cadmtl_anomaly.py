@@ -292,7 +292,7 @@ class AnomalyLearnerModel(AnomalyPreTrainedModel):
             task: (value - getattr(self, f"{task}_location")) / getattr(self, f"{task}_scale")
             for task, value in raw.items()
         }
-        fused = torch.stack(list(standardised.values())).mean(0)
+        fused = fuse_task_maps(standardised, self.config.task_weights)
         scores = image_scores(fused, self.config.image_score, self.config.top_fraction)
 
         def resize(maps: torch.Tensor) -> torch.Tensor:
@@ -317,4 +317,12 @@ class AnomalyLearnerModel(AnomalyPreTrainedModel):
         return AnomalyLearnerModel.forward(self, pixel_values)
 
 
-__all__ = ["AnomalyLearnerModel"]
+__all__ = ["AnomalyLearnerModel", "fuse_task_maps"]
+
+
+def fuse_task_maps(task_maps: dict[str, torch.Tensor], weights: dict[str, float] | None) -> torch.Tensor:
+    """The fused map: the mean of the standardised task maps, or their ``weights``-weighted mean."""
+    if weights is None:
+        return torch.stack(list(task_maps.values())).mean(0)
+    used = [(weights[task], value) for task, value in task_maps.items() if weights.get(task, 0.0) > 0]
+    return sum(weight * value for weight, value in used) / sum(weight for weight, _ in used)

@@ -32,6 +32,7 @@ F1-max on a split with defects, and are stored with the model (``save_pretrained
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,23 +49,28 @@ from dataset_scripts.taxonomy import SYNTHESIS_STYLES
 from modeling_cadmtl_anomaly import AnomalyLearnerConfig, AnomalyLearnerModel, AnomalyOutput
 from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import (
     ENCODER_STRIDE,
+    FUSIONS,
     LEARNER_PRESETS,
     STANDARDIZATIONS,
     TASKS,
+    check_task_weights,
 )
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import image_scores
 from modeling_cadmtl_anomaly.learner_cadmtl_anomaly import (
     TaskMoE,
+    fuse_task_maps,
     inpaint_pattern,
     load_balancing_loss,
     rotate_cells,
     rotation_pattern,
 )
 
+from .metrics import binary_auroc
 from .patch_memory import iter_batches
 
 __all__ = [
     "ENCODER_STRIDE",
+    "FUSIONS",
     "LEARNER_PRESETS",
     "STANDARDIZATIONS",
     "TASKS",
@@ -73,7 +79,10 @@ __all__ = [
     "LearnerOutput",
     "ProxyBatch",
     "TaskMoE",
+    "check_task_weights",
+    "choose_task_weights",
     "focal_loss",
+    "fuse_task_maps",
     "image_scores",
     "images_to_uint8",
     "inpaint_pattern",
@@ -316,3 +325,58 @@ def images_to_uint8(images: Sequence, size: int) -> torch.Tensor:
         )[0]
         tensors.append(resized.round().clamp(0, 255).to(torch.uint8))
     return torch.stack(tensors)
+
+
+def choose_task_weights(
+    task_maps: dict[str, torch.Tensor],
+    is_anomalous: Sequence[bool] | np.ndarray | None,
+    method: str,
+    image_score: str = "top_mean",
+    top_fraction: float = 0.01,
+) -> dict[str, float] | None:
+    """Fusion weights from the standardised task maps ``{task: (N, S, S)}`` of held-out images.
+
+    * ``mean``: ``None`` (equal weights).
+    * ``auroc`` (needs defects): each task weighted by how far its own image score separates the anomalous
+      from the normal images, ``max(AUROC - 0.5, 0)``; equal weights if no task beats chance.
+    * ``select`` (needs defects): the equal-weight subset of tasks whose fused image score has the highest
+      AUROC (ties: the larger subset), i.e. tasks that do not help on these images are dropped.
+    * ``normal_variance`` (normal images only, ``is_anomalous`` may be None; anomalous rows are ignored):
+      inverse-variance weights ``1 / var`` of each task's image scores over the normal images: a task whose
+      normal images already spread over a wide range of scores is noise for the image decision.
+    """
+    if method not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}; got {method!r}")
+    tasks = list(task_maps)
+    count = next(iter(task_maps.values())).shape[0]
+    labels = np.zeros(count, bool) if is_anomalous is None else np.asarray(is_anomalous, bool)
+    if labels.shape != (count,):
+        raise ValueError(f"is_anomalous has {labels.shape} labels for {count} images")
+    if method == "mean":
+        return None
+    scores = {
+        t: image_scores(m.float(), image_score, top_fraction).double().cpu().numpy()
+        for t, m in task_maps.items()
+    }
+    if method == "normal_variance":
+        if (~labels).sum() < 2:
+            raise ValueError("fusion normal_variance needs at least 2 normal images")
+        variances = {t: float(np.var(s[~labels], ddof=1)) for t, s in scores.items()}
+        return check_task_weights({t: 1.0 / max(v, 1e-12) for t, v in variances.items()}, tasks)
+    if labels.all() or not labels.any():
+        raise ValueError(
+            f"fusion {method} needs anomalous and normal images (a validation split with defects)"
+        )
+    if method == "auroc":
+        excess = {t: max(binary_auroc(s, labels) - 0.5, 0.0) for t, s in scores.items()}
+        return None if not any(excess.values()) else check_task_weights(excess, tasks)
+    best, best_auroc = None, -1.0
+    for size in range(len(tasks), 0, -1):
+        for subset in itertools.combinations(tasks, size):
+            fused = torch.stack([task_maps[t].float() for t in subset]).mean(0)
+            auroc = binary_auroc(
+                image_scores(fused, image_score, top_fraction).double().cpu().numpy(), labels
+            )
+            if auroc > best_auroc:
+                best, best_auroc = subset, auroc
+    return check_task_weights(dict.fromkeys(best, 1.0), tasks)

@@ -15,6 +15,9 @@ from cadmtl.anomaly.learner import (
     AnomalyLearner,
     AnomalyLearnerConfig,
     TaskMoE,
+    choose_task_weights,
+    fuse_task_maps,
+    image_scores,
     inpaint_pattern,
     load_balancing_loss,
     make_proxy_batch,
@@ -189,6 +192,73 @@ def test_save_and_load_give_identical_maps_and_thresholds(model, tmp_path):
     model.config.image_threshold = model.config.pixel_threshold = None
 
 
+def spot_maps(spot_on: list[bool], level: float, seed: int) -> torch.Tensor:
+    """(N, 16, 16) maps of small noise, plus a 4 x 4 spot of `level` on the images flagged in `spot_on`."""
+    maps = torch.from_numpy(
+        np.random.default_rng(seed).normal(0, 0.1, (len(spot_on), 16, 16)).astype(np.float32)
+    )
+    maps[torch.tensor(spot_on), 4:8, 4:8] += level
+    return maps
+
+
+def test_fusion_rules_weight_tasks_by_what_separates():
+    anomalous = [False] * 4 + [True] * 4
+    maps = {
+        "segment": spot_maps(anomalous, 5.0, 0),  # lights up the anomalous images: AUROC 1
+        "rotation": spot_maps([not a for a in anomalous], 5.0, 1),  # lights up the normal ones: AUROC 0
+    }
+    assert choose_task_weights(maps, anomalous, "mean") is None
+    assert choose_task_weights(maps, anomalous, "auroc") == {"segment": 1.0, "rotation": 0.0}
+    assert choose_task_weights(maps, anomalous, "select") == {"segment": 1.0, "rotation": 0.0}
+    # Normal images only: 1 / variance of each task's normal image scores (here rotation's normals spread more).
+    weights = choose_task_weights(maps, anomalous, "normal_variance")
+    normal = torch.tensor([not a for a in anomalous])
+    inverse = {t: 1 / float(image_scores(m[normal]).double().var()) for t, m in maps.items()}
+    expected = {t: v / sum(inverse.values()) for t, v in inverse.items()}
+    assert weights.keys() == expected.keys()
+    for task in expected:
+        assert weights[task] == pytest.approx(expected[task], rel=1e-5)
+    assert weights["segment"] > weights["rotation"]
+    assert choose_task_weights(
+        {t: m[normal] for t, m in maps.items()}, None, "normal_variance"
+    ) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="needs anomalous and normal images"):
+        choose_task_weights(maps, [False] * 8, "select")
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        choose_task_weights(maps, anomalous, "vote")
+
+
+def test_weighted_fusion_in_config_predict_and_save(model, tmp_path):
+    a, b = torch.full((1, 2, 2), 2.0), torch.full((1, 2, 2), 6.0)
+    assert torch.equal(fuse_task_maps({"x": a, "y": b}, None), torch.full((1, 2, 2), 4.0))
+    assert torch.equal(fuse_task_maps({"x": a, "y": b}, {"x": 0.75, "y": 0.25}), torch.full((1, 2, 2), 3.0))
+    # A task at weight 0 is left out entirely (even a non-finite map of it).
+    assert torch.equal(fuse_task_maps({"x": a, "y": b * float("nan")}, {"x": 1.0, "y": 0.0}), a)
+    config = small_config(task_weights={"segment": 2, "inpaint": 0, "rotation": 2}, fusion="select")
+    assert config.task_weights == {"inpaint": 0.0, "rotation": 0.5, "segment": 0.5}
+    for bad, message in (
+        ({"depth": 1.0}, "does not have"),
+        ({"segment": -1.0}, ">= 0"),
+        ({"segment": 0}, "not all 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            small_config(task_weights=bad)
+    learner = model
+    cfg = learner.config
+    learner.fit_normal_statistics(normalize(normal_uint8(4), cfg.image_mean, cfg.image_std))
+    pixels = torch.randn(2, 3, SIZE, SIZE)
+    cfg.task_weights, cfg.fusion = {"inpaint": 0.0, "rotation": 0.25, "segment": 0.75}, "auroc"
+    out = learner.predict(pixels)
+    expected = 0.25 * out.task_maps["rotation"] + 0.75 * out.task_maps["segment"]
+    torch.testing.assert_close(out.anomaly_maps, expected)
+    torch.testing.assert_close(out.image_scores, image_scores(expected))
+    learner.save_pretrained(tmp_path)
+    restored = AnomalyLearner.from_pretrained(tmp_path)
+    assert restored.config.task_weights == cfg.task_weights and restored.config.fusion == "auroc"
+    assert torch.equal(restored.predict(pixels).anomaly_maps, out.anomaly_maps)
+    cfg.task_weights, cfg.fusion = None, "mean"
+
+
 @pytest.mark.parametrize("standardization", ["global", "pixel"])
 def test_standardisation_uses_normal_statistics_only(standardization):
     torch.manual_seed(0)
@@ -250,8 +320,22 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
         "2",
     ]
     full = tmp_path / "full"
-    summary = train([*common, "--output-dir", str(full), "--save-every", "3", "--eval-split", "test"])
+    summary = train(
+        [
+            *common,
+            "--output-dir",
+            str(full),
+            "--save-every",
+            "3",
+            "--eval-split",
+            "test",
+            "--fusion",
+            "select",
+        ]
+    )
     reset()
+    assert summary["fusion"]["method"] == "select" and summary["fusion"]["images"] == "validation (6 images)"
+    assert sum(summary["fusion"]["weights"].values()) == pytest.approx(1.0)
     assert len(set(summary["weights"].values())) == 3  # CoBa moved the weights: its state is part of resume
     assert summary["steps"] == 6 and summary["calibration"]["method"] == "f1_max:validation"
     assert {"image_auroc", "pixel_auroc", "aupro", "seconds_per_image"} <= set(summary["evaluation"])
@@ -260,6 +344,7 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
     assert (full / "checkpoints" / "step_3").is_dir()
     learner = AnomalyLearner.from_pretrained(full / "model")
     assert learner.config.image_threshold is not None and learner.normal_statistics
+    assert learner.config.fusion == "select" and learner.config.task_weights == summary["fusion"]["weights"]
 
     # Interrupted after step 3: a new run resumes from that checkpoint and must end on the same weights.
     resumed = tmp_path / "resumed"
@@ -276,4 +361,8 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
-    assert json.loads((resumed / "results.json").read_text())["weights"] == summary["weights"]
+    resumed_summary = json.loads((resumed / "results.json").read_text())
+    assert resumed_summary["weights"] == summary["weights"]
+    # The default fusion needs normal images only: the validation split's 3 normal images here.
+    assert resumed_summary["fusion"]["method"] == "normal_variance"
+    assert resumed_summary["fusion"]["images"] == "validation (3 images)"

@@ -8,10 +8,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from PIL import Image
 
 from dataset_scripts.convert import main as convert_main
 from dataset_scripts.converters import read_coco
-from dataset_scripts.make_public import build_public, validation_fraction_of
+from dataset_scripts.make_public import CARS_AD_ANOMALIES, build_public, validation_fraction_of
 from dataset_scripts.schema import label_names
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -27,7 +28,12 @@ def public(tmp_path_factory) -> Path:
 
 
 def test_configs_splits_and_labels(public: Path) -> None:
-    assert datasets.get_dataset_config_names(str(public)) == ["parts_cls", "parts_det", "parts_seg"]
+    assert sorted(datasets.get_dataset_config_names(str(public))) == [
+        "cars_ad",
+        "parts_cls",
+        "parts_det",
+        "parts_seg",
+    ]
     for config, classes in (("parts_cls", 50), ("parts_det", 18), ("parts_seg", 19)):
         dataset = datasets.load_dataset(str(public), config, split="test", streaming=True)
         names = label_names(dataset.features, config.rsplit("_", 1)[1])
@@ -72,6 +78,39 @@ def test_train_validation_split_by_name_hash(public: Path) -> None:
             assert (validation_fraction_of(name) < 0.1) is expected
     card = (public / "README.md").read_text()
     assert "Pasupa et al." in card and "do not redistribute" in card
+
+
+def test_cars_ad_normal_train_and_half_painted_evaluation_splits(public: Path) -> None:
+    """cars_ad: train all normal; validation / test hold floor(6 / 2) = 3 photos painted with one synthetic
+    defect whose exact mask covers what changed (nothing else in the photo differs), the rest untouched."""
+    train = list(datasets.load_dataset(str(public), "cars_ad", split="train", streaming=True))
+    assert len(train) == 6 and all(r["is_normal"] and not np.asarray(r["mask"]).any() for r in train)
+    for split in ("validation", "test"):
+        dataset = datasets.load_dataset(str(public), "cars_ad", split=split, streaming=True)
+        names = label_names(dataset.features, "ad")
+        assert names[0] == "good" and set(names[1:]) <= set(CARS_AD_ANOMALIES)
+        rows = list(dataset)
+        painted = [r for r in rows if not r["is_normal"]]
+        assert len(rows) == 6 and len(painted) == 3
+        for row in rows:
+            folder, _, stem = row["image_id"].split("/")
+            photo = np.asarray(Image.open(DATA / "carparts_dsmlr" / folder / "JPEGImages" / f"{stem}.jpg"))
+            image, mask = np.asarray(row["image"].convert("RGB")), np.asarray(row["mask"])
+            assert mask.shape == image.shape[:2] == photo.shape[:2]
+            assert (row["domain"], row["part"]) == ("exterior", "whole_vehicle")
+            changed = np.abs(image.astype(int) - photo.astype(int)).max(-1) > 0
+            if row["is_normal"]:
+                assert names[row["defect_type"]] == "good" and row["source"] == "converted"
+                assert not mask.any() and not changed.any()
+                continue
+            assert names[row["defect_type"]] in CARS_AD_ANOMALIES and row["source"] == "synthetic"
+            assert set(np.unique(mask)) == {0, 1} and (changed[mask == 1]).mean() > 0.5
+            ys, xs = np.nonzero(mask)
+            near = np.zeros_like(changed)  # soft defect edges (coverage < 0.5) may touch a few pixels more
+            near[max(ys.min() - 16, 0) : ys.max() + 17, max(xs.min() - 16, 0) : xs.max() + 17] = True
+            assert not (changed & ~near).any()
+    report = json.loads((public / "reports" / "cars_ad" / "test.json").read_text())
+    assert "one synthetic defect on the car" in report["source"]["description"]
 
 
 def test_folder_converter_on_real_carparts50(tmp_path: Path) -> None:

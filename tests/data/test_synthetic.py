@@ -79,6 +79,28 @@ def test_place_defects_keeps_masks_disjoint(panel: np.ndarray) -> None:
     assert union.max() == 1
 
 
+def test_place_defects_centres_fall_in_the_region(panel: np.ndarray) -> None:
+    """A region (the car in a street photo) bounds where defects go; a region without room places none."""
+    region = np.zeros(panel.shape[:2], bool)
+    region[:, 120:] = True  # the right quarter of the 160 px wide panel
+    for seed in range(5):
+        _, placed = place_defects(
+            panel,
+            [DefectSpec("corrosion")],
+            np.random.default_rng(seed),
+            radius_range=(0.1, 0.12),
+            region=region,
+        )
+        assert len(placed) == 1
+        assert np.nonzero(placed[0].mask)[1].mean() > 105  # centre at x >= 120, blob radius <= 14.4 px
+    edge = np.zeros(panel.shape[:2], bool)
+    edge[:, 0] = True  # no pixel of it is a radius away from the border
+    _, placed = place_defects(panel, [DefectSpec("dent")], np.random.default_rng(0), region=edge)
+    assert placed == []
+    with pytest.raises(ValueError, match="region of shape"):
+        place_defects(panel, [DefectSpec("dent")], np.random.default_rng(0), region=region[:, :10])
+
+
 def test_invalid_requests_are_clear(panel: np.ndarray) -> None:
     with pytest.raises(ValueError, match="unknown synthesis style 'smudge'"):
         synthesize_defect(panel, "smudge", np.random.default_rng(0))
