@@ -3,6 +3,7 @@ segmentation masks along, plus the post-processing of each head's outputs into t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -169,6 +170,14 @@ class CadMtlImageProcessor(TorchvisionBackend):
         if task is not None and self.task_sizes and task in self.task_sizes:
             return {"height": self.task_sizes[task], "width": self.task_sizes[task]}
         return {key: value for key, value in dict(self.size).items() if value is not None}
+
+    def size_groups(self, tasks: Sequence[str]) -> list[tuple[dict[str, int], tuple[str, ...]]]:
+        """`tasks` grouped by the input size `size_for` gives each, in order: one forward pass per distinct size
+        serves all the heads of that size (`cadmtl predict`, the inspection pipeline, the ONNX predictor)."""
+        groups: dict[tuple, list[str]] = {}
+        for task in tasks:
+            groups.setdefault(tuple(sorted(self.size_for(task).items())), []).append(task)
+        return [(dict(size), tuple(group)) for size, group in groups.items()]
 
     def preprocess(
         self,

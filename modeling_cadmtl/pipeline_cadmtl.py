@@ -57,11 +57,8 @@ class CadMtlInspectionPipeline(Pipeline):
                 f"{PIPELINE_TASK} needs a CadMtlImageProcessor (preprocessor_config.json of a CadMtl model), got "
                 f"{type(self.image_processor).__name__}."
             )
-        tasks = self.model.config.trained_tasks
-        groups: dict[tuple, list[str]] = {}
-        for task in tasks:  # one forward pass per distinct input size, all the heads of that size at once
-            groups.setdefault(tuple(sorted(self.image_processor.size_for(task).items())), []).append(task)
-        self.size_groups = [(dict(size), tuple(group)) for size, group in groups.items()]
+        # one forward pass per distinct input size, all the heads of that size at once
+        self.size_groups = self.image_processor.size_groups(self.model.config.trained_tasks)
 
     def _sanitize_parameters(
         self,

@@ -298,10 +298,7 @@ class OnnxPredictor:
     def _size_groups(self, tasks: tuple[str, ...]) -> list[tuple[dict[str, int], tuple[str, ...]]]:
         if self.input_size is not None:
             return [({"height": self.input_size[0], "width": self.input_size[1]}, tasks)]
-        groups: dict[tuple, list[str]] = {}
-        for task in tasks:
-            groups.setdefault(tuple(sorted(self.processor.size_for(task).items())), []).append(task)
-        return [(dict(size), tuple(group)) for size, group in groups.items()]
+        return self.processor.size_groups(tasks)
 
     def run(self, pixel_values: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """The raw outputs `{name: tensor}` for preprocessed `pixel_values (B, 3, H, W)`."""

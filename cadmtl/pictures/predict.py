@@ -373,7 +373,7 @@ class Predictor:
         config = self.config
         outputs: dict[str, Any] = {}
         masks: dict[str, torch.Tensor | None] = {}
-        for group in _tasks_by_size(self.processor, TASKS):
+        for _, group in self.processor.size_groups(TASKS):
             group_outputs, pixel_mask = _forward(self.model, self.processor, images, group)
             for task in group:
                 outputs.update({name: group_outputs[name] for name in _TASK_FIELDS[task]})
@@ -419,15 +419,6 @@ class Predictor:
             segmentation=prediction.segmentation if "seg" in self.tasks else None,
         )
         return draw_predictions(image, shown, self.config.det_labels, self.config.seg_labels)
-
-
-def _tasks_by_size(processor: Any, tasks: Sequence[str]) -> list[tuple[str, ...]]:
-    """`tasks` grouped by the input size the processor gives each (`task_sizes`, else its `size`)."""
-    groups: dict[tuple, list[str]] = {}
-    for task in tasks:
-        size = processor.size_for(task) if hasattr(processor, "size_for") else dict(processor.size)
-        groups.setdefault(tuple(sorted(size.items())), []).append(task)
-    return [tuple(group) for group in groups.values()]
 
 
 def _forward(

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from cadmtl.pictures.predict import _tasks_by_size
 from cadmtl.testing import tiny_cadmtl_config
 from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
 
@@ -83,5 +82,10 @@ def test_each_pipeline_feeds_its_head_at_its_own_size(saved_model: Path) -> None
 
 def test_predict_runs_one_forward_per_distinct_size() -> None:
     processor = CadMtlImageProcessor(size={"height": 64, "width": 64}, task_sizes={"cls": 32, "det": 64})
-    assert _tasks_by_size(processor, ("cls", "det", "seg")) == [("cls",), ("det", "seg")]
-    assert _tasks_by_size(CadMtlImageProcessor(), ("cls", "det", "seg")) == [("cls", "det", "seg")]
+    assert processor.size_groups(("cls", "det", "seg")) == [
+        ({"height": 32, "width": 32}, ("cls",)),
+        ({"height": 64, "width": 64}, ("det", "seg")),
+    ]
+    assert [group for _, group in CadMtlImageProcessor().size_groups(("cls", "det", "seg"))] == [
+        ("cls", "det", "seg")
+    ]
