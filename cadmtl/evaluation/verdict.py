@@ -6,7 +6,7 @@ configs' split, each head at the input size it was trained at (one forward pass 
 (`CadMtlImageProcessor.post_process_anomaly_score`) with its `is_normal` label; distributed-safe like the
 evaluation loop (each rank scores its shards in lockstep, the scores are gathered on every rank).
 `calibrate_verdict` picks the verdict source with the best image AUROC (ties go to `"max"`) and its threshold
-(F1-max, or a target false-positive rate on the normal images); `verdict_metrics` (in `metrics.py`) reports
+(F1-max, or a target false-positive rate on the normal images); `verdict_metrics` (in `metrics/binary.py`) reports
 AUROC / F1-max per source and precision / recall / false-positive rate at the threshold.
 
 Example:
