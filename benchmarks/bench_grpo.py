@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cadmtl.reference import grpo
+from cadmtl.testing import TINY_RANDOM
 
 
 def synthetic_pairs(count: int = 4):
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=grpo.TINY_RANDOM)
+    parser.add_argument("--model", default=TINY_RANDOM)
     parser.add_argument("--generations", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 32], help="max completion tokens")
     parser.add_argument("--lora", choices=["off", "on", "both"], default="both")

@@ -19,20 +19,19 @@ Coordinates (``coordinates=``):
 The answer's box is clipped to the answer space before it is scaled back, so a prediction always lies in
 the query image.
 
-:func:`tiny_random_vlm` builds a Qwen2.5-VL of about 115k parameters with a tokenizer made in memory, so the
-whole path runs on CPU with no download (tests, smoke runs: ``--model tiny-random``).
+:func:`cadmtl.testing.tiny_random_vlm` builds a Qwen2.5-VL of about 115k parameters with a tokenizer made in
+memory, so the whole path runs on CPU with no download (tests, smoke runs: ``--model tiny-random``).
 
-Commands (functions for ``cadmtl reference ...``): :func:`main` (``grpo``) and :func:`zero_shot_main`
-(``zero-shot``); ``python -m cadmtl.reference.grpo`` runs :func:`main` too (for ``accelerate launch -m``).
+The commands ``cadmtl reference grpo`` and ``zero-shot`` live in :mod:`cadmtl.reference.command`;
+``python -m cadmtl.reference.grpo`` runs the first (for ``accelerate launch -m``).
 """
 
 from __future__ import annotations
 
-import argparse
+import itertools
 import json
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -49,7 +48,6 @@ COORDINATES = ("qwen2.5", "qwen2")
 NORMALISED_SCALE = 1000
 SETTINGS_FILE = "grpo_settings.json"
 PREDICTIONS_FILE = "predictions.jsonl"
-TINY_RANDOM = "tiny-random"
 REWARDS: dict[str, Callable[..., list[float]]] = {
     "format": format_reward,
     "dclr": dclr_reward,
@@ -166,141 +164,31 @@ def conversation_dataset(
     )
 
 
-def load_pairs(path: str, split: str = "train", limit: int | None = None) -> Any:
-    """A split of the ``pairs`` config of a dataset repo (Hub id or local folder), not streamed.
-
-    A local folder is read with ``download_mode="force_redownload"``: datasets 5.2 caches a non-streaming
-    local load by the folder's name, so a rebuilt repo would otherwise return stale rows.
-    """
+def pairs_dataset(repo: str | Path, split: str = "train", limit: int | None = None) -> Any:
+    """The first ``limit`` pairs of ``split`` (all by default) as an in-memory ``datasets.Dataset`` with the
+    columns the conversation and the prediction read: ``pair_id``, ``reference``, ``query``, ``box``,
+    ``has_anomaly``, ``category``. Read by :func:`cadmtl.reference.pairs.load_pairs` (its errors name the repo
+    and the split)."""
     import datasets
 
-    kwargs = {"download_mode": "force_redownload"} if Path(path).is_dir() else {}
-    pairs = datasets.load_dataset(path, "pairs", split=split, **kwargs)
-    if limit is not None:
-        pairs = pairs.select(range(min(limit, len(pairs))))
-    return pairs
+    from .pairs import load_pairs, pair_features
 
-
-# ---------------------------------------------------------------------------------------------------------
-# A tiny random Qwen2.5-VL, built in memory
-
-QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-# Qwen's chat format, without the default system turn; an image part becomes the vision span the processor
-# expands to one <|image_pad|> per merged patch.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def tiny_tokenizer() -> Any:
-    """A byte-level tokenizer (256 byte symbols, no merges) plus Qwen's chat and vision special tokens, as a
-    ``PreTrainedTokenizerFast`` with a chat template: any text round-trips, nothing is downloaded."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={symbol: i for i, symbol in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=TINY_CHAT_TEMPLATE,
+    columns = ("pair_id", "reference", "query", "box", *KEPT_COLUMNS[1:])
+    rows: dict[str, list] = {name: [] for name in columns}
+    for pair in itertools.islice(load_pairs(repo, split), limit):
+        for name in columns:
+            rows[name].append(getattr(pair, name))
+    features = pair_features()
+    return datasets.Dataset.from_dict(
+        rows, features=datasets.Features({name: features[name] for name in columns})
     )
-
-
-def tiny_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112) -> Any:
-    """A ``Qwen2_5_VLProcessor`` over :func:`tiny_tokenizer`: patch 14, merge 2, images resized to
-    ``[min_pixels, max_pixels]`` (4 to 16 vision tokens each with the defaults)."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
-        tokenizer=tiny_tokenizer(),
-        video_processor=Qwen2VLVideoProcessor(),  # required: None raises TypeError
-        chat_template=TINY_CHAT_TEMPLATE,
-    )
-
-
-def tiny_vlm_config(tokenizer: Any) -> Any:
-    """A ``Qwen2_5_VLConfig``: 2 text layers (hidden 32, 4 heads, head_dim 8, mrope sections 1+1+2 = 8 / 2), a
-    2-block vision tower (hidden 32, patch 14, merge 2), token ids wired to ``tokenizer``'s special tokens."""
-    from transformers import Qwen2_5_VLConfig
-
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
-    text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 2048,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
-    vision = {
-        "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 4,
-        "out_hidden_size": 32,
-        "fullatt_block_indexes": [1],
-        "window_size": 56,
-    }
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-
-
-def tiny_random_vlm(seed: int = 0) -> tuple[Any, Any]:
-    """(model, processor): a random ``Qwen2_5_VLForConditionalGeneration`` of ~115k parameters and its
-    in-memory processor. The weights depend on ``seed`` only, so ``tiny-random`` names the same model in every
-    process (a LoRA adapter trained on it records ``tiny-random`` as its base and loads back with
-    :func:`load_vlm`)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    processor = tiny_processor()
-    config = tiny_vlm_config(processor.tokenizer)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.config._name_or_path = model.name_or_path = TINY_RANDOM  # peft records name_or_path as the base
-    tokenizer = processor.tokenizer
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), processor
 
 
 def load_vlm(name: str, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     """(model, processor) from a Hub id, a saved folder (a full model, or a LoRA adapter whose base is loaded
     first), or ``tiny-random``. ``dtype`` defaults to bfloat16 on a GPU, float32 on CPU."""
+    from cadmtl.testing import TINY_RANDOM, tiny_random_vlm
+
     if name == TINY_RANDOM:
         return tiny_random_vlm()
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -521,6 +409,8 @@ def train_grpo(
     """
     from trl import GRPOTrainer
 
+    from cadmtl.testing import TINY_RANDOM
+
     _check_coordinates(coordinates)
     unknown = [name for name in rewards if isinstance(name, str) and name not in REWARDS]
     if unknown:
@@ -680,217 +570,7 @@ def write_predictions(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Pa
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Commands
+if __name__ == "__main__":  # `accelerate launch -m cadmtl.reference.grpo` (configs/grpo/)
+    from .command import grpo_main
 
-GRPO_EXAMPLE = """\
-examples:
-  # the whole path on CPU in seconds (a tiny random Qwen2.5-VL, no download)
-  cadmtl reference grpo --model tiny-random --dataset outputs/pairs --output-dir outputs/grpo-tiny \\
-      --max-steps 2 --num-generations 2 --max-completion-length 16
-  # DifferAD-R1's recipe on 8 GPUs (DeepSpeed ZeRO-3)
-  accelerate launch --config_file configs/grpo/accelerate_zero3.yaml -m cadmtl.reference.grpo \\
-      --config configs/grpo/differad_r1_qwen2_5_vl_7b.yaml --dataset outputs/pairs --output-dir outputs/grpo
-"""
-
-ZERO_SHOT_EXAMPLE = """\
-examples:
-  cadmtl reference zero-shot --model Qwen/Qwen2.5-VL-7B-Instruct --dataset outputs/pairs --split test \\
-      --output-dir outputs/zero-shot
-  cadmtl reference zero-shot --model outputs/grpo --dataset outputs/pairs --split test --output-dir outputs/grpo-eval
-"""
-
-
-def _config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
-    """Apply a ``--config`` YAML: its keys become argument defaults, its ``grpo_config`` mapping is returned
-    (extra GRPOConfig fields)."""
-    import yaml
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    if not known.config:
-        return {}
-    values = yaml.safe_load(Path(known.config).read_text()) or {}
-    extra = dict(values.pop("grpo_config", None) or {})
-    dests = {action.dest for action in parser._actions}
-    unknown = sorted(k for k in values if k.replace("-", "_") not in dests)
-    if unknown:
-        parser.error(f"{known.config}: unknown keys {unknown}")
-    parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
-    return extra
-
-
-def grpo_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cadmtl reference grpo",
-        description="GRPO training of a vision-language model for reference-guided defect localisation "
-        "(DifferAD-R1 with TRL): format + DCLR rewards, DAPO clipping 0.2 / 0.28, frozen vision tower.",
-        epilog=GRPO_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", help="a YAML of these options (+ grpo_config: extra GRPOConfig fields)")
-    parser.add_argument("--model", help="Hub id, folder, or tiny-random")
-    parser.add_argument("--dataset", help="pairs dataset repo (Hub id or folder) with config 'pairs'")
-    parser.add_argument("--output-dir")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--limit", type=int, help="train on the first N pairs only")
-    parser.add_argument("--coordinates", choices=COORDINATES, default="qwen2.5")
-    parser.add_argument("--max-steps", type=int, default=-1, help="-1: num-train-epochs over the split")
-    parser.add_argument("--num-train-epochs", type=float, default=1.0)
-    parser.add_argument("--num-generations", type=int, default=4)
-    parser.add_argument(
-        "--batch-size", type=int, help="completions per device step (default: num-generations)"
-    )
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=1e-6)
-    parser.add_argument("--max-completion-length", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.9)
-    parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model)")
-    parser.add_argument("--epsilon", type=float, default=0.2)
-    parser.add_argument("--epsilon-high", type=float, default=0.28)
-    parser.add_argument("--loss-type", default="dapo")
-    parser.add_argument("--rewards", nargs="+", default=["format", "dclr"], choices=sorted(REWARDS))
-    parser.add_argument("--reward-weights", nargs="+", type=float)
-    parser.add_argument("--lora", action="store_true", help="LoRA on the language model; saves the adapter")
-    parser.add_argument("--lora-rank", type=int, default=64)
-    parser.add_argument("--lora-alpha", type=int, default=128)
-    parser.add_argument("--no-freeze-vision", dest="freeze_vision", action="store_false")
-    parser.add_argument("--difficulty-aware", action="store_true", help="DifferAD-R1's group weight")
-    parser.add_argument("--coordinate-hint", action="store_true", help="name the coordinate convention")
-    parser.add_argument("--min-pixels", type=int, help="smallest image (pixels) fed to the model")
-    parser.add_argument("--max-pixels", type=int, help="largest image (pixels) fed to the model")
-    parser.add_argument("--seed", type=int, default=42)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``cadmtl reference grpo``."""
-    parser = grpo_parser()
-    extra = _config_defaults(parser, argv)
-    args = parser.parse_args(argv)
-    missing = [name for name in ("model", "dataset", "output_dir") if not getattr(args, name)]
-    if missing:
-        parser.error("missing " + ", ".join("--" + name.replace("_", "-") for name in missing))
-    if args.model == TINY_RANDOM or (Path(args.model) / "adapter_config.json").is_file():
-        model, processor = load_vlm(args.model)
-    else:  # TRL loads it once the config exists (ZeRO-3 partitions it while loading)
-        from transformers import AutoProcessor
-
-        model, processor = args.model, AutoProcessor.from_pretrained(args.model)
-        if torch.cuda.is_available():
-            extra.setdefault("model_init_kwargs", {"dtype": "bfloat16"})
-    set_pixel_range(processor, args.min_pixels, args.max_pixels)
-    pairs = load_pairs(args.dataset, args.split, args.limit)
-    started = time.perf_counter()
-    trainer = train_grpo(
-        model,
-        processor,
-        pairs,
-        args.output_dir,
-        args.max_steps,
-        coordinates=args.coordinates,
-        rewards=args.rewards,
-        reward_weights=args.reward_weights,
-        lora=args.lora,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        freeze_vision=args.freeze_vision,
-        difficulty_aware=args.difficulty_aware,
-        coordinate_hint=args.coordinate_hint,
-        num_generations=args.num_generations,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        max_completion_length=args.max_completion_length,
-        temperature=args.temperature,
-        beta=args.beta,
-        epsilon=args.epsilon,
-        epsilon_high=args.epsilon_high,
-        loss_type=args.loss_type,
-        seed=args.seed,
-        num_train_epochs=args.num_train_epochs,
-        **extra,
-    )
-    steps = trainer.state.global_step
-    seconds = time.perf_counter() - started
-    print(f"{steps} GRPO steps in {seconds:.1f} s; saved to {args.output_dir}")
-    return 0
-
-
-def zero_shot_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cadmtl reference zero-shot",
-        description="Answer reference/query pairs with a vision-language model (a Hub model zero-shot, or a "
-        "GRPO output) using the GRPO prompt; writes predictions.jsonl (boxes in query pixels) like the "
-        "training-free localiser, plus parse_stats.json.",
-        epilog=ZERO_SHOT_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--model", required=True, help="Hub id, folder (model or LoRA adapter), or tiny-random"
-    )
-    parser.add_argument("--dataset", required=True, help="pairs dataset repo (Hub id or folder)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--limit", type=int, help="the first N pairs only")
-    parser.add_argument(
-        "--coordinates",
-        choices=COORDINATES,
-        help="default: the model folder's grpo_settings.json, else qwen2 for a Qwen2-VL model, else qwen2.5",
-    )
-    parser.add_argument("--coordinate-hint", action="store_true", default=None)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--min-pixels", type=int, help="smallest image (pixels) fed to the model")
-    parser.add_argument("--max-pixels", type=int, help="largest image (pixels) fed to the model")
-    return parser
-
-
-def _default_coordinates(model: Any) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", "")
-    return "qwen2" if model_type == "qwen2_vl" else "qwen2.5"
-
-
-def zero_shot_main(argv: Sequence[str] | None = None) -> int:
-    """``cadmtl reference zero-shot``."""
-    args = zero_shot_parser().parse_args(argv)
-    settings_path = Path(args.model) / SETTINGS_FILE
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
-    model, processor = load_vlm(args.model)
-    set_pixel_range(processor, args.min_pixels, args.max_pixels)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    coordinates = args.coordinates or settings.get("coordinates") or _default_coordinates(model)
-    hint = (
-        args.coordinate_hint if args.coordinate_hint is not None else settings.get("coordinate_hint", False)
-    )
-    pairs = load_pairs(args.dataset, args.split, args.limit)
-    stats = ParseStats()
-    started = time.perf_counter()
-    rows = predict_pairs(
-        model,
-        processor,
-        pairs,
-        coordinates,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        instruction=settings.get("instruction"),
-        coordinate_hint=hint,
-        parse_stats=stats,
-    )
-    seconds = time.perf_counter() - started
-    output = Path(args.output_dir)
-    write_predictions(rows, output / PREDICTIONS_FILE)
-    summary = {"model": args.model, "coordinates": coordinates, "pairs": len(rows), "seconds": seconds}
-    summary |= {"parse": stats.as_dict()}
-    (output / "parse_stats.json").write_text(json.dumps(summary, indent=2) + "\n")
-    rate = stats.failure_rate
-    print(
-        f"{len(rows)} pairs in {seconds:.1f} s, parse failures {rate:.1%}; wrote {output / PREDICTIONS_FILE}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(grpo_main())

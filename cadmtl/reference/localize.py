@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if is_vision_language_model(args.model):
         # A VLM answers with the GRPO prompt; its boxes come back in query pixels in the same predictions.jsonl.
-        from cadmtl.reference.grpo import zero_shot_main
+        from cadmtl.reference.command import zero_shot_main
 
         return zero_shot_main(
             [

@@ -16,26 +16,15 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from cadmtl.reference import grpo
+from cadmtl import testing
+from cadmtl.reference import command, grpo
 from cadmtl.reference.answers import ParseStats
+from cadmtl.reference.pairs import pair_features
 from cadmtl.reference.prompts import INSTRUCTIONS, instruction_index, prompt_text
 from cadmtl.reference.rewards import difficulty_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PAIR_FEATURES = datasets.Features(
-    {
-        "pair_id": datasets.Value("string"),
-        "reference": datasets.Image(),
-        "query": datasets.Image(),
-        "box": datasets.List(datasets.Value("float32"), length=4),
-        "boxes": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
-        "mask": datasets.Image(),
-        "has_anomaly": datasets.Value("bool"),
-        "category": datasets.Value("string"),
-        "source": datasets.Value("string"),
-        "misalignment": datasets.Value("float32"),
-    }
-)
+PAIR_FEATURES = pair_features()  # the pairs config's columns, as `cadmtl reference build-pairs` writes
 ANOMALY_BOX = [10.0, 12.0, 40.0, 30.0]  # in the 80 x 60 query
 
 
@@ -54,6 +43,8 @@ def make_pairs(count: int = 4, seed: int = 0) -> datasets.Dataset:
             mask[12:30, 10:40] = 1
         box = ANOMALY_BOX if anomalous else [0.0] * 4
         rows["pair_id"].append(f"pair-{i}")
+        rows["query_id"].append(f"query-{i}")
+        rows["reference_id"].append(f"reference-{i}")
         rows["reference"].append(Image.fromarray(reference))
         rows["query"].append(Image.fromarray(query))
         rows["box"].append(box)
@@ -61,9 +52,23 @@ def make_pairs(count: int = 4, seed: int = 0) -> datasets.Dataset:
         rows["mask"].append(Image.fromarray(mask))
         rows["has_anomaly"].append(anomalous)
         rows["category"].append("door")
+        rows["defect_type"].append("dent" if anomalous else "good")
         rows["source"].append("synthetic")
-        rows["misalignment"].append(0.0)
+        rows["misalignment"].append("none")
+        rows["misalignment_params"].append(json.dumps({"level": "none"}))
     return datasets.Dataset.from_dict(rows, features=PAIR_FEATURES)
+
+
+def write_pairs_repo(repo: Path) -> Path:
+    """A pairs repo folder: 4 train pairs and 2 test pairs, laid out as `cadmtl reference build-pairs` writes."""
+    (repo / "pairs").mkdir(parents=True)
+    make_pairs(4, seed=1).to_parquet(str(repo / "pairs" / "train-00000-of-00001.parquet"))
+    make_pairs(2, seed=2).to_parquet(str(repo / "pairs" / "test-00000-of-00001.parquet"))
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: pairs\n  data_files:\n  - split: train\n    path: pairs/train-*.parquet\n"
+        "  - split: test\n    path: pairs/test-*.parquet\n---\n"
+    )
+    return repo
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +78,7 @@ def pairs() -> datasets.Dataset:
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple:
-    return grpo.tiny_random_vlm()
+    return testing.tiny_random_vlm()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -166,7 +171,7 @@ def test_tiny_tokenizer_processor_and_model_build_offline(tiny) -> None:
     tokenizer = processor.tokenizer
     text = "<think>dent near (12,30)</think><answer>(1,2),(3,4)</answer> é"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
-    for token in grpo.QWEN_SPECIAL_TOKENS:
+    for token in testing.QWEN_SPECIAL_TOKENS:
         assert len(tokenizer(token)["input_ids"]) == 1
     assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert model.config.text_config.vocab_size == len(tokenizer)
@@ -202,7 +207,7 @@ def test_tiny_generation_with_two_images_is_seeded(pairs, tiny) -> None:
 
 
 def test_freezing_the_vision_tower_leaves_the_language_model_trainable() -> None:
-    model, _ = grpo.tiny_random_vlm()
+    model, _ = testing.tiny_random_vlm()
     frozen = grpo.freeze_vision_tower(model)
     assert frozen == sum(p.numel() for p in model.model.visual.parameters()) > 0
     assert not any(p.requires_grad for p in model.model.visual.parameters())
@@ -210,8 +215,8 @@ def test_freezing_the_vision_tower_leaves_the_language_model_trainable() -> None
 
 
 def test_tiny_random_is_the_same_model_in_every_call() -> None:
-    first, _ = grpo.tiny_random_vlm()
-    second, _ = grpo.tiny_random_vlm()
+    first, _ = testing.tiny_random_vlm()
+    second, _ = testing.tiny_random_vlm()
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
@@ -300,7 +305,7 @@ def test_grpo_config_uses_dapo_clipping_and_cpu_settings(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("main", "prog"),
-    [(grpo.main, "cadmtl reference grpo"), (grpo.zero_shot_main, "cadmtl reference zero-shot")],
+    [(command.grpo_main, "cadmtl reference grpo"), (command.zero_shot_main, "cadmtl reference zero-shot")],
 )
 def test_commands_have_help_with_an_example(main, prog, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -312,13 +317,27 @@ def test_commands_have_help_with_an_example(main, prog, capsys) -> None:
 
 @pytest.mark.parametrize("name", ["differad_r1_qwen2_5_vl_7b.yaml", "differad_r1_qwen2_vl_7b.yaml"])
 def test_grpo_yaml_configs_hold_only_known_options(name) -> None:
-    parser = grpo.grpo_parser()
-    extra = grpo._config_defaults(parser, ["--config", str(REPO_ROOT / "configs" / "grpo" / name)])
+    parser = command.grpo_parser()
+    extra = command._config_defaults(parser, ["--config", str(REPO_ROOT / "configs" / "grpo" / name)])
     args = parser.parse_args(["--config", "x"])
     assert args.num_generations == 8 and args.model and args.coordinates in grpo.COORDINATES
     from trl import GRPOConfig
 
     assert set(extra) <= set(GRPOConfig.__dataclass_fields__)
+
+
+def test_pairs_dataset_reads_a_pairs_repo_through_the_one_pairs_reader(tmp_path) -> None:
+    repo = write_pairs_repo(tmp_path / "pairs-repo")
+    dataset = grpo.pairs_dataset(repo, "train", limit=3)
+    assert dataset.column_names == ["pair_id", "reference", "query", "box", "has_anomaly", "category"]
+    assert dataset["pair_id"] == ["pair-0", "pair-1", "pair-2"]
+    assert dataset["has_anomaly"] == [True, False, True]
+    assert dataset[0]["box"] == ANOMALY_BOX and dataset[1]["box"] == [0.0] * 4
+    expected = make_pairs(4, seed=1)[0]["query"]
+    assert np.array_equal(np.asarray(dataset[0]["query"]), np.asarray(expected))
+    assert len(grpo.pairs_dataset(repo, "test")) == 2
+    with pytest.raises(ValueError, match=r"pairs-repo: the pairs repo has no split 'validation'"):
+        grpo.pairs_dataset(repo, "validation")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -327,7 +346,7 @@ def test_grpo_yaml_configs_hold_only_known_options(name) -> None:
 
 @pytest.mark.slow
 def test_two_grpo_steps_with_lora_save_an_adapter_and_log_rewards(pairs, tmp_path) -> None:
-    model, processor = grpo.tiny_random_vlm()
+    model, processor = testing.tiny_random_vlm()
     trainer = grpo.train_grpo(
         model,
         processor,
@@ -357,7 +376,7 @@ def test_two_grpo_steps_with_lora_save_an_adapter_and_log_rewards(pairs, tmp_pat
     } <= saved
     assert "model.safetensors" not in saved
     adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == grpo.TINY_RANDOM
+    assert adapter["base_model_name_or_path"] == testing.TINY_RANDOM
     assert all("language_model" in name for name in trainer.model.state_dict() if "lora_" in name)
     settings = json.loads((tmp_path / "run" / grpo.SETTINGS_FILE).read_text())
     assert settings["coordinates"] == "qwen2.5" and settings["rewards"] == ["format_reward", "dclr_reward"]
@@ -374,7 +393,7 @@ def varied_reward(completions, **kwargs) -> list[float]:
 
 @pytest.mark.slow
 def test_grpo_updates_the_language_model_not_the_frozen_vision_tower(pairs, tmp_path) -> None:
-    model, processor = grpo.tiny_random_vlm()
+    model, processor = testing.tiny_random_vlm()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = grpo.train_grpo(
         model,
@@ -398,25 +417,18 @@ def test_grpo_updates_the_language_model_not_the_frozen_vision_tower(pairs, tmp_
 
 @pytest.mark.slow
 def test_grpo_and_zero_shot_commands_on_a_pairs_repo(tmp_path) -> None:
-    repo = tmp_path / "pairs-repo"
-    (repo / "pairs").mkdir(parents=True)
-    make_pairs(4, seed=1).to_parquet(str(repo / "pairs" / "train-00000-of-00001.parquet"))
-    make_pairs(2, seed=2).to_parquet(str(repo / "pairs" / "test-00000-of-00001.parquet"))
-    (repo / "README.md").write_text(
-        "---\nconfigs:\n- config_name: pairs\n  data_files:\n  - split: train\n    path: pairs/train-*.parquet\n"
-        "  - split: test\n    path: pairs/test-*.parquet\n---\n"
-    )
+    repo = write_pairs_repo(tmp_path / "pairs-repo")
     base = tmp_path / "base"  # a model folder, as a Hub model would be: TRL loads it by name
-    model, processor = grpo.tiny_random_vlm()
+    model, processor = testing.tiny_random_vlm()
     model.save_pretrained(base)
     processor.save_pretrained(base)
     run, out = tmp_path / "run", tmp_path / "eval"
     train = f"--model {base} --dataset {repo} --output-dir {run} --max-steps 1 --num-generations 2"
-    code = grpo.main([*train.split(), "--max-completion-length", "8", "--coordinates", "qwen2"])
+    code = command.grpo_main([*train.split(), "--max-completion-length", "8", "--coordinates", "qwen2"])
     assert code == 0 and (run / "model.safetensors").is_file()
     assert json.loads((run / grpo.SETTINGS_FILE).read_text())["frozen_vision_parameters"] > 0
     predict = f"--model {run} --dataset {repo} --split test --output-dir {out} --max-new-tokens 4"
-    code = grpo.zero_shot_main(predict.split())
+    code = command.zero_shot_main(predict.split())
     assert code == 0
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [row["pair_id"] for row in rows] == ["pair-0", "pair-1"]
