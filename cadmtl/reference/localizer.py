@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cadmtl.anomaly.metrics import connected_components
+
 
 def _global_nearest(query: Tensor, reference: Tensor, chunk_size: int) -> Tensor:
     """(B, C, h, w) unit query, (B, C, h', w') unit reference -> (B, h, w) best cosine similarity."""
@@ -131,32 +133,6 @@ def difference_map(distances: Tensor, image_size: tuple[int, int], sigma: float 
     return maps.squeeze(1)
 
 
-def connected_components(mask: Tensor) -> Tensor:
-    """8-connected components of a (H, W) bool mask -> (H, W) int64 labels, 0 = background, 1..N.
-
-    Iterative label propagation: every foreground pixel starts with its own raster index + 1 and takes the
-    largest label in its 3 x 3 neighbourhood until nothing changes; after each round a pixel also jumps to the
-    label of the pixel its label names (pointer jumping: that pixel's label is never smaller and lies in the same
-    component), so long winding components converge in far fewer rounds (vectorised, device-agnostic).
-    Labels are numbered in raster order of each component's last pixel.
-    """
-    height, width = mask.shape
-    labels = torch.arange(1, height * width + 1, dtype=torch.float64, device=mask.device).view(
-        1, 1, height, width
-    )
-    foreground = mask.view(1, 1, height, width).to(torch.float64)
-    labels = labels * foreground
-    while True:
-        spread = F.max_pool2d(labels, kernel_size=3, stride=1, padding=1) * foreground
-        flat = spread.view(-1)
-        spread = flat[(flat.long() - 1).clamp(min=0)].view_as(spread) * foreground
-        if torch.equal(spread, labels):
-            break
-        labels = spread
-    _, consecutive = torch.unique(labels.view(height, width), return_inverse=True)  # sorted: background first
-    return consecutive + 1 if bool(mask.all()) else consecutive
-
-
 def boxes_from_map(anomaly_map: Tensor, threshold: float, min_area: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """Boxes around the 8-connected regions of a (H, W) map above ``threshold``.
 
@@ -168,7 +144,7 @@ def boxes_from_map(anomaly_map: Tensor, threshold: float, min_area: int = 1) -> 
         and the (H, W) bool mask of the regions kept. N = 0 means "no anomaly".
     """
     mask = anomaly_map > threshold
-    labels = connected_components(mask)
+    labels = torch.from_numpy(connected_components(mask.cpu().numpy())[0]).to(mask.device, torch.int64)
     ys, xs = mask.nonzero(as_tuple=True)
     if ys.numel() == 0:
         empty = anomaly_map.new_zeros((0,))

@@ -51,14 +51,13 @@ import torch.nn.functional as F
 from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
+from cadmtl.anomaly.metrics import connected_components
 from cadmtl.data.pipeline import encoded_bytes, load_split
 from dataset_scripts.images import encode_png, to_rgb
 from dataset_scripts.schema import AD, GOOD, kind_of_config
 from dataset_scripts.synthetic import DefectSpec, place_defects
 from dataset_scripts.taxonomy import SYNTHESIS_STYLES
 from dataset_scripts.writer import SPLITS, shard_files, split_names, write_split
-
-from .localizer import connected_components
 
 PAIRS_CONFIG = "pairs"
 SOURCES = ("real", "synthetic")
@@ -111,9 +110,9 @@ def mask_boxes(mask: np.ndarray) -> tuple[list[float], list[list[float]]]:
         return list(ZERO_BOX), []
     ys, xs = np.nonzero(anomalous)
     box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
-    labels = connected_components(torch.from_numpy(anomalous)).numpy()
+    labels, count = connected_components(anomalous)
     regions = []
-    for label in range(1, int(labels.max()) + 1):
+    for label in range(1, count + 1):
         ys, xs = np.nonzero(labels == label)
         if ys.size:
             regions.append(

@@ -163,6 +163,17 @@ def test_connected_components_diagonal_is_connected():
     assert count == 2 and set(labels[np.eye(4, dtype=bool)]) == {1}
 
 
+def test_connected_components_number_regions_in_raster_order_of_their_first_pixel():
+    mask = np.zeros((6, 6), dtype=bool)
+    mask[4:6, 0] = True  # first pixel (4, 0)
+    mask[0, 3:6] = mask[1:5, 5] = True  # a hook: first pixel (0, 3), last pixel (4, 5)
+    mask[2, 1:3] = True  # first pixel (2, 1)
+    labels, count = connected_components(mask)
+    assert count == 3 and labels.dtype == np.int32
+    assert labels[0, 3] == labels[4, 5] == 1 and labels[2, 1] == 2 and labels[5, 0] == 3
+    assert connected_components(np.zeros((3, 4), dtype=bool))[1] == 0
+
+
 def test_aupro_hand_computed_two_images():
     # Image A (normal): 4 normal pixels 0.1, 0.2, 0.3, 0.4.
     # Image B: R1 = {(0,0), (1,0)} (scores 0.9, 0.4), R2 = {(1,2)} (0.7), normal (0,1)=0.8, (1,1)=0.35,

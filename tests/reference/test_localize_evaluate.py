@@ -195,43 +195,6 @@ def test_every_subcommand_has_help_with_an_example(capsys):
     assert main(["nope"]) == 2
 
 
-def test_connected_components_with_pointer_jumping_match_a_flood_fill():
-    from collections import deque
-
-    import torch
-
-    from cadmtl.reference.localizer import connected_components
-
-    rng = np.random.default_rng(0)
-    masks = [rng.random((24, 31)) < p for p in (0.3, 0.5, 0.6)]
-    spiral = np.zeros((15, 15), bool)  # one long winding component
-    (
-        spiral[1, 1:14],
-        spiral[1:14, 13],
-        spiral[13, 1:14],
-        spiral[3:14, 1],
-        spiral[3, 1:12],
-        spiral[3:12, 11],
-    ) = (True,) * 6
-    for mask in [*masks, spiral]:
-        labels = connected_components(torch.from_numpy(mask)).numpy()
-        expected, count = -np.ones(mask.shape, int), 0
-        for start in zip(*np.nonzero(mask)):
-            if expected[start] >= 0:
-                continue
-            queue, expected[start] = deque([start]), count
-            while queue:
-                y, x = queue.popleft()
-                for yy in range(max(0, y - 1), min(mask.shape[0], y + 2)):
-                    for xx in range(max(0, x - 1), min(mask.shape[1], x + 2)):
-                        if mask[yy, xx] and expected[yy, xx] < 0:
-                            expected[yy, xx] = count
-                            queue.append((yy, xx))
-            count += 1
-        assert (labels[~mask] == 0).all() and labels.max() == count
-        assert len(set(zip(expected[mask], labels[mask]))) == count  # a bijection between the labellings
-
-
 def test_vision_language_models_are_told_from_feature_backbones(tmp_path):
     from cadmtl.reference.localize import is_vision_language_model
 

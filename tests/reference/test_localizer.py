@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cadmtl.anomaly.metrics import connected_components
 from cadmtl.reference.localizer import (
     ReferenceLocalizer,
     best_f1_threshold,
     boxes_from_map,
     calibrate_threshold,
-    connected_components,
     difference_map,
     fpr_threshold,
     gaussian_kernel1d,
@@ -112,12 +112,12 @@ def test_diagonal_pixels_join_and_min_area_drops():
     anomaly_map = torch.zeros(8, 8)
     anomaly_map[1, 1] = anomaly_map[2, 2] = anomaly_map[3, 3] = 1.0  # one 8-connected diagonal line
     anomaly_map[6, 0] = 0.8  # a lone pixel
-    labels = connected_components(anomaly_map > 0.5)
-    assert labels.max() == 2 and labels[0, 0] == 0 and labels[1, 1] == labels[3, 3]
+    labels, count = connected_components((anomaly_map > 0.5).numpy())
+    assert count == labels.max() == 2 and labels[0, 0] == 0 and labels[1, 1] == labels[3, 3]
     boxes, _, mask = boxes_from_map(anomaly_map, threshold=0.5, min_area=2)
     torch.testing.assert_close(boxes, torch.tensor([[1.0, 1, 4, 4]]))
     assert not mask[6, 0] and mask.sum() == 3
-    assert connected_components(torch.ones(3, 3, dtype=torch.bool)).unique().tolist() == [1]
+    assert np.unique(connected_components(np.ones((3, 3), dtype=bool))[0]).tolist() == [1]
 
 
 def test_nothing_above_threshold_means_no_anomaly():
