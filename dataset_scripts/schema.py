@@ -61,10 +61,6 @@ def task_of_config(name: str) -> ConfigKind:
     return kind_of_config(name)
 
 
-def is_model_task(kind: str) -> bool:
-    return kind in TASKS
-
-
 def check_label_names(task: ConfigKind, names: Sequence[str]) -> list[str]:
     """Validate a label list for ``task`` and return it as a list (clear ``ValueError`` otherwise)."""
     names = list(names)

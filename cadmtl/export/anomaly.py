@@ -60,7 +60,6 @@ ANOMALY_MODEL_TYPES = (PatchMemoryConfig.model_type, AnomalyLearnerConfig.model_
 ANOMALY_OUTPUTS = ("anomaly_maps", "image_scores")
 LOCALIZER_INPUTS = ("reference_pixel_values", "query_pixel_values")
 LOCALIZER_OUTPUTS = ("difference_maps", "patch_distances")
-LEGACY_SCORER_FILE = "memory_bank.safetensors"  # the scorer's save layout before it became a Hub model
 
 
 def model_kind(model: str | os.PathLike) -> str:
@@ -84,7 +83,7 @@ def model_kind(model: str | os.PathLike) -> str:
         model_type = json.loads(config.read_text()).get("model_type")
         if model_type == "cadmtl":
             return "cadmtl"
-        if model_type in ANOMALY_MODEL_TYPES or (path / LEGACY_SCORER_FILE).is_file():
+        if model_type in ANOMALY_MODEL_TYPES:
             return "anomaly"
         raise ValueError(
             f"{config}: unknown model type {model_type!r}; `cadmtl export onnx` exports CadMtl models ('cadmtl'), "
@@ -148,7 +147,7 @@ def export_anomaly_onnx(
         FileNotFoundError: the folder holds no weights.
     """
     folder = Path(model_dir)
-    if not any((folder / name).is_file() for name in ("model.safetensors", LEGACY_SCORER_FILE)):
+    if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"{folder} holds no model weights (model.safetensors): pass the DIR/model folder that "
             "`cadmtl anomaly fit` or `cadmtl anomaly train` wrote."

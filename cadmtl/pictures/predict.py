@@ -71,7 +71,6 @@ __all__ = [
     "iter_video_frames",
     "load_image",
     "predict_files",
-    "render_predictions",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -659,28 +658,3 @@ def predict_files(
             "Skipped %d of %d inputs that could not be read: %s%s", len(failed), len(run.rows), listing, more
         )
     return run
-
-
-def render_predictions(
-    model_dir: str | os.PathLike,
-    images: str | os.PathLike | Iterable[str | os.PathLike],
-    output_dir: str | os.PathLike,
-    *,
-    det_threshold: float = 0.3,
-    top_k_classes: int = 3,
-    tasks: Sequence[str] = TASKS,
-    device: str | torch.device | None = None,
-    batch_size: int = 8,
-) -> list[Path]:
-    """[`predict_files`] returning only the overlay paths it wrote (the earlier, overlay-only interface)."""
-    run = predict_files(
-        model_dir,
-        images,
-        output_dir,
-        det_threshold=det_threshold,
-        top_k_classes=top_k_classes,
-        tasks=tasks,
-        device=device,
-        batch_size=batch_size,
-    )
-    return run.overlays

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 
 from modeling_cadmtl import CadMtlModel
@@ -44,18 +43,6 @@ def register_stateful(accelerator: Accelerator, objects: Mapping[str, Any]) -> d
         accelerator.register_for_checkpointing(stateful)
         index[name] = f"custom_checkpoint_{len(accelerator._custom_objects) - 1}.pkl"
     return index
-
-
-def registered_state(checkpoint: str | Path, name: str) -> Any:
-    """The saved state of the object registered as ``name`` (e.g. "weighting", "loop") in a checkpoint."""
-    checkpoint = Path(checkpoint)
-    index_path = checkpoint / OBJECTS_INDEX
-    if not index_path.exists():
-        raise FileNotFoundError(f"{checkpoint} has no {OBJECTS_INDEX}: not a train_accelerate.py checkpoint.")
-    index = json.loads(index_path.read_text())
-    if name not in index:
-        raise KeyError(f"{checkpoint} holds no object named {name!r}; it holds {sorted(index)}.")
-    return torch.load(checkpoint / index[name], weights_only=False)
 
 
 def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:

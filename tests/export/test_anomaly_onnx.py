@@ -87,13 +87,17 @@ def test_unknown_model_types_and_folders_without_weights_are_refused(tmp_path: P
 
 
 def test_model_kind_tells_the_saved_layouts_apart(tmp_path: Path) -> None:
-    legacy = tmp_path / "legacy-scorer"  # config.json without model_type + memory_bank.safetensors
-    legacy.mkdir()
-    (legacy / "config.json").write_text(json.dumps({"layers": [1]}))
-    (legacy / "memory_bank.safetensors").write_bytes(b"")
+    scorer = tmp_path / "scorer"
+    scorer.mkdir()
+    (scorer / "config.json").write_text(json.dumps({"model_type": "cadmtl_patch_memory"}))
+    untyped = tmp_path / "untyped"  # a config.json without model_type: not a model the exporter knows
+    untyped.mkdir()
+    (untyped / "config.json").write_text(json.dumps({"layers": [1]}))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "localizer.json").write_text(json.dumps({"localizer": {}}))
-    assert model_kind(legacy) == "anomaly"
+    assert model_kind(scorer) == "anomaly"
+    with pytest.raises(ValueError, match=r"untyped/config\.json: unknown model type None"):
+        model_kind(untyped)
     assert model_kind(tmp_path / "run") == model_kind(tmp_path / "run" / "localizer.json") == "localizer"
     assert model_kind("cad-mtl/dinov3-b-adaptive") == "cadmtl"  # a Hub id
 

@@ -205,12 +205,12 @@ def image_folder(tmp_path) -> Path:
     return root
 
 
-def test_render_predictions_writes_overlays_at_original_size(
+def test_predict_files_overlays_writes_overlays_at_original_size(
     forced_model_dir, image_folder, tmp_path, caplog
 ):
     out = tmp_path / "overlays"
     with caplog.at_level(logging.WARNING, logger=predict.__name__):
-        written = predict.render_predictions(forced_model_dir, image_folder, out, batch_size=2)
+        written = predict.predict_files(forced_model_dir, image_folder, out, batch_size=2).overlays
     assert written == [out / "parts" / "gray.png", out / "wide.png"]
     assert "Skipped 1 of 3 inputs" in caplog.text and "broken.jpg" in caplog.text
 
@@ -226,10 +226,10 @@ def test_render_predictions_writes_overlays_at_original_size(
         assert seg_colors[1] in colors  # the solid mask outline along the image border
 
 
-def test_render_predictions_draws_only_the_requested_task(forced_model_dir, image_folder, tmp_path):
-    (written,) = predict.render_predictions(
+def test_predict_files_overlays_draws_only_the_requested_task(forced_model_dir, image_folder, tmp_path):
+    (written,) = predict.predict_files(
         forced_model_dir, [image_folder / "wide.png"], tmp_path, tasks=["seg"]
-    )
+    ).overlays
     original = np.asarray(Image.open(image_folder / "wide.png")).astype(np.float64)
     overlay = np.asarray(Image.open(written)).astype(int)
     _, seg_colors = overlays.task_colors(DET_LABELS, SEG_LABELS)
@@ -237,15 +237,15 @@ def test_render_predictions_draws_only_the_requested_task(forced_model_dir, imag
     inner = (slice(5, 30), slice(5, 60))  # away from the outline and the legend
     assert np.abs(overlay[inner] - expected[inner]).max() <= 1  # float32 blending may round .5 the other way
 
-    (banner_only,) = predict.render_predictions(
+    (banner_only,) = predict.predict_files(
         forced_model_dir, [image_folder / "wide.png"], tmp_path / "cls", tasks=["cls"], top_k_classes=1
-    )
+    ).overlays
     overlay = np.asarray(Image.open(banner_only)).astype(int)
     changed = np.abs(overlay - original).sum(axis=2) > 0
     assert changed[:5, :5].all() and not changed[-5:, :].any()  # a banner at the top, nothing below it
 
 
-def test_render_predictions_with_an_aspect_preserving_padded_processor(forced_model_dir, tmp_path):
+def test_predict_files_overlays_with_an_aspect_preserving_padded_processor(forced_model_dir, tmp_path):
     model_dir = tmp_path / "padded-model"
     shutil.copytree(forced_model_dir, model_dir)
     config_path = model_dir / "preprocessor_config.json"
@@ -256,7 +256,9 @@ def test_render_predictions_with_an_aspect_preserving_padded_processor(forced_mo
         _write(tmp_path / "in" / "landscape.png", Image.new("RGB", (96, 48), grey)),
         _write(tmp_path / "in" / "portrait.png", Image.new("RGB", (40, 100), grey)),
     ]
-    written = predict.render_predictions(model_dir, sources, tmp_path / "out", tasks=["seg"], batch_size=2)
+    written = predict.predict_files(
+        model_dir, sources, tmp_path / "out", tasks=["seg"], batch_size=2
+    ).overlays
     _, seg_colors = overlays.task_colors(DET_LABELS, SEG_LABELS)
     for source, path in zip(sources, written):
         overlay = Image.open(path)
@@ -264,18 +266,18 @@ def test_render_predictions_with_an_aspect_preserving_padded_processor(forced_mo
         assert overlay.getpixel((overlay.width // 2, 10)) == _blend(grey, seg_colors[1])
 
 
-def test_render_predictions_fails_clearly_when_nothing_is_readable(forced_model_dir, tmp_path):
+def test_predict_files_overlays_fails_clearly_when_nothing_is_readable(forced_model_dir, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.png").write_bytes(b"")
     (bad / "b.jpg").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"none of the 2 image files could be read: .*a\.png .*b\.jpg"):
-        predict.render_predictions(forced_model_dir, bad, tmp_path / "out")
+        predict.predict_files(forced_model_dir, bad, tmp_path / "out")
     _write(bad / "c.png", Image.new("RGB", (4, 4)))
     with pytest.raises(ValueError, match=r"would overwrite their input images \(.*c\.png\)"):
-        predict.render_predictions(forced_model_dir, bad, bad)
+        predict.predict_files(forced_model_dir, bad, bad)
     with pytest.raises(ValueError, match="tasks must be a non-empty subset"):
-        predict.render_predictions(forced_model_dir, bad, tmp_path / "out", tasks=["depth"])
+        predict.predict_files(forced_model_dir, bad, tmp_path / "out", tasks=["depth"])
 
 
 def test_segmentation_of_large_images_is_computed_at_a_bounded_size(monkeypatch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,24 +9,23 @@ import torch
 import yaml
 
 from cadmtl.training.arguments import DataArguments, ModelArguments, TrainingArguments
-from cadmtl.training.checkpoint import OBJECTS_INDEX, find_checkpoint, registered_state
+from cadmtl.training.checkpoint import LoopState, find_checkpoint, register_stateful
 from cadmtl.training.finish import dataset_identity, model_card_data
 from cadmtl.training.log_window import LogWindow
 from cadmtl.training.weighting import CoBaWeighting, EqualWeighting
 
 
-def test_registered_state_reads_by_name_not_by_order(tmp_path: Path) -> None:
-    torch.save({"step": 7}, tmp_path / "custom_checkpoint_3.pkl")
-    torch.save({"weights": [0.5, 0.5]}, tmp_path / "custom_checkpoint_0.pkl")
-    (tmp_path / OBJECTS_INDEX).write_text(
-        json.dumps({"weighting": "custom_checkpoint_0.pkl", "loop": "custom_checkpoint_3.pkl"})
-    )
-    assert registered_state(tmp_path, "loop") == {"step": 7}
-    assert registered_state(tmp_path, "weighting") == {"weights": [0.5, 0.5]}
-    with pytest.raises(KeyError, match=r"holds no object named 'streams'; it holds \['loop', 'weighting'\]"):
-        registered_state(tmp_path, "streams")
-    with pytest.raises(FileNotFoundError, match=r"has no checkpoint_objects\.json"):
-        registered_state(tmp_path / "missing", "loop")
+def test_the_objects_index_names_the_file_each_registered_object_is_saved_to(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    first, second = LoopState(), LoopState()
+    first.step, second.step = 7, 3
+    index = register_stateful(accelerator, {"loop": first, "other": second})
+    accelerator.save_state(str(tmp_path))
+    assert index == {"loop": "custom_checkpoint_0.pkl", "other": "custom_checkpoint_1.pkl"}
+    for name, stateful in (("loop", first), ("other", second)):
+        assert torch.load(tmp_path / index[name], weights_only=False) == stateful.state_dict()
 
 
 def test_find_checkpoint_takes_the_newest_step(tmp_path: Path) -> None:

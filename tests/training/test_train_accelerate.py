@@ -88,11 +88,17 @@ def test_two_process_adaptive_run_draws_the_same_tasks_on_every_rank(
     assert any("coba/weight/cls" in r and "scheduler/prob/det" in r for r in records)
 
 
+def registered_state(checkpoint: Path, name: str) -> object:
+    """The saved state of the object registered as `name` in a checkpoint, found through its objects index."""
+    from cadmtl.training.checkpoint import OBJECTS_INDEX
+
+    index = json.loads((checkpoint / OBJECTS_INDEX).read_text())
+    return torch.load(checkpoint / index[name], weights_only=False)
+
+
 def checkpoint_state(checkpoint: Path) -> dict:
     """The weighting's state, the loop counters and the model weights of a checkpoint written by save_state."""
     from safetensors.torch import load_file
-
-    from cadmtl.training.checkpoint import registered_state
 
     return {
         "weighting": registered_state(checkpoint, "weighting"),
@@ -305,8 +311,6 @@ def test_two_process_gradient_method_run_keeps_the_replicas_equal(small_demo: Pa
 
 
 def registered_pcgrad_calls(checkpoint: Path) -> int:
-    from cadmtl.training.checkpoint import registered_state
-
     return int(registered_state(checkpoint, "weighting")["num_combined"])
 
 
@@ -392,8 +396,6 @@ def test_patience_stops_early_and_best_model_is_kept(small_demo: Path, tmp_path:
 def test_ema_is_evaluated_saved_and_resumed_exactly(small_demo: Path, tmp_path: Path) -> None:
     """best/ and model/ hold the EMA weights; resuming from step 4 ends with the same EMA as the uninterrupted run."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    from cadmtl.training.checkpoint import registered_state
 
     common = [
         "--dataset", str(small_demo), "--max_steps", "8", "--eval_every", "4", "--save_every", "4",

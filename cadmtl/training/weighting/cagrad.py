@@ -24,16 +24,11 @@ def project_to_simplex(v: torch.Tensor) -> torch.Tensor:
     return (v - theta).clamp_min(0.0)
 
 
-def cagrad_objective(w: torch.Tensor, gram: torch.Tensor, c: float, eps: float) -> torch.Tensor:
-    """``F(w) = g_w . g_0 + c ||g_w||`` on the Gram matrix (``g_w = G^T w``, ``g_0`` the mean row)."""
-    k = gram.shape[0]
-    return w @ gram.sum(1) / k + c * (w @ gram @ w + eps).sqrt()
-
-
 def solve_cagrad_dual(
     gram: torch.Tensor, c: float, max_iter: int = 500, tol: float = 1e-10, eps: float = 1e-12
 ) -> torch.Tensor:
-    """``argmin_{w in simplex} F(w)`` by projected gradient descent with Armijo backtracking (float64).
+    """``argmin_{w in simplex} F(w)``, ``F(w) = g_w . g_0 + c ||g_w||`` on the Gram matrix (``g_w = G^T w``,
+    ``g_0`` the mean row), by projected gradient descent with Armijo backtracking (float64).
 
     ``gram`` should be normalised (mean diagonal 1) so ``eps`` (smoothing of the norm at ``g_w = 0``) and the
     initial step are scale-free; ``c`` is ``calpha * ||g_0||`` in the same units. Stops when ``w`` stops moving
