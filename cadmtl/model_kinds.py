@@ -17,6 +17,7 @@ raises on any missing, unexpected or mismatched weight: a model never runs with 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -250,13 +251,27 @@ def check_loading_info(name: str, loading_info: dict[str, Any], holds: str) -> N
         raise ModelLoadError(f"{name}: the weights do not fit {holds}: {'; '.join(problems)}")
 
 
+class _WithoutLoadReport(logging.Filter):
+    """Drops transformers' multi-line "LOAD REPORT" warning: `load_pretrained` raises one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
 def load_pretrained(model_class: Any, name_or_path: str | os.PathLike, holds: str, **kwargs: Any) -> Any:
     """`model_class.from_pretrained(name_or_path, **kwargs)`, refusing any missing, unexpected or mismatched
-    weight (`holds` names what was expected in the message); a file or Hub error becomes one line."""
+    weight (`holds` names what was expected in the message); a file, Hub or state-dict error becomes one line."""
     name = str(name_or_path)
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _WithoutLoadReport()
+    report_logger.addFilter(quiet)
     try:
         model, loading_info = model_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
-    except OSError as error:
-        raise ModelLoadError(f"{name}: cannot load {holds} ({_one_line(error)})") from error
+    except (OSError, RuntimeError) as error:  # RuntimeError: transformers' "Error(s) in loading state_dict"
+        reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        raise ModelLoadError(f"{name}: cannot load {holds} ({type(error).__name__}: {reason})") from error
+    finally:
+        report_logger.removeFilter(quiet)
     check_loading_info(name, loading_info, holds)
     return model
