@@ -254,6 +254,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_the_app_shows_the_sentence_instead_of_results(folders, image) -> None:
     gradio_client = pytest.importorskip(
         "gradio_client", reason="the demo extra (gradio_client) is not installed"
@@ -289,3 +290,68 @@ def test_the_app_shows_the_sentence_instead_of_results(folders, image) -> None:
             client.predict(gradio_client.handle_file(str(image)), api_name="/anomaly")
     finally:
         demo.close()
+
+
+# ------------------------------------------------------------------------------------- anomaly train's split
+def test_the_held_out_share_shrinks_to_a_quarter_when_it_leaves_too_few_to_train() -> None:
+    from cadmtl.anomaly.learner_training import carve_held_out, held_out_count
+
+    assert held_out_count(48, 64) == 12 and held_out_count(48, 24) == 24 and held_out_count(200, 64) == 64
+    assert held_out_count(5, 64) == 2 and held_out_count(3, 2) == 2
+    train, held = carve_held_out(48, 64)
+    assert len(train) == 36 and len(held) == 12 and sorted(train + held) == list(range(48))
+    with pytest.raises(
+        ValueError,
+        match=r"^x_ad/train has 2 normal image\(s\), too few to train: --held-out-images keeps 2 out "
+        r"\(statistics and calibration\) and training needs at least 1 more$",
+    ):
+        held_out_count(2, 64, "x_ad/train")
+
+
+@pytest.mark.slow
+def test_anomaly_train_runs_on_the_demo_split_with_its_defaults(tmp_path, capsys) -> None:
+    """The README's demo data (48 normal train images) with the default `--held-out-images 64`."""
+    import subprocess
+    import sys
+
+    from cadmtl.anomaly.learner_training import main as learner_main
+    from dataset_scripts.make_demo import build_demo
+
+    repo = tmp_path / "demo"
+    build_demo(repo, train=48, validation=4, test=4, configs=["chassis_cls"], ad_configs=["exterior_ad"])
+    out = tmp_path / "learner"
+    fast = ["--max-steps", "2", "--image-size", "32", "--batch-size", "4", "--mixed-precision", "no"]
+    argv = [sys.executable, "-m", "cadmtl", "anomaly", "train", str(repo), "--config", "exterior_ad"]
+    done = subprocess.run(
+        [*argv, "--output-dir", str(out), *fast], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert (
+        "--held-out-images 64 would leave 0 of the 48 normal images of exterior_ad/train to train: holding out 12 "
+        "(a quarter) instead" in done.stderr
+    )
+    summary = json.loads((out / "results.json").read_text())
+    assert (summary["train_images"], summary["held_out_images"], summary["steps"]) == (36, 12, 2)
+    assert type(load_anomaly_model(out / "model")) is AnomalyLearner
+
+    # A split too small to train at all: one line naming the option, in-process (exit 2) and through the launcher.
+    small = [
+        str(repo),
+        "--config",
+        "exterior_ad",
+        "--output-dir",
+        str(tmp_path / "small"),
+        "--max-train-images",
+        "2",
+    ]
+    line = (
+        "error: exterior_ad/train has 2 normal image(s), too few to train: --held-out-images keeps 2 out "
+        "(statistics and calibration) and training needs at least 1 more"
+    )
+    capsys.readouterr()
+    assert learner_main([*small, *fast]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == line
+    done = subprocess.run([*argv[:5], *small, *fast], capture_output=True, text=True, timeout=900)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == line
