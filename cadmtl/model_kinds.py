@@ -39,6 +39,7 @@ __all__ = [
     "ModelInfo",
     "ModelKind",
     "ModelLoadError",
+    "check_loading_info",
     "inspect_model",
     "is_hub_id",
     "load_pretrained",
