@@ -29,6 +29,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from cadmtl.model_kinds import ModelLoadError  # noqa: E402
 from cadmtl.pictures.overlays import task_colors  # noqa: E402
 from cadmtl.pictures.predict import Predictor, load_image  # noqa: E402
 
@@ -169,7 +171,7 @@ def inspect(predictor: Predictor, path: Any) -> tuple[Any, dict[str, float], str
 
 
 def inspect_anomaly(scorer: Any, path: Any) -> tuple[Image.Image, float, str]:
-    from cadmtl.anomaly.command import predict_image
+    from cadmtl.anomaly.models import predict_image
 
     picture, score, verdict = predict_image(scorer, _read_upload(path))
     return picture, score, verdict or "uncalibrated (no threshold stored)"
@@ -189,6 +191,27 @@ def localize_reference(runner: Any, reference_path: Any, query_path: Any) -> tup
     return (query, annotations), score, verdict
 
 
+def _load(load: Callable[[], Any]) -> tuple[Any, str | None]:
+    """(loaded model, None), or (None, the one-line reason) for a missing folder or another kind of model: the
+    page shows that sentence where the results would be, and the tab's endpoint answers with it as its error."""
+    try:
+        return load(), None
+    except ModelLoadError as error:
+        logger.error("%s", error)
+        return None, str(error)
+
+
+def _serve(handler: Callable[..., Any], model: Any, error: str | None) -> Callable[..., Any]:
+    """`handler(model, *inputs)`, or a handler that raises `error` (shown on the page) when no model loaded."""
+
+    def run(*inputs: Any) -> Any:
+        if model is None:
+            raise gr.Error(error)
+        return handler(model, *inputs)
+
+    return run
+
+
 # ----------------------------------------------------------------------------------------------- the page
 def build_demo(
     model: str | os.PathLike,
@@ -198,30 +221,41 @@ def build_demo(
     device: str = "cpu",
     untrained: bool = False,
 ) -> gr.Blocks:
-    """The Gradio Blocks of the demo for a CadMtl model folder and, optionally, the anomaly and reference models."""
-    predictor = Predictor.from_pretrained(model, device)
-    config = predictor.config
-    predictor.top_k_classes = len(config.cls_labels)  # the Label shows every class score
-    det_colors, seg_colors = task_colors(config.det_labels, config.seg_labels)
-    color_map = {name: _hex(color) for name, color in zip(config.det_labels, det_colors)}
-    color_map.update({name: _hex(color) for name, color in zip(config.seg_labels[1:], seg_colors[1:])})
+    """The Gradio Blocks of the demo for a CadMtl model folder and, optionally, the anomaly and reference models.
+    A model that is missing or of another kind is not served: its tab shows the one-line reason instead."""
+    predictor, model_error = _load(lambda: Predictor.from_pretrained(model, device))
+    color_map: dict[str, str] = {}
+    if predictor is not None:
+        config = predictor.config
+        predictor.top_k_classes = len(config.cls_labels)  # the Label shows every class score
+        det_colors, seg_colors = task_colors(config.det_labels, config.seg_labels)
+        color_map = {name: _hex(color) for name, color in zip(config.det_labels, det_colors)}
+        color_map.update({name: _hex(color) for name, color in zip(config.seg_labels[1:], seg_colors[1:])})
 
     with gr.Blocks(title="cad-mtl inspection demo") as demo:
-        gr.Markdown(
-            "# cad-mtl: car defect inspection\n"
-            "One DINOv3 model classifies, detects and segments defects; the OK / NG verdict compares its anomaly "
-            f"score (`{config.verdict_source}` head) with the calibrated threshold {config.verdict_threshold:.3f}."
-        )
+        if predictor is not None:
+            gr.Markdown(
+                "# cad-mtl: car defect inspection\n"
+                "One DINOv3 model classifies, detects and segments defects; the OK / NG verdict compares its "
+                f"anomaly score (`{config.verdict_source}` head) with the calibrated threshold "
+                f"{config.verdict_threshold:.3f}."
+            )
+        else:
+            gr.Markdown("# cad-mtl: car defect inspection")
         if untrained:
             gr.Markdown(UNTRAINED_NOTICE)
         with gr.Tab("Inspect"):
+            if model_error:
+                gr.Markdown(f"**No model served**: {model_error}", elem_id="model-error")
             with gr.Row():
                 upload = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard"])
                 annotated = gr.AnnotatedImage(
                     label="Defects (boxes and masks)", color_map=color_map, elem_id="annotated"
                 )
             with gr.Row():
-                classes = gr.Label(label="Class scores", num_top_classes=predictor.top_k_classes)
+                classes = gr.Label(
+                    label="Class scores", num_top_classes=predictor.top_k_classes if predictor else None
+                )
                 with gr.Column():
                     verdict = gr.Textbox(label="Verdict", elem_id="verdict")
                     score = gr.Number(label="Anomaly score", precision=4)
@@ -229,14 +263,14 @@ def build_demo(
             run = gr.Button("Inspect", variant="primary")
             outputs = [annotated, classes, verdict, score, details]
             run.click(
-                lambda path: inspect(predictor, path),
+                _serve(inspect, predictor, model_error),
                 inputs=upload,
                 outputs=outputs,
                 api_name="predict",
                 preprocess=False,
             )
             upload.upload(
-                lambda path: inspect(predictor, path),
+                _serve(inspect, predictor, model_error),
                 inputs=upload,
                 outputs=outputs,
                 api_name=False,
@@ -244,20 +278,23 @@ def build_demo(
             )
 
         if anomaly_model:
-            from cadmtl.anomaly.command import load_anomaly_model
+            from cadmtl.anomaly.models import load_anomaly_model
 
-            scorer = load_anomaly_model(str(anomaly_model))
+            scorer, anomaly_error = _load(lambda: load_anomaly_model(anomaly_model))
             with gr.Tab("Anomaly (normal-only)"):
-                gr.Markdown(
-                    f"Normal-only scorer `{Path(anomaly_model).name}`: heat map, image score, verdict."
-                )
+                if anomaly_error:
+                    gr.Markdown(f"**No model served**: {anomaly_error}", elem_id="anomaly-model-error")
+                else:
+                    gr.Markdown(
+                        f"Normal-only scorer `{Path(anomaly_model).name}`: heat map, image score, verdict."
+                    )
                 with gr.Row():
                     anomaly_upload = gr.Image(type="filepath", label="Photo")
                     heat = gr.Image(type="pil", label="Anomaly heat map")
                 anomaly_score = gr.Number(label="Anomaly score", precision=4)
                 anomaly_verdict = gr.Textbox(label="Verdict")
                 gr.Button("Score", variant="primary").click(
-                    lambda path: inspect_anomaly(scorer, path),
+                    _serve(inspect_anomaly, scorer, anomaly_error),
                     inputs=anomaly_upload,
                     outputs=[heat, anomaly_score, anomaly_verdict],
                     api_name="anomaly",
@@ -267,11 +304,14 @@ def build_demo(
         if reference_model:
             from cadmtl.reference.localize import runner_from_settings
 
-            runner = runner_from_settings(reference_model, device)
+            runner, reference_error = _load(lambda: runner_from_settings(reference_model, device))
             with gr.Tab("Reference localisation"):
-                gr.Markdown(
-                    "A defect-free reference and a query of the same part: boxes where the query differs."
-                )
+                if reference_error:
+                    gr.Markdown(f"**No model served**: {reference_error}", elem_id="reference-model-error")
+                else:
+                    gr.Markdown(
+                        "A defect-free reference and a query of the same part: boxes where the query differs."
+                    )
                 with gr.Row():
                     reference = gr.Image(type="filepath", label="Reference")
                     query = gr.Image(type="filepath", label="Query")
@@ -279,7 +319,7 @@ def build_demo(
                 reference_score = gr.Number(label="Difference score (map maximum)", precision=4)
                 reference_verdict = gr.Textbox(label="Verdict")
                 gr.Button("Compare", variant="primary").click(
-                    lambda ref, qry: localize_reference(runner, ref, qry),
+                    _serve(localize_reference, runner, reference_error),
                     inputs=[reference, query],
                     outputs=[differences, reference_score, reference_verdict],
                     api_name="reference",

@@ -6,10 +6,13 @@ localisation: loading a backbone (preset, CadMtl folder, DINOv3 checkpoint) here
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
 
+from cadmtl.model_kinds import BACKBONE, CADMTL, OTHER_MODEL, is_hub_id, load_pretrained, require_model_kind
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import (
     PatchFeatureExtractor,
     backbone_depth,
@@ -55,34 +58,20 @@ def backbone_from_preset(name: str, **overrides) -> nn.Module:
 def load_backbone(model: str, seed: int = 0) -> tuple[nn.Module, str]:
     """(backbone, description) from a preset name (random init, seeded), a CadMtl model folder (its backbone) or a
     DINOv3 checkpoint (folder or Hub id); the one loader of the patch-feature methods."""
-    import json
-    from pathlib import Path
-
     from cadmtl.presets import PRESETS
 
     if model in PRESETS:
         torch.manual_seed(seed)
         return backbone_from_preset(model), f"preset {model} (random init, seed {seed})"
-    path = Path(model)
-    config_file = path / "config.json"
-    if (
-        path.is_dir()
-        and config_file.is_file()
-        and json.loads(config_file.read_text()).get("model_type") == "cadmtl"
-    ):
-        from modeling_cadmtl import CadMtlModel
-
-        return backbone_from_cadmtl(CadMtlModel.from_pretrained(path)), f"CadMtl model {path}"
-    from transformers import AutoModel
-
-    if not path.exists() and "/" not in model:
+    if not Path(model).exists() and not is_hub_id(model):
         raise ValueError(
             f"{model!r} is neither a backbone preset ({', '.join(PRESETS)}), a model folder nor a Hub id (ORG/NAME)"
         )
-    try:
-        return AutoModel.from_pretrained(model), f"checkpoint {model}"
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"{model!r} is neither a backbone preset ({', '.join(PRESETS)}), a CadMtl model folder nor a "
-            f"loadable DINOv3 checkpoint: {error}"
-        ) from error
+    info = require_model_kind(
+        model, CADMTL, BACKBONE, OTHER_MODEL
+    )  # not an anomaly model, not without weights
+    if info.kind is CADMTL:
+        from modeling_cadmtl import CadMtlModel
+
+        return backbone_from_cadmtl(load_pretrained(CadMtlModel, model, info.holds)), f"CadMtl model {model}"
+    return load_pretrained(AutoModel, model, info.holds), f"checkpoint {model}"

@@ -23,33 +23,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, normal_only, to_pixel_values
-from cadmtl.anomaly.learner import AnomalyLearner, AnomalyLearnerConfig
+from cadmtl.anomaly.learner import AnomalyLearner
 from cadmtl.anomaly.metrics import AnomalyMetrics, f1_max, metrics_table
+from cadmtl.anomaly.models import image_verdict, load_anomaly_model, map_value_range, predict_image
 from cadmtl.anomaly.patch_memory import PatchMemoryScorer, calibrate_f1, calibrate_fpr
 from cadmtl.features import load_backbone
 from cadmtl.pictures.overlays import draw_anomaly_map
 from cadmtl.pictures.predict import collect_images, load_image
 
 logger = logging.getLogger("cadmtl.anomaly")
-OK, NG = "OK", "NG"
-
-
-def load_anomaly_model(path: str) -> PatchMemoryScorer | AnomalyLearner:
-    """A saved patch-memory scorer (`cadmtl anomaly fit`) or learner (`cadmtl anomaly train`), told by its config;
-    both score with `score(pixel_values) -> (maps, image scores)` at their `image_size`."""
-    config_path = Path(path, "config.json")
-    if not config_path.exists():
-        raise FileNotFoundError(
-            f"{path}: no config.json (expected OUTPUT_DIR/model of `cadmtl anomaly fit / train`)"
-        )
-    if json.loads(config_path.read_text()).get("model_type") == AnomalyLearnerConfig.model_type:
-        return AnomalyLearner.from_pretrained(path).eval()
-    return PatchMemoryScorer.from_pretrained(path)
 
 
 def _scores_and_maps(
@@ -148,17 +134,6 @@ def fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verdict(scorer: PatchMemoryScorer, score: float) -> str:
-    return "" if scorer.image_threshold is None else (NG if score >= scorer.image_threshold else OK)
-
-
-def _value_range(scorer: PatchMemoryScorer, maps: Sequence[np.ndarray]) -> tuple[float, float]:
-    """A fixed colour range for every picture of a run: 0 to twice the pixel threshold (else the 99th percentile)."""
-    if scorer.pixel_threshold:
-        return 0.0, 2.0 * float(scorer.pixel_threshold)
-    return 0.0, float(np.percentile(np.concatenate([m.ravel() for m in maps]), 99)) or 1.0
-
-
 def evaluate(args: argparse.Namespace) -> int:
     scorer = load_anomaly_model(args.model)
     samples = load_anomaly_split(args.repo, args.config, args.split)
@@ -190,34 +165,22 @@ def evaluate(args: argparse.Namespace) -> int:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "is_normal", "score", "verdict"])
         for sample, score in zip(samples, scores):
-            writer.writerow([sample.image_id, int(sample.is_normal), f"{score:.6g}", _verdict(scorer, score)])
+            writer.writerow(
+                [sample.image_id, int(sample.is_normal), f"{score:.6g}", image_verdict(scorer, score)]
+            )
     if args.save_maps:
         for sample, amap in zip(samples, maps):  # OUT/maps/<image_id>.npy (image ids may hold folders)
             target = output / "maps" / f"{sample.image_id}.npy"
             target.parent.mkdir(parents=True, exist_ok=True)
             np.save(target, amap)
     if args.save_pictures:
-        value_range = _value_range(scorer, maps)
+        value_range = map_value_range(scorer, maps)
         for sample, amap in zip(samples, maps):
             target = output / "pictures" / f"{sample.image_id}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             draw_anomaly_map(sample.image, amap, value_range, true_mask=sample.mask).save(target)
     print(table)
     return 0
-
-
-def predict_image(
-    scorer: PatchMemoryScorer | AnomalyLearner, image: Image.Image
-) -> tuple[Image.Image, float, str]:
-    """One RGB image -> (heat-map picture with the thresholded defect contour, image score, "OK" / "NG" / "" when
-    uncalibrated): `cadmtl anomaly predict` and the demo app's anomaly tab."""
-    pixel_values = to_pixel_values([image], scorer.image_size, scorer.image_mean, scorer.image_std)
-    maps, scores = scorer.score(pixel_values)
-    amap = F.interpolate(maps[:1, None], size=(image.height, image.width), mode="bilinear")[0, 0].numpy()
-    predicted = None if scorer.pixel_threshold is None else (amap >= scorer.pixel_threshold).astype(np.uint8)
-    picture = draw_anomaly_map(image, amap, _value_range(scorer, [amap]), predicted_mask=predicted)
-    score = float(scores[0])
-    return picture, score, _verdict(scorer, score)
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -259,9 +222,9 @@ def train(argv: Sequence[str]) -> int:
         from cadmtl.anomaly.learner_training import main as learner_main
 
         return learner_main(["--help"])
-    return subprocess.call(
-        [sys.executable, "-m", "accelerate.commands.launch", "-m", "cadmtl.anomaly.learner_training", *argv]
-    )
+    # --quiet: a training error is the module's own one line, without the launcher's traceback (it exits 1).
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
+    return subprocess.call([*launcher, "-m", "cadmtl.anomaly.learner_training", *argv])
 
 
 def build_parser() -> argparse.ArgumentParser:

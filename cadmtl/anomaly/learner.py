@@ -180,16 +180,24 @@ class AnomalyLearner(AnomalyLearnerModel):
         cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
     ) -> Any:
         """A saved learner in eval mode; a folder of the earlier layout (statistics in
-        normal_statistics.safetensors) loads too."""
+        normal_statistics.safetensors) loads too. With `output_loading_info=True`, `(learner, loading_info)`."""
         legacy = Path(pretrained_model_name_or_path) / LEGACY_STATISTICS_NAME
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model, extra = (loaded[0], loaded[1:]) if isinstance(loaded, tuple) else (loaded, ())
         if legacy.is_file() and not model.normal_statistics:
             statistics: dict[str, dict[str, torch.Tensor]] = {}
             for name, value in load_file(legacy).items():
                 task, key = name.split(".")
                 statistics.setdefault(task, {})[key] = value
             model.set_normal_statistics(statistics, num_images=1)
-        return model.eval()
+            if extra:  # the statistics buffers came from the legacy file: they are not missing
+                filled = {f"{task}_{key}" for task in statistics for key in ("location", "scale")}
+                filled.add("normal_statistics_images")
+                info = extra[0]
+                info["missing_keys"] = type(info["missing_keys"])(
+                    key for key in info["missing_keys"] if key not in filled
+                )
+        return (model.eval(), *extra) if extra else model.eval()
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:

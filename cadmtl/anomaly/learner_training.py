@@ -8,7 +8,8 @@ load-balancing loss, clips gradients and steps AdamW under a cosine schedule. Ch
 exactly (``--resume-from-checkpoint latest``).
 
 Held-out normals: ``--held-out-images`` training images chosen by a fixed permutation (independent of ``--seed``)
-never train the model. Their even positions fit the normal statistics that standardise each task's map; their odd
+never train the model (when that would leave fewer than half of the images to train, a quarter of them is held out
+instead, with a notice). Their even positions fit the normal statistics that standardise each task's map; their odd
 positions calibrate the thresholds at ``--target-fpr``, unless the config has a validation split with defects
 (``--calibration auto``), where image and pixel thresholds maximise F1 there.
 
@@ -34,6 +35,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,6 +69,7 @@ from .patch_memory import calibrate_f1, calibrate_fpr
 logger = logging.getLogger("cadmtl.anomaly.learner_training")
 HELD_OUT_SEED = 20240601  # the held-out carve-out does not move with --seed
 HELD_OUT_LOSS_SEED = 7  # fixed proxy-task draws of the held-out batches
+MIN_HELD_OUT = 2  # one image for the normal statistics, one for the calibration
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -99,7 +102,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vflip", action="store_true", help="also flip training images vertically")
     parser.add_argument(
-        "--held-out-images", type=int, default=64, help="normal train images kept out of training"
+        "--held-out-images",
+        type=int,
+        default=64,
+        help="normal train images kept out of training (a quarter of them, at least 2, when this would leave "
+        "fewer than half to train)",
     )
     parser.add_argument("--held-out-batches", type=int, default=2, help="held-out batches of CoBa's losses")
     parser.add_argument("--coba-every", type=int, default=10)
@@ -124,15 +131,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--max-train-images", type=int, default=None, help="use only the first N train images"
     )
     args = parser.parse_args(argv)
-    if args.held_out_images < 2:
-        parser.error("--held-out-images must be >= 2 (statistics and calibration halves)")
+    if args.held_out_images < MIN_HELD_OUT:
+        parser.error(f"--held-out-images must be >= {MIN_HELD_OUT} (statistics and calibration halves)")
     return args
 
 
-def carve_held_out(count: int, held_out: int) -> tuple[list[int], list[int]]:
-    """(train indices, held-out indices) of `count` images: a fixed permutation, the same for every seed."""
-    if held_out >= count:
-        raise ValueError(f"--held-out-images {held_out} leaves no training image out of {count}")
+def held_out_count(count: int, requested: int, split: str = "the train split") -> int:
+    """How many of `count` normal train images to hold out for `--held-out-images requested`: as asked while that
+    leaves at least half of them to train, else a quarter of them (at least 2: the statistics and calibration
+    halves), so the defaults work on a small split such as the demo's 48 images.
+
+    Raises:
+        ValueError: fewer than 3 images (2 held out and 1 to train).
+    """
+    if count < MIN_HELD_OUT + 1:
+        raise ValueError(
+            f"{split} has {count} normal image(s), too few to train: --held-out-images keeps {MIN_HELD_OUT} out "
+            "(statistics and calibration) and training needs at least 1 more"
+        )
+    return requested if requested <= count // 2 else max(MIN_HELD_OUT, count // 4)
+
+
+def carve_held_out(count: int, held_out: int, split: str = "the train split") -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices) of `count` images: a fixed permutation, the same for every seed, of
+    `held_out_count(count, held_out)` held-out images."""
+    held_out = held_out_count(count, held_out, split)
     order = np.random.default_rng(HELD_OUT_SEED).permutation(count)
     return sorted(order[held_out:].tolist()), sorted(order[:held_out].tolist())
 
@@ -317,7 +340,17 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         load_anomaly_split(args.repo, args.config, "train", limit=args.max_train_images),
         f"{args.config}/train",
     )
-    train_index, held_index = carve_held_out(len(train), args.held_out_images)
+    train_index, held_index = carve_held_out(len(train), args.held_out_images, f"{args.config}/train")
+    if len(held_index) != args.held_out_images:
+        logger.warning(
+            "--held-out-images %d would leave %d of the %d normal images of %s/train to train: holding out %d "
+            "(a quarter) instead",
+            args.held_out_images,
+            max(len(train) - args.held_out_images, 0),
+            len(train),
+            args.config,
+            len(held_index),
+        )
     images = images_to_uint8([train[i].image for i in train_index], args.image_size)
     held_out = images_to_uint8([train[i].image for i in held_index], args.image_size)
     statistics_normals, calibration_normals = held_out[0::2], held_out[1::2]
@@ -431,6 +464,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # ------------------------------------------------------------------------ statistics, thresholds, save
     summary: dict[str, Any] = {
         "steps": state.step,
+        "train_images": len(train_index),
+        "held_out_images": len(held_index),
         "train_seconds": train_seconds,
         "weights": weighting.weights,
     }
@@ -467,8 +502,13 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`cadmtl anomaly train` / `accelerate launch -m cadmtl.anomaly.learner_training`: exit status 0."""
-    train(argv)
+    """`cadmtl anomaly train` / `accelerate launch -m cadmtl.anomaly.learner_training`: exit status 0, or 2 with
+    one line on stderr for a user error (a missing or unusable config or split, too few images)."""
+    try:
+        train(argv)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -168,11 +168,16 @@ class PatchMemoryScorer(PatchMemoryModel):
         cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
     ) -> Any:
         """A saved scorer (Hub layout), or a folder of the earlier layout (config.json + memory_bank.safetensors +
-        backbone.safetensors), in eval mode."""
+        backbone.safetensors), in eval mode; with `output_loading_info=True`, `(scorer, loading_info)`."""
         folder = Path(pretrained_model_name_or_path)
         if (folder / LEGACY_MEMORY_BANK_NAME).is_file():
-            return cls._from_legacy_folder(folder)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs).eval()
+            scorer = cls._from_legacy_folder(folder)  # strict state-dict loads: nothing missing or unexpected
+            empty = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+            return (scorer, empty) if kwargs.get("output_loading_info") else scorer
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if isinstance(loaded, tuple):
+            return (loaded[0].eval(), *loaded[1:])
+        return loaded.eval()
 
     @classmethod
     def _from_legacy_folder(cls, folder: Path) -> PatchMemoryScorer:

@@ -18,143 +18,13 @@ import argparse
 import json
 import logging
 import sys
-from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
-import torch
-
+from cadmtl.evaluation.model_evaluation import evaluate_model
+from cadmtl.model_kinds import ModelLoadError
 from dataset_scripts.schema import TASKS
 
 logger = logging.getLogger("cadmtl.evaluation.command")
-
-
-def evaluate_model(
-    model_name_or_path: str,
-    dataset: str,
-    *,
-    configs: list[str] | None = None,
-    split: str = "test",
-    batch_size: int = 16,
-    image_sizes: dict[str, int] | None = None,
-    max_batches: int | None = None,
-    num_workers: int = 0,
-    device: str | None = None,
-    mixed_precision: str = "bf16",
-    domain_conditioning: bool = True,
-    verdict: bool = True,
-) -> dict[str, Any]:
-    """Metrics of `model_name_or_path` on `split` of each dataset config: the content of eval_results.json.
-
-    With `verdict`, also the OK / NG verdict on those configs' images pooled (every CAD config has `is_normal`),
-    at the model's stored `verdict_source` / `verdict_threshold`: image AUROC and F1-max per source, precision /
-    recall / false-positive rate at the threshold."""
-    from accelerate import PartialState
-
-    from cadmtl.data.sources import LoaderSettings, attach_label_maps, available_configs, discover_sources
-    from cadmtl.evaluation.loop import evaluate_sources
-    from dataset_scripts.schema import task_of_config
-    from modeling_cadmtl import CadMtlModel
-
-    state = PartialState(cpu=device == "cpu")
-    model = CadMtlModel.from_pretrained(model_name_or_path).to(state.device).eval()
-    tasks_with_heads = TASKS
-    configs = configs or [c for c in available_configs(dataset) if task_of_config(c) in tasks_with_heads]
-    by_task: dict[str, list[str]] = defaultdict(list)
-    for config in configs:
-        by_task[task_of_config(config)].append(config)
-    sources = discover_sources(dataset, dict(by_task), split)
-    for task, task_sources in sources.items():
-        attach_label_maps(task_sources, model.config.labels_for(task))
-    sizes = {"cls": 224, "det": 512, "seg": 512, **(model.config.image_sizes or {}), **(image_sizes or {})}
-    settings = LoaderSettings(
-        dataset=dataset,
-        split=split,
-        image_sizes=sizes,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        shuffle_buffer=0,
-        seed=0,
-        rank=state.process_index,
-        world_size=state.num_processes,
-    )
-    # bf16 by default, as train_accelerate.py evaluates, so both report the same numbers for the same model.
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[mixed_precision]
-    labels = {task: model.config.labels_for(task) for task in sources}
-    results = evaluate_sources(
-        model,
-        sources,
-        settings,
-        labels,
-        batch_size=batch_size,
-        device=state.device,
-        autocast_dtype=autocast,
-        max_batches=max_batches,
-        show_progress=state.is_local_main_process,
-        domain_conditioning=domain_conditioning,
-    )
-    evaluation = {
-        "model": str(model_name_or_path),
-        "dataset": dataset,
-        "split": split,
-        "image_sizes": {task: sizes[task] for task in sources},
-        "mixed_precision": mixed_precision,
-        "domain_conditioning": domain_conditioning,
-        "results": results,
-    }
-    if verdict:
-        evaluation["verdict"] = evaluate_verdict(
-            model, dataset, configs, split, sizes, state, batch_size, num_workers, autocast, max_batches
-        )
-    return evaluation
-
-
-def evaluate_verdict(
-    model: Any,
-    dataset: str,
-    configs: list[str],
-    split: str,
-    sizes: dict[str, int],
-    state: Any,
-    batch_size: int,
-    num_workers: int,
-    autocast: torch.dtype | None,
-    max_batches: int | None,
-) -> dict[str, Any]:
-    """The OK / NG verdict metrics of the model on the images of `configs`' `split` (pooled), at the source and
-    threshold stored in its config: `{"source", "threshold", "calibration", "report"}` (`report` is None with
-    the reason when the model's heads give no anomaly score)."""
-    from cadmtl.evaluation.verdict import score_verdict_split, verdict_report
-
-    config = model.config
-    result: dict[str, Any] = {
-        "source": config.verdict_source,
-        "threshold": config.verdict_threshold,
-        "calibration": config.verdict_calibration,
-        "report": None,
-    }
-    if not config.verdict_heads:
-        result["reason"] = "no trained head gives an anomaly score"
-        return result
-    scores = score_verdict_split(
-        model,
-        dataset,
-        configs,
-        split,
-        image_sizes=sizes,
-        heads=config.verdict_heads,
-        normal_class_id=config.normal_class_id,
-        device=state.device,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        rank=state.process_index,
-        world_size=state.num_processes,
-        autocast_dtype=autocast,
-        max_batches=max_batches,
-        show_progress=state.is_local_main_process,
-    )
-    result["report"] = verdict_report(scores, config.verdict_source, config.verdict_threshold, split)
-    return result
 
 
 def parse_compare_spec(spec: str) -> tuple[str, str, str]:
@@ -230,20 +100,24 @@ def main(argv: list[str] | None = None) -> int:
         if task not in TASKS or not size.isdigit():
             parser.error(f"--image-size expects TASK=PX with TASK in cls/det/seg, got {item!r}")
         image_sizes[task] = int(size)
-    evaluation = evaluate_model(
-        args.model,
-        args.dataset,
-        configs=args.configs,
-        split=args.split,
-        batch_size=args.batch_size,
-        image_sizes=image_sizes,
-        max_batches=args.max_batches,
-        num_workers=args.num_workers,
-        device=args.device,
-        mixed_precision=args.mixed_precision,
-        domain_conditioning=not args.no_domain_conditioning,
-        verdict=not args.no_verdict,
-    )
+    try:
+        evaluation = evaluate_model(
+            args.model,
+            args.dataset,
+            configs=args.configs,
+            split=args.split,
+            batch_size=args.batch_size,
+            image_sizes=image_sizes,
+            max_batches=args.max_batches,
+            num_workers=args.num_workers,
+            device=args.device,
+            mixed_precision=args.mixed_precision,
+            domain_conditioning=not args.no_domain_conditioning,
+            verdict=not args.no_verdict,
+        )
+    except ModelLoadError as error:  # a missing model or another kind of model: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     from accelerate import PartialState
 
     from cadmtl.evaluation.reporting import domain_tables

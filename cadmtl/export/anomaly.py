@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cadmtl.anomaly.command import load_anomaly_model
+from cadmtl.anomaly.models import load_anomaly_model
 from cadmtl.features import PatchFeatureExtractor, load_backbone
 from cadmtl.reference.localizer import (
     ReferenceLocalizer,
@@ -50,7 +50,6 @@ __all__ = [
     "LocalizerOnnxPredictor",
     "export_anomaly_onnx",
     "export_localizer_onnx",
-    "model_kind",
 ]
 
 ONNX_FILE = "model.onnx"
@@ -60,39 +59,6 @@ ANOMALY_MODEL_TYPES = (PatchMemoryConfig.model_type, AnomalyLearnerConfig.model_
 ANOMALY_OUTPUTS = ("anomaly_maps", "image_scores")
 LOCALIZER_INPUTS = ("reference_pixel_values", "query_pixel_values")
 LOCALIZER_OUTPUTS = ("difference_maps", "patch_distances")
-
-
-def model_kind(model: str | os.PathLike) -> str:
-    """What `cadmtl export onnx MODEL` was given: "cadmtl", "anomaly" or "localizer".
-
-    Raises:
-        ValueError: a config.json of a model type the exporter does not know, or a file that is not a
-            localizer.json.
-    """
-    path = Path(model)
-    if path.is_file():
-        if path.suffix == ".json" and "localizer" in json.loads(path.read_text()):
-            return "localizer"
-        raise ValueError(
-            f"{path} is a file but not a reference localiser's localizer.json; pass a model folder instead."
-        )
-    if not path.is_dir():
-        return "cadmtl"  # a Hub repo id (or a missing folder, which the CadMtl checks report)
-    config = path / "config.json"
-    if config.is_file():
-        model_type = json.loads(config.read_text()).get("model_type")
-        if model_type == "cadmtl":
-            return "cadmtl"
-        if model_type in ANOMALY_MODEL_TYPES:
-            return "anomaly"
-        raise ValueError(
-            f"{config}: unknown model type {model_type!r}; `cadmtl export onnx` exports CadMtl models ('cadmtl'), "
-            f"the anomaly models ({', '.join(repr(t) for t in ANOMALY_MODEL_TYPES)}) and reference localisers "
-            f"(a {LOCALIZER_FILE})."
-        )
-    if (path / LOCALIZER_FILE).is_file():
-        return "localizer"
-    return "cadmtl"
 
 
 def _export(
@@ -144,15 +110,9 @@ def export_anomaly_onnx(
     processor; returns the path of `model.onnx`.
 
     Raises:
-        FileNotFoundError: the folder holds no weights.
+        ModelLoadError: the folder does not exist, holds no weights or another kind of model.
     """
-    folder = Path(model_dir)
-    if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"{folder} holds no model weights (model.safetensors): pass the DIR/model folder that "
-            "`cadmtl anomaly fit` or `cadmtl anomaly train` wrote."
-        )
-    model = load_anomaly_model(str(folder)).float().eval()
+    model = load_anomaly_model(model_dir).float().eval()
     height, width = model.image_size
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

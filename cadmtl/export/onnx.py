@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cadmtl.model_kinds import ANOMALY_MODEL_KINDS, CADMTL, LOCALIZER, load_pretrained, require_model_kind
 from modeling_cadmtl import CadMtlConfig, CadMtlImageProcessor, CadMtlModel
 from modeling_cadmtl.configuration_cadmtl import TASKS
 
@@ -59,7 +60,6 @@ OUTPUT_FIELDS = {
     "seg": ("seg_logits",),
 }
 RESULT_KEYS = {"cls": "classification", "det": "detection", "seg": "segmentation"}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 class _ExportedHeads(torch.nn.Module):
@@ -72,20 +72,6 @@ class _ExportedHeads(torch.nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.model(pixel_values, task=self.tasks[0] if len(self.tasks) == 1 else None)
         return tuple(getattr(outputs, field) for task in self.tasks for field in OUTPUT_FIELDS[task])
-
-
-def _check_model_folder(model_dir: str | os.PathLike) -> None:
-    folder = Path(model_dir)
-    if folder.is_dir() and not any((folder / name).exists() for name in WEIGHT_FILES):
-        raise FileNotFoundError(
-            f"{folder} holds no model weights ({' / '.join(WEIGHT_FILES)}): pass a saved CadMtl model folder "
-            "(the model/ folder a training run writes) or a Hub repo id."
-        )
-    looks_like_a_path = (
-        folder.is_absolute() or str(model_dir).startswith(".") or str(model_dir).count("/") > 1
-    )
-    if not folder.is_dir() and (folder.exists() or looks_like_a_path):
-        raise FileNotFoundError(f"{folder} is not a model folder (no such directory).")
 
 
 def _load_processor(model_dir: str | os.PathLike) -> CadMtlImageProcessor:
@@ -120,29 +106,28 @@ def export_onnx(
     `cadmtl.export.anomaly` (`task` and `image_size` do not apply: they are fixed by the fitted model).
 
     Raises:
-        FileNotFoundError: `model_dir` is a folder without weights, or does not exist.
-        ValueError: an unknown task, an image size that is not positive, an opset below 18, a config.json of an
-            unknown model type.
+        ModelLoadError: `model_dir` does not exist, holds no weights, weights that do not fit, or a kind of model
+            that is not exported (the message names the command that serves it).
+        ValueError: an unknown task, an image size that is not positive, an opset below 18.
     """
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} (the dynamo exporter's minimum), got {opset}.")
-    from .anomaly import export_anomaly_onnx, export_localizer_onnx, model_kind
+    from .anomaly import export_anomaly_onnx, export_localizer_onnx
 
-    kind = model_kind(model_dir)
-    if kind != "cadmtl":
+    info = require_model_kind(model_dir, CADMTL, *ANOMALY_MODEL_KINDS, LOCALIZER)
+    if info.kind is not CADMTL:
         if task is not None or image_size is not None:
             raise ValueError(
-                f"{model_dir} is {'an anomaly model' if kind == 'anomaly' else 'a reference localiser'}: "
-                "--task and --image-size only apply to CadMtl models (its input size is the one it was fitted at)."
+                f"{model_dir} holds {info.holds}: --task and --image-size only apply to CadMtl models (its input "
+                "size is the one it was fitted at)."
             )
-        export = export_anomaly_onnx if kind == "anomaly" else export_localizer_onnx
+        export = export_localizer_onnx if info.kind is LOCALIZER else export_anomaly_onnx
         return export(model_dir, out_dir, opset=opset, optimize=optimize)
     if task is not None and task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; expected one of {TASKS} (or none for every head).")
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}.")
-    _check_model_folder(model_dir)
-    model = CadMtlModel.from_pretrained(model_dir).float().eval()
+    model = load_pretrained(CadMtlModel, model_dir, info.holds).float().eval()
     processor = _load_processor(model_dir)
     tasks = (task,) if task is not None else TASKS
 

@@ -347,10 +347,17 @@ class Predictor:
     def from_pretrained(
         cls, model_dir: str | os.PathLike, device: str | torch.device | None = None, **kwargs: Any
     ) -> Predictor:
-        """Load a saved model folder or Hub repo id on `device` (default: [`default_device`])."""
+        """Load a saved model folder or Hub repo id on `device` (default: [`default_device`]).
+
+        Raises:
+            ModelLoadError: `model_dir` does not exist, holds another kind of model (the message names the command
+                that serves it), or weights that do not fit a CadMtl model.
+        """
+        from cadmtl.model_kinds import CADMTL, load_pretrained, require_model_kind
         from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
 
-        model = CadMtlModel.from_pretrained(model_dir).to(device or default_device())
+        info = require_model_kind(model_dir, CADMTL)  # before anything is built: never a half-random model
+        model = load_pretrained(CadMtlModel, model_dir, info.holds).to(device or default_device())
         try:
             processor = CadMtlImageProcessor.from_pretrained(model_dir)
         except OSError as error:

@@ -36,6 +36,7 @@ from cadmtl.features import (
     backbone_depth,
     load_backbone,
 )
+from cadmtl.model_kinds import LOCALIZER, LOCALIZER_FILE, require_model_kind
 from cadmtl.pictures.overlays import ImagePrediction, draw_predictions
 
 from .localizer import (
@@ -132,11 +133,14 @@ class PairRunner:
 
 def runner_from_settings(settings: str | Path, device: str | torch.device = "cpu") -> PairRunner:
     """The calibrated localiser of an earlier run: `OUT/localizer.json` of `cadmtl reference localize` (or `OUT/`),
-    with its backbone, layers, image size and threshold (the demo app's reference tab)."""
+    with its backbone, layers, image size and threshold (the demo app's reference tab).
+
+    Raises:
+        ModelLoadError: `settings` does not exist or holds another kind of model (or none).
+    """
+    require_model_kind(settings, LOCALIZER)
     path = Path(settings)
-    path = path / "localizer.json" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"{settings}: no localizer.json (written by `cadmtl reference localize`)")
+    path = path / LOCALIZER_FILE if path.is_dir() else path
     saved = json.loads(path.read_text())
     backbone, _ = load_backbone(saved["model"])
     extractor = PatchFeatureExtractor(backbone, saved["layers"])

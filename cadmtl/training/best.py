@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cadmtl.evaluation.reporting import HEADLINE
+from cadmtl.model_kinds import load_pretrained
 from cadmtl.training.finish import save_model_folder
 from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
 
@@ -319,7 +320,7 @@ def load_best_weights(model: CadMtlModel, output_dir: str | Path) -> dict[str, A
     info = read_best_info(output_dir)
     if info is None:
         return None
-    best = type(model).from_pretrained(Path(output_dir, BEST_DIR))
+    best = load_pretrained(type(model), Path(output_dir, BEST_DIR), "the best checkpoint's model")
     model.load_state_dict(best.state_dict(), strict=True)
     return info
 

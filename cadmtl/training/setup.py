@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from cadmtl.data.sources import TaskSource
+from cadmtl.model_kinds import CADMTL, load_pretrained, require_model_kind
 from cadmtl.presets import PRESETS, backbone_preset
 from cadmtl.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from cadmtl.training.tracking import JsonlTracker
@@ -33,8 +34,10 @@ def ensure_dataset(data_args: DataArguments, accelerator: Accelerator) -> None:
 def build_model(model_args: ModelArguments, label_sets: dict[str, list[str]]) -> CadMtlModel:
     """A CadMtl checkpoint, or a DINOv3 checkpoint / random preset backbone with new heads."""
     if model_args.model_name_or_path:
-        return CadMtlModel.from_pretrained(
-            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation
+        name = model_args.model_name_or_path
+        info = require_model_kind(name, CADMTL)  # an anomaly model or a backbone here is a clear error
+        return load_pretrained(
+            CadMtlModel, name, info.holds, attn_implementation=model_args.attn_implementation
         )
     labels = {
         "cls_labels": label_sets.get("cls", ["normal", "anomaly"]),

@@ -42,6 +42,7 @@ HUB_ALLOWED = {"torch", "torchvision", "transformers", "safetensors", "huggingfa
 WING_RANKS = {
     "testing": 0,
     "presets": 0,
+    "model_kinds": 0,
     "features": 1,
     "data": 1,
     "evaluation": 2,

@@ -4,6 +4,7 @@ verdicts, boxes), the graph's interface, and clear errors."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,11 +23,11 @@ from cadmtl.export.anomaly import (
     AnomalyOnnxPredictor,
     LocalizerOnnxPredictor,
     export_localizer_onnx,
-    model_kind,
 )
 from cadmtl.export.command import main as export_main
 from cadmtl.export.onnx import export_onnx
 from cadmtl.features import PatchFeatureExtractor, backbone_from_config, load_backbone
+from cadmtl.model_kinds import LOCALIZER, PATCH_MEMORY, inspect_model, is_hub_id
 from cadmtl.reference.localize import PairRunner
 from cadmtl.reference.localizer import ReferenceLocalizer, boxes_from_map
 from cadmtl.testing import tiny_vit_config
@@ -63,23 +64,34 @@ def graph_interface(path: Path) -> tuple[list[str], list[str], int, bool]:
 
 # ---------------------------------------------------------------------------------------------- clear errors
 def test_unknown_model_types_and_folders_without_weights_are_refused(tmp_path: Path, capsys) -> None:
+    served = "a CadMtl multi-task model, a patch-memory anomaly scorer, an anomaly learner or a reference localiser"
     other = tmp_path / "bert"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match=r"config\.json: unknown model type 'bert'"):
+    (other / "model.safetensors").write_bytes(b"")  # only its presence is read
+    message = (
+        f"{other} holds a bert model (transformers), not {served}; cadmtl serves CadMtl, anomaly and "
+        "reference-localiser models"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
         export_onnx(other, tmp_path / "out")
     assert export_main(["onnx", str(other), str(tmp_path / "out")]) == 2
-    assert "unknown model type 'bert'" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"cadmtl export onnx: {message}\n"
 
     empty = tmp_path / "scorer-no-weights"
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps({"model_type": "cadmtl_patch_memory"}))
-    with pytest.raises(FileNotFoundError, match="scorer-no-weights holds no model weights"):
+    with pytest.raises(ValueError, match="scorer-no-weights holds no model weights"):
         export_onnx(empty, tmp_path / "out")
-    with pytest.raises(ValueError, match="only apply to CadMtl models"):
+    (empty / "model.safetensors").write_bytes(b"")
+    with pytest.raises(
+        ValueError, match="holds a patch-memory anomaly scorer: --task and --image-size only apply"
+    ):
         export_onnx(empty, tmp_path / "out", task="det")
-    with pytest.raises(ValueError, match=r"notes\.json is a file but not a reference localiser"):
-        (tmp_path / "notes.json").write_text("{}")
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.raises(
+        ValueError, match=r"notes\.json holds no saved model \(no config\.json\), not a CadMtl"
+    ):
         export_onnx(tmp_path / "notes.json", tmp_path / "out")
     (tmp_path / "bad.json").write_text(json.dumps({"localizer": {}}))
     with pytest.raises(ValueError, match=r"bad\.json lacks \['model', 'layers', 'image_size'\]"):
@@ -87,19 +99,19 @@ def test_unknown_model_types_and_folders_without_weights_are_refused(tmp_path: P
 
 
 def test_model_kind_tells_the_saved_layouts_apart(tmp_path: Path) -> None:
-    scorer = tmp_path / "scorer"
-    scorer.mkdir()
-    (scorer / "config.json").write_text(json.dumps({"model_type": "cadmtl_patch_memory"}))
-    untyped = tmp_path / "untyped"  # a config.json without model_type: not a model the exporter knows
-    untyped.mkdir()
-    (untyped / "config.json").write_text(json.dumps({"layers": [1]}))
+    legacy = tmp_path / "legacy-scorer"  # config.json without model_type + memory_bank.safetensors
+    legacy.mkdir()
+    (legacy / "config.json").write_text(json.dumps({"layers": [1]}))
+    (legacy / "memory_bank.safetensors").write_bytes(b"")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "localizer.json").write_text(json.dumps({"localizer": {}}))
-    assert model_kind(scorer) == "anomaly"
-    with pytest.raises(ValueError, match=r"untyped/config\.json: unknown model type None"):
-        model_kind(untyped)
-    assert model_kind(tmp_path / "run") == model_kind(tmp_path / "run" / "localizer.json") == "localizer"
-    assert model_kind("cad-mtl/dinov3-b-adaptive") == "cadmtl"  # a Hub id
+    assert inspect_model(legacy).kind is PATCH_MEMORY
+    assert (
+        inspect_model(tmp_path / "run").kind
+        is inspect_model(tmp_path / "run" / "localizer.json").kind
+        is LOCALIZER
+    )
+    assert is_hub_id("cad-mtl/dinov3-b-adaptive") and not is_hub_id(tmp_path / "run")
 
 
 def test_predictors_refuse_incomplete_or_foreign_folders(tmp_path: Path) -> None:

@@ -50,11 +50,11 @@ def test_a_folder_without_weights_is_refused_by_name(tmp_path: Path, capsys) -> 
     empty = tmp_path / "no-weights"
     empty.mkdir()
     (empty / "config.json").write_text(tiny_cadmtl_config().to_json_string())
-    with pytest.raises(FileNotFoundError, match="no-weights holds no model weights"):
+    with pytest.raises(ValueError, match="no-weights holds no model weights"):
         export_onnx(empty, tmp_path / "out")
     assert export_main(["onnx", str(empty), str(tmp_path / "out")]) == 2
     assert "no-weights holds no model weights" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="not a model folder"):
+    with pytest.raises(ValueError, match=r"no such model folder: .*missing/model$"):
         export_onnx(tmp_path / "missing" / "model", tmp_path / "out")
     with pytest.raises(ValueError, match="opset must be >= 18"):
         export_onnx(empty, tmp_path / "out", opset=17)
