@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .safe_paths import safe_file_name
+
 Action = Literal["skip", "drop", "fix", "error"]
 
 # kind -> (action, what it means). "skip": the sample is left out; "drop": one annotation is left out;
@@ -184,11 +186,12 @@ class ValidationReport:
 
     def save(self, repo_dir: str | Path) -> Path:
         """Write ``reports/<config>/<split>.json`` and ``.md`` under the repo folder; returns the JSON path."""
-        folder = Path(repo_dir) / "reports" / self.config
+        # the split (and, through the API, the config) may come from the source's folder names: kept inside
+        folder = Path(repo_dir) / "reports" / safe_file_name(self.config)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{self.split}.json"
+        path = folder / safe_file_name(self.split, ".json")
         path.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n", encoding="utf-8")
-        (folder / f"{self.split}.md").write_text(self.to_markdown(), encoding="utf-8")
+        (folder / safe_file_name(self.split, ".md")).write_text(self.to_markdown(), encoding="utf-8")
         return path
 
 

@@ -34,6 +34,7 @@ from cadmtl.anomaly.patch_memory import PatchMemoryScorer, calibrate_f1, calibra
 from cadmtl.features import load_backbone
 from cadmtl.pictures.overlays import draw_anomaly_map
 from cadmtl.pictures.predict import collect_images, load_image
+from dataset_scripts.safe_paths import SafeOutputPaths, safe_output_path
 
 logger = logging.getLogger("cadmtl.anomaly")
 OK, NG = "OK", "NG"
@@ -192,14 +193,16 @@ def evaluate(args: argparse.Namespace) -> int:
         for sample, score in zip(samples, scores):
             writer.writerow([sample.image_id, int(sample.is_normal), f"{score:.6g}", _verdict(scorer, score)])
     if args.save_maps:
+        map_path = SafeOutputPaths(output / "maps", ".npy")  # ids come from the dataset: kept inside OUT
         for sample, amap in zip(samples, maps):  # OUT/maps/<image_id>.npy (image ids may hold folders)
-            target = output / "maps" / f"{sample.image_id}.npy"
+            target = map_path(sample.image_id)
             target.parent.mkdir(parents=True, exist_ok=True)
             np.save(target, amap)
     if args.save_pictures:
         value_range = _value_range(scorer, maps)
+        picture_path = SafeOutputPaths(output / "pictures", ".png")
         for sample, amap in zip(samples, maps):
-            target = output / "pictures" / f"{sample.image_id}.png"
+            target = picture_path(sample.image_id)
             target.parent.mkdir(parents=True, exist_ok=True)
             draw_anomaly_map(sample.image, amap, value_range, true_mask=sample.mask).save(target)
     print(table)
@@ -235,7 +238,7 @@ def predict(args: argparse.Namespace) -> int:
             rows.append([str(source.path), "", "error", f"{type(error).__name__}: {error}"])
             continue
         picture, score, verdict = predict_image(scorer, image)
-        target = output / source.output_name
+        target = safe_output_path(output, source.output_name.as_posix())
         target.parent.mkdir(parents=True, exist_ok=True)
         picture.save(target)
         rows.append([str(source.path), f"{score:.6g}", verdict, ""])

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from cadmtl.pictures.overlays import ImagePrediction, draw_predictions
 from dataset_scripts.images import to_rgb
+from dataset_scripts.safe_paths import safe_file_name, safe_output_path
 from dataset_scripts.schema import TASKS
 
 logger = logging.getLogger(__name__)
@@ -535,7 +536,8 @@ def predict_files(
     overwritten = [
         str(s.path)
         for s in sources
-        if not s.is_video and (output_dir / s.output_name).resolve() == s.path.resolve()
+        if not s.is_video
+        and safe_output_path(output_dir, s.output_name.as_posix()).resolve() == s.path.resolve()
     ]
     if overwritten and overlays:
         raise ValueError(
@@ -582,11 +584,10 @@ def predict_files(
                     }
                 )
                 if crops:
-                    target = (
-                        output_dir
-                        / "crops"
-                        / item.output_name.with_suffix("")
-                        / f"{k}_{config.det_labels[int(label)]}.png"
+                    target = safe_output_path(  # the class name is the model's: one file name, inside OUT
+                        output_dir / "crops",
+                        f"{item.output_name.with_suffix('').as_posix()}/"
+                        + safe_file_name(f"{k}_{config.det_labels[int(label)]}", ".png"),
                     )
                     target.parent.mkdir(parents=True, exist_ok=True)
                     _crop(image, (x_min, y_min, x_max, y_max)).save(target, format="PNG")
@@ -604,7 +605,7 @@ def predict_files(
                 }
             )
             if overlays:
-                target = output_dir / item.output_name
+                target = safe_output_path(output_dir, item.output_name.as_posix())
                 target.parent.mkdir(parents=True, exist_ok=True)
                 predictor.draw(image, result).save(target, format="PNG")
                 written.append(target)
