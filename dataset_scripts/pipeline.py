@@ -595,7 +595,7 @@ def convert_source(data: SourceData, options: ConvertOptions) -> ConversionResul
     report = ValidationReport(options.config, options.split, options.strict, dict(data.info))
     report.source.setdefault("mapping", options.mapping.source)
     for issue in data.pre_issues:
-        report.add(*issue[:3])
+        report.add_from_reader(*issue[:3])
 
     label_to_node, ignored, unmapped = options.mapping.resolve(data.label_names, taxonomy)
     if unmapped and not options.drop_unmapped:
@@ -699,7 +699,7 @@ def convert_ad_source(data: SourceData, options: ConvertOptions) -> dict[str, Co
     reports = {s: ValidationReport(options.config, s, options.strict, dict(info)) for s in splits}
     for issue in data.pre_issues:
         split = issue[3] if len(issue) > 3 and issue[3] in reports else splits[0]
-        reports[split].add(*issue[:3])
+        reports[split].add_from_reader(*issue[:3])
     # Defect types of the evaluation splits (train's anomalous images are excluded, so they add no class).
     types = [s.label or GOOD for split in splits if split != "train" for s in by_split[split]]
     targets: dict[str, SplitTarget] = {}

@@ -22,7 +22,7 @@ Action = Literal["skip", "drop", "fix", "error"]
 # "fix": the sample is kept after a conversion or correction; "error": the conversion stops.
 ISSUE_KINDS: dict[str, tuple[Action, str]] = {
     "missing_file": ("skip", "image or mask file referenced by the annotations does not exist"),
-    "unsafe_path": ("skip", "path in the annotations escapes the source folder"),
+    "unsafe_path": ("skip", "path in the annotations escapes the source folder (or holds a NUL character)"),
     "undecodable": ("skip", "file is not an image Pillow can read"),
     "truncated": ("skip", "image data ends early (truncated file)"),
     "size_mismatch": ("skip", "image size differs from the size in the annotations"),
@@ -95,6 +95,13 @@ class ValidationReport:
         if kind not in ISSUE_KINDS:
             raise KeyError(f"unknown issue kind {kind!r}; known: {sorted(ISSUE_KINDS)}")
         self.issues.append(Issue(kind, str(item), detail))
+
+    def add_from_reader(self, kind: str, item: str, detail: str = "") -> None:
+        """An issue the source reader found before the samples reached the pipeline; a skipped sample there is
+        still a sample seen (so "Samples seen" counts every sample the source holds, skipped or written)."""
+        self.add(kind, item, detail)
+        if ISSUE_KINDS[kind][0] == "skip":
+            self.rows_seen += 1
 
     def error(self, message: str) -> None:
         self.errors.append(message)

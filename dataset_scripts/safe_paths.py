@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 
 MAX_SEGMENT_BYTES = 200  # below the 255-byte file-name limit of common file systems, with room for the hash
 HASH_CHARS = 12
+_MAX_EXTENSION = 16
 _SEPARATORS = re.compile(r"[/\\]")
 _UNSAFE_CHARACTERS = re.compile(r'[\x00-\x1f\x7f<>:"|?*]')
 _WINDOWS_DEVICES = {
@@ -62,16 +63,20 @@ def _cut(text: str, max_bytes: int) -> str:
 
 
 def _encode(original: str, parts: list[str], suffix: str) -> PurePosixPath:
-    """``parts`` (the id split into folders) cleaned and cut; the hash of ``original`` added if that changed it."""
+    """``parts`` (the id split into folders) cleaned and cut, ``suffix`` appended; the hash of ``original``
+    added before the suffix (or, without one, before the name's own extension) if that changed the id."""
     segments = [segment for segment in map(_clean_segment, parts) if segment] or ["_"]
     folders = [_cut(segment, MAX_SEGMENT_BYTES) for segment in segments[:-1]]
     last = segments[-1]
-    suffix_bytes = len(suffix.encode("utf-8"))
-    if len(last.encode("utf-8", "surrogatepass")) + suffix_bytes > MAX_SEGMENT_BYTES:
-        last = _cut(last, MAX_SEGMENT_BYTES - suffix_bytes - HASH_CHARS - 1)
-    if "/".join([*folders, last]) != original:
-        last = f"{_cut(last, MAX_SEGMENT_BYTES - suffix_bytes - HASH_CHARS - 1)}~{name_hash(original)}"
-    return PurePosixPath(*folders, last + suffix)
+    changed = "/".join([*folders, last]) != original
+    stem, extension = last, suffix
+    if not suffix and len(PurePosixPath(last).suffix) <= _MAX_EXTENSION:  # `x.png` -> `x~<hash>.png`
+        extension = PurePosixPath(last).suffix
+        stem = last[: len(last) - len(extension)]
+    room = MAX_SEGMENT_BYTES - len(extension.encode("utf-8", "surrogatepass"))
+    if changed or len(stem.encode("utf-8", "surrogatepass")) > room:
+        stem = f"{_cut(stem, room - HASH_CHARS - 1)}~{name_hash(original)}"
+    return PurePosixPath(*folders, stem + extension)
 
 
 def _text(name: str | os.PathLike | int) -> str:

@@ -584,11 +584,11 @@ def predict_files(
                     }
                 )
                 if crops:
-                    target = safe_output_path(  # the class name is the model's: one file name, inside OUT
-                        output_dir / "crops",
-                        f"{item.output_name.with_suffix('').as_posix()}/"
-                        + safe_file_name(f"{k}_{config.det_labels[int(label)]}", ".png"),
+                    # the image's own folder, then the class name (the model's) as one file name: inside OUT
+                    folder = safe_output_path(
+                        output_dir / "crops", item.output_name.with_suffix("").as_posix()
                     )
+                    target = folder / safe_file_name(f"{k}_{config.det_labels[int(label)]}", ".png")
                     target.parent.mkdir(parents=True, exist_ok=True)
                     _crop(image, (x_min, y_min, x_max, y_max)).save(target, format="PNG")
                     crop_paths.append(target)
