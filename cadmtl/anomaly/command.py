@@ -256,13 +256,13 @@ def predict(args: argparse.Namespace) -> int:
 
 def train(argv: Sequence[str]) -> int:
     """`cadmtl anomaly train`: the self-supervised multi-task learner (its own module, under accelerate launch)."""
-    import subprocess
+    from cadmtl.training.launch import run_child
 
     if {"-h", "--help"} & set(argv):
         from cadmtl.anomaly.learner_training import main as learner_main
 
         return learner_main(["--help"])
-    return subprocess.call(
+    return run_child(
         [sys.executable, "-m", "accelerate.commands.launch", "-m", "cadmtl.anomaly.learner_training", *argv]
     )
 
