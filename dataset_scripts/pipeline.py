@@ -717,7 +717,7 @@ def convert_ad_source(data: SourceData, options: ConvertOptions) -> dict[str, Co
                 siblings=splits,
             )
     except BaseException:  # e.g. a split exists already: nothing was converted, keep the old reports
-        for target in targets.values():
+        for target in reversed(targets.values()):  # the first writer, which made the folder, last
             target.writer.abort()
         raise
     try:
@@ -741,7 +741,7 @@ def convert_ad_source(data: SourceData, options: ConvertOptions) -> dict[str, Co
                 f"{options.config}: {len(failures)} problem(s){mode}; nothing was written:\n  {shown}{more}"
             )
     except BaseException:
-        for split, target in targets.items():
+        for split, target in reversed(targets.items()):  # the first writer, which made the folder, last
             target.abort(reports[split])
         for split in splits:
             reports[split].save(repo_dir)
