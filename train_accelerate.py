@@ -196,7 +196,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     results_csv = ResultsCsv(output_dir / RESULTS_CSV)
     checkpoint_objects = register_stateful(
-        accelerator,
         {
             "lr_scheduler": lr_scheduler,
             "weighting": weighting,
@@ -214,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         check_same_model(checkpoint, unwrapped)
         check_same_objects(checkpoint, checkpoint_objects)
         accelerator.load_state(str(checkpoint))
+        checkpoint_objects.load(checkpoint)  # tensors and plain values, weights_only=True
         logger.info("resumed from %s at step %d", checkpoint, state.step)
     held_out = (
         {

@@ -130,8 +130,16 @@ def _dispatch(argv: list[str], commands: dict[str, Command], text: Callable[[], 
     return commands[name].load()(rest) or 0
 
 
+INTERRUPTED = "interrupted; rerun to continue"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return _dispatch(list(sys.argv[1:] if argv is None else argv), COMMANDS, usage, "cadmtl")
+    """Run a command; Ctrl-C ends any of them with one line on stderr and exit code 130 (128 + SIGINT)."""
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv), COMMANDS, usage, "cadmtl")
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from cadmtl.evaluation.reporting import comparison_table, load_results, task_summary
-from cadmtl.training.launch import launch_command
+from cadmtl.training.launch import launch_command, run_child
 from dataset_scripts.schema import TASKS
 
 logger = logging.getLogger("cadmtl.protocol")
@@ -71,7 +71,8 @@ def build_public_repo(dataset_dir: Path, data: Path, limit: int | None) -> None:
     if limit:
         command += ["--limit", str(limit)]
     logger.info("building the public benchmark repo: %s", shlex.join(command))
-    subprocess.run(command, check=True)
+    if code := run_child(command):  # Ctrl-C stops the run quietly (cadmtl prints one line)
+        raise subprocess.CalledProcessError(code, command)
 
 
 def train(
@@ -90,7 +91,8 @@ def train(
         ],
     )  # fmt: skip
     logger.info("training %s seed %d: %s", method, seed, shlex.join(command))
-    subprocess.run(command, check=True)
+    if code := run_child(command):  # Ctrl-C stops the run quietly (cadmtl prints one line)
+        raise subprocess.CalledProcessError(code, command)
     return results
 
 

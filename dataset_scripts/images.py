@@ -47,7 +47,10 @@ def image_extensions() -> set[str]:
 
 
 def resolve_inside(root: str | Path, relative: str | Path) -> Path | None:
-    """``root / relative`` resolved, or ``None`` when it escapes ``root`` (``..``, absolute paths, links)."""
+    """``root / relative`` resolved, or ``None`` when it escapes ``root`` (``..``, absolute paths, links) or cannot
+    name a file at all (a NUL character)."""
+    if "\x00" in os.fspath(relative):
+        return None
     root = Path(root).resolve()
     candidate = (root / relative).resolve()
     return candidate if candidate == root or root in candidate.parents else None

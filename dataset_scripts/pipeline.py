@@ -595,7 +595,7 @@ def convert_source(data: SourceData, options: ConvertOptions) -> ConversionResul
     report = ValidationReport(options.config, options.split, options.strict, dict(data.info))
     report.source.setdefault("mapping", options.mapping.source)
     for issue in data.pre_issues:
-        report.add(*issue[:3])
+        report.add_from_reader(*issue[:3])
 
     label_to_node, ignored, unmapped = options.mapping.resolve(data.label_names, taxonomy)
     if unmapped and not options.drop_unmapped:
@@ -699,7 +699,7 @@ def convert_ad_source(data: SourceData, options: ConvertOptions) -> dict[str, Co
     reports = {s: ValidationReport(options.config, s, options.strict, dict(info)) for s in splits}
     for issue in data.pre_issues:
         split = issue[3] if len(issue) > 3 and issue[3] in reports else splits[0]
-        reports[split].add(*issue[:3])
+        reports[split].add_from_reader(*issue[:3])
     # Defect types of the evaluation splits (train's anomalous images are excluded, so they add no class).
     types = [s.label or GOOD for split in splits if split != "train" for s in by_split[split]]
     targets: dict[str, SplitTarget] = {}
@@ -717,7 +717,7 @@ def convert_ad_source(data: SourceData, options: ConvertOptions) -> dict[str, Co
                 siblings=splits,
             )
     except BaseException:  # e.g. a split exists already: nothing was converted, keep the old reports
-        for target in targets.values():
+        for target in reversed(targets.values()):  # the first writer, which made the folder, last
             target.writer.abort()
         raise
     try:
@@ -741,7 +741,7 @@ def convert_ad_source(data: SourceData, options: ConvertOptions) -> dict[str, Co
                 f"{options.config}: {len(failures)} problem(s){mode}; nothing was written:\n  {shown}{more}"
             )
     except BaseException:
-        for split, target in targets.items():
+        for split, target in reversed(targets.items()):  # the first writer, which made the folder, last
             target.abort(reports[split])
         for split in splits:
             reports[split].save(repo_dir)

@@ -14,13 +14,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .safe_paths import safe_file_name
+
 Action = Literal["skip", "drop", "fix", "error"]
 
 # kind -> (action, what it means). "skip": the sample is left out; "drop": one annotation is left out;
 # "fix": the sample is kept after a conversion or correction; "error": the conversion stops.
 ISSUE_KINDS: dict[str, tuple[Action, str]] = {
     "missing_file": ("skip", "image or mask file referenced by the annotations does not exist"),
-    "unsafe_path": ("skip", "path in the annotations escapes the source folder"),
+    "unsafe_path": ("skip", "path in the annotations escapes the source folder (or holds a NUL character)"),
     "undecodable": ("skip", "file is not an image Pillow can read"),
     "truncated": ("skip", "image data ends early (truncated file)"),
     "size_mismatch": ("skip", "image size differs from the size in the annotations"),
@@ -93,6 +95,13 @@ class ValidationReport:
         if kind not in ISSUE_KINDS:
             raise KeyError(f"unknown issue kind {kind!r}; known: {sorted(ISSUE_KINDS)}")
         self.issues.append(Issue(kind, str(item), detail))
+
+    def add_from_reader(self, kind: str, item: str, detail: str = "") -> None:
+        """An issue the source reader found before the samples reached the pipeline; a skipped sample there is
+        still a sample seen (so "Samples seen" counts every sample the source holds, skipped or written)."""
+        self.add(kind, item, detail)
+        if ISSUE_KINDS[kind][0] == "skip":
+            self.rows_seen += 1
 
     def error(self, message: str) -> None:
         self.errors.append(message)
@@ -184,11 +193,12 @@ class ValidationReport:
 
     def save(self, repo_dir: str | Path) -> Path:
         """Write ``reports/<config>/<split>.json`` and ``.md`` under the repo folder; returns the JSON path."""
-        folder = Path(repo_dir) / "reports" / self.config
+        # the split (and, through the API, the config) may come from the source's folder names: kept inside
+        folder = Path(repo_dir) / "reports" / safe_file_name(self.config)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{self.split}.json"
+        path = folder / safe_file_name(self.split, ".json")
         path.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n", encoding="utf-8")
-        (folder / f"{self.split}.md").write_text(self.to_markdown(), encoding="utf-8")
+        (folder / safe_file_name(self.split, ".md")).write_text(self.to_markdown(), encoding="utf-8")
         return path
 
 

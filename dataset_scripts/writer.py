@@ -145,6 +145,8 @@ class SplitWriter:
                 f"{self.repo_dir / config}: split {split!r} already exists ({len(self._old_files)} shards); "
                 "pass --overwrite to replace it or --append to add rows to it"
             )
+        # a failed conversion removes the config folder again when this writer made it (nothing is left behind)
+        self._made_folder = not (self.repo_dir / config).exists()
         (self.repo_dir / config).mkdir(parents=True, exist_ok=True)
         self._staging_path = self.repo_dir / config / f".staging-{split}.arrow"
         self._sink = pa.OSFile(str(self._staging_path), "wb")
@@ -188,6 +190,12 @@ class SplitWriter:
         self._writer.close()
         self._sink.close()
         self._staging_path.unlink(missing_ok=True)
+        self._remove_new_empty_folder()
+
+    def _remove_new_empty_folder(self) -> None:
+        folder = self.repo_dir / self.config
+        if self._made_folder and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
     def close(self, show_progress: bool = False) -> SplitWriteResult:
         self._flush()
@@ -195,6 +203,8 @@ class SplitWriter:
         self._sink.close()
         try:
             if self.num_rows == 0:
+                self._staging_path.unlink(missing_ok=True)
+                self._remove_new_empty_folder()
                 raise ValueError(
                     f"{self.repo_dir / self.config}: split {self.split!r} would be empty; not written"
                 )

@@ -34,6 +34,7 @@ from cadmtl.anomaly.patch_memory import PatchMemoryScorer, calibrate_f1, calibra
 from cadmtl.features import load_backbone
 from cadmtl.pictures.overlays import draw_anomaly_map
 from cadmtl.pictures.predict import collect_images, load_image
+from dataset_scripts.safe_paths import SafeOutputPaths, safe_output_path
 
 logger = logging.getLogger("cadmtl.anomaly")
 
@@ -169,14 +170,16 @@ def evaluate(args: argparse.Namespace) -> int:
                 [sample.image_id, int(sample.is_normal), f"{score:.6g}", image_verdict(scorer, score)]
             )
     if args.save_maps:
+        map_path = SafeOutputPaths(output / "maps", ".npy")  # ids come from the dataset: kept inside OUT
         for sample, amap in zip(samples, maps):  # OUT/maps/<image_id>.npy (image ids may hold folders)
-            target = output / "maps" / f"{sample.image_id}.npy"
+            target = map_path(sample.image_id)
             target.parent.mkdir(parents=True, exist_ok=True)
             np.save(target, amap)
     if args.save_pictures:
         value_range = map_value_range(scorer, maps)
+        picture_path = SafeOutputPaths(output / "pictures", ".png")
         for sample, amap in zip(samples, maps):
-            target = output / "pictures" / f"{sample.image_id}.png"
+            target = picture_path(sample.image_id)
             target.parent.mkdir(parents=True, exist_ok=True)
             draw_anomaly_map(sample.image, amap, value_range, true_mask=sample.mask).save(target)
     print(table)
@@ -198,7 +201,7 @@ def predict(args: argparse.Namespace) -> int:
             rows.append([str(source.path), "", "error", f"{type(error).__name__}: {error}"])
             continue
         picture, score, verdict = predict_image(scorer, image)
-        target = output / source.output_name
+        target = safe_output_path(output, source.output_name.as_posix())
         target.parent.mkdir(parents=True, exist_ok=True)
         picture.save(target)
         rows.append([str(source.path), f"{score:.6g}", verdict, ""])
@@ -216,7 +219,7 @@ def predict(args: argparse.Namespace) -> int:
 
 def train(argv: Sequence[str]) -> int:
     """`cadmtl anomaly train`: the self-supervised multi-task learner (its own module, under accelerate launch)."""
-    import subprocess
+    from cadmtl.training.launch import run_child
 
     if {"-h", "--help"} & set(argv):
         from cadmtl.anomaly.learner_training import main as learner_main
@@ -224,7 +227,7 @@ def train(argv: Sequence[str]) -> int:
         return learner_main(["--help"])
     # --quiet: a training error is the module's own one line, without the launcher's traceback (it exits 1).
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
-    return subprocess.call([*launcher, "-m", "cadmtl.anomaly.learner_training", *argv])
+    return run_child([*launcher, "-m", "cadmtl.anomaly.learner_training", *argv])
 
 
 def build_parser() -> argparse.ArgumentParser:

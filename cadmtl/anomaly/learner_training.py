@@ -388,13 +388,12 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     state = LoopState()
     model, optimizer = accelerator.prepare(model, optimizer)
-    objects = register_stateful(
-        accelerator, {"lr_scheduler": lr_scheduler, "weighting": weighting, "loop": state}
-    )
+    objects = register_stateful({"lr_scheduler": lr_scheduler, "weighting": weighting, "loop": state})
     unwrapped: AnomalyLearner = accelerator.unwrap_model(model)
     checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        objects.load(checkpoint)  # tensors and plain values, weights_only=True
         logger.info("resumed from %s at step %d", checkpoint, state.step)
     accelerator.init_trackers("learner", config={k: str(v) for k, v in vars(args).items()})
     logger.info(

@@ -19,13 +19,14 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from dataset_scripts.safe_paths import safe_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -453,10 +454,6 @@ def plot_detection_confusion_matrix(
     )
 
 
-def _safe_file_stem(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._@+-]+", "_", name).strip("._") or "config"
-
-
 def plot_evaluation(eval_results_json: str | os.PathLike, output_dir: str | os.PathLike) -> list[Path]:
     """Every chart of every config of an eval results file.
 
@@ -498,10 +495,10 @@ def plot_evaluation(eval_results_json: str | os.PathLike, output_dir: str | os.P
         if not isinstance(report, dict) or not report.get("per_class"):
             skipped.append(config)
             continue
-        stem = _safe_file_stem(config)
-        while stem in stems:
+        stem = safe_file_name(config)  # config names come from the results file: one name inside output_dir
+        while stem.casefold() in stems:
             stem += "_"
-        stems.add(stem)
+        stems.add(stem.casefold())
         task = result.get("task")
         split = result.get("split")
         title = f"{config} ({split})" if split and f"@{split}" not in config else config

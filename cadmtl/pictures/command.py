@@ -29,7 +29,10 @@ PREDICT_EXAMPLE = (
     "\n"
     "writes OUT/detections.json (COCO results; category_id = detection label index + 1), OUT/images.json\n"
     "(COCO images + categories: COCO('images.json').loadRes('detections.json') loads them), OUT/summary.csv\n"
-    "(file_name, verdict, anomaly_score, top_class, top_class_score, num_defects, error) and the overlays."
+    "(file_name, verdict, anomaly_score, top_class, top_class_score, num_defects, error) and the overlays.\n"
+    "\n"
+    "exit status: 0 every input was scored; 1 some could not be read (rows with their error in summary.csv,\n"
+    "the rest scored and written); 2 none could be read, or bad arguments / model."
 )
 CHARTS_EXAMPLE = "example:\n  cadmtl charts outputs/cadmtl-demo/eval_results.json --output-dir charts/"
 
@@ -106,7 +109,7 @@ def run_predict(args: argparse.Namespace) -> int:
         + (f" and {len(run.crops)} crops" if args.crops else "")
         + f" to {args.output_dir}"
     )
-    return 0
+    return 1 if failed else 0  # none scored: predict_files raised, exit 2
 
 
 def run_charts(args: argparse.Namespace) -> int:

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from cadmtl.pictures.overlays import ImagePrediction, draw_predictions
 from dataset_scripts.images import to_rgb
+from dataset_scripts.safe_paths import safe_file_name, safe_output_path
 from dataset_scripts.schema import TASKS
 
 logger = logging.getLogger(__name__)
@@ -541,7 +542,8 @@ def predict_files(
     overwritten = [
         str(s.path)
         for s in sources
-        if not s.is_video and (output_dir / s.output_name).resolve() == s.path.resolve()
+        if not s.is_video
+        and safe_output_path(output_dir, s.output_name.as_posix()).resolve() == s.path.resolve()
     ]
     if overwritten and overlays:
         raise ValueError(
@@ -588,12 +590,11 @@ def predict_files(
                     }
                 )
                 if crops:
-                    target = (
-                        output_dir
-                        / "crops"
-                        / item.output_name.with_suffix("")
-                        / f"{k}_{config.det_labels[int(label)]}.png"
+                    # the image's own folder, then the class name (the model's) as one file name: inside OUT
+                    folder = safe_output_path(
+                        output_dir / "crops", item.output_name.with_suffix("").as_posix()
                     )
+                    target = folder / safe_file_name(f"{k}_{config.det_labels[int(label)]}", ".png")
                     target.parent.mkdir(parents=True, exist_ok=True)
                     _crop(image, (x_min, y_min, x_max, y_max)).save(target, format="PNG")
                     crop_paths.append(target)
@@ -610,7 +611,7 @@ def predict_files(
                 }
             )
             if overlays:
-                target = output_dir / item.output_name
+                target = safe_output_path(output_dir, item.output_name.as_posix())
                 target.parent.mkdir(parents=True, exist_ok=True)
                 predictor.draw(image, result).save(target, format="PNG")
                 written.append(target)

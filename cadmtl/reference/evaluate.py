@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from cadmtl.anomaly.metrics import binary_auroc
+from dataset_scripts.safe_paths import SafeOutputPaths
 from dataset_scripts.schema import IGNORE_INDEX
 
 from .boxes import as_box, box_iou, is_zero_box
@@ -219,9 +220,10 @@ def evaluate(output_dir: str | Path, pairs_repo: str, split: str = "test") -> di
     truths = list(load_pairs(pairs_repo, split, with_images=False))
     scored = score_pairs(read_predictions(path), truths, str(path))
     metrics = _percent(localization_metrics(scored))
-    map_dir = output_dir / "maps"
-    if map_dir.is_dir() and all((map_dir / f"{t.pair_id}.npy").is_file() for t in truths):
-        auroc = pixel_auroc((np.load(map_dir / f"{t.pair_id}.npy") for t in truths), (t.mask for t in truths))
+    map_path = SafeOutputPaths(output_dir / "maps", ".npy")  # the names `localize` gave, in the same order
+    map_files = [map_path(t.pair_id) for t in truths]
+    if map_files and all(file.is_file() for file in map_files):
+        auroc = pixel_auroc((np.load(file) for file in map_files), (t.mask for t in truths))
         metrics["pixel_auroc"] = None if math.isnan(auroc) else round(100.0 * auroc, 4)
     results = {
         "pairs": str(pairs_repo),

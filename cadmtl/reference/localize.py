@@ -38,6 +38,7 @@ from cadmtl.features import (
 )
 from cadmtl.model_kinds import LOCALIZER, LOCALIZER_FILE, require_model_kind
 from cadmtl.pictures.overlays import ImagePrediction, draw_predictions
+from dataset_scripts.safe_paths import SafeOutputPaths
 
 from .localizer import (
     ReferenceLocalizer,
@@ -248,6 +249,9 @@ def localize(
     if save_maps:
         (output_dir / "maps").mkdir(exist_ok=True)
     count = drawn = 0
+    # pair ids come from the pairs repo: their files stay inside OUT (dataset_scripts.safe_paths)
+    map_path = SafeOutputPaths(output_dir / "maps", ".npy")
+    overlay_path = SafeOutputPaths(output_dir / "overlays", ".png")
     with open(output_dir / "predictions.jsonl", "w") as handle:
         for pair, anomaly_map in runner.run(load_pairs(pairs_repo, split), batch_size):
             boxes, scores, _ = boxes_from_map(anomaly_map, localizer.threshold, localizer.min_area)
@@ -260,11 +264,13 @@ def localize(
             }
             handle.write(json.dumps(line) + "\n")
             if save_maps:
-                np.save(output_dir / "maps" / f"{pair.pair_id}.npy", anomaly_map.numpy().astype(np.float16))
+                target = map_path(pair.pair_id)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                np.save(target, anomaly_map.numpy().astype(np.float16))
             if overlays < 0 or drawn < overlays:
-                draw_pair(pair, boxes.numpy(), scores.numpy()).save(
-                    output_dir / "overlays" / f"{pair.pair_id}.png"
-                )
+                target = overlay_path(pair.pair_id)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                draw_pair(pair, boxes.numpy(), scores.numpy()).save(target)
                 drawn += 1
             count += 1
     seconds = time.perf_counter() - start

@@ -1,16 +1,19 @@
 """Resumable checkpoints of the training loop: what they hold, where they go, how a resumed run finds them.
 
-A checkpoint is Accelerate's ``save_state`` folder (model, optimizer, RNG states and every registered stateful
-object) plus ``cadmtl_config.json`` (the model's config, to refuse a checkpoint of another model) and
-``checkpoint_objects.json`` (which ``custom_checkpoint_N.pkl`` holds which registered object, so readers never
-depend on registration order).
+A checkpoint is Accelerate's ``save_state`` folder (model, optimizer, RNG states) plus the states of the loop's
+other objects (weighting, schedulers, data streams, best model, EMA), saved here rather than by Accelerate:
+``custom_checkpoint_N.pkl`` holds one object's ``state_dict()`` (tensors and plain values only) and is read back
+with ``torch.load(weights_only=True)``, so resuming never unpickles arbitrary objects (Accelerate's own loader of
+registered objects would). ``cadmtl_config.json`` holds the model's config (to refuse a checkpoint of another
+model) and ``checkpoint_objects.json`` says which file holds which object, so readers never depend on order.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +39,64 @@ class LoopState:
         vars(self).update(state)
 
 
-def register_stateful(accelerator: Accelerator, objects: Mapping[str, Any]) -> dict[str, str]:
-    """Register each named object with Accelerate; returns {name: the file its state is saved to}."""
-    index = {}
-    for name, stateful in objects.items():
-        accelerator.register_for_checkpointing(stateful)
-        index[name] = f"custom_checkpoint_{len(accelerator._custom_objects) - 1}.pkl"
-    return index
+class StatefulObjects(Mapping[str, str]):
+    """The named objects (each with ``state_dict`` / ``load_state_dict``) a checkpoint saves besides Accelerate's
+    state; as a mapping it is the index ``{name: file}`` written to ``checkpoint_objects.json``."""
+
+    def __init__(self, objects: Mapping[str, Any]) -> None:
+        self.objects = dict(objects)
+        self.files = {name: f"custom_checkpoint_{index}.pkl" for index, name in enumerate(self.objects)}
+
+    def __getitem__(self, name: str) -> str:
+        return self.files[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def save(self, folder: str | Path) -> None:
+        for name, stateful in self.objects.items():
+            torch.save(stateful.state_dict(), Path(folder, self.files[name]))
+
+    def load(self, checkpoint: str | Path) -> None:
+        """Restore every object from ``checkpoint`` (by the checkpoint's own index when it has one)."""
+        has_index = Path(checkpoint, OBJECTS_INDEX).exists()
+        for name, stateful in self.objects.items():
+            path = Path(checkpoint, self.files[name])
+            stateful.load_state_dict(registered_state(checkpoint, name) if has_index else _load_state(path))
+
+
+def register_stateful(objects: Mapping[str, Any]) -> StatefulObjects:
+    """The objects a checkpoint saves besides Accelerate's state: pass the result to :func:`save_checkpoint` and,
+    on resume, call its ``load(checkpoint)`` after ``accelerator.load_state``."""
+    return StatefulObjects(objects)
+
+
+def _load_state(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: the checkpoint lacks a state this run needs") from None
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds more than tensors and plain values, so it is not loaded (weights_only=True): "
+            f"{str(error).splitlines()[0]}"
+        ) from None
+
+
+def registered_state(checkpoint: str | Path, name: str) -> Any:
+    """The saved state of the object registered as ``name`` (e.g. "weighting", "loop") in a checkpoint, loaded
+    with ``weights_only=True`` (tensors and plain values only)."""
+    checkpoint = Path(checkpoint)
+    index_path = checkpoint / OBJECTS_INDEX
+    if not index_path.exists():
+        raise FileNotFoundError(f"{checkpoint} has no {OBJECTS_INDEX}: not a train_accelerate.py checkpoint.")
+    index = json.loads(index_path.read_text())
+    if name not in index:
+        raise KeyError(f"{checkpoint} holds no object named {name!r}; it holds {sorted(index)}.")
+    return _load_state(checkpoint / Path(index[name]).name)
 
 
 def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
@@ -63,7 +117,7 @@ def save_checkpoint(
     model: CadMtlModel,
     output_dir: str | Path,
     step: int,
-    objects_index: Mapping[str, str],
+    objects: StatefulObjects,
     total_limit: int,
 ) -> Path:
     """Write to a temporary folder, then rename: a run killed mid-save leaves no half-written checkpoint."""
@@ -73,7 +127,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()  # every rank has written its RNG state into the folder before it moves
     if accelerator.is_main_process:
         (partial / "cadmtl_config.json").write_text(model.config.to_json_string())
-        (partial / OBJECTS_INDEX).write_text(json.dumps(dict(objects_index), indent=2))
+        objects.save(partial)
+        (partial / OBJECTS_INDEX).write_text(json.dumps(dict(objects), indent=2))
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)

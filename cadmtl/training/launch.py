@@ -11,7 +11,9 @@ Options of this launcher are spelled with hyphens and come first; everything els
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -30,6 +32,40 @@ def find_train_script() -> Path:
         f"train_accelerate.py was found neither beside the package ({package.parent}) nor inside it: "
         "reinstall cad-mtl or run from a checkout of the repo."
     )
+
+
+def run_child(command: Sequence[str], stop_timeout: float = 30.0) -> int:
+    """Run a job (training under `accelerate launch`, ...) and return its exit code.
+
+    The child runs in its own process group, so Ctrl-C reaches only this process: it then stops the whole group with
+    SIGTERM (SIGKILL after `stop_timeout` seconds), which ends the child and its workers without a traceback each,
+    and raises `KeyboardInterrupt` here for `cadmtl` to report in one line. Checkpoints are written atomically, so
+    a stopped run resumes from its last one.
+    """
+    process = subprocess.Popen(list(command), start_new_session=os.name == "posix")
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        _stop(process, stop_timeout)
+        raise
+
+
+def _stop(process: subprocess.Popen, timeout: float) -> None:
+    if os.name != "posix":
+        process.terminate()
+        process.wait()
+        return
+    for sent in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sent)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait()
 
 
 def launch_command(launch_args: Sequence[str], train_args: Sequence[str]) -> list[str]:
@@ -86,4 +122,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
-    return subprocess.call(command)
+    return run_child(command)

@@ -34,6 +34,10 @@ def _class_names(root: Path, classes_file: Path | None) -> tuple[list[str], dict
             config = yaml.safe_load(data_yaml.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
             raise YoloFormatError(f"{data_yaml}: not valid YAML: {error}") from None
+        if not isinstance(config, dict):
+            raise YoloFormatError(
+                f"{data_yaml}: expected a mapping (names:, train:, val:), got {config!r:.60}"
+            )
     if classes_file is None and "names" not in config and (root / "classes.txt").is_file():
         classes_file = root / "classes.txt"
     if classes_file is not None:
@@ -45,6 +49,9 @@ def _class_names(root: Path, classes_file: Path | None) -> tuple[list[str], dict
     elif isinstance(config.get("names"), list):
         names = [str(n) for n in config["names"]]
     elif isinstance(config.get("names"), dict):
+        wrong = [k for k in config["names"] if isinstance(k, bool) or not str(k).strip().isdigit()]
+        if wrong:
+            raise YoloFormatError(f"{data_yaml}: names: class id {wrong[0]!r} is not an integer")
         ids = sorted(int(k) for k in config["names"])
         if ids != list(range(len(ids))):
             raise YoloFormatError(f"{data_yaml}: class ids in 'names' must be 0..{len(ids) - 1}, got {ids}")
@@ -70,6 +77,8 @@ def _split_images(root: Path, split: str, config: dict) -> list[Path]:
     folders: list[Path] = []
     files: list[Path] = []
     for entry in entries:
+        if not isinstance(entry, str):
+            raise YoloFormatError(f"{root}: data.yaml {split!r} entry {entry!r} is not a path (a string)")
         target = resolve_inside(base, entry)
         if target is None or resolve_inside(root, target) is None:
             raise YoloFormatError(
@@ -107,6 +116,14 @@ def _label_path(image: Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _parse_labels(path: Path, key: str, names: list[str], issues: list) -> list[SourceAnnotation]:
     annotations = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -116,9 +133,16 @@ def _parse_labels(path: Path, key: str, names: list[str], issues: list) -> list[
         where = f"{path.name}:{number}"
         try:
             class_id = int(fields[0])
+        except ValueError:
+            issues.append(
+                ("malformed_annotation", key, f"{where}: class id {fields[0][:30]!r} is not an integer")
+            )
+            continue
+        try:
             values = [float(v) for v in fields[1:]]
         except ValueError:
-            issues.append(("malformed_annotation", key, f"{where}: {line.strip()[:60]!r}"))
+            bad = next(v for v in fields[1:] if not _is_number(v))
+            issues.append(("malformed_annotation", key, f"{where}: coordinate {bad[:30]!r} is not a number"))
             continue
         if not 0 <= class_id < len(names):
             issues.append(

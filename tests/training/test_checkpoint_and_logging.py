@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,23 +10,82 @@ import torch
 import yaml
 
 from cadmtl.training.arguments import DataArguments, ModelArguments, TrainingArguments
-from cadmtl.training.checkpoint import LoopState, find_checkpoint, register_stateful
+from cadmtl.training.checkpoint import (
+    OBJECTS_INDEX,
+    LoopState,
+    find_checkpoint,
+    register_stateful,
+    registered_state,
+)
 from cadmtl.training.finish import dataset_identity, model_card_data
 from cadmtl.training.log_window import LogWindow
 from cadmtl.training.weighting import CoBaWeighting, EqualWeighting
 
 
-def test_the_objects_index_names_the_file_each_registered_object_is_saved_to(tmp_path: Path) -> None:
-    from accelerate import Accelerator
+def test_registered_state_reads_by_name_not_by_order(tmp_path: Path) -> None:
+    torch.save({"step": 7}, tmp_path / "custom_checkpoint_3.pkl")
+    torch.save({"weights": [0.5, 0.5]}, tmp_path / "custom_checkpoint_0.pkl")
+    (tmp_path / OBJECTS_INDEX).write_text(
+        json.dumps({"weighting": "custom_checkpoint_0.pkl", "loop": "custom_checkpoint_3.pkl"})
+    )
+    assert registered_state(tmp_path, "loop") == {"step": 7}
+    assert registered_state(tmp_path, "weighting") == {"weights": [0.5, 0.5]}
+    with pytest.raises(KeyError, match=r"holds no object named 'streams'; it holds \['loop', 'weighting'\]"):
+        registered_state(tmp_path, "streams")
+    with pytest.raises(FileNotFoundError, match=r"has no checkpoint_objects\.json"):
+        registered_state(tmp_path / "missing", "loop")
 
-    accelerator = Accelerator(cpu=True)
-    first, second = LoopState(), LoopState()
-    first.step, second.step = 7, 3
-    index = register_stateful(accelerator, {"loop": first, "other": second})
-    accelerator.save_state(str(tmp_path))
-    assert index == {"loop": "custom_checkpoint_0.pkl", "other": "custom_checkpoint_1.pkl"}
-    for name, stateful in (("loop", first), ("other", second)):
-        assert torch.load(tmp_path / index[name], weights_only=False) == stateful.state_dict()
+
+class _Pickled:
+    """Anything that is not a tensor or a plain value: unpickling it could run code."""
+
+
+def test_checkpoint_objects_round_trip_as_tensors_and_refuse_pickled_objects(tmp_path: Path) -> None:
+    loop, weighting = LoopState(), CoBaWeighting(["cls", "det"])
+    loop.step, loop.nonfinite_steps = 12, 1
+    objects = register_stateful({"loop": loop, "weighting": weighting, "tensor": torch.nn.Linear(2, 2)})
+    assert dict(objects) == {
+        "loop": "custom_checkpoint_0.pkl",
+        "weighting": "custom_checkpoint_1.pkl",
+        "tensor": "custom_checkpoint_2.pkl",
+    }
+    objects.save(tmp_path)
+    (tmp_path / OBJECTS_INDEX).write_text(json.dumps(dict(objects)))
+    restored = register_stateful(
+        {"loop": LoopState(), "weighting": CoBaWeighting(["cls", "det"]), "tensor": torch.nn.Linear(2, 2)}
+    )
+    restored.load(tmp_path)
+    assert restored.objects["loop"].state_dict() == {
+        "step": 12,
+        "nonfinite_steps": 1,
+        "consecutive_nonfinite": 0,
+    }
+    assert restored.objects["weighting"].state_dict() == weighting.state_dict()
+    torch.testing.assert_close(restored.objects["tensor"].weight, objects.objects["tensor"].weight)
+
+    torch.save({"step": _Pickled()}, tmp_path / "custom_checkpoint_0.pkl")  # a checkpoint from elsewhere
+    with pytest.raises(
+        ValueError, match=r"custom_checkpoint_0\.pkl holds more than tensors and plain values"
+    ):
+        restored.load(tmp_path)
+    with pytest.raises(ValueError, match=r"not loaded \(weights_only=True\)"):
+        registered_state(tmp_path, "loop")
+
+
+def test_the_product_never_unpickles_with_weights_only_false(repo_root: Path) -> None:
+    offenders = [
+        f"{path.relative_to(repo_root)}:{number}"
+        for folder in ("cadmtl", "dataset_scripts", "modeling_cadmtl", "modeling_cadmtl_anomaly")
+        for path in sorted((repo_root / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if "weights_only=False" in line.replace(" ", "")
+    ]
+    offenders += [
+        f"{name}"
+        for name in ("train_accelerate.py", "app.py")
+        if "weights_only=False" in (repo_root / name).read_text()
+    ]
+    assert not offenders
 
 
 def test_find_checkpoint_takes_the_newest_step(tmp_path: Path) -> None:
