@@ -8,7 +8,9 @@
   with a background row and column (see [`detection_analysis`]).
 * [`verdict_metrics`]: the image-level OK / NG verdict on images labelled normal / anomalous: AUROC and F1-max
   (+ its threshold) per score source, and precision / recall / false-positive rate at a chosen threshold;
-  [`calibrate_threshold`] picks that threshold (F1-max or a target false-positive rate). The exact, tie-aware
+  [`calibrate_threshold`] picks that threshold (F1-max or a target false-positive rate) and
+  [`degenerate_threshold`] says when a threshold carries no information (it flags every normal image or no
+  anomalous one); below [`VERDICT_AUROC_FLOOR`] no threshold can separate the images. The exact, tie-aware
   AUROC / AP / F1-max here also serve `cadmtl.anomaly.metrics`.
 * [`SegmentationMetrics`]: mIoU, mFscore, mPrecision, mRecall and aAcc from one confusion matrix accumulated over
   the whole split (mmsegmentation's `IoUMetric` definitions), plus per-class values.
@@ -63,6 +65,7 @@ from dataset_scripts.schema import IGNORE_INDEX
 
 __all__ = [
     "DEFAULT_SCORE_THRESHOLD",
+    "VERDICT_AUROC_FLOOR",
     "VERDICT_CALIBRATIONS",
     "ClassificationMetrics",
     "DetectionMetrics",
@@ -74,6 +77,7 @@ __all__ = [
     "calibrate_fpr",
     "calibrate_threshold",
     "confidence_curves",
+    "degenerate_threshold",
     "f1_max",
     "format_percentages",
     "verdict_metrics",
@@ -280,6 +284,9 @@ class _StreamingMetric(ABC):
 
 _AUROC_CHUNK = 1 << 22  # positives per searchsorted call in AUROC: keeps the index arrays bounded
 VERDICT_CALIBRATIONS = ("f1_max", "fpr")
+# Below this image AUROC a score barely ranks anomalous images above normal ones (0.5 is chance): no threshold on
+# it gives a verdict worth showing, and calibration marks the verdict "uninformative" instead of storing one.
+VERDICT_AUROC_FLOOR = 0.6
 
 
 def split_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -397,6 +404,27 @@ def calibrate_threshold(
         labels = _as_numpy(labels, "calibrate_threshold").ravel().astype(bool)
         return calibrate_fpr(scores[~labels], target_fpr)
     raise ValueError(f"Unknown calibration method {method!r}; expected one of {VERDICT_CALIBRATIONS}.")
+
+
+def degenerate_threshold(
+    scores: Sequence[float] | np.ndarray | torch.Tensor,
+    labels: Sequence[int] | np.ndarray | torch.Tensor,
+    threshold: float,
+) -> str | None:
+    """Why `threshold` carries no information on labelled scores (anomalous: score >= threshold; `labels` 1 =
+    anomalous), or None when it separates: it must leave at least one negative below it (a false-positive rate
+    under 100 %) and put at least one positive at or above it (a recall above 0)."""
+    scores = _as_numpy(scores, "degenerate_threshold").astype(np.float64).ravel()
+    labels = _as_numpy(labels, "degenerate_threshold").ravel().astype(bool)
+    flagged = scores >= threshold
+    negatives, positives = int((~labels).sum()), int(labels.sum())
+    if negatives and flagged[~labels].all():
+        return (
+            f"the threshold {threshold:.6g} flags all {negatives} normal images (false-positive rate 100 %)"
+        )
+    if positives and not flagged[labels].any():
+        return f"the threshold {threshold:.6g} flags none of the {positives} anomalous images (recall 0 %)"
+    return None
 
 
 def _ratio(numerator: int, denominator: int) -> float:
