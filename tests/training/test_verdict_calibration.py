@@ -74,6 +74,8 @@ def test_a_run_stores_the_calibrated_threshold(tmp_path: Path) -> None:
     assert results["splits"]["validation"]["at_threshold"]["fpr"] == pytest.approx(calibration["fpr"])
     card = (output / "model" / "README.md").read_text()
     assert f"at least **{saved.verdict_threshold:.4g}**" in card and "| test | 6 | 24 |" in card
+    assert saved.verdict_status == results["status"] == "calibrated" and results["reason"] is None
+    assert "**Verdict status: calibrated.**" in card and calibration["fpr"] < 1.0
     assert "OK / NG verdict" in (output / "eval_results.md").read_text()
 
 
