@@ -19,7 +19,8 @@ predictor = Predictor.from_pretrained("outputs/cadmtl-demo/model")  # one image 
   "height"}], "annotations": [], "categories": [{"id", "name"}]}`, so that
   `COCO("images.json").loadRes("detections.json")` loads the results (pycocotools needs `categories` there, and
   `loadRes` refuses an empty results list). Image ids start at 1, in input order.
-- `summary.csv`: one row per image or video frame: `file_name`, `verdict` (`OK` / `NG`), `anomaly_score`,
+- `summary.csv`: one row per image or video frame: `file_name`, `verdict` (`OK` / `NG`; `uninformative` for a
+  model whose `config.verdict_status` says its score does not separate normal from anomalous images), `anomaly_score`,
   `top_class`, `top_class_score`, `num_defects` (detections at or above the threshold), `error`. An input that
   cannot be read (corrupt, truncated, not an image, a video that cannot be decoded) gets a row with only its
   `file_name` and `error`; it is never scored, and the other inputs go on.
@@ -595,7 +596,8 @@ def predict_files(
             rows.append(
                 {
                     "file_name": item.file_name,
-                    "verdict": result.verdict,
+                    "verdict": result.verdict
+                    or ("uninformative" if config.verdict_status == "uninformative" else ""),
                     "anomaly_score": "" if result.anomaly_score is None else f"{result.anomaly_score:.6g}",
                     "top_class": top_class,
                     "top_class_score": f"{top_score:.6g}",
@@ -634,6 +636,8 @@ def predict_files(
             "category_ids": "detection label index + 1",
             "verdict_source": config.verdict_source,
             "verdict_threshold": config.verdict_threshold,
+            "verdict_status": config.verdict_status,
+            "verdict_reason": config.verdict_reason,
         },
         "images": images,
         "annotations": [],
