@@ -8,7 +8,9 @@
 `fit` builds the patch-memory scorer (PatchCore / AnomalyDINO family) from the train split's normal images and
 calibrates its thresholds: F1-max on a validation split with defects, else a target false-positive rate on
 held-out normal images (validation normals, or `--calibration-fraction` of the train split kept out of the bank).
-Scores and maps: higher = more anomalous; maps are never normalised per image.
+Scores and maps: higher = more anomalous; maps are never normalised per image. A scorer left without thresholds
+(no validation split and no train image to hold out) is saved with a warning, and its verdict reads `uncalibrated`
+wherever one would show (scores.csv, `predict`, the demo app).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from cadmtl.pictures.predict import collect_images, load_image
 
 logger = logging.getLogger("cadmtl.anomaly")
 OK, NG = "OK", "NG"
+# The verdict of a model saved without thresholds (no images to calibrate on): never a silent blank.
+UNCALIBRATED = "uncalibrated"
+_UNCALIBRATED_REASON = "no validation split and no held-out normal train image to calibrate the thresholds on"
 
 
 def load_anomaly_model(path: str) -> PatchMemoryScorer | AnomalyLearner:
@@ -126,11 +131,26 @@ def fit(args: argparse.Namespace) -> int:
     pixel_values = to_pixel_values([s.image for s in bank_images], scorer.image_size)
     scorer.fit(pixel_values, batch_size=args.batch_size, few_shot=bool(args.few_shot))
     fit_seconds = time.perf_counter() - started
-    calibration_info = (
-        calibrate(scorer, calibration, args.target_fpr, args.batch_size)
-        if calibration
-        else {"method": "none"}
-    )
+    if calibration:
+        calibration_info = calibrate(scorer, calibration, args.target_fpr, args.batch_size)
+        if held_out_count:
+            logger.warning(
+                "%s has no %r split: the thresholds come from %d held-out normal train image(s) at the target "
+                "false-positive rate %s; no anomalous image checked them",
+                args.config,
+                args.calibration_split,
+                held_out_count,
+                args.target_fpr,
+            )
+    else:
+        calibration_info = {"method": "none", "status": UNCALIBRATED, "reason": _UNCALIBRATED_REASON}
+        logger.warning(
+            "%s: no %r split and no train image to hold out: the scorer is saved UNCALIBRATED (no thresholds, no "
+            "OK / NG verdict; its verdicts read %r)",
+            args.config,
+            args.calibration_split,
+            UNCALIBRATED,
+        )
     output = Path(args.output_dir)
     scorer.save_pretrained(output / "model")
     summary = {
@@ -148,8 +168,8 @@ def fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verdict(scorer: PatchMemoryScorer, score: float) -> str:
-    return "" if scorer.image_threshold is None else (NG if score >= scorer.image_threshold else OK)
+def _verdict(scorer: PatchMemoryScorer | AnomalyLearner, score: float) -> str:
+    return UNCALIBRATED if scorer.image_threshold is None else (NG if score >= scorer.image_threshold else OK)
 
 
 def _value_range(scorer: PatchMemoryScorer, maps: Sequence[np.ndarray]) -> tuple[float, float]:
@@ -182,6 +202,7 @@ def evaluate(args: argparse.Namespace) -> int:
         "metrics": results,
         "per_defect_type": per_type,
         "thresholds": {"image": scorer.image_threshold, "pixel": scorer.pixel_threshold},
+        "verdict_status": "calibrated" if scorer.image_threshold is not None else UNCALIBRATED,
     }
     (output / "eval_results.json").write_text(json.dumps(summary, indent=2))
     table = metrics_table(per_type, overall=results)
@@ -209,8 +230,8 @@ def evaluate(args: argparse.Namespace) -> int:
 def predict_image(
     scorer: PatchMemoryScorer | AnomalyLearner, image: Image.Image
 ) -> tuple[Image.Image, float, str]:
-    """One RGB image -> (heat-map picture with the thresholded defect contour, image score, "OK" / "NG" / "" when
-    uncalibrated): `cadmtl anomaly predict` and the demo app's anomaly tab."""
+    """One RGB image -> (heat-map picture with the thresholded defect contour, image score, "OK" / "NG", or
+    "uncalibrated" for a model without thresholds): `cadmtl anomaly predict` and the demo app's anomaly tab."""
     pixel_values = to_pixel_values([image], scorer.image_size, scorer.image_mean, scorer.image_std)
     maps, scores = scorer.score(pixel_values)
     amap = F.interpolate(maps[:1, None], size=(image.height, image.width), mode="bilinear")[0, 0].numpy()
