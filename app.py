@@ -21,7 +21,8 @@ Environment:
 - `CADMTL_DEVICE`: where the models run (default `cpu`, as on a free Space).
 - Bounds, so that one visitor cannot take the server's memory: `CADMTL_MAX_IMAGE_PIXELS` (default 12000000;
   larger photos are downscaled on load, by `cadmtl.pictures.predict.load_image`, the helper `cadmtl predict` uses
-  too; 0: no budget), `CADMTL_MAX_UPLOAD_MB` (default 20: a larger upload is refused with Gradio's message),
+  too; 0: no budget; the annotated view is drawn at most 1 MP, `DISPLAY_PIXELS`, the details' boxes stay in the
+  analysed photo's pixels), `CADMTL_MAX_UPLOAD_MB` (default 20: a larger upload is refused with Gradio's message),
   `CADMTL_CONCURRENCY` (default 1: requests run one at a time, the others wait in the queue) and
   `CADMTL_QUEUE_SIZE` (default 16 waiting requests; more are turned away).
 - `GRADIO_SERVER_PORT` / `GRADIO_SERVER_NAME`: Gradio's own settings. Analytics are off
@@ -101,6 +102,29 @@ def verdict_summary(config: Any) -> str:
     )
 
 
+# The annotated view of the Inspect tab is drawn at most this large (a page shows ~1000 px across anyway).
+DISPLAY_PIXELS = 1_000_000
+
+
+def _display_copy(image: Image.Image) -> tuple[Image.Image, float]:
+    """`image` scaled down to at most DISPLAY_PIXELS (itself when it fits), and the scale applied."""
+    if image.width * image.height <= DISPLAY_PIXELS:
+        return image, 1.0
+    scale = (DISPLAY_PIXELS / (image.width * image.height)) ** 0.5
+    size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR), size[0] / image.width
+
+
+def _draw_box(mask: np.ndarray, box: list[int], border: int = 3) -> None:
+    """A box on a label's layer as gr.AnnotatedImage draws one: 0.5 inside, 1 on a `border`-pixel outline."""
+    height, width = mask.shape
+    x_min, y_min = min(max(box[0], 0), width - 1), min(max(box[1], 0), height - 1)
+    x_max, y_max = min(max(box[2], x_min + 1), width), min(max(box[3], y_min + 1), height)
+    inside = mask[y_min:y_max, x_min:x_max]
+    np.maximum(inside, 0.5, out=inside)
+    inside[:, :border] = inside[:, -border:] = inside[:border, :] = inside[-border:, :] = 1.0
+
+
 def _hex(color: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*color)
 
@@ -178,20 +202,29 @@ def inspect(predictor: Predictor, path: Any) -> tuple[Any, dict[str, float], str
     (result,) = predictor([image])
     config = predictor.config
     prediction = result.prediction
+    # The page draws on a copy of at most DISPLAY_PIXELS: gr.AnnotatedImage turns every mask and box into a
+    # full-size RGBA PNG (float64 arrays on the way), which at 12 MP costs ~0.5 GB and seconds per annotation.
+    shown, scale = _display_copy(image)
     annotations: list[tuple[Any, str]] = []
     if prediction.segmentation is not None:
-        for class_id in np.unique(prediction.segmentation):
+        class_map = prediction.segmentation
+        if shown.size != image.size:
+            class_map = np.asarray(Image.fromarray(class_map).resize(shown.size, Image.Resampling.NEAREST))
+        for class_id in np.unique(class_map):
             if class_id != 0:  # background stays clear
-                mask = (prediction.segmentation == class_id).astype(np.float32)
+                mask = (class_map == class_id).astype(np.float32)
                 annotations.append((mask, config.seg_labels[class_id]))
     detections = []
+    box_masks: dict[str, np.ndarray] = {}  # one layer per label: a layer per box would cost one PNG per box
     for box, score, label in zip(prediction.boxes, prediction.box_scores, prediction.box_labels):
         name = config.det_labels[int(label)]
         x_min, y_min, x_max, y_max = (round(float(value)) for value in box)
-        annotations.append(((x_min, y_min, max(x_max, x_min + 1), max(y_max, y_min + 1)), name))
+        mask = box_masks.setdefault(name, np.zeros((shown.height, shown.width), dtype=np.float32))
+        _draw_box(mask, [round(float(value) * scale) for value in box])
         detections.append(
             {"label": name, "score": round(float(score), 4), "box_xyxy": [x_min, y_min, x_max, y_max]}
         )
+    annotations.extend((mask, name) for name, mask in box_masks.items())
     classes = {name: float(score) for name, score in prediction.classes}
     if (
         result.anomaly_score is None
@@ -215,9 +248,12 @@ def inspect(predictor: Predictor, path: Any) -> tuple[Any, dict[str, float], str
         "verdict_status": config.verdict_status,
         "verdict_reason": config.verdict_reason,
         "head_scores": result.head_scores,
+        "image_size": list(
+            image.size
+        ),  # the frame of `box_xyxy`: the photo as analysed (after the pixel budget)
         "detections": detections,
     }
-    return (image, annotations), classes, verdict, result.anomaly_score, details
+    return (shown, annotations), classes, verdict, result.anomaly_score, details
 
 
 def inspect_anomaly(scorer: Any, path: Any) -> tuple[Image.Image, float, str]:
