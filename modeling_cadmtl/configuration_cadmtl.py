@@ -90,11 +90,12 @@ class CadMtlConfig(PreTrainedConfig):
             `None` until a training run calibrates.
         verdict_status (`str`, *optional*, defaults to `"uncalibrated"`):
             What the verdict is worth: `"calibrated"` (the threshold was chosen on labelled validation images and
-            separates them: false-positive rate below 100 %, recall above 0), `"default"` (calibration ran but could
+            separates them: its recall is at least 0.1 above its false-positive rate, so it neither flags (nearly)
+            every image nor (nearly) none), `"default"` (calibration ran but could
             not, e.g. no normal or no anomalous validation images: the documented default threshold stays),
             `"uninformative"` (the anomaly score does not separate normal from anomalous validation images: image
-            AUROC below `cadmtl.evaluation.metrics.VERDICT_AUROC_FLOOR` (0.6), or no threshold flags some anomalous
-            images without flagging every normal one; the verdict then gives the score without OK / NG) or
+            AUROC below `cadmtl.evaluation.metrics.VERDICT_AUROC_FLOOR` (0.6), or not even the target-FPR threshold
+            separates them; the verdict then gives the score without OK / NG) or
             `"uncalibrated"` (no calibration has run: a fresh config).
         verdict_reason (`str`, *optional*):
             Why the status is not `"calibrated"` (shown by `cadmtl predict`, the demo app and the model card).

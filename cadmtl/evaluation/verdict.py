@@ -7,7 +7,7 @@ configs' split, each head at the input size it was trained at (one forward pass 
 evaluation loop (each rank scores its shards in lockstep, the scores are gathered on every rank).
 `calibrate_verdict` picks the verdict source with the best image AUROC (ties go to `"max"`) and its threshold
 (F1-max, or a target false-positive rate on the normal images), never one that flags every normal image or no
-anomalous one (F1-max then falls back to the target-FPR rule), and marks the verdict `"uninformative"` when the
+anomalous one, or barely more anomalous than normal ones (F1-max then falls back to the target-FPR rule), and marks the verdict `"uninformative"` when the
 score cannot separate the images (AUROC below 0.6 or no separating threshold); `verdict_metrics` (in `metrics.py`) reports
 AUROC / F1-max per source and precision / recall / false-positive rate at the threshold.
 
@@ -302,9 +302,10 @@ def calibrate_verdict(
     head in `cls, det, seg` order); the threshold is its F1-max threshold (`method="f1_max"`) or the lowest one
     whose false-positive rate on the normal images is at most `target_fpr` (`method="fpr"`).
 
-    A threshold that flags every normal image or none of the anomalous ones is never accepted (F1-max does that
-    when the score is weak and most images are anomalous: flagging everything then has the best F1): F1-max falls
-    back to the target-FPR rule (recorded as `"fallback"`). When the best AUROC is below `auroc_floor`
+    A threshold that flags every normal image or none of the anomalous ones, or whose recall is less than
+    `VERDICT_MIN_INFORMEDNESS` (0.1) above its false-positive rate, is never accepted (F1-max does that when most
+    images are anomalous: flagging (nearly) everything then has the best F1): F1-max falls back to the target-FPR
+    rule (recorded as `"fallback"`). When the best AUROC is below `auroc_floor`
     (`VERDICT_AUROC_FLOOR`, 0.6), or even the target-FPR threshold does not separate, the verdict is
     `"uninformative"`: the target-FPR threshold is still recorded (for the reports and for anyone who overrides
     it) but the model gives no OK / NG by itself (`post_process_verdict`).

@@ -152,6 +152,24 @@ def test_f1_max_that_flags_every_normal_image_falls_back_to_the_target_fpr() -> 
     assert (config.verdict_status, config.verdict_reason) == ("calibrated", None)
 
 
+def test_f1_max_that_flags_nearly_every_image_falls_back_too() -> None:
+    # 20 normal (19 tie at 0.5 with 32 anomalous), 40 anomalous: AUROC (32 * 10.5 + 8 * 20) / 800 = 0.62; F1-max
+    # takes 0.5: recall 100 % but 19 of 20 normal images NG (informedness 0.05, the demo run's shape)
+    crowded = scores_of([True] * 20 + [False] * 40, max=[0.1] + [0.5] * 19 + [0.5] * 32 + [0.9] * 8)
+    assert f1_max(crowded.scores["max"], ~crowded.is_normal)[1] == 0.5
+    assert metrics.VERDICT_MIN_INFORMEDNESS == 0.1
+    assert metrics.degenerate_threshold(crowded.scores["max"], ~crowded.is_normal, 0.5) == (
+        "the threshold 0.5 flags 19 of 20 normal images (false-positive rate 95.0 %) and 40 of 40 anomalous ones "
+        "(recall 100.0 %): recall minus false-positive rate is 0.050, below 0.1"
+    )
+    calibration = calibrate_verdict(crowded, "f1_max", target_fpr=0.01)
+    assert calibration["status"] == "calibrated" and calibration["method"] == "fpr"
+    assert calibration["fallback"].startswith(
+        "f1_max rejected (the threshold 0.5 flags 19 of 20 normal images"
+    )
+    assert calibration["fpr"] == 0.0 and calibration["recall"] == pytest.approx(8 / 40)
+
+
 def test_a_score_that_does_not_separate_makes_the_verdict_uninformative(tmp_path: Path) -> None:
     # AUROC (1 + 2 + 3 + 0) / 16 = 0.375 < 0.6: no threshold is worth showing
     chance = scores_of([True] * 4 + [False] * 4, max=[0.2, 0.4, 0.6, 0.8, 0.3, 0.5, 0.7, 0.1])
