@@ -19,6 +19,12 @@ Environment:
   run (`train_accelerate.py`: builds `data/cad100k-mini`, ~1 min on a CPU). If that training fails the app serves an
   untrained tiny model and says so on the page (the documented fallback: the boxes and scores mean nothing).
 - `CADMTL_DEVICE`: where the models run (default `cpu`, as on a free Space).
+- Bounds, so that one visitor cannot take the server's memory: `CADMTL_MAX_IMAGE_PIXELS` (default 12000000;
+  larger photos are downscaled on load, by `cadmtl.pictures.predict.load_image`, the helper `cadmtl predict` uses
+  too; 0: no budget; the annotated view is drawn at most 1 MP, `DISPLAY_PIXELS`, the details' boxes stay in the
+  analysed photo's pixels), `CADMTL_MAX_UPLOAD_MB` (default 20: a larger upload is refused with Gradio's message),
+  `CADMTL_CONCURRENCY` (default 1: requests run one at a time, the others wait in the queue) and
+  `CADMTL_QUEUE_SIZE` (default 16 waiting requests; more are turned away).
 - `GRADIO_SERVER_PORT` / `GRADIO_SERVER_NAME`: Gradio's own settings. Analytics are off
   (`GRADIO_ANALYTICS_ENABLED=False`) and the Hub is used offline (`HF_HUB_OFFLINE=1`) unless set otherwise.
 """
@@ -56,6 +62,69 @@ UNTRAINED_NOTICE = (
     "**Untrained fallback model**: the demo model could not be trained here, so this page serves a random tiny "
     "model. Its boxes, classes and scores mean nothing; set `CADMTL_MODEL` to a trained model folder."
 )
+
+
+def _positive_int(variable: str, default: int) -> int:
+    text = os.environ.get(variable, "").strip()
+    try:
+        value = int(text) if text else default
+    except ValueError:
+        raise ValueError(f"{variable}={text!r} is not a whole number") from None
+    if value < 1:
+        raise ValueError(f"{variable}={text!r} must be at least 1")
+    return value
+
+
+def serving_limits() -> dict[str, Any]:
+    """The queue and upload bounds from the environment (see the module docstring)."""
+    return {
+        "concurrency": _positive_int("CADMTL_CONCURRENCY", 1),
+        "queue_size": _positive_int("CADMTL_QUEUE_SIZE", 16),
+        "max_file_size": f"{_positive_int('CADMTL_MAX_UPLOAD_MB', 20)}mb",
+    }
+
+
+def verdict_summary(config: Any) -> str:
+    """What the OK / NG verdict of a CadMtl model is worth, for the top of the page (its `verdict_status`)."""
+    status = getattr(config, "verdict_status", "uncalibrated")
+    reason = getattr(config, "verdict_reason", None)
+    if status == "uninformative":
+        return (
+            f"**No OK / NG verdict**: this model's anomaly score does not separate normal from defective photos "
+            f"({reason}). The page shows the score (`{config.verdict_source}` head) without OK / NG."
+        )
+    text = (
+        f"The OK / NG verdict compares its anomaly score (`{config.verdict_source}` head) with the threshold "
+        f"{config.verdict_threshold:.3f}"
+    )
+    if status == "calibrated":
+        return text + ", calibrated on labelled validation photos."
+    return (
+        text + f": **not calibrated** (verdict status `{status}`" + (f": {reason}" if reason else "") + ")."
+    )
+
+
+# The annotated view of the Inspect tab is drawn at most this large (a page shows ~1000 px across anyway).
+DISPLAY_PIXELS = 1_000_000
+
+
+def _display_copy(image: Image.Image) -> tuple[Image.Image, float]:
+    """`image` scaled down to at most DISPLAY_PIXELS (itself when it fits), and the scale applied."""
+    if image.width * image.height <= DISPLAY_PIXELS:
+        return image, 1.0
+    scale = (DISPLAY_PIXELS / (image.width * image.height)) ** 0.5
+    size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR), size[0] / image.width
+
+
+def _draw_box(mask: np.ndarray, box: list[int], border: int = 3) -> None:
+    """A box on a label's layer as gr.AnnotatedImage draws one: 0.5 inside, 1 on a `border`-pixel outline."""
+    height, width = mask.shape
+    x_min, y_min = min(max(box[0], 0), width - 1), min(max(box[1], 0), height - 1)
+    x_max, y_max = min(max(box[2], x_min + 1), width), min(max(box[3], y_min + 1), height)
+    inside = mask[y_min:y_max, x_min:x_max]
+    np.maximum(inside, 0.5, out=inside)
+    inside[:, :border] = inside[:, -border:] = inside[:border, :] = inside[-border:, :] = 1.0
 
 
 def _hex(color: tuple[int, int, int]) -> str:
@@ -135,46 +204,71 @@ def inspect(predictor: Predictor, path: Any) -> tuple[Any, dict[str, float], str
     (result,) = predictor([image])
     config = predictor.config
     prediction = result.prediction
+    # The page draws on a copy of at most DISPLAY_PIXELS: gr.AnnotatedImage turns every mask and box into a
+    # full-size RGBA PNG (float64 arrays on the way), which at 12 MP costs ~0.5 GB and seconds per annotation.
+    shown, scale = _display_copy(image)
     annotations: list[tuple[Any, str]] = []
     if prediction.segmentation is not None:
-        for class_id in np.unique(prediction.segmentation):
+        class_map = prediction.segmentation
+        if shown.size != image.size:
+            class_map = np.asarray(Image.fromarray(class_map).resize(shown.size, Image.Resampling.NEAREST))
+        for class_id in np.unique(class_map):
             if class_id != 0:  # background stays clear
-                mask = (prediction.segmentation == class_id).astype(np.float32)
+                mask = (class_map == class_id).astype(np.float32)
                 annotations.append((mask, config.seg_labels[class_id]))
     detections = []
+    box_masks: dict[str, np.ndarray] = {}  # one layer per label: a layer per box would cost one PNG per box
     for box, score, label in zip(prediction.boxes, prediction.box_scores, prediction.box_labels):
         name = config.det_labels[int(label)]
         x_min, y_min, x_max, y_max = (round(float(value)) for value in box)
-        annotations.append(((x_min, y_min, max(x_max, x_min + 1), max(y_max, y_min + 1)), name))
+        mask = box_masks.setdefault(name, np.zeros((shown.height, shown.width), dtype=np.float32))
+        _draw_box(mask, [round(float(value) * scale) for value in box])
         detections.append(
             {"label": name, "score": round(float(score), 4), "box_xyxy": [x_min, y_min, x_max, y_max]}
         )
+    annotations.extend((mask, name) for name, mask in box_masks.items())
     classes = {name: float(score) for name, score in prediction.classes}
     if (
         result.anomaly_score is None
     ):  # no head of this model gives an anomaly score (see post_process_verdict)
         verdict = "no verdict: none of this model's heads gives an anomaly score"
+    elif not result.verdict:  # an uninformative model: the score without OK / NG
+        verdict = (
+            f"no OK / NG (anomaly score {result.anomaly_score:.3f}): this model's verdict is uninformative "
+            f"({config.verdict_reason})"
+        )
     else:
         verdict = (
             f"{result.verdict} (anomaly score {result.anomaly_score:.3f}, "
             f"threshold {config.verdict_threshold:.3f})"
         )
     details = {
-        "verdict": result.verdict,
+        "verdict": result.verdict or None,
         "anomaly_score": result.anomaly_score,
         "verdict_source": config.verdict_source,
         "verdict_threshold": config.verdict_threshold,
+        "verdict_status": config.verdict_status,
+        "verdict_reason": config.verdict_reason,
         "head_scores": result.head_scores,
+        "image_size": list(
+            image.size
+        ),  # the frame of `box_xyxy`: the photo as analysed (after the pixel budget)
         "detections": detections,
     }
-    return (image, annotations), classes, verdict, result.anomaly_score, details
+    return (shown, annotations), classes, verdict, result.anomaly_score, details
 
 
 def inspect_anomaly(scorer: Any, path: Any) -> tuple[Image.Image, float, str]:
     from cadmtl.anomaly.models import predict_image
 
     picture, score, verdict = predict_image(scorer, _read_upload(path))
-    return picture, score, verdict or "uncalibrated (no threshold stored)"
+    if verdict == "uncalibrated":
+        return (
+            picture,
+            score,
+            "uncalibrated: this model has no thresholds (fitted without calibration images), no OK / NG",
+        )
+    return picture, score, verdict
 
 
 def localize_reference(runner: Any, reference_path: Any, query_path: Any) -> tuple[Any, float, str]:
@@ -236,9 +330,7 @@ def build_demo(
         if predictor is not None:
             gr.Markdown(
                 "# cad-mtl: car defect inspection\n"
-                "One DINOv3 model classifies, detects and segments defects; the OK / NG verdict compares its "
-                f"anomaly score (`{config.verdict_source}` head) with the calibrated threshold "
-                f"{config.verdict_threshold:.3f}."
+                "One DINOv3 model classifies, detects and segments defects. " + verdict_summary(config)
             )
         else:
             gr.Markdown("# cad-mtl: car defect inspection")
@@ -258,7 +350,9 @@ def build_demo(
                 )
                 with gr.Column():
                     verdict = gr.Textbox(label="Verdict", elem_id="verdict")
-                    score = gr.Number(label="Anomaly score", precision=4)
+                    score = gr.Number(
+                        label="Anomaly score", precision=4, placeholder="no photo inspected yet"
+                    )
             details = gr.JSON(label="Details")
             run = gr.Button("Inspect", variant="primary")
             outputs = [annotated, classes, verdict, score, details]
@@ -291,7 +385,9 @@ def build_demo(
                 with gr.Row():
                     anomaly_upload = gr.Image(type="filepath", label="Photo")
                     heat = gr.Image(type="pil", label="Anomaly heat map")
-                anomaly_score = gr.Number(label="Anomaly score", precision=4)
+                anomaly_score = gr.Number(
+                    label="Anomaly score", precision=4, placeholder="no photo scored yet"
+                )
                 anomaly_verdict = gr.Textbox(label="Verdict")
                 gr.Button("Score", variant="primary").click(
                     _serve(inspect_anomaly, scorer, anomaly_error),
@@ -316,7 +412,9 @@ def build_demo(
                     reference = gr.Image(type="filepath", label="Reference")
                     query = gr.Image(type="filepath", label="Query")
                 differences = gr.AnnotatedImage(label="Where the query differs")
-                reference_score = gr.Number(label="Difference score (map maximum)", precision=4)
+                reference_score = gr.Number(
+                    label="Difference score (map maximum)", precision=4, placeholder="no pair compared yet"
+                )
                 reference_verdict = gr.Textbox(label="Verdict")
                 gr.Button("Compare", variant="primary").click(
                     _serve(localize_reference, runner, reference_error),
@@ -325,6 +423,8 @@ def build_demo(
                     api_name="reference",
                     preprocess=False,
                 )
+    limits = serving_limits()
+    demo.queue(default_concurrency_limit=limits["concurrency"], max_size=limits["queue_size"])
     return demo
 
 
@@ -338,7 +438,8 @@ def main() -> None:
         device=os.environ.get("CADMTL_DEVICE", "cpu"),
         untrained=untrained,
     )
-    demo.launch()  # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose the address
+    # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose the address
+    demo.launch(max_file_size=serving_limits()["max_file_size"])
 
 
 if __name__ == "__main__":

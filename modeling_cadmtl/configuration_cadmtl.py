@@ -12,6 +12,8 @@ IGNORE_INDEX = 255  # segmentation pixels that count for no class
 NORMAL_LABEL = "normal"  # the classification label of a defect-free image (dataset_scripts.taxonomy.NORMAL)
 # Where the image-level anomaly score comes from (see `CadMtlImageProcessor.post_process_anomaly_score`).
 VERDICT_SOURCES = ("max", "cls", "det", "seg")
+# What the stored OK / NG threshold is worth (`CadMtlConfig.verdict_status`); only "uninformative" withholds OK / NG.
+VERDICT_STATUSES = ("calibrated", "default", "uninformative", "uncalibrated")
 # The OK / NG inspection pipeline (`pipeline_cadmtl.py`), which `save_pretrained` names in config.json as
 # `custom_pipelines` (`pt`: the transformers Auto class that loads the model through the repo's `auto_map`).
 PIPELINE_TASK = "cadmtl-inspection"
@@ -84,8 +86,19 @@ class CadMtlConfig(PreTrainedConfig):
             An image whose anomaly score is at or above this is NG. The default 0.5 is used until a training run
             calibrates it (on validation: F1-max, or a target false-positive rate on the normal images).
         verdict_calibration (`dict`, *optional*):
-            How `verdict_source` / `verdict_threshold` were chosen (method, split, counts, AUROC); `None` while the
-            documented defaults are in use.
+            How `verdict_source` / `verdict_threshold` were chosen (status, method, split, counts, AUROC, reason);
+            `None` until a training run calibrates.
+        verdict_status (`str`, *optional*, defaults to `"uncalibrated"`):
+            What the verdict is worth: `"calibrated"` (the threshold was chosen on labelled validation images and
+            separates them: its recall is at least 0.1 above its false-positive rate, so it neither flags (nearly)
+            every image nor (nearly) none), `"default"` (calibration ran but could
+            not, e.g. no normal or no anomalous validation images: the documented default threshold stays),
+            `"uninformative"` (the anomaly score does not separate normal from anomalous validation images: image
+            AUROC below `cadmtl.evaluation.metrics.VERDICT_AUROC_FLOOR` (0.6), or not even the target-FPR threshold
+            separates them; the verdict then gives the score without OK / NG) or
+            `"uncalibrated"` (no calibration has run: a fresh config).
+        verdict_reason (`str`, *optional*):
+            Why the status is not `"calibrated"` (shown by `cadmtl predict`, the demo app and the model card).
 
     Example:
 
@@ -126,6 +139,8 @@ class CadMtlConfig(PreTrainedConfig):
     verdict_source: str = "max"
     verdict_threshold: float = 0.5
     verdict_calibration: dict | None = None
+    verdict_status: str = "uncalibrated"
+    verdict_reason: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -141,6 +156,10 @@ class CadMtlConfig(PreTrainedConfig):
             )
         if self.verdict_source not in VERDICT_SOURCES:
             raise ValueError(f"verdict_source {self.verdict_source!r} is not one of {VERDICT_SOURCES}.")
+        if self.verdict_status == "uncalibrated" and (self.verdict_calibration or {}).get("calibrated"):
+            self.verdict_status = "calibrated"  # a checkpoint saved before `verdict_status` existed
+        if self.verdict_status not in VERDICT_STATUSES:
+            raise ValueError(f"verdict_status {self.verdict_status!r} is not one of {VERDICT_STATUSES}.")
         # `id2label` is derived state that pipelines read: the classification labels here, and each task class
         # swaps in its own task's labels (see `CadMtlFor*`). The per-task lists above are the source of truth.
         self.set_task_labels("cls")

@@ -467,12 +467,15 @@ class CadMtlImageProcessor(TorchvisionBackend):
         Returns one `{"verdict": "OK" | "NG", "anomaly_score": float, "head_scores": {head: float}}` per image. A
         model none of whose heads gives an anomaly score (`config.verdict_heads` empty: e.g. a classifier of part
         names without a `normal` class and no detection / segmentation head) has no verdict: `verdict` and
-        `anomaly_score` are None.
+        `anomaly_score` are None. A model whose `config.verdict_status` is `"uninformative"` (its score did not
+        separate normal from anomalous validation images) gives the scores with `verdict` None, unless `threshold`
+        is passed explicitly.
         """
         if not config.verdict_heads:
             batch_size = next(len(value) for value in _output_tensors(outputs))
             return [{"verdict": None, "anomaly_score": None, "head_scores": {}} for _ in range(batch_size)]
-        return self.post_process_anomaly_score(
+        withheld = threshold is None and getattr(config, "verdict_status", None) == "uninformative"
+        results = self.post_process_anomaly_score(
             outputs,
             source=config.verdict_source,
             threshold=config.verdict_threshold if threshold is None else threshold,
@@ -480,6 +483,10 @@ class CadMtlImageProcessor(TorchvisionBackend):
             pixel_mask=pixel_mask,
             heads=config.verdict_heads,
         )
+        if withheld:  # an OK / NG from a score that does not separate would only look like information
+            for result in results:
+                result["verdict"] = None
+        return results
 
     @staticmethod
     def _head_anomaly_scores(

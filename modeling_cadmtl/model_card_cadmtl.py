@@ -139,19 +139,33 @@ def _verdict_section(config: Any, verdict: dict[str, Any] | None) -> str:
     """How this checkpoint decides OK / NG (from its config) and, when the run measured it, the verdict's metrics
     per split (`verdict["splits"]`, as `cadmtl.evaluation.verdict.verdict_report` gives them)."""
     source, threshold = config.verdict_source, config.verdict_threshold
-    calibration = config.verdict_calibration
-    if calibration and calibration.get("calibrated"):
-        how = f"calibrated on the {calibration.get('split')} images by {calibration.get('method')}"
-        if calibration.get("method") == "fpr":
-            how += f" (target false-positive rate {calibration.get('target_fpr')})"
-        how += f", {calibration.get('n_normal')} normal and {calibration.get('n_anomalous')} anomalous images"
+    calibration = config.verdict_calibration or {}
+    status = getattr(
+        config, "verdict_status", "calibrated" if calibration.get("calibrated") else "uncalibrated"
+    )
+    reason = getattr(config, "verdict_reason", None) or calibration.get("reason")
+    reason = reason or ((verdict or {}).get("calibration") or {}).get("reason")
+    how = f"on the {calibration.get('split')} images by {calibration.get('method')}"
+    if calibration.get("method") == "fpr":
+        how += f" (target false-positive rate {calibration.get('target_fpr')})"
+    how += f", {calibration.get('n_normal')} normal and {calibration.get('n_anomalous')} anomalous images"
+    if status == "uninformative":
+        lines = [
+            f"**Verdict status: uninformative.** This checkpoint gives anomaly scores but **no OK / NG verdict**: "
+            f"{reason}. The threshold recorded for reference is {threshold:.4g} on `{source}` ({how}); pass a "
+            "threshold explicitly to get OK / NG anyway.",
+        ]
     else:
-        reason = ((verdict or {}).get("calibration") or {}).get("reason")
-        how = "the documented default, not calibrated" + (f" ({reason})" if reason else "")
-    lines = [
-        f"An image is **NG** when its anomaly score from `{source}` is at least **{threshold:.4g}** "
-        f"({how}); `config.verdict_source` / `config.verdict_threshold` hold the setting.",
-    ]
+        if status == "calibrated":
+            how = "calibrated " + how
+            if calibration.get("fallback"):
+                how += f"; {calibration['fallback']}"
+        else:
+            how = f"verdict status: {status}, the documented default" + (f": {reason}" if reason else "")
+        lines = [
+            f"**Verdict status: {status}.** An image is **NG** when its anomaly score from `{source}` is at least "
+            f"**{threshold:.4g}** ({how}); `config.verdict_source` / `config.verdict_threshold` hold the setting.",
+        ]
     splits = (verdict or {}).get("splits") or {}
     if splits:
         lines += [

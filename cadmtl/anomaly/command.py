@@ -8,7 +8,9 @@
 `fit` builds the patch-memory scorer (PatchCore / AnomalyDINO family) from the train split's normal images and
 calibrates its thresholds: F1-max on a validation split with defects, else a target false-positive rate on
 held-out normal images (validation normals, or `--calibration-fraction` of the train split kept out of the bank).
-Scores and maps: higher = more anomalous; maps are never normalised per image.
+Scores and maps: higher = more anomalous; maps are never normalised per image. A scorer left without thresholds
+(no validation split and no train image to hold out) is saved with a warning, and its verdict reads `uncalibrated`
+wherever one would show (scores.csv, `predict`, the demo app).
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ from tqdm.auto import tqdm
 from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, normal_only, to_pixel_values
 from cadmtl.anomaly.learner import AnomalyLearner
 from cadmtl.anomaly.metrics import AnomalyMetrics, f1_max, metrics_table
-from cadmtl.anomaly.models import image_verdict, load_anomaly_model, map_value_range, predict_image
+from cadmtl.anomaly.models import (
+    UNCALIBRATED,
+    image_verdict,
+    load_anomaly_model,
+    map_value_range,
+    predict_image,
+)
 from cadmtl.anomaly.patch_memory import PatchMemoryScorer, calibrate_f1, calibrate_fpr
 from cadmtl.features import load_backbone
 from cadmtl.pictures.overlays import draw_anomaly_map
@@ -37,6 +45,7 @@ from cadmtl.pictures.predict import collect_images, load_image
 from dataset_scripts.safe_paths import SafeOutputPaths, safe_output_path
 
 logger = logging.getLogger("cadmtl.anomaly")
+_UNCALIBRATED_REASON = "no validation split and no held-out normal train image to calibrate the thresholds on"
 
 
 def _scores_and_maps(
@@ -113,11 +122,26 @@ def fit(args: argparse.Namespace) -> int:
     pixel_values = to_pixel_values([s.image for s in bank_images], scorer.image_size)
     scorer.fit(pixel_values, batch_size=args.batch_size, few_shot=bool(args.few_shot))
     fit_seconds = time.perf_counter() - started
-    calibration_info = (
-        calibrate(scorer, calibration, args.target_fpr, args.batch_size)
-        if calibration
-        else {"method": "none"}
-    )
+    if calibration:
+        calibration_info = calibrate(scorer, calibration, args.target_fpr, args.batch_size)
+        if held_out_count:
+            logger.warning(
+                "%s has no %r split: the thresholds come from %d held-out normal train image(s) at the target "
+                "false-positive rate %s; no anomalous image checked them",
+                args.config,
+                args.calibration_split,
+                held_out_count,
+                args.target_fpr,
+            )
+    else:
+        calibration_info = {"method": "none", "status": UNCALIBRATED, "reason": _UNCALIBRATED_REASON}
+        logger.warning(
+            "%s: no %r split and no train image to hold out: the scorer is saved UNCALIBRATED (no thresholds, no "
+            "OK / NG verdict; its verdicts read %r)",
+            args.config,
+            args.calibration_split,
+            UNCALIBRATED,
+        )
     output = Path(args.output_dir)
     scorer.save_pretrained(output / "model")
     summary = {
@@ -158,6 +182,7 @@ def evaluate(args: argparse.Namespace) -> int:
         "metrics": results,
         "per_defect_type": per_type,
         "thresholds": {"image": scorer.image_threshold, "pixel": scorer.pixel_threshold},
+        "verdict_status": "calibrated" if scorer.image_threshold is not None else UNCALIBRATED,
     }
     (output / "eval_results.json").write_text(json.dumps(summary, indent=2))
     table = metrics_table(per_type, overall=results)

@@ -268,6 +268,21 @@ def calibrate(
         config.pixel_threshold = calibrate_f1(np.concatenate(pixels), np.concatenate(pixel_labels))
         config.threshold_method = "f1_max:validation"
         return {"method": config.threshold_method, "images": len(validation)}
+    if calibration_normals.shape[0] == 0:
+        config.image_threshold = config.pixel_threshold = None
+        config.threshold_method = "uncalibrated"
+        logger.warning(
+            "no validation split with defects and no held-out normal image: the learner is saved UNCALIBRATED "
+            "(no thresholds, no OK / NG verdict; its verdicts read 'uncalibrated')"
+        )
+        return {"method": "none", "status": "uncalibrated", "images": 0}
+    if validation is None:
+        logger.warning(
+            "no validation split with defects: the thresholds come from %d held-out normal train image(s) at the "
+            "target false-positive rate %s; no anomalous image checked them",
+            calibration_normals.shape[0],
+            target_fpr,
+        )
     maps, scores = [], []
     for start in range(0, calibration_normals.shape[0], batch_size):
         chunk = calibration_normals[start : start + batch_size]

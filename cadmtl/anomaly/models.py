@@ -28,6 +28,7 @@ __all__ = [
     "ANOMALY_MODELS",
     "NG",
     "OK",
+    "UNCALIBRATED",
     "image_verdict",
     "load_anomaly_model",
     "map_value_range",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 OK, NG = "OK", "NG"
+# The verdict of a model saved without thresholds (no images to calibrate on): never a silent blank.
+UNCALIBRATED = "uncalibrated"
 AnomalyModel = PatchMemoryScorer | AnomalyLearner
 # config.json's model_type -> the class that loads (and fits or trains) it.
 ANOMALY_MODELS: dict[str, type[AnomalyModel]] = {
@@ -57,8 +60,8 @@ def load_anomaly_model(path: str | os.PathLike) -> AnomalyModel:
 
 
 def image_verdict(model: AnomalyModel, score: float) -> str:
-    """ "NG" at or above the calibrated image threshold, else "OK"; "" for a model without one (uncalibrated)."""
-    return "" if model.image_threshold is None else (NG if score >= model.image_threshold else OK)
+    """ "NG" at or above the calibrated image threshold, else "OK"; "uncalibrated" for a model without one."""
+    return UNCALIBRATED if model.image_threshold is None else (NG if score >= model.image_threshold else OK)
 
 
 def map_value_range(model: AnomalyModel, maps: Sequence[np.ndarray]) -> tuple[float, float]:
@@ -69,8 +72,8 @@ def map_value_range(model: AnomalyModel, maps: Sequence[np.ndarray]) -> tuple[fl
 
 
 def predict_image(model: AnomalyModel, image: Image.Image) -> tuple[Image.Image, float, str]:
-    """One RGB image -> (heat-map picture with the thresholded defect contour, image score, "OK" / "NG" / "" when
-    uncalibrated): `cadmtl anomaly predict` and the demo app's anomaly tab."""
+    """One RGB image -> (heat-map picture with the thresholded defect contour, image score, "OK" / "NG", or
+    "uncalibrated" for a model without thresholds): `cadmtl anomaly predict` and the demo app's anomaly tab."""
     pixel_values = to_pixel_values([image], model.image_size, model.image_mean, model.image_std)
     maps, scores = model.score(pixel_values)
     amap = F.interpolate(maps[:1, None], size=(image.height, image.width), mode="bilinear")[0, 0].numpy()

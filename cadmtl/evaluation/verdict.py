@@ -6,8 +6,11 @@ configs' split, each head at the input size it was trained at (one forward pass 
 (`CadMtlImageProcessor.post_process_anomaly_score`) with its `is_normal` label; distributed-safe like the
 evaluation loop (each rank scores its shards in lockstep, the scores are gathered on every rank).
 `calibrate_verdict` picks the verdict source with the best image AUROC (ties go to `"max"`) and its threshold
-(F1-max, or a target false-positive rate on the normal images); `verdict_metrics` (in `metrics/binary.py`) reports
-AUROC / F1-max per source and precision / recall / false-positive rate at the threshold.
+(F1-max, or a target false-positive rate on the normal images), never one that flags every normal image or no
+anomalous one, or barely more anomalous than normal ones (F1-max then falls back to the target-FPR rule), and
+marks the verdict `"uninformative"` when the score cannot separate the images (AUROC below 0.6 or no separating
+threshold); `verdict_metrics` (in `metrics/binary.py`) reports AUROC / F1-max per source and precision / recall /
+false-positive rate at the threshold.
 
 Example:
 
@@ -36,7 +39,13 @@ from tqdm.auto import tqdm
 
 from cadmtl.data.pipeline import TaskTransform, TransformedStream, decode_rgb, load_split
 from cadmtl.evaluation.loop import lockstep
-from cadmtl.evaluation.metrics import VERDICT_CALIBRATIONS, calibrate_threshold, verdict_metrics
+from cadmtl.evaluation.metrics import (
+    VERDICT_AUROC_FLOOR,
+    VERDICT_CALIBRATIONS,
+    calibrate_threshold,
+    degenerate_threshold,
+    verdict_metrics,
+)
 from modeling_cadmtl import CadMtlImageProcessor
 from modeling_cadmtl.configuration_cadmtl import TASKS
 
@@ -282,18 +291,31 @@ def score_verdict_split(
 
 
 def calibrate_verdict(
-    scores: VerdictScores, method: str = "f1_max", target_fpr: float = 0.01, split: str = "validation"
+    scores: VerdictScores,
+    method: str = "f1_max",
+    target_fpr: float = 0.01,
+    split: str = "validation",
+    auroc_floor: float = VERDICT_AUROC_FLOOR,
 ) -> dict[str, Any]:
-    """Choose the verdict source and threshold on labelled images.
+    """Choose the verdict source and threshold on labelled images, and say what the verdict is worth.
 
     The source is the one with the best image AUROC (a tie with `"max"` goes to `"max"`, other ties to the first
     head in `cls, det, seg` order); the threshold is its F1-max threshold (`method="f1_max"`) or the lowest one
     whose false-positive rate on the normal images is at most `target_fpr` (`method="fpr"`).
 
-    Returns the calibration record stored as the config's `verdict_calibration`: `{"calibrated": True, "method",
-    "split", "source", "threshold", "n_normal", "n_anomalous", "auroc", "aurocs", "f1", "precision", "recall",
-    "fpr"}` (+ `"target_fpr"`), or `{"calibrated": False, "reason", ...}` when the images lack normal or anomalous
-    examples (the documented defaults then stay).
+    A threshold that flags every normal image or none of the anomalous ones, or whose recall is less than
+    `VERDICT_MIN_INFORMEDNESS` (0.1) above its false-positive rate, is never accepted (F1-max does that when most
+    images are anomalous: flagging (nearly) everything then has the best F1): F1-max falls back to the target-FPR
+    rule (recorded as `"fallback"`). When the best AUROC is below `auroc_floor`
+    (`VERDICT_AUROC_FLOOR`, 0.6), or even the target-FPR threshold does not separate, the verdict is
+    `"uninformative"`: the target-FPR threshold is still recorded (for the reports and for anyone who overrides
+    it) but the model gives no OK / NG by itself (`post_process_verdict`).
+
+    Returns the calibration record stored as the config's `verdict_calibration`: `{"status", "calibrated",
+    "method", "split", "source", "threshold", "n_normal", "n_anomalous", "auroc", "aurocs", "f1", "precision",
+    "recall", "fpr"}` (+ `"target_fpr"` for the target-FPR rule, `"requested_method"` / `"fallback"` after a
+    fallback, `"reason"` unless calibrated). `status` is `"calibrated"`, `"uninformative"` or `"default"` (the images
+    lack normal or anomalous examples, or no head gives a score: no source or threshold, the defaults stay).
     """
     if method not in VERDICT_CALIBRATIONS:
         raise ValueError(f"Unknown verdict calibration {method!r}; expected one of {VERDICT_CALIBRATIONS}.")
@@ -314,33 +336,65 @@ def calibrate_verdict(
             "calibration needs both"
         )
     if reason is not None:
-        return {"calibrated": False, "reason": reason, **record}
+        return {"status": "default", "calibrated": False, "reason": reason, **record}
     metrics = verdict_metrics(scores.scores, scores.is_normal)
     aurocs = {source: values["auroc"] for source, values in metrics["sources"].items()}
     best = max(aurocs.values())
     tied = [source for source in ("max", *TASKS) if source in aurocs and aurocs[source] >= best - 1e-12]
     source = tied[0]
-    threshold = calibrate_threshold(scores.scores[source], ~scores.is_normal, method, target_fpr)
+    values, anomalous = scores.scores[source], ~scores.is_normal
+
+    def fpr_rule() -> float:
+        record.update(method="fpr", target_fpr=target_fpr)
+        return calibrate_threshold(values, anomalous, "fpr", target_fpr)
+
+    if aurocs[source] < auroc_floor:
+        threshold = fpr_rule()
+        reason = (
+            f"the best image AUROC on the {split} images ({source}: {aurocs[source]:.3f}) is below {auroc_floor}: "
+            "the anomaly score does not separate normal from anomalous images"
+        )
+    else:
+        threshold = calibrate_threshold(values, anomalous, method, target_fpr)
+        reason = degenerate_threshold(values, anomalous, threshold)
+        if reason is not None and method != "fpr":
+            record.update(
+                requested_method=method,
+                fallback=f"{method} rejected ({reason}); the target false-positive rate {target_fpr} is used",
+            )
+            threshold = fpr_rule()
+            reason = degenerate_threshold(values, anomalous, threshold)
+        if reason is not None:
+            reason = f"on the {split} images {reason}: no threshold on the {source} score separates them"
+    status = "calibrated" if reason is None else "uninformative"
     at = verdict_metrics(scores.scores, scores.is_normal, threshold, source)["at_threshold"]
     return {
-        "calibrated": True,
+        "status": status,
+        "calibrated": status == "calibrated",
         **record,
         "source": source,
         "threshold": threshold,
         "auroc": aurocs[source],
         "aurocs": aurocs,
         **{key: at[key] for key in ("f1", "precision", "recall", "fpr")},
+        **({"reason": reason} if reason is not None else {}),
     }
 
 
 def apply_calibration(config: Any, calibration: dict[str, Any]) -> bool:
-    """Store a successful calibration in a model config (`verdict_source`, `verdict_threshold`,
-    `verdict_calibration`); leave the config as it is otherwise. Returns whether it was stored."""
-    if not calibration.get("calibrated"):
+    """Store a calibration record in a model config: always its `verdict_status`, `verdict_reason` and
+    `verdict_calibration`; its `verdict_source` / `verdict_threshold` when it chose them (status `"calibrated"`
+    or `"uninformative"`; a `"default"` record leaves the documented defaults). Returns whether a source and
+    threshold were stored."""
+    config.verdict_status = calibration.get("status") or (
+        "calibrated" if calibration.get("calibrated") else "default"
+    )
+    config.verdict_reason = calibration.get("reason")
+    config.verdict_calibration = dict(calibration)
+    if calibration.get("threshold") is None:
         return False
     config.verdict_source = calibration["source"]
     config.verdict_threshold = float(calibration["threshold"])
-    config.verdict_calibration = dict(calibration)
     return True
 
 

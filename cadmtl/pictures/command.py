@@ -15,9 +15,11 @@ file names). The work is done by
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from cadmtl.pictures.charts import plot_evaluation
 from cadmtl.pictures.predict import TASKS, default_device, predict_files
@@ -101,8 +103,15 @@ def run_predict(args: argparse.Namespace) -> int:
     )
     verdicts = [row["verdict"] for row in run.rows if not row["error"]]
     failed = len(run.errors)
+    info = json.loads((Path(args.output_dir) / "images.json").read_text())["info"]
+    if info.get("verdict_status") == "uninformative":
+        counts = f"no OK / NG (the model's verdict is uninformative: {info.get('verdict_reason')})"
+    else:
+        counts = f"{verdicts.count('NG')} NG, {verdicts.count('OK')} OK"
+        if info.get("verdict_status") not in (None, "calibrated"):
+            counts += f" (verdict threshold {info['verdict_status']}, not calibrated on labelled images)"
     print(
-        f"scored {run.num_scored} images on {device}: {verdicts.count('NG')} NG, {verdicts.count('OK')} OK, "
+        f"scored {run.num_scored} images on {device}: {counts}, "
         f"{run.num_detections} detections"
         + (f"; {failed} unreadable inputs (errors in summary.csv)" if failed else "")
         + f"; wrote detections.json, images.json, summary.csv and {len(run.overlays)} overlays"

@@ -19,7 +19,8 @@ predictor = Predictor.from_pretrained("outputs/cadmtl-demo/model")  # one image 
   "height"}], "annotations": [], "categories": [{"id", "name"}]}`, so that
   `COCO("images.json").loadRes("detections.json")` loads the results (pycocotools needs `categories` there, and
   `loadRes` refuses an empty results list). Image ids start at 1, in input order.
-- `summary.csv`: one row per image or video frame: `file_name`, `verdict` (`OK` / `NG`), `anomaly_score`,
+- `summary.csv`: one row per image or video frame: `file_name`, `verdict` (`OK` / `NG`; `uninformative` for a
+  model whose `config.verdict_status` says its score does not separate normal from anomalous images), `anomaly_score`,
   `top_class`, `top_class_score`, `num_defects` (detections at or above the threshold), `error`. An input that
   cannot be read (corrupt, truncated, not an image, a video that cannot be decoded) gets a row with only its
   `file_name` and `error`; it is never scored, and the other inputs go on.
@@ -71,6 +72,7 @@ __all__ = [
     "default_device",
     "iter_video_frames",
     "load_image",
+    "max_image_pixels",
     "predict_files",
 ]
 
@@ -188,23 +190,77 @@ def _unique_output_names(found: list[tuple[Path, Path]], videos: bool) -> list[I
     return sources
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+# Pixel budget of an image read for inference (`cadmtl predict`, `cadmtl anomaly predict`, the demo app): larger
+# images are downscaled on load, so one 48 MP upload cannot take gigabytes. 0 in the variable: no budget.
+MAX_IMAGE_PIXELS_VARIABLE = "CADMTL_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 12_000_000
+
+
+def max_image_pixels() -> int | None:
+    """The pixel budget of [`load_image`]: `CADMTL_MAX_IMAGE_PIXELS` (an integer, 0 = none), default 12 MP."""
+    text = os.environ.get(MAX_IMAGE_PIXELS_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        budget = int(float(text))
+    except ValueError:
+        raise ValueError(
+            f"{MAX_IMAGE_PIXELS_VARIABLE}={text!r} is not a number of pixels (0: no budget)"
+        ) from None
+    if budget < 0:
+        raise ValueError(f"{MAX_IMAGE_PIXELS_VARIABLE}={text!r} must be >= 0 (0: no budget)")
+    return budget or None
+
+
+def _within_budget(width: int, height: int, budget: int) -> tuple[int, int]:
+    """The largest (width, height) with the same aspect ratio and at most `budget` pixels."""
+    scale = math.sqrt(budget / (width * height))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
     """Read an image file as an upright 8-bit RGB image (its first frame for multi-frame files).
 
     EXIF orientation is applied (the overlay looks like the photo does in a viewer, and the model sees the same
     pixels); every mode is converted by the project's one rule, :func:`dataset_scripts.images.to_rgb`. A truncated
     file raises `OSError` even where something set PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` (which would otherwise
     fill the missing part with grey and let it be scored as a partial image).
+
+    An image of more than `max_pixels` pixels (None: [`max_image_pixels`], i.e. `CADMTL_MAX_IMAGE_PIXELS` or 12 MP;
+    0: no budget) is downscaled to fit it, keeping its aspect ratio: a JPEG is decoded at a reduced scale directly
+    (PIL's `draft`, so the full-size pixels never exist in memory), then resized. Everything downstream (boxes,
+    overlays, `images.json` sizes) is then in the downscaled image's pixels. Pillow's own decompression-bomb
+    check still applies first: a file claiming more than twice `PIL.Image.MAX_IMAGE_PIXELS` (~179 MP) raises
+    `PIL.Image.DecompressionBombError` before anything is decoded.
     """
+    budget = max_image_pixels() if max_pixels is None else max_pixels
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(path) as opened:
+            original = opened.size
+            if budget and original[0] * original[1] > budget:
+                opened.draft(
+                    opened.mode, _within_budget(*original, budget)
+                )  # JPEG: decode at 1/2, 1/4 or 1/8
             opened.load()
             image = ImageOps.exif_transpose(opened)
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
-    return to_rgb(image)
+    image = to_rgb(image)
+    if budget and image.width * image.height > budget:
+        image = image.resize(_within_budget(image.width, image.height, budget), Image.Resampling.BILINEAR)
+    if image.size not in (original, original[::-1]):
+        logger.info(
+            "%s: %dx%d (%.1f MP) downscaled to %dx%d, the %s pixel budget (%s)",
+            path,
+            *original,
+            original[0] * original[1] / 1e6,
+            *image.size,
+            f"{budget:,}",
+            MAX_IMAGE_PIXELS_VARIABLE,
+        )
+    return image
 
 
 def _reason(error: BaseException) -> str:
@@ -276,9 +332,10 @@ def _read_items(sources: Sequence[ImageSource], video_fps: float) -> Iterator[_I
 # Running the model
 # ----------------------------------------------------------------------------------------------------------
 
-# Logits resized to a large photo cost classes x height x width floats; above this many the class map is
-# computed at a smaller size and enlarged with nearest neighbour.
-_MAX_SEGMENTATION_LOGITS = 2**26
+# Logits resized to a large photo cost classes x height x width floats (and an argmax over them); above this many
+# the class map is computed at a smaller size and enlarged with nearest neighbour. The decoder's output is far
+# coarser than either size, so the map looks the same; 2**23 keeps a 12 MP photo's map at ~0.2 GB and ~1 s.
+_MAX_SEGMENTATION_LOGITS = 2**23
 
 _TASK_FIELDS = {
     "cls": ("cls_logits",),
@@ -602,7 +659,8 @@ def predict_files(
             rows.append(
                 {
                     "file_name": item.file_name,
-                    "verdict": result.verdict,
+                    "verdict": result.verdict
+                    or ("uninformative" if config.verdict_status == "uninformative" else ""),
                     "anomaly_score": "" if result.anomaly_score is None else f"{result.anomaly_score:.6g}",
                     "top_class": top_class,
                     "top_class_score": f"{top_score:.6g}",
@@ -641,6 +699,8 @@ def predict_files(
             "category_ids": "detection label index + 1",
             "verdict_source": config.verdict_source,
             "verdict_threshold": config.verdict_threshold,
+            "verdict_status": config.verdict_status,
+            "verdict_reason": config.verdict_reason,
         },
         "images": images,
         "annotations": [],

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 from modeling_cadmtl import CadMtlModel

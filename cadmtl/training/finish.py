@@ -161,7 +161,8 @@ def save_run(
     unwrapped = save_model_folder(accelerator, model, model_dir, processor, card_data)
     tables = results_tables(summary["results"], output_dir.name)
     if verdict is not None and verdict["splits"]:
-        tables += "\n\n**OK / NG verdict**\n\n" + verdict_table(verdict["splits"]) + "\n"
+        status = verdict.get("status") + (f": {verdict['reason']}" if verdict.get("reason") else "")
+        tables += f"\n\n**OK / NG verdict** (status {status})\n\n" + verdict_table(verdict["splits"]) + "\n"
     (output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2, default=str))
     (output_dir / "eval_results.md").write_text(tables)
     metrics_path = output_dir / "logs" / "metrics.jsonl"

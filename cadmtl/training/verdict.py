@@ -33,9 +33,11 @@ def calibrate_and_report_verdict(
     """The OK / NG verdict at the end of a run (every rank calls it: scoring is collective).
 
     Scores the validation images of every trained config, pooled; when they hold normal and anomalous images,
-    picks the verdict source (best AUROC) and its threshold (`--verdict_calibration f1_max | fpr`) and stores them
-    in the model config before it is saved. Otherwise the config keeps its defaults and the reason is logged and
-    recorded. Returns `{"calibration", "source", "threshold", "splits": {split: verdict metrics}}` for
+    picks the verdict source (best AUROC) and its threshold (`--verdict_calibration f1_max | fpr`, never one that
+    flags every normal image or no anomalous one: see `calibrate_verdict`) and stores them in the model config
+    before it is saved, with the verdict's status (`calibrated`, `uninformative`: the score does not separate, the
+    model then gives no OK / NG; `default`: nothing to calibrate on, the defaults stay) and its reason, both logged.
+    Returns `{"status", "reason", "calibration", "source", "threshold", "splits": {split: verdict metrics}}` for
     eval_results.json and the model card (the test split too when one is set).
     """
     config = accelerator.unwrap_model(model).config
@@ -66,10 +68,12 @@ def calibrate_and_report_verdict(
     calibration = calibrate_verdict(
         validation, train_args.verdict_calibration, train_args.verdict_target_fpr, eval_settings.split
     )
-    calibrated = apply_calibration(config, calibration)  # on every rank: each one saves the same config
+    apply_calibration(config, calibration)  # on every rank: each one saves the same config
     if accelerator.is_main_process:
-        _log_calibration(calibration, calibrated, config)
+        _log_calibration(calibration, config)
     report: dict[str, Any] = {
+        "status": config.verdict_status,
+        "reason": config.verdict_reason,
         "calibration": calibration,
         "source": config.verdict_source,
         "threshold": config.verdict_threshold,
@@ -89,20 +93,31 @@ def calibrate_and_report_verdict(
     return report
 
 
-def _log_calibration(calibration: dict[str, Any], calibrated: bool, config: Any) -> None:
-    if calibrated:
+def _log_calibration(calibration: dict[str, Any], config: Any) -> None:
+    if calibration.get("fallback"):
+        logger.warning("OK / NG verdict: %s", calibration["fallback"])
+    if config.verdict_status == "calibrated":
         logger.info(
-            "OK / NG verdict calibrated on %s (%s): source %s, threshold %.6g, AUROC %.4f",
+            "OK / NG verdict calibrated on %s (%s): source %s, threshold %.6g, AUROC %.4f, false-positive rate "
+            "%.1f %%, recall %.1f %%",
             calibration["split"],
             calibration["method"],
             calibration["source"],
             calibration["threshold"],
             calibration["auroc"],
+            100 * calibration["fpr"],
+            100 * calibration["recall"],
+        )
+    elif config.verdict_status == "uninformative":
+        logger.warning(
+            "OK / NG verdict UNINFORMATIVE (%s): the model gives anomaly scores without OK / NG "
+            "(verdict_status=uninformative in config.json)",
+            config.verdict_reason,
         )
     else:
         logger.warning(
             "OK / NG verdict not calibrated (%s); the model keeps verdict_source=%r, verdict_threshold=%s",
-            calibration["reason"],
+            config.verdict_reason,
             config.verdict_source,
             config.verdict_threshold,
         )

@@ -94,6 +94,7 @@ def test_source_choice_prefers_max_on_ties_and_records_the_calibration() -> None
     tied = scores_of(is_normal, cls=[0.1, 0.2, 0.8, 0.9], det=[0.1, 0.6, 0.7, 0.3], max=[0.1, 0.6, 0.8, 0.9])
     calibration = calibrate_verdict(tied, "f1_max", split="validation")
     assert calibration["calibrated"] and calibration["source"] == "max"  # cls and max both reach AUROC 1
+    assert calibration["status"] == "calibrated" and calibration["fpr"] == 0.0
     assert calibration["aurocs"] == {"cls": 1.0, "det": 0.75, "max": 1.0}
     assert calibration["threshold"] == pytest.approx(0.8) and calibration["f1"] == 1.0
     assert (calibration["n_normal"], calibration["n_anomalous"], calibration["split"]) == (2, 2, "validation")
@@ -117,10 +118,106 @@ def test_without_both_kinds_of_images_nothing_is_calibrated() -> None:
     calibration = calibrate_verdict(only_anomalous, "f1_max", split="validation")
     assert calibration["calibrated"] is False
     assert "0 normal and 2 anomalous" in calibration["reason"] and "needs both" in calibration["reason"]
+    assert calibration["status"] == "default" and "threshold" not in calibration
     config = CadMtlConfig()
+    assert config.verdict_status == "uncalibrated" and config.verdict_reason is None
     assert not apply_calibration(config, calibration)
-    assert (config.verdict_source, config.verdict_threshold, config.verdict_calibration) == ("max", 0.5, None)
+    assert (config.verdict_source, config.verdict_threshold) == ("max", 0.5)  # the documented defaults stay
+    assert config.verdict_status == "default" and config.verdict_reason == calibration["reason"]
+    assert config.verdict_calibration == calibration
     assert "no head gives" in calibrate_verdict(VerdictScores(), "f1_max")["reason"]
+
+
+def test_f1_max_that_flags_every_normal_image_falls_back_to_the_target_fpr() -> None:
+    # 2 normal, 8 anomalous: flagging everything has F1 16/18 = 0.889, better than any real cut (0.2: 14/16),
+    # so F1-max picks the lowest score and every normal image is NG. AUROC (7 + 5) / 16 = 0.75.
+    weak = scores_of(
+        [True, True] + [False] * 8,
+        max=[0.1, 0.5, 0.05, 0.2, 0.3, 0.6, 0.7, 0.8, 0.9, 0.95],
+    )
+    assert f1_max(weak.scores["max"], ~weak.is_normal) == pytest.approx((16 / 18, 0.05))
+    calibration = calibrate_verdict(weak, "f1_max", target_fpr=0.01)
+    assert calibration["status"] == "calibrated" and calibration["calibrated"]
+    assert (calibration["method"], calibration["requested_method"], calibration["target_fpr"]) == (
+        "fpr",
+        "f1_max",
+        0.01,
+    )
+    assert "flags all 2 normal images (false-positive rate 100 %)" in calibration["fallback"]
+    assert 0.5 < calibration["threshold"] < 0.5001  # just above the highest normal score
+    assert calibration["fpr"] == 0.0 and calibration["recall"] == pytest.approx(5 / 8)
+    assert calibration["auroc"] == pytest.approx(0.75) and "reason" not in calibration
+    config = CadMtlConfig()
+    assert apply_calibration(config, calibration)
+    assert (config.verdict_status, config.verdict_reason) == ("calibrated", None)
+
+
+def test_f1_max_that_flags_nearly_every_image_falls_back_too() -> None:
+    # 20 normal (19 tie at 0.5 with 32 anomalous), 40 anomalous: AUROC (32 * 10.5 + 8 * 20) / 800 = 0.62; F1-max
+    # takes 0.5: recall 100 % but 19 of 20 normal images NG (informedness 0.05, the demo run's shape)
+    crowded = scores_of([True] * 20 + [False] * 40, max=[0.1] + [0.5] * 19 + [0.5] * 32 + [0.9] * 8)
+    assert f1_max(crowded.scores["max"], ~crowded.is_normal)[1] == 0.5
+    assert metrics.VERDICT_MIN_INFORMEDNESS == 0.1
+    assert metrics.degenerate_threshold(crowded.scores["max"], ~crowded.is_normal, 0.5) == (
+        "the threshold 0.5 flags 19 of 20 normal images (false-positive rate 95.0 %) and 40 of 40 anomalous ones "
+        "(recall 100.0 %): recall minus false-positive rate is 0.050, below 0.1"
+    )
+    calibration = calibrate_verdict(crowded, "f1_max", target_fpr=0.01)
+    assert calibration["status"] == "calibrated" and calibration["method"] == "fpr"
+    assert calibration["fallback"].startswith(
+        "f1_max rejected (the threshold 0.5 flags 19 of 20 normal images"
+    )
+    assert calibration["fpr"] == 0.0 and calibration["recall"] == pytest.approx(8 / 40)
+
+
+def test_a_score_that_does_not_separate_makes_the_verdict_uninformative(tmp_path: Path) -> None:
+    # AUROC (1 + 2 + 3 + 0) / 16 = 0.375 < 0.6: no threshold is worth showing
+    chance = scores_of([True] * 4 + [False] * 4, max=[0.2, 0.4, 0.6, 0.8, 0.3, 0.5, 0.7, 0.1])
+    calibration = calibrate_verdict(chance, "f1_max", target_fpr=0.0, split="validation")
+    assert calibration["status"] == "uninformative" and calibration["calibrated"] is False
+    assert calibration["reason"] == (
+        "the best image AUROC on the validation images (max: 0.375) is below 0.6: the anomaly score does not "
+        "separate normal from anomalous images"
+    )
+    assert metrics.VERDICT_AUROC_FLOOR == 0.6
+    assert calibration["method"] == "fpr" and 0.8 < calibration["threshold"] < 0.8001  # kept for the reports
+    config = CadMtlConfig()
+    assert apply_calibration(config, calibration)
+    assert (config.verdict_status, config.verdict_reason) == ("uninformative", calibration["reason"])
+
+    config.save_pretrained(tmp_path)  # the status and its reason survive config.json
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["verdict_status"], saved["verdict_reason"]) == ("uninformative", calibration["reason"])
+    loaded = CadMtlConfig.from_pretrained(tmp_path)
+    assert (loaded.verdict_status, loaded.verdict_reason) == ("uninformative", calibration["reason"])
+    assert np.isnan(calibration["precision"])  # no image is NG at the threshold: NaN == NaN is False
+    assert {k: v for k, v in loaded.verdict_calibration.items() if k != "precision"} == {
+        k: v for k, v in calibration.items() if k != "precision"
+    }
+
+    # a good score ranks them and is calibrated (F1-max, false-positive rate below 100 %)
+    good = scores_of([True] * 4 + [False] * 4, max=[0.1, 0.2, 0.3, 0.6, 0.5, 0.7, 0.8, 0.9])
+    calibration = calibrate_verdict(good, "f1_max")
+    assert calibration["status"] == "calibrated" and calibration["method"] == "f1_max"
+    assert "fallback" not in calibration and calibration["fpr"] < 1.0 and calibration["recall"] > 0.0
+
+
+def test_when_even_the_target_fpr_cannot_separate_the_verdict_is_uninformative() -> None:
+    # AUROC 9 / 12 = 0.75, but one normal image scores above every anomalous one: at a 0 % FPR target the
+    # threshold sits above it and flags no anomalous image
+    outlier = scores_of([True] * 4 + [False] * 3, max=[0.0, 0.0, 0.0, 0.99, 0.5, 0.6, 0.7])
+    calibration = calibrate_verdict(outlier, "fpr", target_fpr=0.0)
+    assert calibration["status"] == "uninformative" and calibration["recall"] == 0.0
+    assert "flags none of the 3 anomalous images (recall 0 %)" in calibration["reason"]
+    assert metrics.degenerate_threshold([0.0, 0.5], [0, 1], 0.5) is None
+    assert metrics.degenerate_threshold([0.1, 0.5], [0, 1], 0.1).endswith("(false-positive rate 100 %)")
+
+
+def test_a_checkpoint_saved_before_the_status_existed_reads_as_calibrated() -> None:
+    assert CadMtlConfig(verdict_calibration={"calibrated": True}).verdict_status == "calibrated"
+    assert CadMtlConfig(verdict_calibration={"calibrated": False}).verdict_status == "uncalibrated"
+    with pytest.raises(ValueError, match="verdict_status 'maybe' is not one of"):
+        CadMtlConfig(verdict_status="maybe")
 
 
 def test_verdict_heads_follow_the_trained_tasks() -> None:

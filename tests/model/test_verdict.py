@@ -96,3 +96,19 @@ def test_a_model_without_an_anomaly_head_has_no_verdict() -> None:
     outputs = {"cls_logits": torch.zeros(3, 2)}
     results = CadMtlImageProcessor().post_process_verdict(outputs, config)
     assert results == [{"verdict": None, "anomaly_score": None, "head_scores": {}}] * 3
+
+
+def test_an_uninformative_verdict_gives_the_score_without_ok_or_ng() -> None:
+    config = CadMtlConfig(verdict_status="uninformative", verdict_reason="AUROC 0.52", verdict_threshold=0.3)
+    results = CadMtlImageProcessor().post_process_verdict(_outputs(), config)
+    assert [r["verdict"] for r in results] == [None, None]
+    assert [r["anomaly_score"] for r in results] == pytest.approx([0.5, 0.8])  # the score still shows
+    # an explicit threshold is the caller's own decision
+    overridden = CadMtlImageProcessor().post_process_verdict(_outputs(), config, threshold=0.6)
+    assert [r["verdict"] for r in overridden] == ["OK", "NG"]
+    for status in ("calibrated", "default", "uncalibrated"):
+        config = CadMtlConfig(verdict_status=status, verdict_threshold=0.6)
+        assert [r["verdict"] for r in CadMtlImageProcessor().post_process_verdict(_outputs(), config)] == [
+            "OK",
+            "NG",
+        ]

@@ -227,3 +227,32 @@ def test_cli_predict_reports_what_it_wrote(forced_model_dir, inputs, tmp_path, c
     assert "scored 3 images on" in printed and "3 NG, 0 OK" in printed and "2 unreadable inputs" in printed
     assert "and 0 overlays and" in printed and not list(out.glob("*.png"))
     assert len(_rows(out / "summary.csv")) == 5
+
+
+def test_an_uninformative_model_gets_scores_without_ok_or_ng(forced_model_dir, inputs, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for path in forced_model_dir.iterdir():
+        (model_dir / path.name).write_bytes(path.read_bytes())
+    config = json.loads((model_dir / "config.json").read_text())
+    reason = "the best image AUROC on the validation images (max: 0.512) is below 0.6"
+    config.update(verdict_status="uninformative", verdict_reason=reason)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    images = [str(inputs / "wide.png"), str(inputs / "parts" / "small.jpg")]
+    assert cli_main(["predict", str(model_dir), *images, "--output-dir", str(out), "--no-overlays"]) == 0
+    printed = capsys.readouterr().out
+    assert "scored 2 images on " in printed
+    assert f": no OK / NG (the model's verdict is uninformative: {reason})" in printed
+    rows = _rows(out / "summary.csv")
+    assert [row["verdict"] for row in rows] == ["uninformative", "uninformative"]
+    assert all(0.99 < float(row["anomaly_score"]) <= 1.0 for row in rows)  # the score is still given
+    info = json.loads((out / "images.json").read_text())["info"]
+    assert (info["verdict_status"], info["verdict_reason"]) == ("uninformative", reason)
+
+    # the forced model was never calibrated: its OK / NG says so
+    assert cli_main(["predict", str(forced_model_dir), *images, "--output-dir", str(tmp_path / "raw")]) == 0
+    assert (
+        "2 NG, 0 OK (verdict threshold uncalibrated, not calibrated on labelled images)"
+        in capsys.readouterr().out
+    )

@@ -74,6 +74,8 @@ def test_a_run_stores_the_calibrated_threshold(tmp_path: Path) -> None:
     assert results["splits"]["validation"]["at_threshold"]["fpr"] == pytest.approx(calibration["fpr"])
     card = (output / "model" / "README.md").read_text()
     assert f"at least **{saved.verdict_threshold:.4g}**" in card and "| test | 6 | 24 |" in card
+    assert saved.verdict_status == results["status"] == "calibrated" and results["reason"] is None
+    assert "**Verdict status: calibrated.**" in card and calibration["fpr"] < 1.0
     assert "OK / NG verdict" in (output / "eval_results.md").read_text()
 
 
@@ -91,14 +93,19 @@ def test_without_normal_validation_images_the_default_stays(tmp_path: Path, capl
     assert "0 normal and 6 anomalous" in calibration["reason"]
     assert "OK / NG verdict not calibrated" in caplog.text and calibration["reason"] in caplog.text
     saved = CadMtlConfig.from_pretrained(output / "model")
-    assert (saved.verdict_source, saved.verdict_threshold, saved.verdict_calibration) == ("max", 0.5, None)
+    assert (saved.verdict_source, saved.verdict_threshold) == ("max", 0.5)
+    assert (saved.verdict_status, saved.verdict_reason) == ("default", calibration["reason"])
     results = json.loads((output / "eval_results.json").read_text())["verdict"]
     assert results["calibration"]["reason"] == calibration["reason"]
+    assert (results["status"], results["reason"]) == ("default", calibration["reason"])
+    assert (
+        "**Verdict status: default.** An image is **NG** when" in (output / "model" / "README.md").read_text()
+    )
     # still measured where the split allows it: the test split has normal images
     test = results["splits"]["test"]
     assert test["at_threshold"]["threshold"] == 0.5 and test["n_normal"] > 0
     assert np.isnan(results["splits"]["validation"]["sources"]["max"]["auroc"])
     assert (
-        "the documented default, not calibrated (the validation images hold 0 normal"
+        "(verdict status: default, the documented default: the validation images hold 0 normal"
         in (output / "model" / "README.md").read_text()
     )

@@ -8,7 +8,10 @@
   with a background row and column (see [`detection_analysis`]).
 * [`verdict_metrics`]: the image-level OK / NG verdict on images labelled normal / anomalous: AUROC and F1-max
   (+ its threshold) per score source, and precision / recall / false-positive rate at a chosen threshold;
-  [`calibrate_threshold`] picks that threshold (F1-max or a target false-positive rate). The exact, tie-aware
+  [`calibrate_threshold`] picks that threshold (F1-max or a target false-positive rate) and
+  [`degenerate_threshold`] says when a threshold carries (next to) no information (it flags every normal image,
+  no anomalous one, or its recall is less than [`VERDICT_MIN_INFORMEDNESS`] above its false-positive rate); below
+  [`VERDICT_AUROC_FLOOR`] no threshold can separate the images. The exact, tie-aware
   AUROC / AP / F1-max here also serve `cadmtl.anomaly.metrics`.
 * [`SegmentationMetrics`]: mIoU, mFscore, mPrecision, mRecall and aAcc from one confusion matrix accumulated over
   the whole split (mmsegmentation's `IoUMetric` definitions), plus per-class values.
@@ -45,7 +48,9 @@ matrix), `segmentation`, `binary` (image AUROC / AP / F1-max, threshold calibrat
 
 from .base import MetricsReport, format_percentages
 from .binary import (
+    VERDICT_AUROC_FLOOR,
     VERDICT_CALIBRATIONS,
+    VERDICT_MIN_INFORMEDNESS,
     auroc_sorted,
     average_precision,
     average_precision_sorted,
@@ -53,6 +58,7 @@ from .binary import (
     calibrate_f1,
     calibrate_fpr,
     calibrate_threshold,
+    degenerate_threshold,
     f1_max,
     f1_max_sorted,
     split_scores,
@@ -65,7 +71,9 @@ from .segmentation import SegmentationMetrics
 
 __all__ = [
     "DEFAULT_SCORE_THRESHOLD",
+    "VERDICT_AUROC_FLOOR",
     "VERDICT_CALIBRATIONS",
+    "VERDICT_MIN_INFORMEDNESS",
     "ClassificationMetrics",
     "DetectionMetrics",
     "MetricsReport",
@@ -78,6 +86,7 @@ __all__ = [
     "calibrate_fpr",
     "calibrate_threshold",
     "confidence_curves",
+    "degenerate_threshold",
     "detection_analysis",
     "f1_max",
     "f1_max_sorted",

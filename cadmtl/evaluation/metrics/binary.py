@@ -27,6 +27,13 @@ from .base import _as_numpy
 
 _AUROC_CHUNK = 1 << 22  # positives per searchsorted call in AUROC: keeps the index arrays bounded
 VERDICT_CALIBRATIONS = ("f1_max", "fpr")
+# Below this image AUROC a score barely ranks anomalous images above normal ones (0.5 is chance): no threshold on
+# it gives a verdict worth showing, and calibration marks the verdict "uninformative" instead of storing one.
+VERDICT_AUROC_FLOOR = 0.6
+# A threshold whose recall minus false-positive rate (Youden's J, "informedness": 0 for flagging everything or
+# nothing, 1 for a perfect split) is below this is barely better than flagging every image: F1-max lands there
+# when most validation images are anomalous (e.g. recall 100 %, false-positive rate 96 %).
+VERDICT_MIN_INFORMEDNESS = 0.1
 
 
 def split_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +151,39 @@ def calibrate_threshold(
         labels = _as_numpy(labels, "calibrate_threshold").ravel().astype(bool)
         return calibrate_fpr(scores[~labels], target_fpr)
     raise ValueError(f"Unknown calibration method {method!r}; expected one of {VERDICT_CALIBRATIONS}.")
+
+
+def degenerate_threshold(
+    scores: Sequence[float] | np.ndarray | torch.Tensor,
+    labels: Sequence[int] | np.ndarray | torch.Tensor,
+    threshold: float,
+    min_informedness: float = VERDICT_MIN_INFORMEDNESS,
+) -> str | None:
+    """Why `threshold` carries (next to) no information on labelled scores (anomalous: score >= threshold;
+    `labels` 1 = anomalous), or None when it separates: it must leave at least one negative below it (a
+    false-positive rate under 100 %), put at least one positive at or above it (a recall above 0) and have a recall
+    at least `min_informedness` above its false-positive rate (flagging every image, or none, has both equal)."""
+    scores = _as_numpy(scores, "degenerate_threshold").astype(np.float64).ravel()
+    labels = _as_numpy(labels, "degenerate_threshold").ravel().astype(bool)
+    flagged = scores >= threshold
+    negatives, positives = int((~labels).sum()), int(labels.sum())
+    false_positives, true_positives = int(flagged[~labels].sum()), int(flagged[labels].sum())
+    if negatives and false_positives == negatives:
+        return (
+            f"the threshold {threshold:.6g} flags all {negatives} normal images (false-positive rate 100 %)"
+        )
+    if positives and true_positives == 0:
+        return f"the threshold {threshold:.6g} flags none of the {positives} anomalous images (recall 0 %)"
+    if negatives and positives:
+        recall, fpr = true_positives / positives, false_positives / negatives
+        if recall - fpr < min_informedness:
+            return (
+                f"the threshold {threshold:.6g} flags {false_positives} of {negatives} normal images (false-positive "
+                f"rate {100 * fpr:.1f} %) and {true_positives} of {positives} anomalous ones (recall "
+                f"{100 * recall:.1f} %): recall minus false-positive rate is {recall - fpr:.3f}, below "
+                f"{min_informedness}"
+            )
+    return None
 
 
 def _ratio(numerator: int, denominator: int) -> float:
