@@ -198,7 +198,7 @@ def test_cadmtl_train_and_accelerate_launch_train_accelerate_py_give_the_same_ru
 ) -> None:
     """The adaptive paradigm (CoBa updates, sampled tasks), evaluations every 2 steps: same losses, same weights."""
     args = [
-        "--dataset", str(small_demo), "--max_steps", "6", "--eval_every", "2", "--max_eval_batches", "1",
+        "--dataset", str(small_demo), "--max_steps", "4", "--eval_every", "2", "--max_eval_batches", "1",
         "--test_split", "None", "--mixed_precision", "no", *FAST,
     ]  # fmt: skip
     launch = [
@@ -229,7 +229,7 @@ def test_cadmtl_train_and_accelerate_launch_train_accelerate_py_give_the_same_ru
         assert completed.returncode == 0, f"{name}:\n{completed.stderr[-4000:]}"
     script, command = tmp_path / "script", tmp_path / "command"
     rows = read_rows(script / "results.csv")
-    assert [row["step"] for row in rows] == ["2", "4", "6"]
+    assert [row["step"] for row in rows] == ["2", "4"]
     assert {"train/cls_loss", "train/det_loss", "train/seg_loss", "fitness"} <= set(rows[0])
     assert read_rows(command / "results.csv") == rows
     tasks = (script / "logs" / "tasks_rank0.txt").read_text()
