@@ -26,6 +26,7 @@ from accelerate import Accelerator
 
 from cadmtl.data.sources import TaskSource
 from cadmtl.presets import backbone_preset
+from cadmtl.training.balancer import TaskBalancer
 from cadmtl.training.step import StepSettings, training_step
 from cadmtl.training.weighting import build_weighting
 from modeling_cadmtl import CadMtlConfig, CadMtlModel
@@ -83,21 +84,18 @@ def main() -> None:
     def next_batch(task: str) -> tuple[TaskSource, dict]:
         return TaskSource(task, f"bench_{task}", []), data[task]
 
-    settings = StepSettings(scale_losses=True, num_tasks=len(TASKS))
-    weightings = {name: build_weighting(name, TASKS) for name in args.methods}
+    settings = StepSettings()
+    balancers = {name: TaskBalancer(build_weighting(name, TASKS), scale_losses=True) for name in args.methods}
     times: dict[str, list[float]] = {name: [] for name in args.methods}
     for round_ in range(args.steps + 2):
-        for name, weighting in weightings.items():
+        for name, balancer in balancers.items():
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
             outcome = training_step(
-                accelerator, model, optimizer, scheduler, next_batch, TASKS, weighting, settings
+                accelerator, model, optimizer, scheduler, next_batch, TASKS, balancer, settings
             )
-            if weighting.needs_train_losses:
-                weighting.observe_train_losses(
-                    round_, {t: v[-1].item() for t, v in outcome.task_losses.items()}
-                )
+            balancer.after_step(round_, outcome, accelerator)
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
             if round_ >= 2:

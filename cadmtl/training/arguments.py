@@ -14,9 +14,13 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from cadmtl.training.weighting import WEIGHTINGS
 from dataset_scripts.schema import TASKS
 
 PARADIGMS = ("single", "base", "adaptive")
+# Every registered task-weighting method (importing cadmtl.training.weighting registers them all).
+WEIGHTING_CHOICES = tuple(sorted(WEIGHTINGS))
+_GRADIENT_LEVEL = ", ".join(name for name in WEIGHTING_CHOICES if WEIGHTINGS[name].needs_task_gradients)
 
 
 @dataclass
@@ -113,8 +117,10 @@ class TrainingArguments:
     weighting: str | None = field(
         default=None,
         metadata={
-            "help": "Task-weighting method (equal, coba, ...; see cadmtl.training.weighting); default: the "
-            "paradigm's (equal for single / base, coba for adaptive)."
+            "help": f"Task-weighting method, one of {', '.join(WEIGHTING_CHOICES)}; default: the paradigm's "
+            f"(equal for single / base, coba for adaptive). The gradient-level ones ({_GRADIENT_LEVEL}) need "
+            "--all_tasks_per_step.",
+            "choices": WEIGHTING_CHOICES,
         },
     )
     all_tasks_per_step: bool = field(
@@ -250,6 +256,8 @@ def _check(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
         raise ValueError(f"paradigm must be one of {PARADIGMS}, got {train_args.paradigm!r}.")
     if train_args.paradigm == "single" and train_args.single_task not in TASKS:
         raise ValueError(f"The single paradigm needs single_task in {TASKS}, got {train_args.single_task!r}.")
+    if train_args.weighting is not None and train_args.weighting not in WEIGHTING_CHOICES:
+        raise ValueError(f"weighting must be one of {WEIGHTING_CHOICES}, got {train_args.weighting!r}.")
     if train_args.ddp_unused not in ("find_unused", "zero_touch"):
         raise ValueError(f"ddp_unused must be find_unused or zero_touch, got {train_args.ddp_unused!r}.")
     for task in TASKS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +23,99 @@ from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class FinishSettings:
+    """What evaluations and the end of a run need from its arguments: built once, before the first step.
+
+    Attributes:
+        output_dir: the run's folder (model/, eval_results.json, training_curves.png).
+        dataset: the dataset folder or Hub id (the card cites it).
+        configs_by_task: the trained dataset configs of each task.
+        eval_split: the validation split; the card reports it when no test split is set.
+        test_split: the split evaluated at the end, or None.
+        eval_batch_size, max_eval_batches, domain_conditioning: how evaluations run.
+        base_model: the DINOv3 checkpoint the backbone started from, or None for a random preset.
+        paradigm, weighting, scheduler_temperature, learning_rate, mixed_precision: what the card says of training.
+        coba: CoBa's settings for the card, or None when another weighting ran.
+        push_to_hub, hub_model_id: where `save_run` pushes model/.
+    """
+
+    output_dir: Path
+    dataset: str
+    configs_by_task: dict[str, list[str]]
+    eval_split: str
+    test_split: str | None
+    eval_batch_size: int
+    max_eval_batches: int | None
+    domain_conditioning: bool
+    base_model: str | None
+    paradigm: str
+    weighting: str
+    scheduler_temperature: float
+    coba: dict[str, Any] | None
+    learning_rate: float
+    mixed_precision: str
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+
+    @classmethod
+    def from_arguments(
+        cls,
+        model_args: ModelArguments,
+        data_args: DataArguments,
+        train_args: TrainingArguments,
+        configs_by_task: dict[str, list[str]],
+        weighting: str,
+        scheduler_temperature: float,
+    ) -> FinishSettings:
+        coba = {
+            "every": train_args.coba_every,
+            "history_length": train_args.coba_history_length,
+            "warmup_steps": train_args.coba_warmup_steps,
+            "tau": train_args.coba_tau,
+            "clamp_divergence": train_args.coba_clamp_divergence,
+        }
+        return cls(
+            output_dir=Path(train_args.output_dir),
+            dataset=data_args.dataset,
+            configs_by_task=configs_by_task,
+            eval_split=data_args.eval_split,
+            test_split=data_args.test_split,
+            eval_batch_size=data_args.eval_batch_size,
+            max_eval_batches=train_args.max_eval_batches,
+            domain_conditioning=train_args.cls_domain_conditioning,
+            base_model=model_args.backbone if model_args.backbone not in PRESETS else None,
+            paradigm=train_args.paradigm,
+            weighting=weighting,
+            scheduler_temperature=scheduler_temperature,
+            coba=coba if weighting == "coba" else None,
+            learning_rate=train_args.learning_rate,
+            mixed_precision=train_args.mixed_precision,
+            push_to_hub=train_args.push_to_hub,
+            hub_model_id=train_args.hub_model_id,
+        )
+
+
 def evaluate_all(
     model: torch.nn.Module,
     sources: dict[str, list[TaskSource]],
-    settings: LoaderSettings,
+    loader_settings: LoaderSettings,
     labels: dict[str, list[str]],
-    data_args: DataArguments,
-    train_args: TrainingArguments,
+    settings: FinishSettings,
     accelerator: Accelerator,
 ) -> dict[str, dict[str, Any]]:
-    """Metrics of every config of every trained task on `settings.split`."""
+    """Metrics of every config of every trained task on `loader_settings.split`."""
     return evaluate_sources(
         model,
         sources,
-        settings,
+        loader_settings,
         labels,
-        batch_size=data_args.eval_batch_size,
+        batch_size=settings.eval_batch_size,
         device=accelerator.device,
         autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
-        max_batches=train_args.max_eval_batches,
+        max_batches=settings.max_eval_batches,
         show_progress=accelerator.is_local_main_process,
-        domain_conditioning=train_args.cls_domain_conditioning,
+        domain_conditioning=settings.domain_conditioning,
     )
 
 
@@ -52,16 +124,15 @@ def final_results(
     sources: dict[str, list[TaskSource]],
     eval_settings: LoaderSettings,
     labels: dict[str, list[str]],
-    data_args: DataArguments,
-    train_args: TrainingArguments,
+    settings: FinishSettings,
     accelerator: Accelerator,
 ) -> dict[str, dict[str, Any]]:
     """The validation metrics of every config, and its test metrics under ``config@test`` when a test split is set."""
-    results = evaluate_all(model, sources, eval_settings, labels, data_args, train_args, accelerator)
-    if data_args.test_split:
-        test_settings = LoaderSettings(**{**asdict(eval_settings), "split": data_args.test_split})
-        test = evaluate_all(model, sources, test_settings, labels, data_args, train_args, accelerator)
-        results.update({f"{config}@{data_args.test_split}": result for config, result in test.items()})
+    results = evaluate_all(model, sources, eval_settings, labels, settings, accelerator)
+    if settings.test_split:
+        test_settings = replace(eval_settings, split=settings.test_split)
+        test = evaluate_all(model, sources, test_settings, labels, settings, accelerator)
+        results.update({f"{config}@{settings.test_split}": result for config, result in test.items()})
     return results
 
 
@@ -80,18 +151,11 @@ def dataset_identity(dataset: str) -> tuple[str, list[str]]:
 
 
 def model_card_data(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    train_args: TrainingArguments,
-    configs_by_task: dict[str, list[str]],
-    results: dict[str, dict[str, Any]],
-    steps: int,
-    weighting: Any,
-    scheduler_temperature: float,
+    settings: FinishSettings, results: dict[str, dict[str, Any]], steps: int
 ) -> dict[str, Any]:
     """What `save_pretrained` renders into the Hub README (`modeling_cadmtl.model_card_cadmtl`)."""
-    final_split = data_args.test_split or data_args.eval_split
-    dataset_name, hub_datasets = dataset_identity(data_args.dataset)
+    final_split = settings.test_split or settings.eval_split
+    dataset_name, hub_datasets = dataset_identity(settings.dataset)
     return {
         "results": {
             config.split("@")[0]: {"task": r["task"], "split": r["split"], "metrics": r["metrics"]}
@@ -101,26 +165,18 @@ def model_card_data(
         "datasets": hub_datasets,
         "dataset_id": dataset_name,
         "dataset_name": dataset_name,
-        "base_model": model_args.backbone if model_args.backbone not in PRESETS else None,
+        "base_model": settings.base_model,
         "training": {
-            "paradigm": train_args.paradigm,
-            "weighting": weighting.name,
+            "paradigm": settings.paradigm,
+            "weighting": settings.weighting,
             "steps": steps,
-            "coba": {
-                "every": train_args.coba_every,
-                "history_length": train_args.coba_history_length,
-                "warmup_steps": train_args.coba_warmup_steps,
-                "tau": train_args.coba_tau,
-                "clamp_divergence": train_args.coba_clamp_divergence,
-            }
-            if weighting.name == "coba"
-            else None,
-            "scheduler_temperature": scheduler_temperature,
-            "learning_rate": train_args.learning_rate,
-            "mixed_precision": train_args.mixed_precision,
+            "coba": settings.coba,
+            "scheduler_temperature": settings.scheduler_temperature,
+            "learning_rate": settings.learning_rate,
+            "mixed_precision": settings.mixed_precision,
         },
         "training_data": f"{dataset_name}: "
-        + ", ".join(c for configs in configs_by_task.values() for c in configs),
+        + ", ".join(c for configs in settings.configs_by_task.values() for c in configs),
     }
 
 
@@ -145,15 +201,15 @@ def save_model_folder(
 def save_run(
     accelerator: Accelerator,
     model: torch.nn.Module,
-    output_dir: Path,
     summary: dict[str, Any],
     card_data: dict[str, Any],
     processor: CadMtlImageProcessor,
-    train_args: TrainingArguments,
+    settings: FinishSettings,
 ) -> None:
     """Main process: the Hub-ready model folder, eval_results.json / .md, the training curves; push if asked."""
     if not accelerator.is_main_process:
         return
+    output_dir = settings.output_dir
     model_dir = output_dir / "model"
     verdict = summary.get("verdict")
     if verdict is not None:  # the card shows the verdict's settings and its metrics on the final split
@@ -169,7 +225,7 @@ def save_run(
     if metrics_path.exists():
         plot_training_curves(metrics_path, output_dir / "training_curves.png")
     logger.info("saved the model to %s\n%s", model_dir, tables)
-    if train_args.push_to_hub:
+    if settings.push_to_hub:
         unwrapped.push_to_hub(
-            train_args.hub_model_id or output_dir.name, image_processor=processor, model_card_data=card_data
+            settings.hub_model_id or output_dir.name, image_processor=processor, model_card_data=card_data
         )

@@ -1,11 +1,13 @@
-"""`cadmtl train`: run `train_accelerate.py` under `accelerate launch`, passing every training argument through.
+"""`cadmtl train`: run the training loop under `accelerate launch`, passing every training argument through.
 
     cadmtl train                                          # the built-in CPU demo, like `accelerate launch train_accelerate.py`
     cadmtl train --config configs/cad100k_dinov3_vitb16_adaptive.yaml --max_steps 20000
     cadmtl train --num-processes 8 --accelerate-config configs/accelerate/multi_gpu.yaml --paradigm base
 
-Options of this launcher are spelled with hyphens and come first; everything else (underscore options such as
-`--max_steps`, `--config`) goes to `train_accelerate.py` unchanged. `python train_accelerate.py --help` lists them.
+It runs `accelerate launch -m cadmtl.training.loop ...`: the loop of the installed package, the same one the
+repo's `train_accelerate.py` calls, so both give the same run. Options of this launcher are spelled with hyphens
+and come first; everything else (underscore options such as `--max_steps`, `--config`) goes to the loop unchanged.
+`cadmtl train --help` lists them.
 """
 
 from __future__ import annotations
@@ -17,21 +19,8 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-import cadmtl
-
-
-def find_train_script() -> Path:
-    """`train_accelerate.py` of this checkout (editable installs) or the copy shipped inside the wheel."""
-    package = Path(cadmtl.__file__).resolve().parent
-    for candidate in (package.parent / "train_accelerate.py", package / "train_accelerate.py"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"train_accelerate.py was found neither beside the package ({package.parent}) nor inside it: "
-        "reinstall cad-mtl or run from a checkout of the repo."
-    )
+TRAINING_MODULE = "cadmtl.training.loop"
 
 
 def run_child(command: Sequence[str], stop_timeout: float = 30.0) -> int:
@@ -69,13 +58,15 @@ def _stop(process: subprocess.Popen, timeout: float) -> None:
 
 
 def launch_command(launch_args: Sequence[str], train_args: Sequence[str]) -> list[str]:
-    """The `accelerate launch` command line (through this Python, so the right environment runs it)."""
+    """The `accelerate launch` command line of the training module (through this Python, so the right environment
+    runs it)."""
     return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         *launch_args,
-        str(find_train_script()),
+        "--module",
+        TRAINING_MODULE,
         *train_args,
     ]
 
@@ -110,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, train_args = parser.parse_known_args(argv)
     if args.help:
         parser.print_help()
-        print("\ntraining arguments (train_accelerate.py --help):\n")
-        return subprocess.call([sys.executable, str(find_train_script()), "--help"])
+        print("\ntraining arguments (python -m cadmtl.training.loop --help):\n")
+        return subprocess.call([sys.executable, "-m", TRAINING_MODULE, "--help"])
     launch_args: list[str] = []
     if args.accelerate_config:
         launch_args += ["--config_file", args.accelerate_config]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -19,8 +19,11 @@ from accelerate import Accelerator
 
 from cadmtl.data.sources import TaskSource, move_to
 from cadmtl.training.optim import drop_gradients, head_parameters, unused_parameters, zero_touch
-from cadmtl.training.weighting import TaskWeighting, all_reduce_mean, task_gradients, write_gradient
+from cadmtl.training.weighting import all_reduce_mean, task_gradients, write_gradient
 from modeling_cadmtl import CadMtlModel
+
+if TYPE_CHECKING:
+    from cadmtl.training.balancer import TaskBalancer
 
 BatchProvider = Callable[[str], tuple[TaskSource, dict[str, Any]]]
 
@@ -66,20 +69,16 @@ def held_out_losses(
 
 @dataclass(frozen=True)
 class StepSettings:
-    """What the step does besides forward / backward.
+    """What the step does besides forward / backward (how tasks are weighted is the balancer's business).
 
     Attributes:
         accumulation_steps: micro-batches per optimizer step (Accelerate's gradient accumulation).
         max_grad_norm: clip the global gradient norm to this.
-        scale_losses: multiply each task's loss by ``K * w_task`` (every-task steps, or re-weighted sampling).
-        num_tasks: K, the number of tasks of the run (not of the step).
         zero_touch: add ``0 * sum(unused head parameters)`` so DDP without ``find_unused_parameters`` works.
     """
 
     accumulation_steps: int = 1
     max_grad_norm: float = 1.0
-    scale_losses: bool = False
-    num_tasks: int = 1
     zero_touch: bool = False
 
 
@@ -109,7 +108,7 @@ def training_step(
     lr_scheduler: Any,
     next_batch: BatchProvider,
     step_tasks: Sequence[str],
-    weighting: TaskWeighting,
+    balancer: TaskBalancer,
     settings: StepSettings,
     *,
     frozen: Sequence[torch.nn.Parameter] = (),
@@ -118,22 +117,22 @@ def training_step(
     """Accumulate the losses of ``step_tasks`` over ``settings.accumulation_steps`` micro-batches, then take one
     optimizer step unless a loss or the gradient norm is not finite on any rank.
 
-    A loss-level weighting scales each task's loss by ``K * w`` (when ``settings.scale_losses``) and one backward
-    of the sum fills the gradients. A gradient-level weighting (``needs_task_gradients``) gets one gradient of the
-    shared parameters (backbone, neck) per task, averaged over micro-batches and ranks (one all-reduce), and its
-    :meth:`~TaskWeighting.combine_gradients` result becomes their gradient; each head keeps its own task's
-    gradient. ``frozen`` are parameters whose gradients are dropped this step (early backbone blocks during
-    warm-up); the gradients of heads no task of the step used are always dropped. Gradients are zeroed at the end
-    either way, so a skipped step leaves no trace.
+    With a loss-level weighting, ``balancer.scale_loss`` weighs each task's loss (``K * w`` when the recipe scales
+    losses) and one backward of the sum fills the gradients. A gradient-level weighting
+    (``balancer.needs_task_gradients``) gets one gradient of the shared parameters (backbone, neck) per task,
+    averaged over micro-batches and ranks (one all-reduce), and ``balancer.combine_gradients`` of them becomes
+    their gradient; each head keeps its own task's gradient. ``frozen`` are parameters whose gradients are
+    dropped this step (early backbone blocks during warm-up); the gradients of heads no task of the step used are
+    always dropped. Gradients are zeroed at the end either way, so a skipped step leaves no trace.
     """
     unwrapped: CadMtlModel = accelerator.unwrap_model(model)
     candidates = candidates or {}
     outcome = StepOutcome(stepped=False)
     nonfinite = torch.zeros((), device=accelerator.device)
-    per_task = weighting.needs_task_gradients
+    per_task = balancer.needs_task_gradients
     if per_task and accelerator.mixed_precision == "fp16":
         raise ValueError(
-            f"{weighting.name} combines raw per-task gradients: use bf16 or no mixed precision, not fp16"
+            f"{balancer.name} combines raw per-task gradients: use bf16 or no mixed precision, not fp16"
         )
     shared, heads = shared_and_head_parameters(unwrapped) if per_task else ([], [])
     task_grads: torch.Tensor | None = None
@@ -147,9 +146,7 @@ def training_step(
                 outcome.images += len(batch["pixel_values"])
                 task_loss = task_forward(model, task, source, batch, accelerator.device, candidates).loss
                 outcome.task_losses.setdefault(task, []).append(task_loss.detach().float())
-                if settings.scale_losses and not per_task:
-                    task_loss = task_loss * settings.num_tasks * weighting.weights[task]
-                losses.append(task_loss)
+                losses.append(balancer.scale_loss(task, task_loss))
             loss = torch.stack(losses).sum()
             if settings.zero_touch and not per_task:
                 loss = loss + zero_touch(unwrapped, set(step_tasks))
@@ -165,7 +162,7 @@ def training_step(
         _all_reduce_mean_grads(heads)
         if bool(torch.isfinite(task_grads).all()):
             latest = {task: values[-1].item() for task, values in outcome.task_losses.items()}
-            write_gradient(shared, weighting.combine_gradients(task_grads, latest))
+            write_gradient(shared, balancer.combine_gradients(task_grads, latest))
         else:
             nonfinite += 1
     # Every rank skips together when any rank saw a NaN / inf, so the replicas stay identical.

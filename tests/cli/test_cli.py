@@ -36,7 +36,7 @@ def test_an_unknown_command_is_a_clear_error(capsys) -> None:
 def test_every_subcommand_help_names_itself_and_shows_an_example(argv: list[str], capsys) -> None:
     if argv == ["train"]:
         pytest.skip(
-            "cadmtl train --help also prints train_accelerate.py --help (a subprocess): see the slow test"
+            "cadmtl train --help also prints the training loop's --help (a subprocess): see the slow test"
         )
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--help"])
@@ -50,11 +50,12 @@ def test_every_subcommand_help_names_itself_and_shows_an_example(argv: list[str]
 def test_train_passes_every_argument_through_to_accelerate_launch(capsys) -> None:
     assert main(["train", "--dry-run", "--num-processes", "2", "--max_steps", "3", "--paradigm", "base"]) == 0
     command = capsys.readouterr().out.split()
-    script = command.index(next(word for word in command if word.endswith("train_accelerate.py")))
+    module = command.index("--module")
     assert command[1:3] == ["-m", "accelerate.commands.launch"]
-    assert command[3:script] == ["--num_processes", "2"]
-    assert command[script + 1 :] == ["--max_steps", "3", "--paradigm", "base"]
-    assert Path(command[script]).is_file()
+    assert command[3:module] == ["--num_processes", "2"]
+    # The loop of the installed package (no script file to find), then every training argument unchanged.
+    assert command[module + 1] == "cadmtl.training.loop"
+    assert command[module + 2 :] == ["--max_steps", "3", "--paradigm", "base"]
 
 
 def test_data_commands_run_the_dataset_tooling(tmp_path: Path) -> None:

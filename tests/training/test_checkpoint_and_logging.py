@@ -17,7 +17,7 @@ from cadmtl.training.checkpoint import (
     register_stateful,
     registered_state,
 )
-from cadmtl.training.finish import dataset_identity, model_card_data
+from cadmtl.training.finish import FinishSettings, dataset_identity, model_card_data
 from cadmtl.training.log_window import LogWindow
 from cadmtl.training.weighting import CoBaWeighting, EqualWeighting
 
@@ -119,15 +119,16 @@ def test_a_local_dataset_is_named_by_its_folder_and_claims_no_hub_dataset(tmp_pa
     local.mkdir()
     assert dataset_identity(str(local)) == ("my-line-data", [])
     assert dataset_identity("cad-mtl/cad100k") == ("cad-mtl/cad100k", ["cad-mtl/cad100k"])
-    data = model_card_data(
+    settings = FinishSettings.from_arguments(
         ModelArguments(),
         DataArguments(dataset=str(local)),
         TrainingArguments(),
         {"seg": ["exterior_seg"]},
-        {"exterior_seg": {"task": "seg", "split": "test", "metrics": {"mIoU": 0.5}}},
-        steps=10,
-        weighting=CoBaWeighting(["seg"], warmup_steps=3, history_length=3),
+        weighting=CoBaWeighting(["seg"], warmup_steps=3, history_length=3).name,
         scheduler_temperature=1.0,
+    )
+    data = model_card_data(
+        settings, {"exterior_seg": {"task": "seg", "split": "test", "metrics": {"mIoU": 0.5}}}, steps=10
     )
     assert data["datasets"] == [] and data["dataset_id"] == "my-line-data"
     assert data["training_data"] == "my-line-data: exterior_seg"

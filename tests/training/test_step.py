@@ -8,6 +8,7 @@ from accelerate import Accelerator
 
 from cadmtl.data.sources import TaskSource
 from cadmtl.testing import detection_target, tiny_cadmtl_config
+from cadmtl.training.balancer import TaskBalancer
 from cadmtl.training.checkpoint import LoopState
 from cadmtl.training.step import (
     NonFiniteStop,
@@ -89,7 +90,7 @@ def test_a_step_updates_the_backbone_and_the_used_head_only(setup) -> None:
         scheduler,
         batches,
         ["det"],
-        EqualWeighting(["cls", "det", "seg"]),
+        TaskBalancer(EqualWeighting(["cls", "det", "seg"])),
         StepSettings(),
     )
     assert outcome.stepped and outcome.images == 2
@@ -112,7 +113,14 @@ def test_a_nan_loss_skips_the_step_and_leaves_no_gradient(setup, monkeypatch) ->
     monkeypatch.setattr(CadMtlModel, "forward", nan_forward)
     before = snapshot(model)
     outcome = training_step(
-        accelerator, model, optimizer, scheduler, Batches(), ["cls"], EqualWeighting(["cls"]), StepSettings()
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        Batches(),
+        ["cls"],
+        TaskBalancer(EqualWeighting(["cls"])),
+        StepSettings(),
     )
     assert not outcome.stepped
     assert not changed(before, model, "")
@@ -130,7 +138,7 @@ def test_frozen_parameters_do_not_move(setup) -> None:
         scheduler,
         Batches(),
         ["cls"],
-        EqualWeighting(["cls"]),
+        TaskBalancer(EqualWeighting(["cls"])),
         StepSettings(),
         frozen=frozen,
     )
@@ -148,7 +156,7 @@ def test_accumulation_draws_one_batch_per_micro_step_and_steps_once(setup) -> No
         scheduler,
         batches,
         ["cls", "seg"],
-        EqualWeighting(["cls", "seg"]),
+        TaskBalancer(EqualWeighting(["cls", "seg"])),
         StepSettings(accumulation_steps=3),
     )
     assert outcome.stepped and batches.calls == {"cls": 3, "seg": 3} and outcome.images == 12
@@ -179,8 +187,8 @@ def test_scaled_losses_weigh_each_task_by_k_times_w(setup) -> None:
         scheduler,
         Batches(),
         ["cls", "seg"],
-        weighting,
-        StepSettings(scale_losses=True, num_tasks=2),
+        TaskBalancer(weighting, scale_losses=True),
+        StepSettings(),
     )
     assert not changed(before, model, "cls_head.")  # weight 0: no gradient reaches the classifier (plain SGD)
     assert changed(before, model, "seg_decoder.")
@@ -209,8 +217,8 @@ def test_gradient_level_path_equals_the_loss_level_sum(setup, fresh_accelerate_s
             scheduler,
             Batches(),
             tasks,
-            weighting,
-            StepSettings(scale_losses=True, num_tasks=3, max_grad_norm=1e9, accumulation_steps=2),
+            TaskBalancer(weighting, scale_losses=True),
+            StepSettings(max_grad_norm=1e9, accumulation_steps=2),
         )
         assert outcome.stepped
         results.append(snapshot(model))
@@ -230,7 +238,14 @@ def test_pcgrad_runs_in_the_step_and_fp16_is_refused(setup, monkeypatch) -> None
     before = snapshot(model)
     pcgrad = build_weighting("pcgrad", ["cls", "seg"])
     outcome = training_step(
-        accelerator, model, optimizer, scheduler, Batches(), ["cls", "seg"], pcgrad, StepSettings(num_tasks=2)
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        Batches(),
+        ["cls", "seg"],
+        TaskBalancer(pcgrad),
+        StepSettings(),
     )
     assert outcome.stepped and changed(before, model, "backbone.")
     monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))  # fp16 needs a GPU
@@ -242,8 +257,8 @@ def test_pcgrad_runs_in_the_step_and_fp16_is_refused(setup, monkeypatch) -> None
             scheduler,
             Batches(),
             ["cls", "seg"],
-            pcgrad,
-            StepSettings(num_tasks=2),
+            TaskBalancer(pcgrad),
+            StepSettings(),
         )
 
 
