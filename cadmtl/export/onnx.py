@@ -340,19 +340,16 @@ class OnnxPredictor:
             )
         target_sizes = [_image_size(image) for image in images]
         outputs = self.processor.predict(self, images, self.tasks)
+        # the call options of each head's post-processing (`TaskDefinition.post_process`)
+        options = {
+            "cls": {"top_k": top_k, "id2label": dict(enumerate(self.config.cls_labels))},
+            "det": {"threshold": det_threshold, "target_sizes": target_sizes, "nms_threshold": nms_threshold},
+            "seg": {"target_sizes": target_sizes},
+        }
         results: dict[str, list[Any]] = {}
-        if "cls" in self.tasks:
-            results["classification"] = self.processor.post_process_image_classification(
-                outputs, top_k=top_k, id2label=dict(enumerate(self.config.cls_labels))
-            )
-        if "det" in self.tasks:
-            results["detection"] = self.processor.post_process_object_detection(
-                outputs, threshold=det_threshold, target_sizes=target_sizes, nms_threshold=nms_threshold
-            )
-        if "seg" in self.tasks:
-            results["segmentation"] = self.processor.post_process_semantic_segmentation(
-                outputs, target_sizes=target_sizes
-            )
+        for task in map(get_task, self.tasks):
+            post_process = getattr(self.processor, task.post_process)
+            results[task.result_key] = post_process(outputs, **options[task.name])
         if gives_verdict:
             threshold = self.config.verdict_threshold if verdict_threshold is None else verdict_threshold
             results["verdict"] = self.processor.post_process_anomaly_score(
