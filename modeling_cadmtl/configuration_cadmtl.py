@@ -5,13 +5,15 @@ from __future__ import annotations
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .tasks_cadmtl import TASKS, get_task
+
 SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext")
-# Hub files are self-contained: these mirror dataset_scripts.schema.TASKS / IGNORE_INDEX (a test keeps them equal).
-TASKS = ("cls", "det", "seg")
+# Hub files are self-contained: TASKS (from the task registry) and IGNORE_INDEX mirror dataset_scripts.schema's
+# (a test keeps them equal).
 IGNORE_INDEX = 255  # segmentation pixels that count for no class
 NORMAL_LABEL = "normal"  # the classification label of a defect-free image (dataset_scripts.taxonomy.NORMAL)
 # Where the image-level anomaly score comes from (see `CadMtlImageProcessor.post_process_anomaly_score`).
-VERDICT_SOURCES = ("max", "cls", "det", "seg")
+VERDICT_SOURCES = ("max", *TASKS)
 # What the stored OK / NG threshold is worth (`CadMtlConfig.verdict_status`); only "uninformative" withholds OK / NG.
 VERDICT_STATUSES = ("calibrated", "default", "uninformative", "uncalibrated")
 # The OK / NG inspection pipeline (`pipeline_cadmtl.py`), which `save_pretrained` names in config.json as
@@ -245,9 +247,7 @@ class CadMtlConfig(PreTrainedConfig):
 
     def labels_for(self, task: str) -> list[str]:
         """The label names of `task` ("cls", "det" or "seg")."""
-        if task not in TASKS:
-            raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
-        return {"cls": self.cls_labels, "det": self.det_labels, "seg": self.seg_labels}[task]
+        return getattr(self, get_task(task).labels_attribute)
 
 
 __all__ = ["CadMtlConfig"]

@@ -22,10 +22,8 @@ from transformers.image_utils import (
 )
 from transformers.processing_utils import ImagesKwargs
 
-from .configuration_cadmtl import IGNORE_INDEX, TASKS, VERDICT_SOURCES
-
-# The head each transformers pipeline serves: `pipeline(...)` loads the processor with `_from_pipeline=<its task>`.
-PIPELINE_TASKS = {"image-classification": "cls", "object-detection": "det", "image-segmentation": "seg"}
+from .configuration_cadmtl import IGNORE_INDEX, VERDICT_SOURCES
+from .tasks_cadmtl import PIPELINE_TASKS, TASK_DEFINITIONS, TASKS, get_task, head_outputs, output_field
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -54,16 +52,6 @@ def _pil_to_rgb(images: Any) -> Any:
     if isinstance(images, (list, tuple)):
         return [to_rgb(image) if isinstance(image, Image.Image) else image for image in images]
     return images
-
-
-def _first_field(outputs: Any, *names: str) -> torch.Tensor | None:
-    """The first of `names` that `outputs` (a ModelOutput or a dict) holds, so the post-processing accepts both the
-    multi-task `CadMtlOutput` and the single-task outputs of the `CadMtlFor*` classes."""
-    for name in names:
-        value = outputs.get(name) if hasattr(outputs, "get") else getattr(outputs, name, None)
-        if value is not None:
-            return value
-    return None
 
 
 def _output_tensors(outputs: Any) -> list[torch.Tensor]:
@@ -152,13 +140,28 @@ class CadMtlImageProcessor(TorchvisionBackend):
             raise ValueError(f"Unknown task {task!r}; expected one of {TASKS} or None.")
 
     @classmethod
+    def from_dict(cls, image_processor_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """`ImageProcessingMixin.from_dict`; when a transformers pipeline of one of the heads loads it (it passes
+        `_from_pipeline=<pipeline task>`), `task` is set to that head so it gets its own input size.
+
+        Every loading route ends here, `AutoImageProcessor` included, and so does the class transformers imports
+        from the repo's own files with `trust_remote_code=True` (the way every Hub user loads it)."""
+        pipeline_task = PIPELINE_TASKS.get(kwargs.pop("_from_pipeline", None))
+        loaded = super().from_dict(image_processor_dict, **kwargs)
+        return cls._set_pipeline_task(loaded, pipeline_task)
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
-        """`ImageProcessingMixin.from_pretrained`; when a transformers pipeline of one of the heads loads it (it
-        passes `_from_pipeline=<pipeline task>`), `task` is set to that head so it gets its own input size."""
+        """`ImageProcessingMixin.from_pretrained`, keeping the `_from_pipeline` hint (see `from_dict`), which
+        transformers drops before it calls `from_dict`."""
         pipeline_task = PIPELINE_TASKS.get(kwargs.get("_from_pipeline"))
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return cls._set_pipeline_task(loaded, pipeline_task)
+
+    @staticmethod
+    def _set_pipeline_task(loaded: Any, pipeline_task: str | None) -> Any:
         processor = loaded[0] if isinstance(loaded, tuple) else loaded
-        if pipeline_task is not None and processor.task is None:
+        if pipeline_task is not None and processor.task is None:  # an explicit `task=` wins
             processor.task = pipeline_task
         return loaded
 
@@ -171,13 +174,83 @@ class CadMtlImageProcessor(TorchvisionBackend):
             return {"height": self.task_sizes[task], "width": self.task_sizes[task]}
         return {key: value for key, value in dict(self.size).items() if value is not None}
 
+    # ------------------------------------------------------------------------------- the one inference path
+    # Every consumer of several heads (`cadmtl predict`, the inspection pipeline, the ONNX predictor, evaluation,
+    # the verdict's calibration) runs them through `size_groups` -> `preprocess_size_groups` ->
+    # `forward_size_groups` (or `predict`, the three at once), so a served prediction is what evaluation scored.
     def size_groups(self, tasks: Sequence[str]) -> list[tuple[dict[str, int], tuple[str, ...]]]:
         """`tasks` grouped by the input size `size_for` gives each, in order: one forward pass per distinct size
-        serves all the heads of that size (`cadmtl predict`, the inspection pipeline, the ONNX predictor)."""
+        serves all the heads of that size."""
         groups: dict[tuple, list[str]] = {}
         for task in tasks:
             groups.setdefault(tuple(sorted(self.size_for(task).items())), []).append(task)
         return [(dict(size), tuple(group)) for size, group in groups.items()]
+
+    def preprocess_size_groups(self, images: Any, tasks: Sequence[str], **kwargs: Any) -> list[BatchFeature]:
+        """`images` preprocessed once per group of `size_groups(tasks)`, in the groups' order: one `BatchFeature`
+        with `pixel_values` (and `pixel_mask` where an aspect-preserving `size` pads the batch) per group."""
+        batches = []
+        for size, _ in self.size_groups(tasks):
+            fixed = size.get("height") is not None and size.get("width") is not None
+            settings = {"return_tensors": "pt", **({} if fixed else {"do_pad": True}), **kwargs, "size": size}
+            batches.append(self(images, **settings))
+        return batches
+
+    def forward_size_groups(
+        self,
+        model: Any,
+        inputs: Sequence[Any],
+        tasks: Sequence[str],
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run `model` once per group of `size_groups(tasks)` on that group's `inputs` (a mapping with
+        `pixel_values` and optionally `pixel_mask`, e.g. from `preprocess_size_groups`) and merge the heads' outputs.
+
+        `model` is anything called like [`CadMtlModel`], `model(pixel_values, task=..., pixel_mask=...)` returning
+        the output fields: the model, a DDP / FSDP wrapper of it, the ONNX predictor. A group of one head runs only
+        that head; a group of several runs every head and keeps the group's. Inputs are moved to `device` / `dtype`
+        (default: the model's `device` / `dtype` where it has them).
+
+        Returns `{field: float32 tensor}` with the output fields (`tasks_cadmtl.TaskDefinition.output_fields`) of
+        every head of `tasks`, and `<task>_pixel_mask` for each head whose input was padded.
+        """
+        groups = self.size_groups(tasks)
+        if len(inputs) != len(groups):
+            raise ValueError(
+                f"Got {len(inputs)} inputs for {len(groups)} input-size groups {[group for _, group in groups]}."
+            )
+        device = getattr(model, "device", None) if device is None else device
+        dtype = getattr(model, "dtype", None) if dtype is None else dtype
+        outputs: dict[str, torch.Tensor] = {}
+        for group_inputs, (_, group) in zip(inputs, groups):
+            pixel_values = group_inputs["pixel_values"].to(device=device, dtype=dtype)
+            pixel_mask = group_inputs.get("pixel_mask")
+            extra = {} if pixel_mask is None else {"pixel_mask": pixel_mask.to(device)}
+            group_outputs = model(pixel_values, task=group[0] if len(group) == 1 else None, **extra)
+            outputs.update(
+                {name: value.float() for name, value in head_outputs(group_outputs, group).items()}
+            )
+            if pixel_mask is not None:
+                outputs.update({get_task(task).pixel_mask_field: extra["pixel_mask"] for task in group})
+        return outputs
+
+    def predict(
+        self,
+        model: Any,
+        images: Any,
+        tasks: Sequence[str] | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The raw outputs of `tasks` (default: every head) on `images`, each head fed at its own input size (one
+        forward pass per distinct size): `forward_size_groups(model, preprocess_size_groups(images, tasks), tasks)`.
+        Feed them to the `post_process_*` methods (boxes and masks for the original image sizes)."""
+        tasks = TASKS if tasks is None else tuple(tasks)
+        inputs = self.preprocess_size_groups(images, tasks)
+        return self.forward_size_groups(model, inputs, tasks, device=device, dtype=dtype)
 
     def preprocess(
         self,
@@ -320,7 +393,7 @@ class CadMtlImageProcessor(TorchvisionBackend):
 
         Scores are softmax probabilities. `label_names` is added when `id2label` is given.
         """
-        logits = _first_field(outputs, "logits", "cls_logits")
+        logits = output_field(outputs, "logits", "cls_logits")
         if logits is None:
             raise ValueError("The outputs hold no classification logits (`logits` or `cls_logits`).")
         probabilities = logits.float().softmax(dim=-1)
@@ -349,13 +422,13 @@ class CadMtlImageProcessor(TorchvisionBackend):
         `top_k` are kept, sorted by score. Boxes are absolute (x_min, y_min, x_max, y_max) in `target_sizes`
         (one (height, width) per image; clipped to it), or normalised to [0, 1] when no sizes are given.
         """
-        logits = _first_field(outputs, "logits", "det_logits")
-        pred_boxes = _first_field(outputs, "pred_boxes")
+        logits = output_field(outputs, "logits", "det_logits")
+        pred_boxes = output_field(outputs, "pred_boxes")
         if logits is None or pred_boxes is None:
             raise ValueError(
                 "The outputs hold no detection predictions (`logits`/`det_logits` and `pred_boxes`)."
             )
-        centerness = _first_field(outputs, "centerness_logits", "det_centerness_logits")
+        centerness = output_field(outputs, "centerness_logits", "det_centerness_logits")
         probabilities = logits.float().sigmoid()
         if centerness is not None:
             probabilities = (probabilities * centerness.float().sigmoid()[..., None]).sqrt()
@@ -386,7 +459,7 @@ class CadMtlImageProcessor(TorchvisionBackend):
         self, outputs: Any, target_sizes: torch.Tensor | list[tuple[int, int]] | None = None
     ) -> list[torch.Tensor]:
         """One `(height, width)` class-id map per image, resized (bilinear on the logits) to `target_sizes`."""
-        logits = _first_field(outputs, "logits", "seg_logits")
+        logits = output_field(outputs, "logits", "seg_logits")
         if logits is None:
             raise ValueError("The outputs hold no segmentation logits (`logits` or `seg_logits`).")
         sizes = _as_size_list(target_sizes, len(logits))
@@ -416,7 +489,9 @@ class CadMtlImageProcessor(TorchvisionBackend):
         - `det`: the highest detection score of any location and class, `sqrt(sigmoid(class) * sigmoid(centerness))`
           as in `post_process_object_detection` (no threshold or NMS needed for a maximum);
         - `seg`: the anomalous-pixel area, the fraction of the image's pixels (`pixel_mask`: 1 on the image, 0 on
-          padding) whose most likely class is not the background (class 0).
+          padding; default the `seg_pixel_mask` that `forward_size_groups` puts in the outputs) whose most likely
+          class is not the background (class 0).
+        (Each head's score is its `anomaly_score` in `tasks_cadmtl`.)
         `source` picks the score that decides (`"max"`: the largest head score). An image is NG when its score is
         at or above `threshold` (the model config's calibrated `verdict_threshold`). `heads` (e.g. the config's
         `verdict_heads`) keeps only those heads' scores, so `"max"` ignores heads that were never trained.
@@ -493,26 +568,10 @@ class CadMtlImageProcessor(TorchvisionBackend):
         outputs: Any, normal_class_id: int | None, pixel_mask: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         heads: dict[str, torch.Tensor] = {}
-        cls_logits = _first_field(outputs, "cls_logits")
-        if cls_logits is not None and normal_class_id is not None:
-            heads["cls"] = 1.0 - cls_logits.float().softmax(dim=-1)[:, normal_class_id]
-        det_logits = _first_field(outputs, "det_logits")
-        if det_logits is not None:
-            probabilities = det_logits.float().sigmoid()
-            centerness = _first_field(outputs, "det_centerness_logits")
-            if centerness is not None:
-                probabilities = (probabilities * centerness.float().sigmoid()[..., None]).sqrt()
-            heads["det"] = probabilities.flatten(1).amax(dim=1)
-        seg_logits = _first_field(outputs, "seg_logits")
-        if seg_logits is not None:
-            anomalous = (seg_logits.argmax(dim=1) != 0).float()
-            if pixel_mask is None:
-                heads["seg"] = anomalous.mean(dim=(1, 2))
-            else:
-                valid = F.interpolate(pixel_mask[:, None].float(), size=anomalous.shape[-2:], mode="nearest")[
-                    :, 0
-                ]
-                heads["seg"] = (anomalous * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp(min=1)
+        for task in TASK_DEFINITIONS.values():
+            score = task.anomaly_score(outputs, normal_class_id, pixel_mask)
+            if score is not None:
+                heads[task.name] = score
         return heads
 
 

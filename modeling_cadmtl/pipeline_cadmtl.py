@@ -28,13 +28,6 @@ from transformers.image_utils import load_image
 
 from .configuration_cadmtl import PIPELINE_TASK
 
-# The output fields of each head.
-_HEAD_FIELDS = {
-    "cls": ("cls_logits",),
-    "det": ("det_logits", "det_centerness_logits", "pred_boxes"),
-    "seg": ("seg_logits",),
-}
-
 
 class CadMtlInspectionPipeline(Pipeline):
     """OK / NG inspection of images with a multi-task `CadMtlModel`.
@@ -57,8 +50,9 @@ class CadMtlInspectionPipeline(Pipeline):
                 f"{PIPELINE_TASK} needs a CadMtlImageProcessor (preprocessor_config.json of a CadMtl model), got "
                 f"{type(self.image_processor).__name__}."
             )
-        # one forward pass per distinct input size, all the heads of that size at once
-        self.size_groups = self.image_processor.size_groups(self.model.config.trained_tasks)
+        # the trained heads, one forward pass per distinct input size (the processor's one inference path)
+        self.tasks = self.model.config.trained_tasks
+        self.size_groups = self.image_processor.size_groups(self.tasks)
 
     def _sanitize_parameters(
         self,
@@ -77,24 +71,18 @@ class CadMtlInspectionPipeline(Pipeline):
             postprocess["top_k"] = int(top_k)
         return preprocess, {}, postprocess
 
-    def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, torch.Tensor]:
+    def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, Any]:
         if not isinstance(image, torch.Tensor):
             image = load_image(image, timeout=timeout)
         height, width = (image.height, image.width) if hasattr(image, "height") else tuple(image.shape[-2:])
-        inputs = {"target_size": torch.tensor([[height, width]])}
-        for index, (size, _) in enumerate(self.size_groups):
-            pixel_values = self.image_processor(images=image, size=size, return_tensors="pt")["pixel_values"]
-            inputs[f"pixel_values_{index}"] = pixel_values.to(self.dtype)
-        return inputs
+        groups = self.image_processor.preprocess_size_groups(image, self.tasks)
+        return {"target_size": torch.tensor([[height, width]]), "groups": groups}
 
-    def _forward(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outputs = {"target_size": model_inputs["target_size"]}
-        for index, (_, tasks) in enumerate(self.size_groups):
-            group = self.model(
-                model_inputs[f"pixel_values_{index}"], task=tasks[0] if len(tasks) == 1 else None
-            )
-            outputs.update({field: group[field] for task in tasks for field in _HEAD_FIELDS[task]})
-        return outputs
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        outputs = self.image_processor.forward_size_groups(
+            self.model, model_inputs["groups"], self.tasks, device=self.device, dtype=self.dtype
+        )
+        return {"target_size": model_inputs["target_size"], **outputs}
 
     def postprocess(
         self,
@@ -105,7 +93,7 @@ class CadMtlInspectionPipeline(Pipeline):
     ) -> dict[str, Any]:
         config = self.model.config
         processor = self.image_processor
-        outputs = {key: value.float() for key, value in model_outputs.items() if key != "target_size"}
+        outputs = {key: value for key, value in model_outputs.items() if key != "target_size"}
         sizes = model_outputs["target_size"].tolist()
         (verdict,) = processor.post_process_verdict(outputs, config, threshold=threshold)
         result: dict[str, Any] = {

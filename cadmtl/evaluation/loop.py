@@ -101,26 +101,22 @@ def evaluate_task(
     was_training = model.training
     model.eval()
     for batch in tqdm(lockstep(batches, device), desc=description, disable=not show_progress, leave=False):
-        pixel_values = batch["pixel_values"].to(device)
         with torch.autocast(
             device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
         ):
-            outputs = model(pixel_values, task=task)
+            # the one inference path (one head: one size group); outputs in float32
+            outputs = processor.forward_size_groups(model, [batch], (task,), device=device)
         if batch.get("is_padding"):
             continue
         if task == "cls":
-            logits, targets = outputs.cls_logits.float().cpu(), batch["labels"].cpu()
+            logits, targets = outputs["cls_logits"].cpu(), batch["labels"].cpu()
             if class_subset is not None:
                 logits, targets = logits[:, subset], position[targets]
             metric.update(logits, targets)
         elif task == "det":
             orig_sizes = batch["orig_sizes"].cpu()
             predictions = processor.post_process_object_detection(
-                {
-                    k: v.float()
-                    for k, v in outputs.items()
-                    if k in ("det_logits", "pred_boxes", "det_centerness_logits")
-                },
+                outputs,
                 threshold=DETECTION_SCORE_THRESHOLD,
                 target_sizes=orig_sizes,
             )
@@ -140,7 +136,7 @@ def evaluate_task(
                 [{k: v.cpu() if hasattr(v, "cpu") else v for k, v in p.items()} for p in predictions], targets
             )
         else:
-            metric.update(outputs.seg_logits.argmax(dim=1).cpu(), batch["labels"].cpu())
+            metric.update(outputs["seg_logits"].argmax(dim=1).cpu(), batch["labels"].cpu())
     model.train(was_training)
     return metric.compute_detailed()
 

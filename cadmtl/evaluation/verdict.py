@@ -1,8 +1,8 @@
 """The OK / NG verdict of a multi-task model on dataset splits: score the images, calibrate the threshold, report.
 
 Every CAD config has an `is_normal` column. `score_verdict_split` runs the model's heads on the images of some
-configs' split, each head at the input size it was trained at (one forward pass per distinct size, like
-`cadmtl predict`), and keeps each image's anomaly score per head and their maximum
+configs' split, each head at the input size it was trained at (one forward pass per distinct size: the image
+processor's `forward_size_groups`, the inference path of `cadmtl predict`), and keeps each image's anomaly score per head and their maximum
 (`CadMtlImageProcessor.post_process_anomaly_score`) with its `is_normal` label; distributed-safe like the
 evaluation loop (each rank scores its shards in lockstep, the scores are gathered on every rank).
 `calibrate_verdict` picks the verdict source with the best image AUROC (ties go to `"max"`) and its threshold
@@ -47,18 +47,12 @@ from cadmtl.evaluation.metrics import (
     verdict_metrics,
 )
 from modeling_cadmtl import CadMtlImageProcessor
-from modeling_cadmtl.configuration_cadmtl import TASKS
+from modeling_cadmtl.tasks_cadmtl import TASKS
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["VerdictScores", "apply_calibration", "calibrate_verdict", "score_verdict_split", "verdict_report"]
 
-# The output fields each head's anomaly score reads.
-HEAD_FIELDS = {
-    "cls": ("cls_logits",),
-    "det": ("det_logits", "det_centerness_logits"),
-    "seg": ("seg_logits",),
-}
 VERDICT_COLUMNS = ("image", "image_id", "is_normal")
 
 
@@ -93,15 +87,12 @@ class VerdictScores:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def size_groups(image_sizes: dict[str, int], heads: Sequence[str]) -> list[tuple[int, tuple[str, ...]]]:
-    """The heads grouped by the square input size they were trained at, in `TASKS` order."""
+def verdict_processor(image_sizes: dict[str, int], heads: Sequence[str]) -> CadMtlImageProcessor:
+    """The image processor whose size groups (`CadMtlImageProcessor.size_groups`) are the heads' training sizes."""
     missing = [head for head in heads if head not in image_sizes]
     if missing:
         raise ValueError(f"No input size for the heads {missing}; image_sizes gives {image_sizes}.")
-    groups: dict[int, list[str]] = {}
-    for head in (t for t in TASKS if t in heads):
-        groups.setdefault(int(image_sizes[head]), []).append(head)
-    return [(size, tuple(group)) for size, group in groups.items()]
+    return CadMtlImageProcessor(task_sizes={head: int(image_sizes[head]) for head in heads})
 
 
 class VerdictTransform:
@@ -176,7 +167,8 @@ def verdict_batches(
 def score_verdict_batches(
     model: torch.nn.Module,
     batches: Iterable[dict[str, Any]],
-    groups: list[tuple[int, tuple[str, ...]]],
+    processor: CadMtlImageProcessor,
+    heads: Sequence[str],
     *,
     normal_class_id: int | None,
     device: torch.device,
@@ -184,23 +176,22 @@ def score_verdict_batches(
     show_progress: bool = True,
     description: str = "verdict",
 ) -> VerdictScores:
-    """This rank's scores of `batches` (see `verdict_batches`); `model` may be the wrapped (DDP / FSDP) model."""
-    processor = CadMtlImageProcessor()
-    heads = tuple(head for _, group in groups for head in group)
+    """This rank's scores of `batches` (see `verdict_batches`, at the sizes of `processor.size_groups(heads)`);
+    `model` may be the wrapped (DDP / FSDP) model."""
+    heads = tuple(heads)
+    sides = [size["height"] for size, _ in processor.size_groups(heads)]
     ids: list[str] = []
     labels: list[bool] = []
     scores: dict[str, list[float]] = {}
     was_training = model.training
     model.eval()
     for batch in tqdm(lockstep(batches, device), desc=description, disable=not show_progress, leave=False):
-        outputs: dict[str, torch.Tensor] = {}
-        for size, group in groups:
-            pixel_values = batch["pixel_values"] if batch.get("is_padding") else batch["pixel_values"][size]
-            with torch.autocast(
-                device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-            ):
-                group_outputs = model(pixel_values.to(device), task=group[0] if len(group) == 1 else None)
-            outputs.update({f: group_outputs[f].float() for head in group for f in HEAD_FIELDS[head]})
+        pixels = batch["pixel_values"]
+        inputs = [{"pixel_values": pixels if batch.get("is_padding") else pixels[side]} for side in sides]
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
+            outputs = processor.forward_size_groups(model, inputs, heads, device=device)
         if batch.get("is_padding"):
             continue
         results = processor.post_process_anomaly_score(
@@ -256,14 +247,16 @@ def score_verdict_split(
     gathered over ranks. `heads` run at their `image_sizes` entry; `normal_class_id` is the classifier's
     `normal` class (None: the `cls` head gives no score)."""
     device = torch.device(device)
-    groups = size_groups(image_sizes, heads)
+    heads = tuple(t for t in TASKS if t in heads)
+    processor = verdict_processor(image_sizes, heads)
+    sides = [size["height"] for size, _ in processor.size_groups(heads)]
     parts = []
     for config in configs:
         batches = verdict_batches(
             dataset,
             config,
             split,
-            [size for size, _ in groups],
+            sides,
             batch_size=batch_size,
             num_workers=num_workers,
             rank=rank,
@@ -273,7 +266,8 @@ def score_verdict_split(
         part = score_verdict_batches(
             model,
             batches,
-            groups,
+            processor,
+            heads,
             normal_class_id=normal_class_id,
             device=device,
             autocast_dtype=autocast_dtype,

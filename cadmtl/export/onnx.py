@@ -44,26 +44,20 @@ from PIL import Image
 
 from cadmtl.model_kinds import ANOMALY_MODEL_KINDS, CADMTL, LOCALIZER, load_pretrained, require_model_kind
 from modeling_cadmtl import CadMtlConfig, CadMtlImageProcessor, CadMtlModel
-from modeling_cadmtl.configuration_cadmtl import TASKS
+from modeling_cadmtl.tasks_cadmtl import TASK_DEFINITIONS, TASKS, get_task, output_fields, task_of_field
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MIN_OPSET", "OUTPUT_FIELDS", "OnnxPredictor", "export_onnx", "session_options"]
+__all__ = ["MIN_OPSET", "OnnxPredictor", "export_onnx", "session_options"]
 
 MIN_OPSET = 18
 ONNX_FILE = "model.onnx"
 EXPORT_INFO_FILE = "onnx_export.json"
-# The outputs of each head, named like the fields of `CadMtlOutput`.
-OUTPUT_FIELDS = {
-    "cls": ("cls_logits",),
-    "det": ("det_logits", "det_centerness_logits", "pred_boxes"),
-    "seg": ("seg_logits",),
-}
-RESULT_KEYS = {"cls": "classification", "det": "detection", "seg": "segmentation"}
 
 
 class _ExportedHeads(torch.nn.Module):
-    """`pixel_values -> (the output tensors of `tasks`)`, in `OUTPUT_FIELDS` order."""
+    """`pixel_values -> (the output tensors of `tasks`)`, in `tasks_cadmtl.output_fields(tasks)` order (the graph's
+    outputs are named like the fields of `CadMtlOutput`)."""
 
     def __init__(self, model: CadMtlModel, tasks: tuple[str, ...]) -> None:
         super().__init__()
@@ -71,7 +65,7 @@ class _ExportedHeads(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.model(pixel_values, task=self.tasks[0] if len(self.tasks) == 1 else None)
-        return tuple(getattr(outputs, field) for task in self.tasks for field in OUTPUT_FIELDS[task])
+        return tuple(getattr(outputs, field) for field in output_fields(self.tasks))
 
 
 def _load_processor(model_dir: str | os.PathLike) -> CadMtlImageProcessor:
@@ -155,7 +149,7 @@ def export_onnx(
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / ONNX_FILE
     parameters_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    output_names = [field for t in tasks for field in OUTPUT_FIELDS[t]]
+    output_names = list(output_fields(tasks))
     with torch.no_grad():
         torch.onnx.export(
             _ExportedHeads(model, tasks).eval(),
@@ -247,19 +241,21 @@ class OnnxPredictor:
         )
         self.output_names = [output.name for output in self.session.get_outputs()]
         self._check_outputs()
-        self.tasks = tuple(t for t in TASKS if OUTPUT_FIELDS[t][0] in self.output_names)
+        self.tasks = tuple(t for t in TASKS if get_task(t).output_fields[0] in self.output_names)
         input_shape = self.session.get_inputs()[0].shape
         self.input_size = tuple(input_shape[2:]) if all(isinstance(d, int) for d in input_shape[2:]) else None
+        if self.input_size is not None:  # a graph of fixed size takes that size for every head
+            self.processor.size = {"height": self.input_size[0], "width": self.input_size[1]}
+            self.processor.task_sizes = None
 
     def _check_outputs(self) -> None:
-        known = {field: task for task, fields in OUTPUT_FIELDS.items() for field in fields}
-        unknown = [name for name in self.output_names if name not in known]
+        unknown = [name for name in self.output_names if task_of_field(name) is None]
         if unknown:
             raise ValueError(
                 f"{self.folder / ONNX_FILE} has outputs {unknown} that are not CadMtl outputs "
-                f"(expected some of {list(known)})."
+                f"(expected some of {list(output_fields(TASKS))})."
             )
-        for task, fields in OUTPUT_FIELDS.items():
+        for task, fields in ((task.name, task.output_fields) for task in TASK_DEFINITIONS.values()):
             present = [field for field in fields if field in self.output_names]
             if present and len(present) != len(fields):
                 raise ValueError(
@@ -280,11 +276,6 @@ class OnnxPredictor:
                     "different models (export them together)."
                 )
 
-    def _size_groups(self, tasks: tuple[str, ...]) -> list[tuple[dict[str, int], tuple[str, ...]]]:
-        if self.input_size is not None:
-            return [({"height": self.input_size[0], "width": self.input_size[1]}, tasks)]
-        return self.processor.size_groups(tasks)
-
     def run(self, pixel_values: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """The raw outputs `{name: tensor}` for preprocessed `pixel_values (B, 3, H, W)`."""
         if isinstance(pixel_values, torch.Tensor):
@@ -293,6 +284,19 @@ class OnnxPredictor:
             None, {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)}
         )
         return {name: torch.from_numpy(value) for name, value in zip(self.output_names, values)}
+
+    def __call__(
+        self, pixel_values: np.ndarray | torch.Tensor, task: str | None = None, pixel_mask: Any = None
+    ) -> dict[str, torch.Tensor]:
+        """`run`, called like `CadMtlModel` so the processor's one inference path (`forward_size_groups`) drives
+        the graph. The graph computes all its heads whatever `task` is, and takes no pixel mask: padded images
+        (an aspect-preserving size) would be scored as if the padding were image."""
+        if pixel_mask is not None and not bool(torch.as_tensor(pixel_mask).all()):
+            raise ValueError(
+                f"{self.folder / ONNX_FILE} takes no pixel_mask: give images of one aspect ratio, or export with a "
+                "fixed size (height and width) in preprocessor_config.json."
+            )
+        return self.run(pixel_values)
 
     def predict(
         self,
@@ -316,26 +320,21 @@ class OnnxPredictor:
         verdict_heads = tuple(head for head in self.config.verdict_heads if head in self.tasks)
         gives_verdict = bool(verdict_heads) and self.config.verdict_source in ("max", *verdict_heads)
         if not images:
-            return {RESULT_KEYS[task]: [] for task in self.tasks} | ({"verdict": []} if gives_verdict else {})
+            return {get_task(task).result_key: [] for task in self.tasks} | (
+                {"verdict": []} if gives_verdict else {}
+            )
         target_sizes = [_image_size(image) for image in images]
-        outputs: dict[str, torch.Tensor] = {}
-        for size, tasks in self._size_groups(self.tasks):
-            inputs = self.processor(images, size=size, return_tensors="pt")
-            group = self.run(inputs["pixel_values"])
-            outputs.update({field: group[field] for task in tasks for field in OUTPUT_FIELDS[task]})
+        outputs = self.processor.predict(self, images, self.tasks)
+        # the call options of each head's post-processing (`TaskDefinition.post_process`)
+        options = {
+            "cls": {"top_k": top_k, "id2label": dict(enumerate(self.config.cls_labels))},
+            "det": {"threshold": det_threshold, "target_sizes": target_sizes, "nms_threshold": nms_threshold},
+            "seg": {"target_sizes": target_sizes},
+        }
         results: dict[str, list[Any]] = {}
-        if "cls" in self.tasks:
-            results["classification"] = self.processor.post_process_image_classification(
-                outputs, top_k=top_k, id2label=dict(enumerate(self.config.cls_labels))
-            )
-        if "det" in self.tasks:
-            results["detection"] = self.processor.post_process_object_detection(
-                outputs, threshold=det_threshold, target_sizes=target_sizes, nms_threshold=nms_threshold
-            )
-        if "seg" in self.tasks:
-            results["segmentation"] = self.processor.post_process_semantic_segmentation(
-                outputs, target_sizes=target_sizes
-            )
+        for task in map(get_task, self.tasks):
+            post_process = getattr(self.processor, task.post_process)
+            results[task.result_key] = post_process(outputs, **options[task.name])
         if gives_verdict:
             threshold = self.config.verdict_threshold if verdict_threshold is None else verdict_threshold
             results["verdict"] = self.processor.post_process_anomaly_score(

@@ -337,12 +337,6 @@ def _read_items(sources: Sequence[ImageSource], video_fps: float) -> Iterator[_I
 # coarser than either size, so the map looks the same; 2**23 keeps a 12 MP photo's map at ~0.2 GB and ~1 s.
 _MAX_SEGMENTATION_LOGITS = 2**23
 
-_TASK_FIELDS = {
-    "cls": ("cls_logits",),
-    "det": ("det_logits", "det_centerness_logits", "pred_boxes"),
-    "seg": ("seg_logits",),
-}
-
 
 def default_device() -> str:
     """Where inference runs when nobody says: CUDA, else Apple's MPS, else the CPU."""
@@ -435,15 +429,10 @@ class Predictor:
     def __call__(self, images: Sequence[Image.Image]) -> list[ImageResult]:
         """Score RGB PIL images (one batch: every image goes through the model at once)."""
         config = self.config
-        outputs: dict[str, Any] = {}
-        masks: dict[str, torch.Tensor | None] = {}
-        for _, group in self.processor.size_groups(TASKS):
-            group_outputs, pixel_mask = _forward(self.model, self.processor, images, group)
-            for task in group:
-                outputs.update({name: group_outputs[name] for name in _TASK_FIELDS[task]})
-                masks[task] = pixel_mask
+        # the processor's one inference path: each head at its own input size, one forward pass per size
+        outputs = self.processor.predict(self.model, list(images), TASKS, device=_device(self.model))
         sizes = [(image.height, image.width) for image in images]
-        scores = self.processor.post_process_verdict(outputs, config, pixel_mask=masks["seg"])
+        scores = self.processor.post_process_verdict(outputs, config)
         ranked = self.processor.post_process_image_classification(
             outputs, top_k=self.top_k_classes, id2label=dict(enumerate(config.cls_labels))
         )
@@ -461,7 +450,7 @@ class Predictor:
             )
             if "seg" in self.tasks:  # a full-size class map costs time and memory: only when it is drawn
                 logits = outputs["seg_logits"][index]
-                pixel_mask = masks["seg"]
+                pixel_mask = outputs.get("seg_pixel_mask")
                 if pixel_mask is not None:
                     # padding sits at the bottom / right: keep the part of the input that is the image
                     rows, columns = pixel_mask[index].any(dim=1).sum(), pixel_mask[index].any(dim=0).sum()
@@ -485,21 +474,8 @@ class Predictor:
         return draw_predictions(image, shown, self.config.det_labels, self.config.seg_labels)
 
 
-def _forward(
-    model: Any, processor: Any, images: Sequence[Image.Image], tasks: tuple[str, ...]
-) -> tuple[Any, torch.Tensor | None]:
-    """The model's outputs for `tasks` on `images` preprocessed at the size of those tasks, and the pixel mask."""
-    device = next(model.parameters()).device
-    size = processor.size_for(tasks[0])
-    fixed_size = size.get("height") is not None
-    inputs = processor(
-        list(images), return_tensors="pt", size=size, **({} if fixed_size else {"do_pad": True})
-    )
-    pixel_values = inputs["pixel_values"].to(device)
-    pixel_mask = inputs.get("pixel_mask")
-    pixel_mask = pixel_mask.to(device) if pixel_mask is not None else None
-    outputs = model(pixel_values, task=tasks[0] if len(tasks) == 1 else None, pixel_mask=pixel_mask)
-    return outputs, pixel_mask
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _class_map(processor: Any, logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

@@ -25,6 +25,7 @@ HUB_FILES = {
     "image_processing_cadmtl.py",
     "model_card_cadmtl.py",
     "pipeline_cadmtl.py",
+    "tasks_cadmtl.py",
 }
 # The second Hub package: the normal-only anomaly models (scorer, learner), shipped by their save_pretrained.
 ANOMALY_HUB_PACKAGE = REPO_ROOT / "modeling_cadmtl_anomaly"

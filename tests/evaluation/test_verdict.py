@@ -21,7 +21,7 @@ from cadmtl.evaluation.verdict import (
     apply_calibration,
     calibrate_verdict,
     score_verdict_split,
-    size_groups,
+    verdict_processor,
 )
 from cadmtl.testing import tiny_cadmtl_config
 from dataset_scripts.make_demo import build_demo
@@ -226,10 +226,13 @@ def test_verdict_heads_follow_the_trained_tasks() -> None:
     assert tiny_cadmtl_config(
         cls_labels=["door", "hood"], image_sizes={"cls": 32, "seg": 64}
     ).verdict_heads == ("seg",)
-    assert size_groups({"cls": 32, "det": 64, "seg": 64}, ("cls", "det", "seg")) == [
-        (32, ("cls",)),
-        (64, ("det", "seg")),
+    processor = verdict_processor({"cls": 32, "det": 64, "seg": 64}, ("cls", "det", "seg"))
+    assert processor.size_groups(("cls", "det", "seg")) == [
+        ({"height": 32, "width": 32}, ("cls",)),
+        ({"height": 64, "width": 64}, ("det", "seg")),
     ]
+    with pytest.raises(ValueError, match=r"No input size for the heads \['seg'\]"):
+        verdict_processor({"cls": 32}, ("cls", "seg"))
 
 
 # ------------------------------------------------------------------------------------------------------------

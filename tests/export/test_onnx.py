@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 from cadmtl.export.command import main as export_main
-from cadmtl.export.onnx import OUTPUT_FIELDS, OnnxPredictor, export_onnx
+from cadmtl.export.onnx import OnnxPredictor, export_onnx
 from cadmtl.testing import tiny_cadmtl_config
 from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
+from modeling_cadmtl.tasks_cadmtl import TASKS, output_fields
 
-ALL_OUTPUTS = [field for fields in OUTPUT_FIELDS.values() for field in fields]
+ALL_OUTPUTS = list(output_fields(TASKS))
 
 
 def images() -> list[Image.Image]:

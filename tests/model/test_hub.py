@@ -43,6 +43,7 @@ def test_save_pretrained_writes_a_complete_hub_repo(saved_model) -> None:
         "detection_cadmtl.py",
         "segmentation_cadmtl.py",
         "neck_cadmtl.py",
+        "tasks_cadmtl.py",
     } <= files
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "cadmtl"

@@ -4,6 +4,9 @@ each transformers pipeline feeds its head at that head's size."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +81,78 @@ def test_each_pipeline_feeds_its_head_at_its_own_size(saved_model: Path) -> None
         side = TASK_SIZES[task]
         assert tuple(inputs["pixel_values"].shape) == (1, 3, side, side), task_name
         assert pipe(image(), **kwargs)  # and the whole pipeline runs at that size
+
+
+# Loads the saved folder the way a Hub user must: `pipeline(..., trust_remote_code=True)`, with the project's
+# packages unimportable (a meta-path finder refuses them), offline.
+REMOTE_PIPELINES = """
+import json
+import sys
+
+
+class RefuseProjectPackages:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("cadmtl", "modeling_cadmtl", "dataset_scripts"):
+            raise ModuleNotFoundError(f"{name} is blocked: only the repo's own code may run")
+        return None
+
+
+sys.meta_path.insert(0, RefuseProjectPackages())
+import numpy as np
+from PIL import Image
+from transformers import pipeline
+
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8))
+seen = {}
+for name, kwargs in (
+    ("image-classification", {}),
+    ("object-detection", {"threshold": 0.0}),
+    ("image-segmentation", {"subtask": "semantic"}),
+):
+    pipe = pipeline(name, model=sys.argv[1], trust_remote_code=True)
+    inputs = pipe.preprocess(image, **({"subtask": "semantic"} if name == "image-segmentation" else {}))
+    outputs = pipe(image, **kwargs)
+    seen[name] = {
+        "processor": type(pipe.image_processor).__module__,
+        "model": type(pipe.model).__module__,
+        "task": pipe.image_processor.task,
+        "shape": list(inputs["pixel_values"].shape),
+        "outputs": len(outputs),
+    }
+try:
+    import cadmtl  # noqa: F401
+except ImportError:
+    seen["cadmtl importable"] = False
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+def test_remote_code_pipelines_feed_each_head_at_its_own_size(saved_model: Path, tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    completed = subprocess.run(
+        [sys.executable, "-c", REMOTE_PIPELINES, str(saved_model)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    seen = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert seen.pop("cadmtl importable") is False
+    for name, task in (
+        ("image-classification", "cls"),
+        ("object-detection", "det"),
+        ("image-segmentation", "seg"),
+    ):
+        side = TASK_SIZES[task]
+        assert seen[name]["processor"].startswith("transformers_modules."), seen[name]
+        assert seen[name]["model"].startswith("transformers_modules."), seen[name]
+        assert seen[name]["task"] == task
+        assert seen[name]["shape"] == [1, 3, side, side], name
+        assert seen[name]["outputs"] > 0, name
 
 
 def test_predict_runs_one_forward_per_distinct_size() -> None:
