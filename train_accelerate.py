@@ -80,6 +80,7 @@ from cadmtl.training.step import (
 )
 from cadmtl.training.verdict import calibrate_and_report_verdict
 from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
+from modeling_cadmtl.configuration_cadmtl import backbone_normalization
 
 logger = logging.getLogger("train_accelerate")
 
@@ -135,7 +136,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **(model.config.image_sizes or {}),
         **{task: image_sizes[task] for task in tasks},
     }
+    image_mean, image_std = backbone_normalization(model.config.backbone_config)
     loader_settings = LoaderSettings(
+        image_mean=tuple(image_mean),
+        image_std=tuple(image_std),
         dataset=data_args.dataset,
         split=data_args.train_split,
         image_sizes=image_sizes,
@@ -252,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     processor = CadMtlImageProcessor(
         size={"height": image_sizes["det"], "width": image_sizes["det"]},
         task_sizes={t: image_sizes[t] for t in tasks},
+        image_mean=image_mean,
+        image_std=image_std,
     )
     if train_args.eval_every and accelerator.is_main_process:
         results_csv.open(state.step if checkpoint is not None else None)

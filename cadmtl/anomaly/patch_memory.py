@@ -47,7 +47,7 @@ __all__ = [
 PRETRAINED_DEFAULTS = {
     "layers": [2, 3],
     "image_size": 256,
-    "coreset_fraction": 0.025,
+    "coreset_fraction": 0.01,
     "sigma": 4.0,
     "k": 1,
     "image_score": "max",

@@ -199,6 +199,17 @@ def test_the_presets_are_timm_backbones_that_never_download() -> None:
         CadMtlConfig(backbone_config=backbone_preset(NAME, out_indices=[3, 4]))
 
 
+def test_the_two_hub_copies_of_the_normalisation_agree() -> None:
+    from cadmtl.testing import tiny_convnext_config, tiny_vit_config
+    from modeling_cadmtl.configuration_cadmtl import backbone_normalization
+    from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import backbone_normalization as anomaly_copy
+
+    half = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    assert backbone_normalization(backbone_preset(NAME)) == anomaly_copy(backbone_preset(NAME)) == half
+    for config in (tiny_vit_config(), tiny_convnext_config()):
+        assert backbone_normalization(config) == anomaly_copy(config) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
 def test_the_multitask_model_saves_loads_and_normalises_to_minus_one_one(tmp_path: Path) -> None:
     from cadmtl.training.arguments import ModelArguments
     from cadmtl.training.setup import build_model
