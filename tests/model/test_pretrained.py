@@ -207,7 +207,11 @@ def test_the_two_hub_copies_of_the_normalisation_agree() -> None:
     half = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
     assert backbone_normalization(backbone_preset(NAME)) == anomaly_copy(backbone_preset(NAME)) == half
     for config in (tiny_vit_config(), tiny_convnext_config()):
-        assert backbone_normalization(config) == anomaly_copy(config) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        assert (
+            backbone_normalization(config)
+            == anomaly_copy(config)
+            == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        )
 
 
 def test_the_multitask_model_saves_loads_and_normalises_to_minus_one_one(tmp_path: Path) -> None:
@@ -421,3 +425,15 @@ def test_anomaly_fit_without_backbone_fits_the_pretrained_scorer(tmp_path: Path)
     assert (
         config["backbone_config"]["backbone"] == "tf_efficientnet_lite0" and config["image_mean"] == [0.5] * 3
     )
+
+
+def test_the_reference_localiser_feeds_the_backbone_minus_one_one_pixels() -> None:
+    from cadmtl.reference.localize import PairRunner, default_layers
+    from cadmtl.reference.localizer import ReferenceLocalizer
+
+    backbone = load_backbone(NAME)[0]
+    assert default_layers(backbone) == [2, 3]
+    runner = PairRunner(PatchFeatureExtractor(backbone, [2, 3]), ReferenceLocalizer(), image_size=64)
+    images = pictures(2)
+    expected = runner.extractor(to_pixel_values(images, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    torch.testing.assert_close(runner.features(images), expected, rtol=0, atol=0)
