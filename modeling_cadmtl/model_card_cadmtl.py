@@ -196,6 +196,10 @@ def _backbone_description(config: Any) -> str:
             f"{backbone.num_hidden_layers} layers, {backbone.num_register_tokens} register tokens); the heads read "
             f"layers {backbone.out_indices}"
         )
+    if backbone.model_type == "timm_backbone":
+        return (
+            f"timm `{backbone.backbone}` (feature levels {list(backbone.out_indices)} at strides 8 / 16 / 32)"
+        )
     return f"DINOv3 ConvNeXt (hidden sizes {list(backbone.hidden_sizes)}, depths {list(backbone.depths)})"
 
 

@@ -25,13 +25,15 @@ from torchvision.ops import box_convert
 from transformers import AutoBackbone, AutoConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput, SemanticSegmenterOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, is_timm_available
 
 from .configuration_cadmtl import (
     CUSTOM_PIPELINES,
     PYRAMID_STRIDES,
     TASKS,
+    TIMM_INSTALL_HINT,
     CadMtlConfig,
+    backbone_normalization,
     default_vit_out_indices,
 )
 from .detection_cadmtl import (
@@ -177,7 +179,8 @@ class CadMtlPreTrainedModel(PreTrainedModel):
         ):
             from .image_processing_cadmtl import CadMtlImageProcessor
 
-            image_processor = CadMtlImageProcessor()
+            mean, std = backbone_normalization(self.config.backbone_config)
+            image_processor = CadMtlImageProcessor(image_mean=mean, image_std=std)
         if image_processor is not None:
             image_processor.save_pretrained(save_directory)
         write_model_card(save_directory, self.config, model_card_data)
@@ -224,12 +227,16 @@ class CadMtlModel(CadMtlPreTrainedModel):
 
     def __init__(self, config: CadMtlConfig):
         super().__init__(config)
+        if config.is_timm and not is_timm_available():
+            raise ImportError(
+                f"This model's backbone is the timm network {config.backbone_config.backbone!r}: {TIMM_INSTALL_HINT}"
+            )
         self.backbone = AutoBackbone.from_config(config.backbone_config)
-        backbone_channels = config.backbone_channels
+        backbone_channels = list(self.backbone.channels) if config.is_timm else config.backbone_channels
         if config.is_vit:
             cls_features, backbone_stride = 2 * config.backbone_config.hidden_size, config.patch_size
         else:
-            cls_features, backbone_stride = config.backbone_config.hidden_sizes[-1], None
+            cls_features, backbone_stride = backbone_channels[-1], None
         self.cls_head = ClassificationHead(
             cls_features, len(config.cls_labels), config.cls_dropout, normalize=not config.is_vit
         )

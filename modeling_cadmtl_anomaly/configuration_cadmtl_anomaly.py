@@ -17,9 +17,31 @@ from .features_cadmtl_anomaly import check_ivf_arguments
 
 IMAGENET_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD = tuple(IMAGENET_DEFAULT_STD)
+# A timm backbone (transformers' `TimmBackbone`, e.g. cad-mtl's ImageNet EfficientNet-Lite) needs timm to be built.
+TIMM_INSTALL_HINT = "pip install timm (or cad-mtl's `pretrained` extra: pip install 'cad-mtl[pretrained]')"
+
+
+def backbone_normalization(backbone_config: PreTrainedConfig) -> tuple[list[float], list[float]]:
+    """(mean, std) of the pixels the backbone's pretrained weights expect: timm's pretrained config for a timm
+    architecture (0.5 / 0.5, i.e. pixels in [-1, 1], for the TF EfficientNet-Lite weights), ImageNet's otherwise.
+    (A copy of `modeling_cadmtl.configuration_cadmtl.backbone_normalization`: Hub packages are self-contained.)"""
+    if backbone_config.model_type == "timm_backbone":
+        try:
+            import timm
+
+            pretrained = timm.get_pretrained_cfg(backbone_config.backbone)
+        except ImportError as error:
+            raise ImportError(
+                f"{backbone_config.backbone!r} is a timm network: {TIMM_INSTALL_HINT}"
+            ) from error
+        if pretrained is not None:
+            return [float(v) for v in pretrained.mean], [float(v) for v in pretrained.std]
+    return list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+
 IMAGE_SCORE_MODES = ("max", "top_mean")
 METRICS = ("l2", "cosine")
-SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext")
+SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext", "timm_backbone")
 
 # The learner's proxy tasks and shapes.
 TASKS = ("inpaint", "rotation", "segment")
@@ -41,11 +63,13 @@ class PatchMemoryConfig(PreTrainedConfig):
 
     Args:
         backbone_config (`dict` or `PreTrainedConfig`, *optional*):
-            A `DINOv3ViTConfig` (default, shaped like ViT-S/16) or `DINOv3ConvNextConfig`.
+            A `DINOv3ViTConfig` (default, shaped like ViT-S/16), `DINOv3ConvNextConfig` or `TimmBackboneConfig`
+            (e.g. `tf_efficientnet_lite0`, built by transformers' `TimmBackbone`; needs timm).
         backbone_class (`str`, *optional*):
             The transformers class of the backbone (`DINOv3ViTModel`, `DINOv3ViTBackbone`, ...); None: `AutoModel`.
         layers (`list[int]`, *optional*):
             1-based backbone layers whose patch features are concatenated; None: (depth // 2, 3 * depth // 4).
+            A timm backbone's layers are its feature levels (`out_indices`); None: its first two.
         aggregate, layer_norm (`bool`): 3x3 neighbourhood averaging of the features; the backbone's final norm on
             every chosen ViT layer.
         image_size (`list[int]`, *optional*, defaults to `[224, 224]`):

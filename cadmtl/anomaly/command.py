@@ -38,13 +38,21 @@ from cadmtl.anomaly.models import (
     map_value_range,
     predict_image,
 )
-from cadmtl.anomaly.patch_memory import PatchMemoryScorer, calibrate_f1, calibrate_fpr
+from cadmtl.anomaly.patch_memory import (
+    PRETRAINED_DEFAULTS,
+    RANDOM_INIT_DEFAULTS,
+    PatchMemoryScorer,
+    calibrate_f1,
+    calibrate_fpr,
+)
 from cadmtl.features import load_backbone
 from cadmtl.pictures.overlays import draw_anomaly_map
 from cadmtl.pictures.predict import collect_images, load_image
+from cadmtl.pretrained import INSTALL_HINT, PRETRAINED_PRESETS, require_timm, wheel_weights_path
 from dataset_scripts.safe_paths import SafeOutputPaths, safe_output_path
 
 logger = logging.getLogger("cadmtl.anomaly")
+DEFAULT_BACKBONE = "efficientnet-lite0"  # when the `pretrained` extra is installed (see `resolve_backbone`)
 _UNCALIBRATED_REASON = "no validation split and no held-out normal train image to calibrate the thresholds on"
 
 
@@ -94,6 +102,44 @@ def calibrate(
     }
 
 
+def resolve_backbone(backbone: str | None) -> str:
+    """`--backbone`, or the default: the ImageNet EfficientNet-Lite0 where the `pretrained` extra is installed,
+    else the random `tiny` preset with a notice naming the extra (so the command runs on a bare install)."""
+    if backbone is not None:
+        return backbone
+    try:
+        require_timm()
+        wheel_weights_path(DEFAULT_BACKBONE)
+    except (ImportError, ValueError) as error:
+        logger.warning(
+            "no pretrained backbone (%s); fitting on the random-init `tiny` preset, whose features are near chance. "
+            "For real features: %s",
+            error,
+            INSTALL_HINT,
+        )
+        return "tiny"
+    return DEFAULT_BACKBONE
+
+
+def scorer_settings(backbone: str, args: argparse.Namespace) -> dict:
+    """The scorer's settings: the options given, the rest from the backbone's defaults (`PRETRAINED_DEFAULTS`
+    for the EfficientNet-Lite presets, chosen on magnetic tile; `RANDOM_INIT_DEFAULTS` otherwise)."""
+    defaults = PRETRAINED_DEFAULTS if backbone in PRETRAINED_PRESETS else RANDOM_INIT_DEFAULTS
+    given = {
+        "layers": args.layers,
+        "image_size": args.image_size,
+        "coreset_fraction": args.coreset_fraction,
+        "sigma": args.sigma,
+        "k": args.k,
+        "image_score": args.image_score,
+        "aggregate": False if args.no_pooling else None,
+    }
+    settings = {**defaults, **{key: value for key, value in given.items() if value is not None}}
+    size = settings["image_size"]
+    settings["image_size"] = (size, size)
+    return settings
+
+
 def fit(args: argparse.Namespace) -> int:
     train = normal_only(
         load_anomaly_split(args.repo, args.config, "train", args.max_train), f"{args.config}/train"
@@ -109,17 +155,19 @@ def fit(args: argparse.Namespace) -> int:
     bank_images = [train[i] for i in sorted(order[held_out_count:])]
     if args.few_shot:
         bank_images = bank_images[: args.few_shot]
+    backbone_name = resolve_backbone(args.backbone)
+    settings = scorer_settings(backbone_name, args)
     scorer = PatchMemoryScorer.from_backbone(
-        load_backbone(args.backbone, args.seed)[0],
-        layers=args.layers,
-        coreset_fraction=args.coreset_fraction,
-        image_size=(args.image_size, args.image_size),
+        load_backbone(backbone_name, args.seed)[0],
         seed=args.seed,
         search_num_lists=args.search_lists,
         search_num_probes=args.search_probes,
+        **settings,
     )
     started = time.perf_counter()
-    pixel_values = to_pixel_values([s.image for s in bank_images], scorer.image_size)
+    pixel_values = to_pixel_values(
+        [s.image for s in bank_images], scorer.image_size, scorer.image_mean, scorer.image_std
+    )
     scorer.fit(pixel_values, batch_size=args.batch_size, few_shot=bool(args.few_shot))
     fit_seconds = time.perf_counter() - started
     if calibration:
@@ -147,7 +195,8 @@ def fit(args: argparse.Namespace) -> int:
     summary = {
         "repo": args.repo,
         "config": args.config,
-        "backbone": args.backbone,
+        "backbone": backbone_name,
+        "settings": settings,
         "normal_images_in_bank": len(bank_images),
         "memory_bank_patches": int(scorer.memory_bank.shape[0]),
         "memory_bank_mb": scorer.memory_bank.numel() * 4 / 2**20,
@@ -271,11 +320,33 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--config", required=True, help="an *_ad config")
     fit_parser.add_argument("--output-dir", required=True, help="the scorer is saved to OUTPUT_DIR/model")
     fit_parser.add_argument(
-        "--backbone", default="tiny", help="preset (random init), CadMtl model folder or DINOv3 checkpoint"
+        "--backbone",
+        default=None,
+        help="preset (tiny, vits16, ...: random init; efficientnet-lite0/1/2: ImageNet weights), CadMtl model folder "
+        f"or DINOv3 checkpoint; default {DEFAULT_BACKBONE} where the `pretrained` extra is installed, else tiny",
     )
-    fit_parser.add_argument("--layers", type=int, nargs="+", default=None, help="backbone layers (1-based)")
-    fit_parser.add_argument("--coreset-fraction", type=float, default=0.1)
-    fit_parser.add_argument("--image-size", type=int, default=224)
+    fit_parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="backbone layers (1-based; a timm backbone's feature levels 2 / 3 / 4 = strides 8 / 16 / 32); "
+        "default: the backbone's (see --backbone)",
+    )
+    fit_parser.add_argument("--coreset-fraction", type=float, default=None, help="default 0.1 (random-init)")
+    fit_parser.add_argument("--image-size", type=int, default=None, help="default 224 (random-init)")
+    fit_parser.add_argument(
+        "--sigma", type=float, default=None, help="Gaussian blur of the maps in input pixels; default 4"
+    )
+    fit_parser.add_argument(
+        "--k", type=int, default=None, help="mean distance to the k nearest bank patches; default 1"
+    )
+    fit_parser.add_argument(
+        "--image-score", choices=("max", "top_mean"), default=None, help="default top_mean"
+    )
+    fit_parser.add_argument(
+        "--no-pooling", action="store_true", help="no 3x3 neighbourhood averaging of the patch features"
+    )
     fit_parser.add_argument(
         "--few-shot", type=int, default=0, help="keep all patches of only K normal images"
     )

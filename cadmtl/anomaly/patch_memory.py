@@ -24,16 +24,44 @@ from safetensors.torch import load_file
 from torch import nn
 
 from modeling_cadmtl_anomaly import PatchMemoryConfig, PatchMemoryModel
+from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import backbone_normalization
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import gaussian_blur
-
-from ..data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 
 # One threshold calibration serves every scorer; re-exported here for `cadmtl.anomaly` users.
 from ..evaluation.metrics import calibrate_f1, calibrate_fpr
 from ..features import backbone_from_config, is_vit_config
 from .memory_bank import greedy_coreset
 
-__all__ = ["PatchMemoryScorer", "calibrate_f1", "calibrate_fpr", "gaussian_blur"]
+__all__ = [
+    "PRETRAINED_DEFAULTS",
+    "RANDOM_INIT_DEFAULTS",
+    "PatchMemoryScorer",
+    "calibrate_f1",
+    "calibrate_fpr",
+    "gaussian_blur",
+]
+
+# `cadmtl anomaly fit`'s settings per kind of backbone. The EfficientNet-Lite ones were chosen by a small sweep on
+# the magnetic-tile validation split (benchmarks/sweep_pretrained_anomaly.py, RESULTS.md); layers are its timm
+# feature levels (2 = stride 8, 3 = stride 16).
+PRETRAINED_DEFAULTS = {
+    "layers": [2, 3],
+    "image_size": 256,
+    "coreset_fraction": 0.01,
+    "sigma": 4.0,
+    "k": 1,
+    "image_score": "max",
+    "aggregate": True,
+}
+RANDOM_INIT_DEFAULTS = {
+    "layers": None,  # the backbone's default_layers
+    "image_size": 224,
+    "coreset_fraction": 0.1,
+    "sigma": 4.0,
+    "k": 1,
+    "image_score": "top_mean",
+    "aggregate": True,
+}
 
 # The earlier save layout (before the scorer became a Hub model): still loadable.
 LEGACY_MEMORY_BANK_NAME = "memory_bank.safetensors"
@@ -79,8 +107,8 @@ class PatchMemoryScorer(PatchMemoryModel):
         k: int = 1,
         seed: int = 0,
         projection_dim: int | None = 128,
-        image_mean: Sequence[float] = IMAGENET_MEAN,
-        image_std: Sequence[float] = IMAGENET_STD,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
         search_dtype: str | None = None,
@@ -89,7 +117,8 @@ class PatchMemoryScorer(PatchMemoryModel):
         search_num_lists: int | None = None,
         search_num_probes: int = 8,
     ) -> PatchMemoryScorer:
-        """A scorer with an empty memory bank on `backbone` (a DINOv3 ViT / ConvNeXt model or backbone).
+        """A scorer with an empty memory bank on `backbone` (a DINOv3 ViT / ConvNeXt model or backbone, or a
+        transformers `TimmBackbone` such as `cadmtl.pretrained.pretrained_backbone("efficientnet-lite0")`).
 
         Args:
             layers: backbone layers whose patch features are concatenated (1-based, see `cadmtl.features`);
@@ -100,12 +129,14 @@ class PatchMemoryScorer(PatchMemoryModel):
             image_score: "max" or "top_mean" (mean of the top `top_fraction` of the patch distances).
             sigma: Gaussian smoothing of the maps, in pixels of the query image.
             metric: "l2" (PatchCore) or "cosine" (AnomalyDINO) patch distance.
-            image_mean, image_std: the normalisation the inputs are expected to carry (saved with the processor).
+            image_mean, image_std: the normalisation the inputs are expected to carry (saved with the processor);
+                None: what the backbone's weights expect (ImageNet's, or [-1, 1] for the EfficientNet-Lite ones).
             search_dtype, search_projection_dim, num_candidates: approximate nearest-neighbour search (see
                 `NearestNeighborIndex`), e.g. "bfloat16" and 128; None (default) searches exactly in float32.
             search_num_lists, search_num_probes: inverted-file approximate search (k-means lists, seeded by
                 `seed`; ~sqrt(bank size) lists); None (default) searches exactly.
         """
+        default_mean, default_std = backbone_normalization(backbone.config)
         config = PatchMemoryConfig(
             backbone_config=backbone.config,
             backbone_class=type(backbone).__name__,
@@ -126,8 +157,8 @@ class PatchMemoryScorer(PatchMemoryModel):
             coreset_fraction=coreset_fraction,
             seed=seed,
             projection_dim=projection_dim,
-            image_mean=list(image_mean),
-            image_std=list(image_std),
+            image_mean=list(image_mean if image_mean is not None else default_mean),
+            image_std=list(image_std if image_std is not None else default_std),
             image_threshold=image_threshold,
             pixel_threshold=pixel_threshold,
         )

@@ -10,7 +10,7 @@ from typing import Any
 import datasets
 import torch
 
-from cadmtl.data.pipeline import load_split, make_dataloader
+from cadmtl.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, load_split, make_dataloader
 from dataset_scripts.schema import label_names as dataset_label_names
 
 
@@ -83,6 +83,9 @@ class LoaderSettings:
     rank: int
     world_size: int
     task_batch_sizes: dict[str, int] | None = None  # training batch size per task (default: batch_size)
+    # The normalisation the backbone's weights expect (`backbone_normalization`: [-1, 1] for EfficientNet-Lite).
+    image_mean: tuple[float, ...] = IMAGENET_MEAN
+    image_std: tuple[float, ...] = IMAGENET_STD
 
     def train_batch_size(self, task: str) -> int:
         return (self.task_batch_sizes or {}).get(task, self.batch_size)
@@ -101,6 +104,8 @@ def source_loader(
         image_size=settings.image_sizes[source.task],
         train=train,
         label_map=source.label_map,
+        image_mean=settings.image_mean,
+        image_std=settings.image_std,
         num_workers=settings.num_workers,
         seed=settings.seed,
         rank=settings.rank,

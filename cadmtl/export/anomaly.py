@@ -40,6 +40,7 @@ from cadmtl.reference.localizer import (
     window_nearest_distance,
 )
 from modeling_cadmtl_anomaly import AnomalyImageProcessor, AnomalyLearnerConfig, PatchMemoryConfig
+from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import backbone_normalization
 from modeling_cadmtl_anomaly.image_processing_cadmtl_anomaly import image_size_of
 
 __all__ = [
@@ -282,7 +283,10 @@ def export_localizer_onnx(
     graph = LocalizerGraph(extractor, localizer, image_size)
     _export(graph, example, onnx_path, LOCALIZER_INPUTS, LOCALIZER_OUTPUTS, opset, optimize)
     (out_dir / LOCALIZER_FILE).write_text(json.dumps({**run, "backbone": described}, indent=2) + "\n")
-    AnomalyImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+    mean, std = backbone_normalization(backbone.config)  # as the localiser run normalised (PairRunner)
+    AnomalyImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std
+    ).save_pretrained(out_dir)
     info = {
         "kind": "localizer",
         "inputs": list(LOCALIZER_INPUTS),

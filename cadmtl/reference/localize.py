@@ -39,6 +39,7 @@ from cadmtl.features import (
 from cadmtl.model_kinds import LOCALIZER, LOCALIZER_FILE, require_model_kind
 from cadmtl.pictures.overlays import ImagePrediction, draw_predictions
 from dataset_scripts.safe_paths import SafeOutputPaths
+from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import backbone_normalization
 
 from .localizer import (
     ReferenceLocalizer,
@@ -84,7 +85,8 @@ class PairRunner:
     @torch.no_grad()
     def features(self, images: Sequence[Image.Image]) -> torch.Tensor:
         self.forwards += len(images)
-        return self.extractor(to_pixel_values(images, self.image_size).to(self.device)).float()
+        pixels = to_pixel_values(images, self.image_size, *backbone_normalization(self.extractor.config))
+        return self.extractor(pixels.to(self.device)).float()
 
     def reference_features(self, pairs: Sequence[Pair]) -> torch.Tensor:
         """(B, C, h, w) features of the pairs' references, computing each missing ``reference_id`` once."""

