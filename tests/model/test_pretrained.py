@@ -200,12 +200,18 @@ def test_the_presets_are_timm_backbones_that_never_download() -> None:
 
 
 def test_the_two_hub_copies_of_the_normalisation_agree() -> None:
+    import timm
+
     from cadmtl.testing import tiny_convnext_config, tiny_vit_config
     from modeling_cadmtl.configuration_cadmtl import backbone_normalization
     from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import backbone_normalization as anomaly_copy
 
     half = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
-    assert backbone_normalization(backbone_preset(NAME)) == anomaly_copy(backbone_preset(NAME)) == half
+    for name in pretrained.PRETRAINED_PRESETS:  # what timm's pretrained config of the architecture says
+        config = backbone_preset(name)
+        assert backbone_normalization(config) == anomaly_copy(config) == half
+        timm_config = timm.get_pretrained_cfg(config.backbone)
+        assert (list(timm_config.mean), list(timm_config.std)) == half
     for config in (tiny_vit_config(), tiny_convnext_config()):
         assert (
             backbone_normalization(config)
