@@ -333,8 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="backbone layers (1-based; a timm backbone's feature levels 2 / 3 / 4 = strides 8 / 16 / 32); "
         "default: the backbone's (see --backbone)",
     )
-    fit_parser.add_argument("--coreset-fraction", type=float, default=None, help="default 0.1 (random-init)")
-    fit_parser.add_argument("--image-size", type=int, default=None, help="default 224 (random-init)")
+    fit_parser.add_argument(
+        "--coreset-fraction", type=float, default=None, help="default 0.1; 0.01 for efficientnet-lite"
+    )
+    fit_parser.add_argument(
+        "--image-size", type=int, default=None, help="default 224; 256 for efficientnet-lite"
+    )
     fit_parser.add_argument(
         "--sigma", type=float, default=None, help="Gaussian blur of the maps in input pixels; default 4"
     )
@@ -342,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--k", type=int, default=None, help="mean distance to the k nearest bank patches; default 1"
     )
     fit_parser.add_argument(
-        "--image-score", choices=("max", "top_mean"), default=None, help="default top_mean"
+        "--image-score",
+        choices=("max", "top_mean"),
+        default=None,
+        help="default top_mean; max for efficientnet-lite",
     )
     fit_parser.add_argument(
         "--no-pooling", action="store_true", help="no 3x3 neighbourhood averaging of the patch features"

@@ -395,8 +395,9 @@ def test_the_hub_scorer_builds_the_timm_backbone_by_remote_code(fitted, tmp_path
     result = torch.load(tmp_path / "out.pt")
     assert result["module"].startswith("transformers_modules.")
     reference = scorer.predict(to_pixel_values(pictures(), 64, scorer.image_mean, scorer.image_std))
-    torch.testing.assert_close(result["maps"], reference.anomaly_maps, rtol=0, atol=1e-5)
-    torch.testing.assert_close(result["scores"], reference.image_scores, rtol=0, atol=1e-5)
+    # Float sums may differ in the last bits between processes (thread counts): maps reach ~6, so 1e-4 absolute.
+    torch.testing.assert_close(result["maps"], reference.anomaly_maps, rtol=0, atol=1e-4)
+    torch.testing.assert_close(result["scores"], reference.image_scores, rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow
