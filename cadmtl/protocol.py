@@ -97,11 +97,16 @@ def train(
 
 
 def compare_runs(runs: dict[int, dict[str, Path]], model_name: str) -> tuple[str, dict]:
-    """The comparison table: the single-task row takes each task from its own single-task model; a row appears
-    when every seed ran its method(s)."""
+    """The comparison table: the single-task row takes each task from its own single-task model (the tasks whose
+    single-task runs were asked for; the others stay empty); a row appears when every seed ran its method(s), so a
+    subset of methods (`--methods single-det`) still gives its rows."""
     rows: dict[str, list[dict[str, float]]] = {}
-    singles = [f"single-{task}" for task in TASKS]
-    if all(set(singles) <= set(seed_runs) for seed_runs in runs.values()):
+    singles = [
+        f"single-{task}"
+        for task in TASKS
+        if all(f"single-{task}" in seed_runs for seed_runs in runs.values())
+    ]
+    if singles and runs:
         rows["Single"] = []
         for seed_runs in runs.values():
             # A single-task run only evaluates its own task.
@@ -110,7 +115,7 @@ def compare_runs(runs: dict[int, dict[str, Path]], model_name: str) -> tuple[str
                 single.update(task_summary(load_results(seed_runs[method]), "test"))
             rows["Single"].append(single)
     for row, method in ROWS.items():
-        if all(method in seed_runs for seed_runs in runs.values()):
+        if runs and all(method in seed_runs for seed_runs in runs.values()):
             rows[row] = [task_summary(load_results(seed_runs[method]), "test") for seed_runs in runs.values()]
     table = comparison_table([(model_name, method, summaries) for method, summaries in rows.items()])
     return table, {"model": model_name, "per_seed": rows}
