@@ -2,7 +2,7 @@
 
 A checkpoint is Accelerate's ``save_state`` folder (model, optimizer, RNG states) plus the states of the loop's
 other objects (weighting, schedulers, data streams, best model, EMA), saved here rather than by Accelerate:
-``custom_checkpoint_N.pkl`` holds one object's ``state_dict()`` (tensors and plain values only) and is read back
+``state_<name>.pt`` holds one object's ``state_dict()`` (tensors and plain values only) and is read back
 with ``torch.load(weights_only=True)``, so resuming never unpickles arbitrary objects (Accelerate's own loader of
 registered objects would). ``cadmtl_config.json`` holds the model's config (to refuse a checkpoint of another
 model) and ``checkpoint_objects.json`` says which file holds which object, so readers never depend on order.
@@ -46,7 +46,8 @@ class StatefulObjects(Mapping[str, str]):
 
     def __init__(self, objects: Mapping[str, Any]) -> None:
         self.objects = dict(objects)
-        self.files = {name: f"custom_checkpoint_{index}.pkl" for index, name in enumerate(self.objects)}
+        # not Accelerate's `custom_checkpoint_N.pkl`: its load_state counts those against its own registrations
+        self.files = {name: f"state_{name}.pt" for name in self.objects}
 
     def __getitem__(self, name: str) -> str:
         return self.files[name]

@@ -45,9 +45,9 @@ def test_checkpoint_objects_round_trip_as_tensors_and_refuse_pickled_objects(tmp
     loop.step, loop.nonfinite_steps = 12, 1
     objects = register_stateful({"loop": loop, "weighting": weighting, "tensor": torch.nn.Linear(2, 2)})
     assert dict(objects) == {
-        "loop": "custom_checkpoint_0.pkl",
-        "weighting": "custom_checkpoint_1.pkl",
-        "tensor": "custom_checkpoint_2.pkl",
+        "loop": "state_loop.pt",
+        "weighting": "state_weighting.pt",
+        "tensor": "state_tensor.pt",
     }
     objects.save(tmp_path)
     (tmp_path / OBJECTS_INDEX).write_text(json.dumps(dict(objects)))
@@ -63,10 +63,8 @@ def test_checkpoint_objects_round_trip_as_tensors_and_refuse_pickled_objects(tmp
     assert restored.objects["weighting"].state_dict() == weighting.state_dict()
     torch.testing.assert_close(restored.objects["tensor"].weight, objects.objects["tensor"].weight)
 
-    torch.save({"step": _Pickled()}, tmp_path / "custom_checkpoint_0.pkl")  # a checkpoint from elsewhere
-    with pytest.raises(
-        ValueError, match=r"custom_checkpoint_0\.pkl holds more than tensors and plain values"
-    ):
+    torch.save({"step": _Pickled()}, tmp_path / "state_loop.pt")  # a checkpoint from elsewhere
+    with pytest.raises(ValueError, match=r"state_loop\.pt holds more than tensors and plain values"):
         restored.load(tmp_path)
     with pytest.raises(ValueError, match=r"not loaded \(weights_only=True\)"):
         registered_state(tmp_path, "loop")
