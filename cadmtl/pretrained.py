@@ -178,17 +178,12 @@ def check_against_map(
         raise ValueError(f"{label} does not match the name map: {len(problems)} mismatches: {shown}{more}")
 
 
-def timm_model(name: str, features_only: bool = False) -> nn.Module:
+def timm_model(name: str) -> nn.Module:
     """A randomly initialised timm model of preset `name`'s architecture (never downloads)."""
     require_timm()
     import timm
 
-    spec = _spec(name)
-    if features_only:
-        return timm.create_model(
-            spec.architecture, pretrained=False, features_only=True, out_indices=OUT_INDICES
-        )
-    return timm.create_model(spec.architecture, pretrained=False)
+    return timm.create_model(_spec(name).architecture, pretrained=False)
 
 
 def convert_wheel(name: str, source: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
