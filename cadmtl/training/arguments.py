@@ -146,7 +146,22 @@ class TrainingArguments:
         default=0.34,
         metadata={"help": "Early backbone blocks frozen during warm-up: a count, or a fraction < 1."},
     )
-    freeze_steps: int = field(default=20, metadata={"help": "Optimizer steps the early blocks stay frozen."})
+    freeze_steps: int = field(
+        default=20,
+        metadata={
+            "help": "Optimizer steps the early blocks stay frozen (>= max_steps: the whole run, no backward)."
+        },
+    )
+    freeze_batch_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "Backbone BatchNorm layers keep their pretrained statistics (small fine-tuning batches)."
+        },
+    )
+    channels_last: bool = field(
+        default=False,
+        metadata={"help": "Channels-last memory format (faster convolutions on CPU with bf16)."},
+    )
     coba_every: int = field(default=4, metadata={"help": "Optimizer steps between CoBa updates."})
     # Demo: W = 10 updates (40 steps) skips the first plunge of every loss, H = 30 updates (120 steps, 3 W, within
     # the official 2 W - 5 W) fits slopes over enough points that the weights follow convergence, not noise.

@@ -75,7 +75,13 @@ from cadmtl.training.checkpoint import (
 )
 from cadmtl.training.finish import FinishSettings, evaluate_all, final_results, model_card_data, save_run
 from cadmtl.training.log_window import LogWindow
-from cadmtl.training.optim import build_param_groups, early_backbone_parameters, resolve_freeze_blocks
+from cadmtl.training.optim import (
+    build_param_groups,
+    early_backbone_parameters,
+    freeze_batch_norm_statistics,
+    freeze_for_whole_run,
+    resolve_freeze_blocks,
+)
 from cadmtl.training.recipe import Recipe, resolve_recipe
 from cadmtl.training.setup import build_model, class_candidates, ensure_dataset, make_trackers
 from cadmtl.training.step import StepOutcome, StepSettings, count_nonfinite, training_step
@@ -255,6 +261,15 @@ def set_up(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
     ensure_dataset(data_args, accelerator)
     data, model = load_data(model_args, data_args, train_args, accelerator)
     frozen = early_backbone_parameters(model, resolve_freeze_blocks(model, train_args.freeze_backbone_layers))
+    if train_args.freeze_steps >= train_args.max_steps:
+        freeze_for_whole_run(frozen)
+        frozen = []
+    if train_args.freeze_batch_norm:
+        logger.info(
+            "%d backbone BatchNorm layers keep their statistics", freeze_batch_norm_statistics(model.backbone)
+        )
+    if train_args.channels_last:
+        model.to(memory_format=torch.channels_last)
     # The EMA copies the plain model, before compilation and DDP; evaluations, best/ and model/ then use it.
     ema = build_ema(model, train_args.ema_decay) if train_args.ema_decay else None
     if train_args.torch_compile:

@@ -4,6 +4,7 @@ early-layer freezing used during warm-up."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,6 +98,28 @@ def resolve_freeze_blocks(model: CadMtlModel, freeze: float) -> int:
     if blocks > depth:
         raise ValueError(f"Cannot freeze {blocks} blocks of a backbone with {depth}.")
     return blocks
+
+
+def freeze_for_whole_run(parameters: list[nn.Parameter]) -> None:
+    """Early layers frozen for the whole run get no gradient at all, so autograd skips their backward pass (the
+    warm-up freezing drops gradients after the fact, which keeps DDP's buckets but saves no compute)."""
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+
+
+def _keep_eval_mode(module: nn.Module, _inputs: Any) -> None:
+    module.eval()
+
+
+def freeze_batch_norm_statistics(backbone: nn.Module) -> int:
+    """Backbone BatchNorm layers normalise with their pretrained running statistics in training too (as
+    torchvision's detection models do with `FrozenBatchNorm2d`): fine-tuning batches of 8 images give noisy batch
+    statistics, and cls / det / seg batches of different sizes would drag them apart. Their affine weights still
+    train. Returns how many layers were frozen."""
+    layers = [module for module in backbone.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.register_forward_pre_hook(_keep_eval_mode)  # `model.train()` runs every step; the hook wins
+    return len(layers)
 
 
 def drop_gradients(parameters: list[nn.Parameter]) -> None:

@@ -44,3 +44,17 @@ def test_every_method_row_needs_every_seed(tmp_path: Path) -> None:
     table, data = compare_runs(runs, "tiny")
     assert set(data["per_seed"]) == {"Base"}
     assert "| tiny | Base | 2 | 50.00 ± 0.00 | 10.00 ± 0.00 | 20.00 ± 0.00 |" in table
+
+
+def test_the_pretrained_cpu_setting_runs_the_papers_three_rows_on_the_wheel_backbone() -> None:
+    import yaml
+
+    from cadmtl.protocol import METHODS, REPO_ROOT, SETTINGS
+
+    setting = SETTINGS["cpu-pretrained"]
+    assert setting.methods == ("single-cls", "single-det", "single-seg", "base", "adaptive")
+    assert set(setting.methods) <= set(METHODS) and setting.seeds == [0, 1, 2] and setting.limit is None
+    config = yaml.safe_load((REPO_ROOT / setting.config).read_text())
+    assert config["backbone"] == "efficientnet-lite0"
+    assert config["freeze_steps"] >= 3 * setting.steps_per_task  # frozen stages stay frozen the whole run
+    assert config["channels_last"] and config["freeze_batch_norm"] is not False

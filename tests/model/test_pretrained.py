@@ -254,6 +254,31 @@ def test_layer_wise_groups_follow_the_efficientnet_stages() -> None:
     assert {group["lr_scale"] for group in groups} >= {0.5**8, 0.5}
 
 
+def test_whole_run_freezing_skips_the_backward_and_batch_norm_keeps_its_statistics() -> None:
+    from cadmtl.training.optim import (
+        early_backbone_parameters,
+        freeze_batch_norm_statistics,
+        freeze_for_whole_run,
+    )
+
+    torch.manual_seed(0)
+    model = CadMtlModel(CadMtlConfig(backbone_config=backbone_preset(NAME)))
+    frozen = early_backbone_parameters(model, 2)  # stem + the first two stages
+    freeze_for_whole_run(frozen)
+    assert freeze_batch_norm_statistics(model.backbone) == 48  # every BatchNorm of the Lite0 feature stages (no head conv)
+    statistics = {
+        name: buffer.clone() for name, buffer in model.backbone.named_buffers() if "running_mean" in name
+    }
+    model.train()
+    model(torch.randn(2, 3, 64, 64)).cls_logits.sum().backward()
+    assert all(p.grad is None for p in frozen)
+    assert model.backbone._backbone.blocks[6][0].conv_pw.weight.grad is not None
+    for name, buffer in model.backbone.named_buffers():
+        if "running_mean" in name:
+            torch.testing.assert_close(buffer, statistics[name], rtol=0, atol=0)
+    assert model.training and not model.backbone._backbone.bn1.training
+
+
 REMOTE_CADMTL = """
 import sys
 for name in ("cadmtl", "modeling_cadmtl", "modeling_cadmtl_anomaly", "dataset_scripts", "datasets", "accelerate"):
