@@ -265,7 +265,8 @@ def test_whole_run_freezing_skips_the_backward_and_batch_norm_keeps_its_statisti
     model = CadMtlModel(CadMtlConfig(backbone_config=backbone_preset(NAME)))
     frozen = early_backbone_parameters(model, 2)  # stem + the first two stages
     freeze_for_whole_run(frozen)
-    assert freeze_batch_norm_statistics(model.backbone) == 48  # every BatchNorm of the Lite0 feature stages (no head conv)
+    # Every BatchNorm of the Lite0 feature stages (features_only: no head conv).
+    assert freeze_batch_norm_statistics(model.backbone) == 48
     statistics = {
         name: buffer.clone() for name, buffer in model.backbone.named_buffers() if "running_mean" in name
     }
