@@ -18,6 +18,9 @@ Examples:
     # the exported anomaly scorer, batch 1, tiny preset, 224 px
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/bench_inference.py --model scorer --presets tiny \
         --sizes 224 --batch-sizes 1 --repeats 20 --threads 1
+    # the pretrained scorer fitted by `cadmtl anomaly fit` (EfficientNet-Lite0, its real memory bank)
+    nice -n 10 env OMP_NUM_THREADS=2 python benchmarks/bench_inference.py --scorer-dir OUT/model --batch-sizes 1 8 \
+        --repeats 10 --threads 2
     # a GPU (CUDAExecutionProvider if onnxruntime-gpu is installed)
     python benchmarks/bench_inference.py --device cuda --presets vits16 vitb16 --sizes 224 512 --batch-sizes 1 8
 """
@@ -86,7 +89,14 @@ def measure(
 ) -> list[dict]:
     device = torch.device(args.device)
     model_dir, onnx_dir = folder / f"{preset}-{size}", folder / f"{preset}-{size}-onnx"
-    if args.model == "scorer":
+    if args.scorer_dir is not None:  # a scorer fitted by `cadmtl anomaly fit`: its own backbone, bank and size
+        model_dir = args.scorer_dir
+        model, fields, predictor_class = (
+            PatchMemoryScorer.from_pretrained(model_dir).eval(),
+            ANOMALY_OUTPUTS,
+            AnomalyOnnxPredictor,
+        )
+    elif args.model == "scorer":
         model, fields, predictor_class = (
             save_scorer(preset, size, args.bank_images, model_dir),
             ANOMALY_OUTPUTS,
@@ -186,6 +196,12 @@ def main() -> None:
     parser.add_argument(
         "--bank-images", type=int, default=50, help="scorer: random images fitted (10 %% coreset)"
     )
+    parser.add_argument(
+        "--scorer-dir",
+        type=Path,
+        default=None,
+        help="time this fitted scorer (`cadmtl anomaly fit` output's model/) at its own size instead of a preset",
+    )
     parser.add_argument("--presets", nargs="+", default=["tiny", "vits16"], choices=PRESETS)
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 512])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
@@ -222,7 +238,11 @@ def main() -> None:
     )
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for preset in args.presets:
+        if args.scorer_dir is not None:
+            config = PatchMemoryScorer.config_class.from_pretrained(args.scorer_dir)
+            name = getattr(config.backbone_config, "backbone", config.backbone_config.model_type)
+            rows += measure(args, f"{name} (fitted)", config.image_size[0], args.batch_sizes, Path(folder))
+        for preset in args.presets if args.scorer_dir is None else []:
             for size in args.sizes:
                 rows += measure(args, preset, size, args.batch_sizes, Path(folder))
     print(table(rows))
