@@ -89,7 +89,8 @@ def measure(
 ) -> list[dict]:
     device = torch.device(args.device)
     model_dir, onnx_dir = folder / f"{preset}-{size}", folder / f"{preset}-{size}-onnx"
-    if args.scorer_dir is not None:  # a scorer fitted by `cadmtl anomaly fit`: its own backbone, bank and size
+    # A scorer fitted by `cadmtl anomaly fit` brings its own backbone, bank and size.
+    if args.scorer_dir is not None:
         model_dir = args.scorer_dir
         model, fields, predictor_class = (
             PatchMemoryScorer.from_pretrained(model_dir).eval(),

@@ -331,13 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="backbone layers (1-based; a timm backbone's feature levels 2 / 3 / 4 = strides 8 / 16 / 32); "
-        "default: the backbone's (see --backbone)",
+        "default: the backbone's (see --backbone); 2 3 4 for efficientnet-lite",
     )
     fit_parser.add_argument(
         "--coreset-fraction", type=float, default=None, help="default 0.1; 0.01 for efficientnet-lite"
     )
     fit_parser.add_argument(
-        "--image-size", type=int, default=None, help="default 224; 256 for efficientnet-lite"
+        "--image-size", type=int, default=None, help="default 224; 384 for efficientnet-lite"
     )
     fit_parser.add_argument(
         "--sigma", type=float, default=None, help="Gaussian blur of the maps in input pixels; default 4"
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-score",
         choices=("max", "top_mean"),
         default=None,
-        help="default top_mean; max for efficientnet-lite",
+        help="default top_mean (the mean of the top 1 %% of patch distances)",
     )
     fit_parser.add_argument(
         "--no-pooling", action="store_true", help="no 3x3 neighbourhood averaging of the patch features"

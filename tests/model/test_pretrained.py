@@ -362,7 +362,8 @@ def test_the_cpu_default_is_the_pretrained_scorer_or_tiny_with_a_notice(monkeypa
         ["fit", "repo", "--config", "c_ad", "--output-dir", "o", "--k", "3"]
     )
     settings = scorer_settings(NAME, args)
-    assert settings["k"] == 3 and settings["layers"] == [2, 3] and settings["image_size"] == (256, 256)
+    assert settings["k"] == 3 and settings["layers"] == [2, 3, 4] and settings["image_size"] == (384, 384)
+    assert settings["image_score"] == "top_mean" and settings["coreset_fraction"] == 0.01
     assert scorer_settings("tiny", args)["image_size"] == (224, 224)
 
     def missing() -> None:
@@ -452,7 +453,7 @@ def test_anomaly_fit_without_backbone_fits_the_pretrained_scorer(tmp_path: Path)
     assert anomaly_main([*argv, "--image-size", "64", "--coreset-fraction", "0.5"]) == 0
     summary = json.loads((tmp_path / "fit" / "fit_results.json").read_text())
     assert summary["backbone"] == NAME
-    assert summary["settings"]["layers"] == [2, 3] and summary["settings"]["image_size"] == [64, 64]
+    assert summary["settings"]["layers"] == [2, 3, 4] and summary["settings"]["image_size"] == [64, 64]
     assert summary["memory_bank_patches"] == 6 * 8 * 8 // 2  # stride 8 at 64 px, half kept
     config = json.loads((tmp_path / "fit" / "model" / "config.json").read_text())
     assert (
