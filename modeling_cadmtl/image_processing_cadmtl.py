@@ -241,6 +241,19 @@ class CadMtlImageProcessor(TorchvisionBackend):
             self.task_sizes = dict(self.task_sizes)
         self._check_task(self.task)
 
+    def set_tiles(self, tile_size: int | None = None, tile_overlap: int | None = None) -> None:
+        """Override the saved tile settings (`--tile-size` / `--tile-overlap`, `CADMTL_TILE_SIZE` /
+        `CADMTL_TILE_OVERLAP`): a given `tile_size` without an overlap means overlap 0; `tile_overlap` alone
+        changes the saved tiles' overlap. A one-line `ValueError` naming the option for bad settings."""
+        if tile_size is None and tile_overlap is None:
+            return
+        if tile_size is None:
+            tile_size = self.tile_size
+        elif tile_overlap is None:
+            tile_overlap = 0
+        check_tile_settings(tile_size, tile_overlap)
+        self.tile_size, self.tile_overlap = tile_size, tile_overlap or 0
+
     @staticmethod
     def _check_task(task: str | None) -> None:
         if task is not None and task not in TASKS:
