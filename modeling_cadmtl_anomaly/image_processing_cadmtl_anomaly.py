@@ -184,8 +184,8 @@ class AnomalyImageProcessor(BaseImageProcessor):
         model: Any,
         images: Any,
         *,
-        image_score: str = "top_mean",
-        top_fraction: float = 0.01,
+        image_score: str | None = None,
+        top_fraction: float | None = None,
         batch_size: int = 8,
     ) -> dict[str, Any]:
         """The one scoring path of the anomaly models (`cadmtl anomaly fit` calibration / evaluate / predict, the
@@ -198,7 +198,7 @@ class AnomalyImageProcessor(BaseImageProcessor):
         ending at the edge; a side shorter than a tile is one tile spanning it, never padded), every tile is
         scored at `size`, the tiles' maps are stitched over the whole image at the model's resolution with
         overlaps averaged (`tile_canvas`, `stitch`), and the image score is `image_score` ("max" or "top_mean" of
-        the top `top_fraction`; the model config's) of the stitched map.
+        the top `top_fraction`; default the model config's, else "top_mean" of 1 %) of the stitched map.
 
         Returns `{"anomaly_maps": [(h, w) float32 per image], "image_scores": (B,) float32}`; the maps are at
         the model's resolution (`post_process_anomaly_maps(..., target_sizes=...)` resizes them to the images).
@@ -208,6 +208,9 @@ class AnomalyImageProcessor(BaseImageProcessor):
         ):
             images = [images]
         images = list(images)
+        config = getattr(model, "config", None) or getattr(getattr(model, "__self__", None), "config", None)
+        image_score = image_score or getattr(config, "image_score", "top_mean")
+        top_fraction = top_fraction or getattr(config, "top_fraction", 0.01)
         if self.tile_size is None:
             maps, scores = [], []
             for start in range(0, len(images), batch_size):
