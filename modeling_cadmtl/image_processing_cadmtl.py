@@ -415,7 +415,9 @@ class CadMtlImageProcessor(TorchvisionBackend):
         tiled = tuple(task for task in group if get_task(task).tile_merge is not None)
         if whole:
             pixel_values = inputs["pixel_values"].to(device=device, dtype=dtype)
-            whole_outputs = model(pixel_values, task=whole[0] if len(whole) == 1 else None)
+            pixel_mask = inputs.get("pixel_mask")
+            extra = {} if pixel_mask is None else {"pixel_mask": pixel_mask.to(device)}
+            whole_outputs = model(pixel_values, task=whole[0] if len(whole) == 1 else None, **extra)
             outputs.update(
                 {name: value.float() for name, value in head_outputs(whole_outputs, whole).items()}
             )

@@ -215,3 +215,23 @@ def test_tile_settings_are_saved_with_the_processor_and_overridden(tmp_path) -> 
     assert (loaded.tile_size, loaded.tile_overlap) == (256, 0)
     with pytest.raises(ValueError, match=r"^--tile-overlap \(tile_overlap\) must be"):
         loaded.set_tiles(tile_overlap=256)
+
+
+def test_the_inspection_pipeline_tiles_through_the_same_path(tmp_path) -> None:
+    from transformers import pipeline
+
+    from modeling_cadmtl.pipeline_cadmtl import CadMtlInspectionPipeline
+
+    torch.manual_seed(0)
+    model = CadMtlModel(tiny_cadmtl_config(verdict_threshold=0.4)).eval()
+    processor = CadMtlImageProcessor(size={"height": 64, "width": 64}, tile_size=64, tile_overlap=16)
+    model.save_pretrained(tmp_path, image_processor=processor)
+    image = random_image(100, 150, seed=3)
+    with torch.no_grad():
+        outputs = processor.predict(model, [image])
+        whole = CadMtlImageProcessor(size={"height": 64, "width": 64}).predict(model, [image])
+    assert outputs["det_logits"].shape[1] == 6 * whole["det_logits"].shape[1]  # 2 rows x 3 columns of tiles
+    expected = processor.post_process_verdict(outputs, model.config)[0]
+    result = pipeline(model=str(tmp_path), pipeline_class=CadMtlInspectionPipeline)(image)
+    assert result["verdict"] == expected["verdict"]
+    assert result["head_scores"] == pytest.approx(expected["head_scores"])
