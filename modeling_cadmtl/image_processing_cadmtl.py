@@ -325,9 +325,11 @@ class CadMtlImageProcessor(TorchvisionBackend):
 
     def preprocess_tiles(self, images: Any, size: dict[str, int], **kwargs: Any) -> BatchFeature:
         """`images` cut into the processor's overlapping tiles (`tile_boxes(height, width, tile_size,
-        tile_overlap)`), each preprocessed at the square input `size` (an aspect-preserving size uses its
-        `shortest_edge` as the side). Returns a `BatchFeature` with `tile_pixel_values` (N, 3, S, S) (the tiles of
-        every image, image after image, row by row), `tile_boxes` (N, 4) (x0, y0, x1, y1) in the image's pixels,
+        tile_overlap)`), to be preprocessed at the square input `size` (an aspect-preserving size uses its
+        `shortest_edge` as the side) `tile_batch_size` at a time by `forward_size_groups`, so that the tiles of
+        large photos never sit in memory as float pixels all at once. Returns a `BatchFeature` with `tiles` (the
+        crops, (3, h, w) views of the RGB images, image after image, row by row), `tile_settings` (the keyword
+        arguments that preprocess them), `tile_boxes` (N, 4) (x0, y0, x1, y1) in the image's pixels,
         `tile_image_index` (N,) and `image_sizes` (B, 2) (height, width)."""
         side = size.get("height"), size.get("width")
         if None in side:
@@ -349,13 +351,12 @@ class CadMtlImageProcessor(TorchvisionBackend):
             "return_tensors": "pt",
             "do_pad": False,
             "input_data_format": ChannelDimension.FIRST,
+            "size": {"height": side[0], "width": side[1]},
         }
-        pixel_values = self(crops, **{**settings, "size": {"height": side[0], "width": side[1]}})[
-            "pixel_values"
-        ]
         return BatchFeature(
             {
-                "tile_pixel_values": pixel_values,
+                "tiles": crops,
+                "tile_settings": settings,
                 "tile_boxes": torch.tensor(boxes, dtype=torch.int64),
                 "tile_image_index": torch.tensor(owners, dtype=torch.int64),
                 "image_sizes": torch.tensor(sizes, dtype=torch.int64),
@@ -391,7 +392,7 @@ class CadMtlImageProcessor(TorchvisionBackend):
         dtype = getattr(model, "dtype", None) if dtype is None else dtype
         outputs: dict[str, torch.Tensor] = {}
         for group_inputs, (_, group) in zip(inputs, groups):
-            if "tile_pixel_values" in group_inputs:
+            if "tiles" in group_inputs:
                 outputs.update(self._forward_tiles(model, group_inputs, group, device, dtype))
                 continue
             pixel_values = group_inputs["pixel_values"].to(device=device, dtype=dtype)
@@ -421,10 +422,11 @@ class CadMtlImageProcessor(TorchvisionBackend):
             outputs.update(
                 {name: value.float() for name, value in head_outputs(whole_outputs, whole).items()}
             )
-        tile_pixel_values = inputs["tile_pixel_values"]
+        tiles, settings = inputs["tiles"], inputs["tile_settings"]
         chunks: list[dict[str, torch.Tensor]] = []
-        for start in range(0, len(tile_pixel_values), self.tile_batch_size):
-            chunk = tile_pixel_values[start : start + self.tile_batch_size].to(device=device, dtype=dtype)
+        for start in range(0, len(tiles), self.tile_batch_size):
+            chunk = self(list(tiles[start : start + self.tile_batch_size]), **settings)["pixel_values"]
+            chunk = chunk.to(device=device, dtype=dtype)
             chunk_outputs = model(chunk, task=tiled[0] if len(tiled) == 1 else None)
             chunks.append(
                 {name: value.float().cpu() for name, value in head_outputs(chunk_outputs, tiled).items()}

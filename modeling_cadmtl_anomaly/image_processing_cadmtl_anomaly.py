@@ -196,9 +196,10 @@ class AnomalyImageProcessor(BaseImageProcessor):
         Without `tile_size`, each image is resized to `size` and the model's maps and scores are returned. With
         `tile_size`, each image is cut into overlapping tiles (`tile_boxes`: a regular grid, the last row / column
         ending at the edge; a side shorter than a tile is one tile spanning it, never padded), every tile is
-        scored at `size`, the tiles' maps are stitched over the whole image at the model's resolution with
-        overlaps averaged (`tile_canvas`, `stitch`), and the image score is `image_score` ("max" or "top_mean" of
-        the top `top_fraction`; default the model config's, else "top_mean" of 1 %) of the stitched map.
+        scored at `size` (`batch_size` tiles per call, one image at a time), the tiles' maps are stitched over
+        the whole image at the model's resolution with overlaps averaged (`tile_canvas`, `stitch`), and the image
+        score is `image_score` ("max" or "top_mean" of the top `top_fraction`; default the model config's, else
+        "top_mean" of 1 %) of the stitched map.
 
         Returns `{"anomaly_maps": [(h, w) float32 per image], "image_scores": (B,) float32}`; the maps are at
         the model's resolution (`post_process_anomaly_maps(..., target_sizes=...)` resizes them to the images).
@@ -219,24 +220,18 @@ class AnomalyImageProcessor(BaseImageProcessor):
                 maps.extend(batch_maps)
                 scores.append(batch_scores)
             return {"anomaly_maps": maps, "image_scores": torch.cat(scores) if scores else torch.zeros(0)}
-        cut = [self.tiles(image) for image in images]
-        pixel_values = torch.cat([values for values, _ in cut]) if cut else torch.zeros(0)
-        tile_maps = (
-            torch.cat(
+        maps, scores = [], []
+        for image in images:  # one image's tiles at a time: memory stays bounded on large photos
+            pixel_values, boxes = self.tiles(image)
+            tile_maps = torch.cat(
                 [
                     _model_outputs(model(pixel_values[i : i + batch_size]))[0]
                     for i in range(0, len(pixel_values), batch_size)
                 ]
             )
-            if cut
-            else torch.zeros(0)
-        )
-        maps, scores, start = [], [], 0
-        for image, (_, boxes) in zip(images, cut):
             height, width = image_size_of(image)
             placed, canvas = tile_canvas(boxes, height, width, tuple(tile_maps.shape[-2:]))
-            stitched = stitch(tile_maps[start : start + len(boxes)], placed, canvas)
-            start += len(boxes)
+            stitched = stitch(tile_maps, placed, canvas)
             maps.append(stitched)
             scores.append(image_scores(stitched[None], image_score, top_fraction)[0])
         return {"anomaly_maps": maps, "image_scores": torch.stack(scores) if scores else torch.zeros(0)}
