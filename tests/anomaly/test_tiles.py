@@ -52,7 +52,9 @@ def test_a_tile_as_large_as_the_image_gives_the_untiled_map(backbone) -> None:
     scorer = scorer_on(backbone, None, [textured(96, 0)])
     whole = anomaly_processor(scorer).predict(scorer, images)
     tiled = anomaly_processor(scorer, tile_size=96, tile_overlap=8).predict(scorer, images)
-    for got, expected in zip(tiled["anomaly_maps"], whole["anomaly_maps"]):  # (batches of 1 vs 2: float noise)
+    for got, expected in zip(
+        tiled["anomaly_maps"], whole["anomaly_maps"]
+    ):  # (batches of 1 vs 2: float noise)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     # with tiles the image score is the stitched map's ("max" here), not the patch grid's
     expected_scores = image_scores(torch.stack(whole["anomaly_maps"]), "max")
