@@ -19,6 +19,9 @@ Environment:
   run (`train_accelerate.py`: builds `data/cad100k-mini`, ~1 min on a CPU). If that training fails the app serves an
   untrained tiny model and says so on the page (the documented fallback: the boxes and scores mean nothing).
 - `CADMTL_DEVICE`: where the models run (default `cpu`, as on a free Space).
+- `CADMTL_TILE_SIZE` / `CADMTL_TILE_OVERLAP`: high-resolution inspection by overlapping tiles of that many pixels
+  of the photo (`--tile-size` / `--tile-overlap` of `cadmtl predict` and `cadmtl anomaly`), for both models;
+  unset: each model's saved settings (an anomaly scorer fitted with `--tile-size` tiles by default).
 - Bounds, so that one visitor cannot take the server's memory: `CADMTL_MAX_IMAGE_PIXELS` (default 12000000;
   larger photos are downscaled on load, by `cadmtl.pictures.predict.load_image`, the helper `cadmtl predict` uses
   too; 0: no budget; the annotated view is drawn at most 1 MP, `DISPLAY_PIXELS`, the details' boxes stay in the
@@ -31,6 +34,7 @@ Environment:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -73,6 +77,25 @@ def _positive_int(variable: str, default: int) -> int:
     if value < 1:
         raise ValueError(f"{variable}={text!r} must be at least 1")
     return value
+
+
+def tile_settings() -> tuple[int | None, int | None]:
+    """(`CADMTL_TILE_SIZE`, `CADMTL_TILE_OVERLAP`) as integers (None where unset), checked like `--tile-size` /
+    `--tile-overlap`; a one-line `ValueError` naming the variable otherwise."""
+    values = []
+    for variable in ("CADMTL_TILE_SIZE", "CADMTL_TILE_OVERLAP"):
+        text = os.environ.get(variable, "").strip()
+        try:
+            values.append(int(text) if text else None)
+        except ValueError:
+            raise ValueError(f"{variable}={text!r} is not a whole number of pixels") from None
+    from modeling_cadmtl.image_processing_cadmtl import check_tile_settings
+
+    try:
+        check_tile_settings(values[0], values[1])  # an overlap needs a tile size here
+    except ValueError as error:
+        raise ValueError(f"CADMTL_TILE_SIZE / CADMTL_TILE_OVERLAP: {error}") from None
+    return values[0], values[1]
 
 
 def serving_limits() -> dict[str, Any]:
@@ -258,10 +281,11 @@ def inspect(predictor: Predictor, path: Any) -> tuple[Any, dict[str, float], str
     return (shown, annotations), classes, verdict, result.anomaly_score, details
 
 
-def inspect_anomaly(scorer: Any, path: Any) -> tuple[Image.Image, float, str]:
+def inspect_anomaly(scorer: Any, path: Any, processor: Any = None) -> tuple[Image.Image, float, str]:
+    """The Anomaly tab: `processor` (default: the scorer's own, with its saved tile settings) decides tiles."""
     from cadmtl.anomaly.models import predict_image
 
-    picture, score, verdict = predict_image(scorer, _read_upload(path))
+    picture, score, verdict = predict_image(scorer, _read_upload(path), processor)
     if verdict == "uncalibrated":
         return (
             picture,
@@ -314,10 +338,15 @@ def build_demo(
     reference_model: str | os.PathLike | None = None,
     device: str = "cpu",
     untrained: bool = False,
+    tile_size: int | None = None,
+    tile_overlap: int | None = None,
 ) -> gr.Blocks:
     """The Gradio Blocks of the demo for a CadMtl model folder and, optionally, the anomaly and reference models.
-    A model that is missing or of another kind is not served: its tab shows the one-line reason instead."""
-    predictor, model_error = _load(lambda: Predictor.from_pretrained(model, device))
+    A model that is missing or of another kind is not served: its tab shows the one-line reason instead.
+    `tile_size` / `tile_overlap` override the models' saved tile settings (high-resolution inspection)."""
+    predictor, model_error = _load(
+        lambda: Predictor.from_pretrained(model, device, tile_size=tile_size, tile_overlap=tile_overlap)
+    )
     color_map: dict[str, str] = {}
     if predictor is not None:
         config = predictor.config
@@ -372,7 +401,7 @@ def build_demo(
             )
 
         if anomaly_model:
-            from cadmtl.anomaly.models import load_anomaly_model
+            from cadmtl.anomaly.models import anomaly_processor, load_anomaly_model
 
             scorer, anomaly_error = _load(lambda: load_anomaly_model(anomaly_model))
             with gr.Tab("Anomaly (normal-only)"):
@@ -389,8 +418,9 @@ def build_demo(
                     label="Anomaly score", precision=4, placeholder="no photo scored yet"
                 )
                 anomaly_verdict = gr.Textbox(label="Verdict")
+                processor = None if scorer is None else anomaly_processor(scorer, tile_size, tile_overlap)
                 gr.Button("Score", variant="primary").click(
-                    _serve(inspect_anomaly, scorer, anomaly_error),
+                    _serve(functools.partial(inspect_anomaly, processor=processor), scorer, anomaly_error),
                     inputs=anomaly_upload,
                     outputs=[heat, anomaly_score, anomaly_verdict],
                     api_name="anomaly",
@@ -430,6 +460,7 @@ def build_demo(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tile_size, tile_overlap = tile_settings()  # a bad setting stops the app before the demo model trains
     model, untrained = default_model()
     demo = build_demo(
         model,
@@ -437,6 +468,8 @@ def main() -> None:
         reference_model=os.environ.get("CADMTL_REFERENCE_MODEL") or None,
         device=os.environ.get("CADMTL_DEVICE", "cpu"),
         untrained=untrained,
+        tile_size=tile_size,
+        tile_overlap=tile_overlap,
     )
     # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose the address
     demo.launch(max_file_size=serving_limits()["max_file_size"])

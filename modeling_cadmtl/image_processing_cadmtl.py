@@ -3,6 +3,7 @@ segmentation masks along, plus the post-processing of each head's outputs into t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,6 +69,95 @@ def _as_size_list(target_sizes: Any, batch_size: int) -> list[tuple[int, int]] |
     return [(int(h), int(w)) for h, w in sizes]
 
 
+# ------------------------------------------------------------------------------------------------------- tiles
+# High-resolution inspection by tiles: pure helpers, a copy of those in
+# `modeling_cadmtl_anomaly.features_cadmtl_anomaly` (the two Hub packages may not import each other;
+# tests/model/test_tiles.py keeps them equal).
+MIN_TILE_SIZE = 32
+
+
+def check_tile_settings(tile_size: int | None, tile_overlap: int | None) -> None:
+    """One-line `ValueError` naming the option for a tile size that is not an integer >= `MIN_TILE_SIZE`, or an
+    overlap that is negative or not below the tile size."""
+    if tile_size is None:
+        if tile_overlap:
+            raise ValueError(f"--tile-overlap (tile_overlap={tile_overlap}) needs --tile-size (tile_size)")
+        return
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < MIN_TILE_SIZE:
+        raise ValueError(
+            f"--tile-size (tile_size) must be an integer of at least {MIN_TILE_SIZE} pixels, got {tile_size!r}"
+        )
+    overlap = 0 if tile_overlap is None else tile_overlap
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile_size:
+        raise ValueError(
+            f"--tile-overlap (tile_overlap) must be an integer from 0 to tile_size - 1 = {tile_size - 1} pixels, "
+            f"got {tile_overlap!r}"
+        )
+
+
+def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:  # a side shorter than a tile: one tile spans it (no padding)
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return [
+        *starts,
+        length - tile,
+    ]  # the last tile ends at the edge (shifted back, overlapping its neighbour more)
+
+
+def tile_boxes(height: int, width: int, tile_size: int, overlap: int = 0) -> list[tuple[int, int, int, int]]:
+    """The tiles covering a `height` x `width` image, row by row: `(x0, y0, x1, y1)` pixel boxes (x1, y1
+    exclusive) of a regular grid with stride `tile_size - overlap`, the last row / column shifted to end at the
+    image's edge. A side shorter than `tile_size` is covered by one tile spanning that side, so an image smaller
+    than a tile is one tile: the whole image, exactly as without tiles (never padded)."""
+    check_tile_settings(tile_size, overlap)
+    stride = tile_size - overlap
+    rows = _tile_starts(height, tile_size, stride)
+    columns = _tile_starts(width, tile_size, stride)
+    tile_height, tile_width = min(tile_size, height), min(tile_size, width)
+    return [(x0, y0, x0 + tile_width, y0 + tile_height) for y0 in rows for x0 in columns]
+
+
+def tile_canvas(
+    boxes: Sequence[tuple[int, int, int, int]], height: int, width: int, input_size: tuple[int, int]
+) -> tuple[list[tuple[int, int, int, int]], tuple[int, int]]:
+    """Where the model's outputs of the tiles `boxes` (all of one size, each resized to `input_size` = (h, w) on
+    the way in) lie on a canvas covering the whole `height` x `width` image at the model's resolution: (the boxes
+    on the canvas, each exactly `input_size`, and the canvas size). Stitching there needs no resampling per tile;
+    the canvas is resized to the image size once, like an untiled output. Offsets are rounded half up, so the last
+    row / column ends exactly at the canvas edge."""
+    tile_width, tile_height = boxes[0][2] - boxes[0][0], boxes[0][3] - boxes[0][1]
+    scale_y, scale_x = input_size[0] / tile_height, input_size[1] / tile_width
+    canvas = (math.floor(height * scale_y + 0.5), math.floor(width * scale_x + 0.5))
+    placed = []
+    for x0, y0, _, _ in boxes:
+        top = min(math.floor(y0 * scale_y + 0.5), canvas[0] - input_size[0])
+        left = min(math.floor(x0 * scale_x + 0.5), canvas[1] - input_size[1])
+        placed.append((left, top, left + input_size[1], top + input_size[0]))
+    return placed, canvas
+
+
+def stitch(
+    maps: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], size: tuple[int, int]
+) -> torch.Tensor:
+    """Tile outputs `maps` (N, [C,] h, w) put back at their `boxes` (x0, y0, x1, y1) on a `size` = (H, W) canvas,
+    overlaps averaged: (C, H, W) or (H, W). A map whose size differs from its box is resized (bilinear) to it; a
+    canvas pixel no box covers is 0."""
+    if len(maps) != len(boxes):
+        raise ValueError(f"stitch: got {len(maps)} maps for {len(boxes)} boxes")
+    squeeze = maps.ndim == 3
+    maps = maps[:, None] if squeeze else maps
+    total = maps.new_zeros((maps.shape[1], *size), dtype=torch.float32)
+    count = maps.new_zeros(size, dtype=torch.float32)
+    for tile, (x0, y0, x1, y1) in zip(maps.float(), boxes):
+        if tuple(tile.shape[-2:]) != (y1 - y0, x1 - x0):
+            tile = F.interpolate(tile[None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0]
+        total[:, y0:y1, x0:x1] += tile
+        count[y0:y1, x0:x1] += 1
+    stitched = total / count.clamp(min=1)
+    return stitched[0] if squeeze else stitched
+
+
 class CadMtlImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     task_sizes (`dict[str, int]`, *optional*):
@@ -75,10 +165,20 @@ class CadMtlImageProcessorKwargs(ImagesKwargs, total=False):
         was trained at); a task without an entry uses `size`.
     task (`str`, *optional*):
         "cls", "det" or "seg": preprocess at that task's size from `task_sizes`. An explicit `size` wins.
+    tile_size (`int`, *optional*):
+        High-resolution inspection: the detection and segmentation heads see overlapping square tiles of this
+        many pixels of the original image (see `predict`); None: the whole image.
+    tile_overlap (`int`, *optional*, defaults to 0):
+        Pixels shared by neighbouring tiles (below `tile_size`).
+    tile_batch_size (`int`, *optional*, defaults to 8):
+        Tiles per forward pass.
     """
 
     task_sizes: dict[str, int] | None
     task: str | None
+    tile_size: int | None
+    tile_overlap: int
+    tile_batch_size: int
 
 
 class CadMtlImageProcessor(TorchvisionBackend):
@@ -116,10 +216,17 @@ class CadMtlImageProcessor(TorchvisionBackend):
     ignore_index = IGNORE_INDEX
     task_sizes = None
     task = None
+    tile_size = None
+    tile_overlap = 0
+    tile_batch_size = 8
     valid_kwargs = CadMtlImageProcessorKwargs
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        check_tile_settings(self.tile_size, self.tile_overlap)
+        self.tile_overlap = self.tile_overlap or 0
+        if not isinstance(self.tile_batch_size, int) or self.tile_batch_size < 1:
+            raise ValueError(f"tile_batch_size must be a positive integer, got {self.tile_batch_size!r}.")
         if self.task_sizes is not None:
             unknown = set(self.task_sizes) - set(TASKS)
             if unknown:
@@ -133,6 +240,19 @@ class CadMtlImageProcessor(TorchvisionBackend):
                 raise ValueError(f"task_sizes must map tasks to positive integer sizes (pixels), got {bad}.")
             self.task_sizes = dict(self.task_sizes)
         self._check_task(self.task)
+
+    def set_tiles(self, tile_size: int | None = None, tile_overlap: int | None = None) -> None:
+        """Override the saved tile settings (`--tile-size` / `--tile-overlap`, `CADMTL_TILE_SIZE` /
+        `CADMTL_TILE_OVERLAP`): a given `tile_size` without an overlap means overlap 0; `tile_overlap` alone
+        changes the saved tiles' overlap. A one-line `ValueError` naming the option for bad settings."""
+        if tile_size is None and tile_overlap is None:
+            return
+        if tile_size is None:
+            tile_size = self.tile_size
+        elif tile_overlap is None:
+            tile_overlap = 0
+        check_tile_settings(tile_size, tile_overlap)
+        self.tile_size, self.tile_overlap = tile_size, tile_overlap or 0
 
     @staticmethod
     def _check_task(task: str | None) -> None:
@@ -190,11 +310,58 @@ class CadMtlImageProcessor(TorchvisionBackend):
         """`images` preprocessed once per group of `size_groups(tasks)`, in the groups' order: one `BatchFeature`
         with `pixel_values` (and `pixel_mask` where an aspect-preserving `size` pads the batch) per group."""
         batches = []
-        for size, _ in self.size_groups(tasks):
+        for size, group in self.size_groups(tasks):
             fixed = size.get("height") is not None and size.get("width") is not None
             settings = {"return_tensors": "pt", **({} if fixed else {"do_pad": True}), **kwargs, "size": size}
-            batches.append(self(images, **settings))
+            tiled = [task for task in group if get_task(task).tile_merge is not None]
+            if self.tile_size is None or not tiled:
+                batches.append(self(images, **settings))
+                continue
+            whole = len(tiled) < len(group)  # a head of the whole picture (cls) shares this size
+            batch = self(images, **settings) if whole else BatchFeature()
+            batch.update(self.preprocess_tiles(images, size, **kwargs))
+            batches.append(batch)
         return batches
+
+    def preprocess_tiles(self, images: Any, size: dict[str, int], **kwargs: Any) -> BatchFeature:
+        """`images` cut into the processor's overlapping tiles (`tile_boxes(height, width, tile_size,
+        tile_overlap)`), to be preprocessed at the square input `size` (an aspect-preserving size uses its
+        `shortest_edge` as the side) `tile_batch_size` at a time by `forward_size_groups`, so that the tiles of
+        large photos never sit in memory as float pixels all at once. Returns a `BatchFeature` with `tiles` (the
+        crops, (3, h, w) views of the RGB images, image after image, row by row), `tile_settings` (the keyword
+        arguments that preprocess them), `tile_boxes` (N, 4) (x0, y0, x1, y1) in the image's pixels,
+        `tile_image_index` (N,) and `image_sizes` (B, 2) (height, width)."""
+        side = size.get("height"), size.get("width")
+        if None in side:
+            edge = size.get("shortest_edge") or max(value for value in size.values() if value)
+            side = (edge, edge)
+        tensors = self._prepare_image_like_inputs(
+            images=_pil_to_rgb(images), do_convert_rgb=True, input_data_format=kwargs.get("input_data_format")
+        )
+        crops, boxes, owners, sizes = [], [], [], []
+        for index, image in enumerate(tensors):
+            height, width = (int(value) for value in image.shape[-2:])
+            sizes.append((height, width))
+            for x0, y0, x1, y1 in tile_boxes(height, width, self.tile_size, self.tile_overlap):
+                crops.append(image[:, y0:y1, x0:x1])
+                boxes.append((x0, y0, x1, y1))
+                owners.append(index)
+        settings = {
+            **kwargs,
+            "return_tensors": "pt",
+            "do_pad": False,
+            "input_data_format": ChannelDimension.FIRST,
+            "size": {"height": side[0], "width": side[1]},
+        }
+        return BatchFeature(
+            {
+                "tiles": crops,
+                "tile_settings": settings,
+                "tile_boxes": torch.tensor(boxes, dtype=torch.int64),
+                "tile_image_index": torch.tensor(owners, dtype=torch.int64),
+                "image_sizes": torch.tensor(sizes, dtype=torch.int64),
+            }
+        )
 
     def forward_size_groups(
         self,
@@ -225,6 +392,9 @@ class CadMtlImageProcessor(TorchvisionBackend):
         dtype = getattr(model, "dtype", None) if dtype is None else dtype
         outputs: dict[str, torch.Tensor] = {}
         for group_inputs, (_, group) in zip(inputs, groups):
+            if "tiles" in group_inputs:
+                outputs.update(self._forward_tiles(model, group_inputs, group, device, dtype))
+                continue
             pixel_values = group_inputs["pixel_values"].to(device=device, dtype=dtype)
             pixel_mask = group_inputs.get("pixel_mask")
             extra = {} if pixel_mask is None else {"pixel_mask": pixel_mask.to(device)}
@@ -235,6 +405,117 @@ class CadMtlImageProcessor(TorchvisionBackend):
             if pixel_mask is not None:
                 outputs.update({get_task(task).pixel_mask_field: extra["pixel_mask"] for task in group})
         return outputs
+
+    def _forward_tiles(
+        self, model: Any, inputs: Any, group: Sequence[str], device: Any, dtype: Any
+    ) -> dict[str, torch.Tensor]:
+        """One size group of `preprocess_tiles` inputs: the whole-picture heads (cls) on `pixel_values`, the
+        others on the tiles, `tile_batch_size` at a time, their outputs merged back per image (`merge_tiles`)."""
+        outputs: dict[str, torch.Tensor] = {}
+        whole = tuple(task for task in group if get_task(task).tile_merge is None)
+        tiled = tuple(task for task in group if get_task(task).tile_merge is not None)
+        if whole:
+            pixel_values = inputs["pixel_values"].to(device=device, dtype=dtype)
+            pixel_mask = inputs.get("pixel_mask")
+            extra = {} if pixel_mask is None else {"pixel_mask": pixel_mask.to(device)}
+            whole_outputs = model(pixel_values, task=whole[0] if len(whole) == 1 else None, **extra)
+            outputs.update(
+                {name: value.float() for name, value in head_outputs(whole_outputs, whole).items()}
+            )
+        tiles, settings = inputs["tiles"], inputs["tile_settings"]
+        chunks: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(tiles), self.tile_batch_size):
+            chunk = self(list(tiles[start : start + self.tile_batch_size]), **settings)["pixel_values"]
+            chunk = chunk.to(device=device, dtype=dtype)
+            chunk_outputs = model(chunk, task=tiled[0] if len(tiled) == 1 else None)
+            chunks.append(
+                {name: value.float().cpu() for name, value in head_outputs(chunk_outputs, tiled).items()}
+            )
+        tile_outputs = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
+        merged = self.merge_tiles(
+            tile_outputs, inputs["tile_boxes"], inputs["tile_image_index"], inputs["image_sizes"]
+        )
+        return outputs | merged
+
+    def merge_tiles(
+        self,
+        tile_outputs: dict[str, torch.Tensor],
+        tile_boxes: torch.Tensor,
+        tile_image_index: torch.Tensor,
+        image_sizes: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The outputs of the tiles of `preprocess_tiles` back per image, as if each image had gone through whole:
+        - detection (`det_logits`, `det_centerness_logits`, `pred_boxes`): every tile's locations, their boxes
+          shifted and scaled from the tile to the image (normalised cx, cy, w, h of the image), pooled per image;
+          images with fewer tiles are padded with locations of score 0. `post_process_object_detection`'s
+          class-wise NMS (`torchvision.ops.batched_nms`) then merges the duplicates of an object seen by
+          overlapping tiles;
+        - segmentation (`seg_logits`): the tiles' logits stitched over the whole image at the model's resolution
+          (`tile_canvas`, `stitch`: overlaps averaged); images of different sizes are padded at the bottom / right
+          and `seg_pixel_mask` marks each image's part (the post-processing and the anomaly score read it).
+        """
+        merged: dict[str, torch.Tensor] = {}
+        sizes = [tuple(int(value) for value in size) for size in image_sizes.tolist()]
+        owners = [torch.nonzero(tile_image_index == index).flatten() for index in range(len(sizes))]
+        boxes = tile_boxes.tolist()
+        if "det_logits" in tile_outputs:
+            merged.update(self._merge_detections(tile_outputs, boxes, owners, sizes))
+        if "seg_logits" in tile_outputs:
+            logits = tile_outputs["seg_logits"]
+            canvases = []
+            for (height, width), tiles in zip(sizes, owners):
+                placed, canvas = tile_canvas(
+                    [boxes[i] for i in tiles.tolist()], height, width, tuple(logits.shape[-2:])
+                )
+                canvases.append(stitch(logits[tiles], placed, canvas))
+            shapes = {tuple(canvas.shape[-2:]) for canvas in canvases}
+            if len(shapes) == 1:
+                merged["seg_logits"] = torch.stack(canvases)
+            else:
+                height = max(canvas.shape[-2] for canvas in canvases)
+                width = max(canvas.shape[-1] for canvas in canvases)
+                padded = canvases[0].new_zeros((len(canvases), canvases[0].shape[0], height, width))
+                mask = torch.zeros((len(canvases), height, width), dtype=torch.int64)
+                for index, canvas in enumerate(canvases):
+                    padded[index, :, : canvas.shape[-2], : canvas.shape[-1]] = canvas
+                    mask[index, : canvas.shape[-2], : canvas.shape[-1]] = 1
+                merged["seg_logits"], merged[get_task("seg").pixel_mask_field] = padded, mask
+        return merged
+
+    @staticmethod
+    def _merge_detections(
+        tile_outputs: dict[str, torch.Tensor],
+        boxes: list[list[int]],
+        owners: list[torch.Tensor],
+        sizes: list[tuple[int, int]],
+    ) -> dict[str, torch.Tensor]:
+        logits, pred_boxes = tile_outputs["det_logits"], tile_outputs["pred_boxes"]
+        centerness = tile_outputs.get("det_centerness_logits")
+        locations = logits.shape[1]
+        most = max(len(tiles) for tiles in owners) * locations
+        # padding locations score sigmoid(-1e4) = 0: never above a threshold, never an image's maximum
+        pooled_logits = logits.new_full((len(sizes), most, logits.shape[-1]), -1e4)
+        pooled_boxes = pred_boxes.new_zeros((len(sizes), most, 4))
+        pooled_centerness = None if centerness is None else centerness.new_full((len(sizes), most), -1e4)
+        for index, ((height, width), tiles) in enumerate(zip(sizes, owners)):
+            tile_list = tiles.tolist()
+            box = torch.tensor([boxes[i] for i in tile_list], dtype=torch.float32)  # (n, 4) x0 y0 x1 y1
+            # a tile box's offset and size as fractions of the image (exact 0 and 1 for a tile of the whole image)
+            offset = torch.stack([box[:, 0] / width, box[:, 1] / height], dim=1)[:, None]  # (n, 1, 2)
+            scale = torch.stack([(box[:, 2] - box[:, 0]) / width, (box[:, 3] - box[:, 1]) / height], dim=1)[
+                :, None
+            ]
+            tile_boxes_ = pred_boxes[tiles]  # (n, L, 4) normalised cx, cy, w, h of the tile
+            shifted = torch.cat([offset + tile_boxes_[..., :2] * scale, tile_boxes_[..., 2:] * scale], dim=-1)
+            count = len(tile_list) * locations
+            pooled_logits[index, :count] = logits[tiles].reshape(count, -1)
+            pooled_boxes[index, :count] = shifted.reshape(count, 4)
+            if pooled_centerness is not None:
+                pooled_centerness[index, :count] = centerness[tiles].reshape(count)
+        merged = {"det_logits": pooled_logits, "pred_boxes": pooled_boxes}
+        if pooled_centerness is not None:
+            merged["det_centerness_logits"] = pooled_centerness
+        return merged
 
     def predict(
         self,
@@ -247,7 +528,16 @@ class CadMtlImageProcessor(TorchvisionBackend):
     ) -> dict[str, torch.Tensor]:
         """The raw outputs of `tasks` (default: every head) on `images`, each head fed at its own input size (one
         forward pass per distinct size): `forward_size_groups(model, preprocess_size_groups(images, tasks), tasks)`.
-        Feed them to the `post_process_*` methods (boxes and masks for the original image sizes)."""
+        Feed them to the `post_process_*` methods (boxes and masks for the original image sizes).
+
+        With `tile_size` (high-resolution inspection), the detection and segmentation heads run on overlapping
+        square tiles of `tile_size` pixels of each image (`tile_boxes`: a regular grid with stride `tile_size -
+        tile_overlap`, the last row / column shifted to end at the image's edge; a side shorter than a tile is
+        covered by one tile spanning it, so an image smaller than a tile runs whole, never padded), resized to
+        the head's input size, `tile_batch_size` tiles per forward pass; their outputs are merged back per image
+        (`merge_tiles`: boxes shifted to the image and merged by the post-processing's class-wise NMS,
+        segmentation logits stitched with overlaps averaged). The classification head sees the whole image.
+        Image-level anomaly scores (`post_process_anomaly_score`) read the merged outputs."""
         tasks = TASKS if tasks is None else tuple(tasks)
         inputs = self.preprocess_size_groups(images, tasks)
         return self.forward_size_groups(model, inputs, tasks, device=device, dtype=dtype)
@@ -458,18 +748,27 @@ class CadMtlImageProcessor(TorchvisionBackend):
     def post_process_semantic_segmentation(
         self, outputs: Any, target_sizes: torch.Tensor | list[tuple[int, int]] | None = None
     ) -> list[torch.Tensor]:
-        """One `(height, width)` class-id map per image, resized (bilinear on the logits) to `target_sizes`."""
+        """One `(height, width)` class-id map per image, resized (bilinear on the logits) to `target_sizes`. Where
+        the outputs hold a `seg_pixel_mask` (padded inputs, or tiled images of different sizes), each image's
+        logits are first cropped to its part (padding sits at the bottom / right)."""
         logits = output_field(outputs, "logits", "seg_logits")
         if logits is None:
             raise ValueError("The outputs hold no segmentation logits (`logits` or `seg_logits`).")
+        pixel_mask = output_field(outputs, get_task("seg").pixel_mask_field)
+        images = list(logits)
+        if pixel_mask is not None:
+            images = [
+                image_logits[:, : int(mask.any(dim=1).sum()), : int(mask.any(dim=0).sum())]
+                for image_logits, mask in zip(images, pixel_mask)
+            ]
         sizes = _as_size_list(target_sizes, len(logits))
         if sizes is None:
-            return list(logits.argmax(dim=1))
+            return [image_logits.argmax(dim=0) for image_logits in images]
         return [
             F.interpolate(image_logits[None].float(), size=size, mode="bilinear", align_corners=False)[
                 0
             ].argmax(0)
-            for image_logits, size in zip(logits, sizes)
+            for image_logits, size in zip(images, sizes)
         ]
 
     def post_process_anomaly_score(

@@ -43,6 +43,11 @@ class TaskDefinition:
         post_process: the `CadMtlImageProcessor` method that turns the head's outputs into predictions.
         anomaly_score: `(outputs, normal_class_id, pixel_mask) -> (B,)` image-level anomaly score in [0, 1], or
             None when the head gives none (e.g. a classifier without a `normal` class).
+        tile_merge: how the one inference path puts the head's outputs on tiles of a high-resolution image back
+            together (`CadMtlImageProcessor` with `tile_size`): `"detections"` (each tile's boxes shifted to the
+            image and pooled; the post-processing's class-wise NMS merges duplicates across tile seams), `"map"`
+            (per-pixel logits stitched over the image, overlaps averaged), or None: the head sees the whole image
+            (a class of the whole picture).
     """
 
     name: str
@@ -52,6 +57,7 @@ class TaskDefinition:
     result_key: str
     post_process: str
     anomaly_score: AnomalyScore
+    tile_merge: str | None = None
 
     @property
     def pixel_mask_field(self) -> str:
@@ -119,6 +125,7 @@ DETECTION = TaskDefinition(
     result_key="detection",
     post_process="post_process_object_detection",
     anomaly_score=detection_anomaly_score,
+    tile_merge="detections",
 )
 SEGMENTATION = TaskDefinition(
     name="seg",
@@ -128,6 +135,7 @@ SEGMENTATION = TaskDefinition(
     result_key="segmentation",
     post_process="post_process_semantic_segmentation",
     anomaly_score=segmentation_anomaly_score,
+    tile_merge="map",
 )
 
 # The registry, in the canonical task order (`TASKS`).

@@ -13,7 +13,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .features_cadmtl_anomaly import check_ivf_arguments
+from .features_cadmtl_anomaly import check_ivf_arguments, check_tile_settings
 
 IMAGENET_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD = tuple(IMAGENET_DEFAULT_STD)
@@ -81,6 +81,11 @@ class PatchMemoryConfig(PreTrainedConfig):
         coreset_fraction, seed, projection_dim: how the bank was reduced when it was fitted (kept for the record).
         image_mean, image_std: the normalisation of the inputs.
         image_threshold, pixel_threshold (`float`, *optional*): the calibrated decisions.
+        tile_size, tile_overlap (`int`, *optional*): high-resolution inspection by tiles (pixels of the original
+            image): each image is cut into overlapping `tile_size` tiles, each scored at `image_size`, and the maps
+            stitched over the whole image (overlaps averaged); the image score comes from the stitched map. The
+            settings the bank was fitted with (`cadmtl anomaly fit --tile-size`), the default of every scoring
+            path (`AnomalyImageProcessor.predict`); None: the whole image at `image_size`.
     """
 
     model_type = "cadmtl_patch_memory"
@@ -116,9 +121,12 @@ class PatchMemoryConfig(PreTrainedConfig):
     image_std: list[float] | None = None
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    tile_size: int | None = None
+    tile_overlap: int = 0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        check_tile_settings(self.tile_size, self.tile_overlap)
         if self.backbone_config.model_type not in SUPPORTED_BACKBONES:
             raise ValueError(
                 f"Unsupported backbone model_type {self.backbone_config.model_type!r}; expected one of "

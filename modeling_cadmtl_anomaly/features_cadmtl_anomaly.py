@@ -433,3 +433,92 @@ def kmeans(
             reseed = torch.randint(count, (int(empty.sum()),), generator=generator).to(points.device)
             centroids[empty] = sample[reseed]
     return centroids
+
+
+# ------------------------------------------------------------------------------------------------------- tiles
+# High-resolution inspection cuts an image into overlapping tiles, runs each through the model at its input size and
+# stitches the tiles' maps back over the whole image. These helpers are pure; `modeling_cadmtl.image_processing_cadmtl`
+# holds a copy (the two Hub packages may not import each other; tests/model/test_tiles.py keeps them equal).
+MIN_TILE_SIZE = 32
+
+
+def check_tile_settings(tile_size: int | None, tile_overlap: int | None) -> None:
+    """One-line `ValueError` naming the option for a tile size that is not an integer >= `MIN_TILE_SIZE`, or an
+    overlap that is negative or not below the tile size."""
+    if tile_size is None:
+        if tile_overlap:
+            raise ValueError(f"--tile-overlap (tile_overlap={tile_overlap}) needs --tile-size (tile_size)")
+        return
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < MIN_TILE_SIZE:
+        raise ValueError(
+            f"--tile-size (tile_size) must be an integer of at least {MIN_TILE_SIZE} pixels, got {tile_size!r}"
+        )
+    overlap = 0 if tile_overlap is None else tile_overlap
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile_size:
+        raise ValueError(
+            f"--tile-overlap (tile_overlap) must be an integer from 0 to tile_size - 1 = {tile_size - 1} pixels, "
+            f"got {tile_overlap!r}"
+        )
+
+
+def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:  # a side shorter than a tile: one tile spans it (no padding)
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return [
+        *starts,
+        length - tile,
+    ]  # the last tile ends at the edge (shifted back, overlapping its neighbour more)
+
+
+def tile_boxes(height: int, width: int, tile_size: int, overlap: int = 0) -> list[tuple[int, int, int, int]]:
+    """The tiles covering a `height` x `width` image, row by row: `(x0, y0, x1, y1)` pixel boxes (x1, y1
+    exclusive) of a regular grid with stride `tile_size - overlap`, the last row / column shifted to end at the
+    image's edge. A side shorter than `tile_size` is covered by one tile spanning that side, so an image smaller
+    than a tile is one tile: the whole image, exactly as without tiles (never padded)."""
+    check_tile_settings(tile_size, overlap)
+    stride = tile_size - overlap
+    rows = _tile_starts(height, tile_size, stride)
+    columns = _tile_starts(width, tile_size, stride)
+    tile_height, tile_width = min(tile_size, height), min(tile_size, width)
+    return [(x0, y0, x0 + tile_width, y0 + tile_height) for y0 in rows for x0 in columns]
+
+
+def tile_canvas(
+    boxes: Sequence[tuple[int, int, int, int]], height: int, width: int, input_size: tuple[int, int]
+) -> tuple[list[tuple[int, int, int, int]], tuple[int, int]]:
+    """Where the model's outputs of the tiles `boxes` (all of one size, each resized to `input_size` = (h, w) on
+    the way in) lie on a canvas covering the whole `height` x `width` image at the model's resolution: (the boxes
+    on the canvas, each exactly `input_size`, and the canvas size). Stitching there needs no resampling per tile;
+    the canvas is resized to the image size once, like an untiled output. Offsets are rounded half up, so the last
+    row / column ends exactly at the canvas edge."""
+    tile_width, tile_height = boxes[0][2] - boxes[0][0], boxes[0][3] - boxes[0][1]
+    scale_y, scale_x = input_size[0] / tile_height, input_size[1] / tile_width
+    canvas = (math.floor(height * scale_y + 0.5), math.floor(width * scale_x + 0.5))
+    placed = []
+    for x0, y0, _, _ in boxes:
+        top = min(math.floor(y0 * scale_y + 0.5), canvas[0] - input_size[0])
+        left = min(math.floor(x0 * scale_x + 0.5), canvas[1] - input_size[1])
+        placed.append((left, top, left + input_size[1], top + input_size[0]))
+    return placed, canvas
+
+
+def stitch(
+    maps: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], size: tuple[int, int]
+) -> torch.Tensor:
+    """Tile outputs `maps` (N, [C,] h, w) put back at their `boxes` (x0, y0, x1, y1) on a `size` = (H, W) canvas,
+    overlaps averaged: (C, H, W) or (H, W). A map whose size differs from its box is resized (bilinear) to it; a
+    canvas pixel no box covers is 0."""
+    if len(maps) != len(boxes):
+        raise ValueError(f"stitch: got {len(maps)} maps for {len(boxes)} boxes")
+    squeeze = maps.ndim == 3
+    maps = maps[:, None] if squeeze else maps
+    total = maps.new_zeros((maps.shape[1], *size), dtype=torch.float32)
+    count = maps.new_zeros(size, dtype=torch.float32)
+    for tile, (x0, y0, x1, y1) in zip(maps.float(), boxes):
+        if tuple(tile.shape[-2:]) != (y1 - y0, x1 - x0):
+            tile = F.interpolate(tile[None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0]
+        total[:, y0:y1, x0:x1] += tile
+        count[y0:y1, x0:x1] += 1
+    stitched = total / count.clamp(min=1)
+    return stitched[0] if squeeze else stitched

@@ -21,22 +21,25 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from torch.nn import functional as F
+import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, normal_only, to_pixel_values
+from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, normal_only
 from cadmtl.anomaly.learner import AnomalyLearner
 from cadmtl.anomaly.metrics import AnomalyMetrics, f1_max, metrics_table
 from cadmtl.anomaly.models import (
     UNCALIBRATED,
+    anomaly_processor,
     image_verdict,
     load_anomaly_model,
     map_value_range,
     predict_image,
+    score_images,
 )
 from cadmtl.anomaly.patch_memory import (
     PRETRAINED_DEFAULTS,
@@ -50,6 +53,8 @@ from cadmtl.pictures.overlays import draw_anomaly_map
 from cadmtl.pictures.predict import collect_images, load_image
 from cadmtl.pretrained import INSTALL_HINT, PRETRAINED_PRESETS, require_timm, wheel_weights_path
 from dataset_scripts.safe_paths import SafeOutputPaths, safe_output_path
+from modeling_cadmtl_anomaly import AnomalyImageProcessor
+from modeling_cadmtl_anomaly.features_cadmtl_anomaly import check_tile_settings
 
 logger = logging.getLogger("cadmtl.anomaly")
 DEFAULT_BACKBONE = "efficientnet-lite0"  # when the `pretrained` extra is installed (see `resolve_backbone`)
@@ -57,23 +62,31 @@ _UNCALIBRATED_REASON = "no validation split and no held-out normal train image t
 
 
 def _scores_and_maps(
-    scorer: PatchMemoryScorer | AnomalyLearner, samples: Sequence[AnomalySample], batch_size: int, desc: str
+    scorer: PatchMemoryScorer | AnomalyLearner,
+    samples: Sequence[AnomalySample],
+    batch_size: int,
+    desc: str,
+    processor: AnomalyImageProcessor | None = None,
 ) -> tuple[list[float], list[np.ndarray]]:
-    """Image scores and anomaly maps at each image's original size (bilinear from the fit size)."""
+    """Image scores and anomaly maps at each image's original size, through `processor` (default: the scorer's
+    own, with the tile settings it was fitted with)."""
+    processor = anomaly_processor(scorer) if processor is None else processor
     scores, maps = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         batch = samples[start : start + batch_size]
-        pixel_values = to_pixel_values(
-            [s.image for s in batch], scorer.image_size, scorer.image_mean, scorer.image_std
-        )
-        batch_maps, batch_scores = scorer.score(pixel_values)
-        for sample, amap, score in zip(batch, batch_maps, batch_scores):
-            full = F.interpolate(amap[None, None], size=sample.size, mode="bilinear", align_corners=False)[
-                0, 0
-            ]
-            maps.append(full.numpy().astype(np.float32))
-            scores.append(float(score))
+        batch_scores, batch_maps = score_images(scorer, [s.image for s in batch], processor, batch_size)
+        scores.extend(batch_scores)
+        maps.extend(batch_maps)
     return scores, maps
+
+
+def bank_pixel_values(
+    images: Sequence[Image.Image], processor: AnomalyImageProcessor
+) -> Iterator[torch.Tensor]:
+    """The pixel values the bank is fitted on, one image at a time (a generator: tiles of many high-resolution
+    images would not fit in memory at once): the whole image at the scorer's size, or its tiles."""
+    for image in images:
+        yield processor.tiles(image)[0]
 
 
 def calibrate(
@@ -164,10 +177,12 @@ def fit(args: argparse.Namespace) -> int:
         search_num_probes=args.search_probes,
         **settings,
     )
+    # Fitted on tiles, the bank holds patches at the scale the tiles are scored at (a small defect stays visible);
+    # the settings are saved in the config so every scoring path tiles alike.
+    scorer.config.tile_size, scorer.config.tile_overlap = args.tile_size, args.tile_overlap or 0
+    processor = anomaly_processor(scorer)
     started = time.perf_counter()
-    pixel_values = to_pixel_values(
-        [s.image for s in bank_images], scorer.image_size, scorer.image_mean, scorer.image_std
-    )
+    pixel_values = bank_pixel_values([s.image for s in bank_images], processor)
     scorer.fit(pixel_values, batch_size=args.batch_size, few_shot=bool(args.few_shot))
     fit_seconds = time.perf_counter() - started
     if calibration:
@@ -197,6 +212,7 @@ def fit(args: argparse.Namespace) -> int:
         "config": args.config,
         "backbone": backbone_name,
         "settings": settings,
+        "tiles": {"tile_size": args.tile_size, "tile_overlap": args.tile_overlap or 0},
         "normal_images_in_bank": len(bank_images),
         "memory_bank_patches": int(scorer.memory_bank.shape[0]),
         "memory_bank_mb": scorer.memory_bank.numel() * 4 / 2**20,
@@ -210,9 +226,10 @@ def fit(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     scorer = load_anomaly_model(args.model)
+    processor = anomaly_processor(scorer, args.tile_size, args.tile_overlap)
     samples = load_anomaly_split(args.repo, args.config, args.split)
     started = time.perf_counter()
-    scores, maps = _scores_and_maps(scorer, samples, args.batch_size, f"scoring {args.split}")
+    scores, maps = _scores_and_maps(scorer, samples, args.batch_size, f"scoring {args.split}", processor)
     seconds = time.perf_counter() - started
     metrics = AnomalyMetrics()
     for sample, score, amap in zip(samples, scores, maps):
@@ -231,6 +248,7 @@ def evaluate(args: argparse.Namespace) -> int:
         "metrics": results,
         "per_defect_type": per_type,
         "thresholds": {"image": scorer.image_threshold, "pixel": scorer.pixel_threshold},
+        "tiles": {"tile_size": processor.tile_size, "tile_overlap": processor.tile_overlap},
         "verdict_status": "calibrated" if scorer.image_threshold is not None else UNCALIBRATED,
     }
     (output / "eval_results.json").write_text(json.dumps(summary, indent=2))
@@ -262,6 +280,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     scorer = load_anomaly_model(args.model)
+    processor = anomaly_processor(scorer, args.tile_size, args.tile_overlap)
     sources = collect_images(args.inputs, exclude=args.output_dir)
     if not sources:
         raise FileNotFoundError(f"no images found in {args.inputs}")
@@ -274,7 +293,7 @@ def predict(args: argparse.Namespace) -> int:
         except Exception as error:  # a corrupt file is reported in scores.csv and the rest go on
             rows.append([str(source.path), "", "error", f"{type(error).__name__}: {error}"])
             continue
-        picture, score, verdict = predict_image(scorer, image)
+        picture, score, verdict = predict_image(scorer, image, processor)
         target = safe_output_path(output, source.output_name.as_posix())
         target.parent.mkdir(parents=True, exist_ok=True)
         picture.save(target)
@@ -302,6 +321,26 @@ def train(argv: Sequence[str]) -> int:
     # --quiet: a training error is the module's own one line, without the launcher's traceback (it exits 1).
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
     return run_child([*launcher, "-m", "cadmtl.anomaly.learner_training", *argv])
+
+
+TILE_OVERRIDE_HELP = "default: the tile settings the model was fitted with"
+
+
+def add_tile_options(parser: argparse.ArgumentParser, purpose: str) -> None:
+    """`--tile-size` / `--tile-overlap`: high-resolution inspection by overlapping tiles (pixels of the original
+    image), their maps stitched over the whole image (see `AnomalyImageProcessor.predict`)."""
+    parser.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        help=f"score overlapping square tiles of this many pixels of the original image (>= 32); {purpose}",
+    )
+    parser.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=None,
+        help="pixels shared by neighbouring tiles (< --tile-size); default 0",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument(
         "--search-probes", type=int, default=8, help="lists searched per patch with --search-lists"
     )
+    add_tile_options(
+        fit_parser,
+        "fit the bank on the tiles of the normal images and score by tiles (saved in the model's config: "
+        "evaluate, predict, the app and the ONNX export tile alike)",
+    )
 
     eval_parser = commands.add_parser(
         "evaluate",
@@ -398,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-pictures", action="store_true", help="heat maps with the true defect contour"
     )
     eval_parser.add_argument("--batch-size", type=int, default=8)
+    add_tile_options(eval_parser, TILE_OVERRIDE_HELP)
 
     predict_parser = commands.add_parser(
         "predict",
@@ -408,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("model")
     predict_parser.add_argument("inputs", nargs="+", help="image files and / or folders")
     predict_parser.add_argument("--output-dir", required=True)
+    add_tile_options(predict_parser, TILE_OVERRIDE_HELP)
     commands.add_parser(
         "train", help="train the from-scratch multi-task learner (see `cadmtl anomaly train --help`)"
     )
@@ -422,6 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     runner = {"fit": fit, "evaluate": evaluate, "predict": predict}[args.command]
     try:
+        if args.tile_size is not None or args.command == "fit":  # before any data or model is loaded
+            check_tile_settings(args.tile_size, args.tile_overlap)
         return runner(args)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -3,6 +3,7 @@
     from cadmtl.anomaly.models import load_anomaly_model, predict_image
     model = load_anomaly_model("outputs/ad-demo/model")  # a PatchMemoryScorer or an AnomalyLearner
     picture, score, verdict = predict_image(model, image)
+    picture, score, verdict = predict_image(model, image, anomaly_processor(model, tile_size=512, tile_overlap=64))
 
 `cadmtl anomaly evaluate / predict`, `cadmtl export onnx` and the demo app's anomaly tab load through here; a
 new anomaly model adds its class to `ANOMALY_MODELS`.
@@ -14,25 +15,27 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from cadmtl.anomaly.data import to_pixel_values
 from cadmtl.anomaly.learner import AnomalyLearner
 from cadmtl.anomaly.patch_memory import PatchMemoryScorer
 from cadmtl.model_kinds import ANOMALY_MODEL_KINDS, load_pretrained, require_model_kind
 from cadmtl.pictures.overlays import draw_anomaly_map
-from modeling_cadmtl_anomaly import AnomalyLearnerConfig, PatchMemoryConfig
+from modeling_cadmtl_anomaly import AnomalyImageProcessor, AnomalyLearnerConfig, PatchMemoryConfig
 
 __all__ = [
     "ANOMALY_MODELS",
     "NG",
     "OK",
     "UNCALIBRATED",
+    "anomaly_processor",
     "image_verdict",
     "load_anomaly_model",
     "map_value_range",
     "predict_image",
+    "score_images",
 ]
 
 OK, NG = "OK", "NG"
@@ -71,13 +74,52 @@ def map_value_range(model: AnomalyModel, maps: Sequence[np.ndarray]) -> tuple[fl
     return 0.0, float(np.percentile(np.concatenate([m.ravel() for m in maps]), 99)) or 1.0
 
 
-def predict_image(model: AnomalyModel, image: Image.Image) -> tuple[Image.Image, float, str]:
+def anomaly_processor(
+    model: AnomalyModel, tile_size: int | None = None, tile_overlap: int | None = None
+) -> AnomalyImageProcessor:
+    """The processor `model` scores through: its size and normalisation, and the tile settings it was fitted with
+    (`config.tile_size` / `tile_overlap`), which `tile_size` / `tile_overlap` (`--tile-size` / `--tile-overlap`)
+    override. Raises a one-line `ValueError` naming the option for bad tile settings."""
+    return AnomalyImageProcessor.from_model_config(
+        model.config, tile_size=tile_size, tile_overlap=tile_overlap
+    )
+
+
+def score_images(
+    model: AnomalyModel,
+    images: Sequence[Image.Image],
+    processor: AnomalyImageProcessor | None = None,
+    batch_size: int = 8,
+) -> tuple[list[float], list[np.ndarray]]:
+    """Image scores and anomaly maps (float32, at each image's own size) of `images` through the processor's one
+    scoring path (`AnomalyImageProcessor.predict`: whole images, or tiles stitched when it has a `tile_size`)."""
+    processor = anomaly_processor(model) if processor is None else processor
+    config = model.config
+    outputs = processor.predict(
+        model.predict,
+        list(images),
+        image_score=config.image_score,
+        top_fraction=config.top_fraction,
+        batch_size=batch_size,
+    )
+    scores, maps = [], []
+    for image, amap, score in zip(images, outputs["anomaly_maps"], outputs["image_scores"]):
+        size = (image.height, image.width)
+        if tuple(amap.shape) != size:
+            amap = F.interpolate(amap[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        maps.append(amap.numpy().astype(np.float32))
+        scores.append(float(score))
+    return scores, maps
+
+
+@torch.no_grad()
+def predict_image(
+    model: AnomalyModel, image: Image.Image, processor: AnomalyImageProcessor | None = None
+) -> tuple[Image.Image, float, str]:
     """One RGB image -> (heat-map picture with the thresholded defect contour, image score, "OK" / "NG", or
-    "uncalibrated" for a model without thresholds): `cadmtl anomaly predict` and the demo app's anomaly tab."""
-    pixel_values = to_pixel_values([image], model.image_size, model.image_mean, model.image_std)
-    maps, scores = model.score(pixel_values)
-    amap = F.interpolate(maps[:1, None], size=(image.height, image.width), mode="bilinear")[0, 0].numpy()
+    "uncalibrated" for a model without thresholds): `cadmtl anomaly predict` and the demo app's anomaly tab.
+    `processor` (default `anomaly_processor(model)`, the model's saved tile settings) decides tiles."""
+    (score,), (amap,) = score_images(model, [image], processor)
     predicted = None if model.pixel_threshold is None else (amap >= model.pixel_threshold).astype(np.uint8)
     picture = draw_anomaly_map(image, amap, map_value_range(model, [amap]), predicted_mask=predicted)
-    score = float(scores[0])
     return picture, score, image_verdict(model, score)

@@ -176,11 +176,20 @@ class AnomalyOnnxPredictor:
     and `AnomalyImageProcessor`'s pre- and post-processing.
 
     `predict(images)` returns one dict per image as `post_process_anomaly_maps` does: `anomaly_map` at the image's
-    size, `score`, and with the config's calibrated thresholds `verdict` ("OK" / "NG") and `mask`.
+    size, `score`, and with the config's calibrated thresholds `verdict` ("OK" / "NG") and `mask`. It scores
+    through `AnomalyImageProcessor.predict`, the PyTorch model's path: by tiles when the model was fitted with
+    them (the processor saved beside the graph holds its `tile_size`), or when `tile_size` / `tile_overlap` are
+    given (they override the saved settings; the graph takes tiles at its fixed input size).
     """
 
     def __init__(
-        self, folder: str | os.PathLike, *, providers: Sequence[Any] | None = None, options: Any | None = None
+        self,
+        folder: str | os.PathLike,
+        *,
+        providers: Sequence[Any] | None = None,
+        options: Any | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
     ) -> None:
         from transformers import AutoConfig
 
@@ -194,6 +203,13 @@ class AnomalyOnnxPredictor:
             )
         self.config = AutoConfig.from_pretrained(self.folder)
         self.processor = AnomalyImageProcessor.from_pretrained(self.folder)
+        if tile_size is not None or tile_overlap is not None:
+            saved = self.processor.to_dict()
+            self.processor = AnomalyImageProcessor.from_model_config(
+                self.config,
+                tile_size=tile_size if tile_size is not None else saved.get("tile_size"),
+                tile_overlap=tile_overlap,
+            )
         self.session = _session(self.folder, providers, options)
         _check_names(self.folder, "inputs", [i.name for i in self.session.get_inputs()], ["pixel_values"])
         _check_names(self.folder, "outputs", [o.name for o in self.session.get_outputs()], ANOMALY_OUTPUTS)
@@ -219,7 +235,9 @@ class AnomalyOnnxPredictor:
         images = _as_list(images)
         if not images:
             return []
-        outputs = self.run(self.processor(images)["pixel_values"])
+        outputs = self.processor.predict(
+            self.run, images, image_score=self.config.image_score, top_fraction=self.config.top_fraction
+        )
         sizes = [image_size_of(image) for image in images]
         return self.processor.post_process_anomaly_maps(outputs, target_sizes=sizes, **self.thresholds)
 

@@ -209,6 +209,10 @@ class OnnxPredictor:
     `post_process_object_detection` and `post_process_semantic_segmentation` (boxes and masks at each image's
     original size), and `"verdict"`: the OK / NG verdict of each image from the config's calibrated threshold.
 
+    High-resolution inspection: with `tile_size` / `tile_overlap` (or the settings in the exported
+    `preprocessor_config.json`) the detection and segmentation heads run on overlapping tiles merged back by the
+    processor, exactly as for the PyTorch model (`CadMtlImageProcessor.predict`).
+
     Raises at construction: `FileNotFoundError` when a file is missing, `ValueError` when the graph's outputs do
     not match the config (an unknown output, or a class count that differs from the config's labels).
     """
@@ -219,6 +223,8 @@ class OnnxPredictor:
         *,
         providers: Sequence[Any] | None = None,
         options: Any | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -234,6 +240,7 @@ class OnnxPredictor:
             )
         self.config = CadMtlConfig.from_pretrained(self.folder)
         self.processor = CadMtlImageProcessor.from_pretrained(self.folder)
+        self.processor.set_tiles(tile_size, tile_overlap)  # default: the tiles saved with the export
         self.session = ort.InferenceSession(
             str(self.folder / ONNX_FILE),
             sess_options=options if options is not None else session_options(),

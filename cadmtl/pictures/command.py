@@ -66,6 +66,20 @@ def _add_predict_arguments(predict: argparse.ArgumentParser) -> None:
     predict.add_argument(
         "--video-fps", type=float, default=1.0, help="frames taken per second of video (0: every frame)"
     )
+    predict.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        help="high-resolution inspection: the detection and segmentation heads see overlapping square tiles of "
+        "this many pixels of the original image (>= 32), merged back (boxes by NMS, masks stitched); default: the "
+        "model's preprocessor_config.json (none: whole images)",
+    )
+    predict.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=None,
+        help="pixels shared by neighbouring tiles (< --tile-size); default 0",
+    )
     predict.add_argument("--crops", action="store_true", help="also write one PNG per detection under crops/")
     predict.add_argument("--no-overlays", action="store_true", help="write the JSON / CSV results only")
 
@@ -100,6 +114,8 @@ def run_predict(args: argparse.Namespace) -> int:
         video_fps=args.video_fps,
         overlays=not args.no_overlays,
         crops=args.crops,
+        tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap,
     )
     verdicts = [row["verdict"] for row in run.rows if not row["error"]]
     failed = len(run.errors)

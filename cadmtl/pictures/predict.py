@@ -383,7 +383,12 @@ class Predictor:
         tasks: Sequence[str] = TASKS,
         det_threshold: float = 0.3,
         top_k_classes: int = 3,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
     ) -> None:
+        processor.set_tiles(
+            tile_size, tile_overlap
+        )  # high-resolution inspection: see CadMtlImageProcessor.predict
         tasks = tuple(dict.fromkeys(tasks))
         unknown = [task for task in tasks if task not in TASKS]
         if not tasks or unknown:
@@ -542,6 +547,8 @@ def predict_files(
     overlays: bool = True,
     crops: bool = False,
     predictor: Predictor | None = None,
+    tile_size: int | None = None,
+    tile_overlap: int | None = None,
 ) -> PredictRun:
     """Run a CadMtl model on image files, folders, globs and videos; write the files listed in the module docstring.
 
@@ -559,8 +566,11 @@ def predict_files(
         video_fps: frames taken per second of video (`<= 0`: every frame).
         overlays: write one overlay PNG per image.
         crops: write one PNG per detection under `crops/`.
-        predictor: an already loaded [`Predictor`] (then `model_dir`, `det_threshold`, `top_k_classes`, `tasks`
-            and `device` are its own).
+        predictor: an already loaded [`Predictor`] (then `model_dir`, `det_threshold`, `top_k_classes`, `tasks`,
+            `device` and the tile settings are its own).
+        tile_size, tile_overlap: high-resolution inspection: the detection and segmentation heads run on
+            overlapping tiles of `tile_size` pixels (see `CadMtlImageProcessor.predict`); default: the settings in
+            the model's `preprocessor_config.json` (none: whole images).
 
     Raises:
         ValueError: bad arguments, overlays that would overwrite their inputs, or no input could be read (the
@@ -568,6 +578,10 @@ def predict_files(
     """
     if batch_size < 1:
         raise ValueError(f"predict_files: batch_size must be >= 1, got {batch_size}")
+    if tile_size is not None:  # before the model loads
+        from modeling_cadmtl.image_processing_cadmtl import check_tile_settings
+
+        check_tile_settings(tile_size, tile_overlap)
     output_dir = Path(output_dir)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -585,7 +599,13 @@ def predict_files(
         )
     if predictor is None:
         predictor = Predictor.from_pretrained(
-            model_dir, device, tasks=tasks, det_threshold=det_threshold, top_k_classes=top_k_classes
+            model_dir,
+            device,
+            tasks=tasks,
+            det_threshold=det_threshold,
+            top_k_classes=top_k_classes,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
         )
     config = predictor.config
     output_dir.mkdir(parents=True, exist_ok=True)
