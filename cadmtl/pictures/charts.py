@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from cadmtl.tasks import CADMTL_TASKS
 from dataset_scripts.safe_paths import safe_file_name
 
 logger = logging.getLogger(__name__)
@@ -47,11 +48,7 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 
 # (per-class metric, the count shown next to it) per task, in the order a report is recognised
-_PER_CLASS_DEFAULTS = {
-    "cls": ("acc@1", "support"),
-    "det": ("AP", "num_ground_truth"),
-    "seg": ("IoU", "gt_pixels"),
-}
+_PER_CLASS_DEFAULTS = {name: task.per_class_chart for name, task in CADMTL_TASKS.items()}
 _COUNT_KEYS = ("support", "num_ground_truth", "gt_pixels")
 _BAR_COLOR = "#0072B2"  # Okabe-Ito blue
 _MAX_ANNOTATED_CLASSES = 20
@@ -509,7 +506,7 @@ def plot_evaluation(eval_results_json: str | os.PathLike, output_dir: str | os.P
                 written.append(
                     plot_confusion_matrix(report, output_dir / f"{stem}_confusion_matrix.png", title=title)
                 )
-            if task == "det":
+            if task in CADMTL_TASKS and CADMTL_TASKS[task].analysis_charts:
                 detection_configs += 1
                 written.extend(
                     _plot_detection_analysis(report, output_dir, stem, title, config, without_curves)

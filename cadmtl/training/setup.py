@@ -13,6 +13,7 @@ from cadmtl.data.sources import TaskSource
 from cadmtl.model_kinds import CADMTL, load_pretrained, require_model_kind
 from cadmtl.presets import PRESETS, backbone_preset
 from cadmtl.pretrained import PRETRAINED_PRESETS, load_pretrained_backbone
+from cadmtl.tasks import CADMTL_TASKS
 from cadmtl.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from cadmtl.training.tracking import JsonlTracker
 from modeling_cadmtl import CadMtlConfig, CadMtlModel
@@ -82,7 +83,8 @@ def class_candidates(
     """For each classification config, a (K_cls,) mask of its own classes: its images are trained and scored
     among their domain's classes (`cls_candidates` of the model's forward)."""
     masks = {}
-    for source in sources.get("cls", []):
+    conditioned = [task for task, definition in CADMTL_TASKS.items() if definition.class_candidates]
+    for source in (source for task in conditioned for source in sources.get(task, [])):
         mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
         mask[source.model_label_ids] = True
         masks[source.config] = mask

@@ -45,6 +45,7 @@ WING_RANKS = {
     "testing": 0,
     "presets": 0,
     "model_kinds": 0,
+    "tasks": 0,  # the heads as training and evaluation see them (Hub definitions + data, metric, reports)
     "features": 1,
     "data": 1,
     "evaluation": 2,
