@@ -41,6 +41,7 @@ class CadMtlTask:
             the model's forward; `class_subset` of the evaluation loop).
         metric: the metric family that scores the head (`cadmtl.evaluation.loop.SCORERS`).
         default_image_size: the square input size when neither the model nor the command names one.
+        placeholder_labels: the head's labels in a new model whose data has no config of this task.
         table_title: the heading of the head's per-domain table (`cadmtl.evaluation.reporting.domain_tables`).
         table_columns: `(metric, column label)` of that table, in the paper's order.
         table_rank: the table's place among the heads' tables (the paper puts detection first).
@@ -60,6 +61,7 @@ class CadMtlTask:
     class_candidates: bool
     metric: str
     default_image_size: int
+    placeholder_labels: tuple[str, ...]
     table_title: str
     table_columns: tuple[tuple[str, str], ...]
     table_rank: int
@@ -87,6 +89,7 @@ CADMTL_CLASSIFICATION = CadMtlTask(
     class_candidates=True,
     metric="classification",
     default_image_size=224,
+    placeholder_labels=("normal", "anomaly"),
     table_title="Classification",
     table_columns=(("acc@1", "Acc@1"), ("acc@5", "Acc@5")),
     table_rank=1,
@@ -103,6 +106,7 @@ CADMTL_DETECTION = CadMtlTask(
     class_candidates=False,
     metric="detection",
     default_image_size=512,
+    placeholder_labels=("defect",),
     table_title="Detection",
     table_columns=(("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("AR@100", "AR")),
     table_rank=0,
@@ -120,6 +124,7 @@ CADMTL_SEGMENTATION = CadMtlTask(
     class_candidates=False,
     metric="segmentation",
     default_image_size=512,
+    placeholder_labels=("background", "defect"),
     table_title="Segmentation",
     table_columns=(("mIoU", "mIoU"), ("mFscore", "mFscore"), ("mPrecision", "mPrec"), ("mRecall", "mRecall")),
     table_rank=2,

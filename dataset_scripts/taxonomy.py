@@ -23,10 +23,11 @@ from typing import Any, Literal
 
 import yaml
 
+from dataset_scripts.schema import TASKS  # the model's tasks, defined once
+
 DEFAULT_TAXONOMY_PATH = Path(__file__).with_name("taxonomy.yaml")
 
 NodeKind = Literal["domain", "system", "part", "anomaly", "special"]
-TASKS = ("cls", "det", "seg")
 SURFACES = ("panel", "metal", "fabric")
 SYNTHESIS_STYLES = (
     "scratch",

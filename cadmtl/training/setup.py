@@ -43,9 +43,8 @@ def build_model(model_args: ModelArguments, label_sets: dict[str, list[str]]) ->
             CadMtlModel, name, info.holds, attn_implementation=model_args.attn_implementation
         )
     labels = {
-        "cls_labels": label_sets.get("cls", ["normal", "anomaly"]),
-        "det_labels": label_sets.get("det", ["defect"]),
-        "seg_labels": label_sets.get("seg", ["background", "defect"]),
+        task.hub.labels_attribute: label_sets.get(name, list(task.placeholder_labels))
+        for name, task in CADMTL_TASKS.items()
     }
     heads = {
         "neck_channels": model_args.neck_channels,
