@@ -193,7 +193,7 @@ def _demo_ad_rows(
     return rows
 
 
-def build_demo(
+def build_demo_dataset(
     out_dir: str | Path,
     *,
     train: int = 48,
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        written = build_demo(
+        written = build_demo_dataset(
             args.out_dir,
             train=args.train,
             validation=args.validation,

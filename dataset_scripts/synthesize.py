@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .conversion import SplitTarget
 from .convert import add_output_arguments
 from .images import (
     DEFAULT_MAX_PIXELS,
@@ -37,7 +38,6 @@ from .images import (
     relative_key,
     stored_from_array,
 )
-from .pipeline import SplitTarget
 from .raster import mask_values
 from .report import ValidationError, ValidationReport
 from .schema import task_of_config

@@ -26,10 +26,10 @@ def ensure_dataset(data_args: DataArguments, accelerator: Accelerator) -> None:
     """Generate the demo dataset when the default path is missing (main process builds, the others wait)."""
     if data_args.dataset == DEMO_DATASET and not Path(DEMO_DATASET, "README.md").exists():
         if accelerator.is_main_process:
-            from dataset_scripts.make_demo import build_demo
+            from dataset_scripts.make_demo import build_demo_dataset
 
             logger.info("building the demo dataset in %s", DEMO_DATASET)
-            build_demo(DEMO_DATASET)
+            build_demo_dataset(DEMO_DATASET)
         accelerator.wait_for_everyone()
 
 

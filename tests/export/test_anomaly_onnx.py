@@ -28,7 +28,7 @@ from cadmtl.export.command import main as export_main
 from cadmtl.export.onnx import export_onnx
 from cadmtl.features import PatchFeatureExtractor, backbone_from_config, load_backbone
 from cadmtl.model_kinds import LOCALIZER, PATCH_MEMORY, inspect_model, is_hub_id
-from cadmtl.reference.localize import PairRunner
+from cadmtl.reference.localize_pairs import PairRunner
 from cadmtl.reference.localizer import ReferenceLocalizer, boxes_from_map
 from cadmtl.testing import tiny_vit_config
 from modeling_cadmtl_anomaly import AnomalyImageProcessor
