@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..images import image_extensions, relative_key, resolve_inside
-from ..pipeline import SourceData, SourceSample
+from ..conversion import SourceData, SourceSample
 from ..schema import GOOD
 
 SPLIT_FOLDERS = {

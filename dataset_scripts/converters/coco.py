@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from ..images import relative_key, resolve_inside
-from ..pipeline import SourceAnnotation, SourceData, SourceSample
+from ..conversion import SourceAnnotation, SourceData, SourceSample
 
 
 class CocoFormatError(ValueError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..images import image_extensions, relative_key, resolve_inside
-from ..pipeline import SourceData, SourceSample
+from ..conversion import SourceData, SourceSample
 
 
 class FoldersFormatError(ValueError):

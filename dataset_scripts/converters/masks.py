@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from ..images import image_extensions, relative_key, resolve_inside
-from ..pipeline import SourceData, SourceSample
+from ..conversion import SourceData, SourceSample
 
 
 class MasksFormatError(ValueError):

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..images import image_extensions, relative_key, resolve_inside
-from ..pipeline import SourceAnnotation, SourceData, SourceSample
+from ..conversion import SourceAnnotation, SourceData, SourceSample
 
 SPLIT_KEYS = {"train": ("train",), "validation": ("val", "valid", "validation"), "test": ("test",)}
 
