@@ -302,17 +302,8 @@ class _RowBuilder:
         }
 
     def build(self, sample: SourceSample, image: StoredImage, image_id: str) -> dict[str, Any] | None:
-        if self.task == AD:
-            return self._ad(sample, image, image_id)
-        if self.task == "cls":
-            return self._cls(sample, image, image_id)
-        if self.task == "det":
-            return self._det(sample, image, image_id)
-        return (
-            self._seg_from_mask(sample, image, image_id)
-            if sample.mask_path
-            else self._seg(sample, image, image_id)
-        )
+        """The row of `sample` (None when it is dropped): `_<kind>` builds the label columns of the config kind."""
+        return getattr(self, f"_{self.task}")(sample, image, image_id)
 
     def _cls(self, sample: SourceSample, image: StoredImage, image_id: str) -> dict[str, Any] | None:
         node = self.label_to_node.get(sample.label or "")
@@ -381,6 +372,13 @@ class _RowBuilder:
         return row
 
     def _seg(self, sample: SourceSample, image: StoredImage, image_id: str) -> dict[str, Any]:
+        if sample.mask_path:
+            return self._seg_from_mask(sample, image, image_id)
+        return self._seg_from_annotations(sample, image, image_id)
+
+    def _seg_from_annotations(
+        self, sample: SourceSample, image: StoredImage, image_id: str
+    ) -> dict[str, Any]:
         canvas = np.zeros((image.height, image.width), np.uint8)
         instances, crowds, nodes = [], [], []
         for order, ann in enumerate(sample.annotations):

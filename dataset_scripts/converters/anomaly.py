@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..images import image_extensions, relative_key, resolve_inside
 from ..conversion import SourceData, SourceSample
+from ..images import image_extensions, relative_key, resolve_inside
 from ..schema import GOOD
 
 SPLIT_FOLDERS = {

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from ..images import image_extensions, relative_key, resolve_inside
 from ..conversion import SourceData, SourceSample
+from ..images import image_extensions, relative_key, resolve_inside
 
 
 class MasksFormatError(ValueError):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from ..images import image_extensions, relative_key, resolve_inside
 from ..conversion import SourceAnnotation, SourceData, SourceSample
+from ..images import image_extensions, relative_key, resolve_inside
 
 SPLIT_KEYS = {"train": ("train",), "validation": ("val", "valid", "validation"), "test": ("test",)}
 
