@@ -33,6 +33,7 @@ from .raster import mask_values
 from .report import ValidationError, ValidationReport
 from .schema import (
     AD,
+    CONFIG_SCHEMAS,
     GOOD,
     IGNORE_INDEX,
     SOURCES,
@@ -148,7 +149,9 @@ def choose_label_names(
         return names if old_names is None else old_names + [n for n in names if n not in old_names]
     cad_domain = taxonomy.domain_of_config(config)
     label_set = label_set or ("taxonomy" if cad_domain else "present")
-    forbidden = {"cls": {BACKGROUND}, "det": {BACKGROUND, NORMAL}, "seg": {NORMAL}}[task]
+    schema = CONFIG_SCHEMAS[task]
+    # normal and background are special classes: a kind may hold only its own (normal: cls; background: seg)
+    forbidden = {NORMAL, BACKGROUND} - set(schema.leading_classes)
     bad = sorted(set(targets) & forbidden)
     if bad:
         raise ValueError(f"{config}: {bad} cannot be a {task} class (check the mapping)")
@@ -165,7 +168,8 @@ def choose_label_names(
                 f"anomalies of that domain or use --label-set present"
             )
     else:
-        prefix = {"cls": [NORMAL] if NORMAL in targets else [], "det": [], "seg": [BACKGROUND]}[task]
+        # the background is always a class (mask value 0); the normal class when some images are normal
+        prefix = [name for name in schema.leading_classes if name == schema.background or name in targets]
         names = prefix + [n for n in taxonomy.sort_names(targets) if n not in prefix]
     if old_names is not None:
         names = old_names + [n for n in names if n not in old_names]

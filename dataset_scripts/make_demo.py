@@ -29,9 +29,9 @@ import numpy as np
 from .card import write_card
 from .images import encode_jpeg
 from .procedural import make_surface
-from .schema import AD, CONFIG_SCHEMAS, GOOD, ConfigSchema, Instance, features_for, task_of_config
+from .schema import AD, CONFIG_SCHEMAS, ConfigSchema, Instance, features_for, task_of_config
 from .synthetic import DefectSpec, PlacedDefect, place_defects
-from .taxonomy import BACKGROUND, NORMAL, Taxonomy, load_taxonomy
+from .taxonomy import Taxonomy, load_taxonomy
 from .writer import write_split
 
 # Styles in the order the demo prefers them: the first ones differ most in colour and shape.
@@ -216,12 +216,7 @@ def build_demo_dataset(
                 f"domains {list(taxonomy.domains)}"
             )
         classes = demo_classes(taxonomy, domain, classes_per_config)
-        names = {
-            "cls": [NORMAL, *classes],
-            "det": classes,
-            "seg": [BACKGROUND, *classes],
-            AD: [GOOD, *classes],
-        }[task_of_config(config)]
+        names = [*CONFIG_SCHEMAS[task_of_config(config)].leading_classes, *classes]
         features = features_for(task_of_config(config), names)
         written[config] = {}
         make_rows = _demo_ad_rows if ad else _demo_rows

@@ -37,6 +37,7 @@ class TaskDefinition:
     Attributes:
         name: the task name used everywhere ("cls", "det", "seg"): `forward(task=...)`, `image_sizes`, CLI flags.
         output_fields: the `CadMtlOutput` fields the head fills, in the order the ONNX graph outputs them.
+        class_axis: the axis of the first output field that holds one score per class.
         labels_attribute: the `CadMtlConfig` attribute that lists the head's label names.
         head_module: the `CadMtlModel` attribute holding the head's own parameters.
         uses_neck: whether the head reads the feature pyramid (`CadMtlModel.neck`), which such heads share.
@@ -52,6 +53,7 @@ class TaskDefinition:
 
     name: str
     output_fields: tuple[str, ...]
+    class_axis: int
     labels_attribute: str
     head_module: str
     uses_neck: bool
@@ -115,6 +117,7 @@ def segmentation_anomaly_score(
 CLASSIFICATION = TaskDefinition(
     name="cls",
     output_fields=("cls_logits",),
+    class_axis=-1,
     labels_attribute="cls_labels",
     head_module="cls_head",
     uses_neck=False,
@@ -129,6 +132,7 @@ CLASSIFICATION = TaskDefinition(
 DETECTION = TaskDefinition(
     name="det",
     output_fields=("det_logits", "det_centerness_logits", "pred_boxes"),
+    class_axis=-1,
     labels_attribute="det_labels",
     head_module="det_head",
     uses_neck=True,
@@ -143,6 +147,7 @@ DETECTION = TaskDefinition(
 SEGMENTATION = TaskDefinition(
     name="seg",
     output_fields=("seg_logits",),
+    class_axis=1,
     labels_attribute="seg_labels",
     head_module="seg_decoder",
     uses_neck=True,

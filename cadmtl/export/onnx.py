@@ -262,7 +262,9 @@ class OnnxPredictor:
                     f"{self.folder / ONNX_FILE}: the {task} head needs the outputs {list(fields)}, found only {present}."
                 )
         # (output, axis holding the classes, task) for the outputs that carry one score per class
-        class_axes = (("cls_logits", -1, "cls"), ("det_logits", -1, "det"), ("seg_logits", 1, "seg"))
+        class_axes = [
+            (task.output_fields[0], task.class_axis, task.name) for task in TASK_DEFINITIONS.values()
+        ]
         shapes = {output.name: output.shape for output in self.session.get_outputs()}
         for name, axis, task in class_axes:
             if name not in shapes:
