@@ -188,7 +188,6 @@ def read_mvtec(source: str | Path, *, validation_fraction: float = 0.0, seed: in
                 ("missing_file", relative_key(path, root), f"mask without an image ({where})", "test")
             )
     assign_ad_splits(samples, validation_fraction=validation_fraction, seed=seed)
-    types = sorted({s.label for s in samples if s.label != GOOD})
     info = _info(
         "mvtec",
         root,
@@ -196,7 +195,7 @@ def read_mvtec(source: str | Path, *, validation_fraction: float = 0.0, seed: in
         validation_fraction=validation_fraction,
         seed=seed,
     )
-    return SourceData(samples, [GOOD, *types], info, list(issues))
+    return _source_data(samples, info, issues)
 
 
 # ------------------------------------------------------------------------------------- magnetic tile
@@ -256,7 +255,6 @@ def read_magnetic_tile(
         validation_fraction=validation_fraction,
         seed=seed,
     )
-    types = sorted({s.label for s in samples if s.label != GOOD})
     info = _info(
         "magnetic_tile",
         root,
@@ -265,7 +263,7 @@ def read_magnetic_tile(
         validation_fraction=validation_fraction,
         seed=seed,
     )
-    return SourceData(samples, [GOOD, *types], info, list(issues))
+    return _source_data(samples, info, issues)
 
 
 # ------------------------------------------------------------------------------------- image folders
@@ -314,7 +312,6 @@ def read_ad_folders(
         validation_fraction=validation_fraction,
         seed=seed,
     )
-    types = sorted({s.label for s in samples if s.label != GOOD})
     info = _info(
         "ad_folders",
         root,
@@ -326,4 +323,10 @@ def read_ad_folders(
         seed=seed,
         **({} if split_layout else {"normal_test_fraction": normal_test_fraction}),
     )
+    return _source_data(samples, info, issues)
+
+
+def _source_data(samples: list[SourceSample], info: dict, issues: list) -> SourceData:
+    """The read source: its samples (splits assigned), ``good`` then the sorted defect types, info and issues."""
+    types = sorted({s.label for s in samples if s.label != GOOD})
     return SourceData(samples, [GOOD, *types], info, list(issues))
