@@ -54,6 +54,14 @@ _BAR_COLOR = "#0072B2"  # Okabe-Ito blue
 _MAX_ANNOTATED_CLASSES = 20
 
 
+def _save(figure: Any, path: str | os.PathLike) -> Path:
+    """Write `figure` as a PNG at `path` (its folder created) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
 def normalized_confusion_matrix(matrix: Any, normalize: bool = True) -> np.ndarray:
     """A confusion matrix (rows = ground truth) as floats, each row divided by its sum when `normalize`.
 
@@ -185,10 +193,7 @@ def plot_confusion_matrix(
     heading = "confusion matrix" + (" (row-normalised)" if normalize else "")
     heading = f"{title}: {heading}" if title else heading
     axis.set_title(f"{heading}\n{subtitle}" if subtitle else heading)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return _save(figure, path)
 
 
 def _per_class_metric(report: Mapping[str, Any], metric: str | None) -> tuple[str, str | None]:
@@ -276,10 +281,7 @@ def plot_per_class(
         axis.legend(loc="lower right", fontsize=8)
     heading = f"per-class {metric}"
     axis.set_title(f"{title}: {heading}" if title else heading)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return _save(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -353,10 +355,7 @@ def plot_pr_curve(report: Mapping[str, Any], path: str | os.PathLike, *, title: 
         _legend_outside(axis, len(per_class) + 1)
     heading = f"precision-recall (IoU {analysis.get('iou_threshold', 0.5):g})"
     axis.set_title(f"{title}: {heading}" if title else heading)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return _save(figure, path)
 
 
 def plot_confidence_curve(
@@ -410,10 +409,7 @@ def plot_confidence_curve(
     _legend_outside(axis, len(per_class) + 2)
     heading = f"{_CURVE_NAMES[curve]}-confidence (IoU {analysis.get('iou_threshold', 0.5):g})"
     axis.set_title(f"{title}: {heading}" if title else heading)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return _save(figure, path)
 
 
 def plot_detection_confusion_matrix(
