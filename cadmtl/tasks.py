@@ -48,6 +48,7 @@ class CadMtlTask:
         headline: `(metric, column label)`: the head's one number in the comparison table and for keeping the
             best checkpoint (`cadmtl.training.best`).
         per_class_chart: `(per-class metric, the count drawn next to it)` of `cadmtl charts`.
+        overlay_fields: the `cadmtl.pictures.overlays.ImagePrediction` fields that draw the head's predictions.
         analysis_charts: `cadmtl charts` also draws the detection analysis (confusion matrix, PR and confidence
             curves) when the report holds it.
     """
@@ -67,6 +68,7 @@ class CadMtlTask:
     table_rank: int
     headline: tuple[str, str]
     per_class_chart: tuple[str, str]
+    overlay_fields: tuple[str, ...]
     analysis_charts: bool = False
 
     @property
@@ -95,6 +97,7 @@ CADMTL_CLASSIFICATION = CadMtlTask(
     table_rank=1,
     headline=("acc@1", "Cls. Acc (%)"),
     per_class_chart=("acc@1", "support"),
+    overlay_fields=("classes",),
 )
 CADMTL_DETECTION = CadMtlTask(
     hub=DETECTION,
@@ -112,6 +115,7 @@ CADMTL_DETECTION = CadMtlTask(
     table_rank=0,
     headline=("AP", "Det. mAP (%)"),
     per_class_chart=("AP", "num_ground_truth"),
+    overlay_fields=("boxes", "box_scores", "box_labels"),
     analysis_charts=True,
 )
 CADMTL_SEGMENTATION = CadMtlTask(
@@ -130,6 +134,7 @@ CADMTL_SEGMENTATION = CadMtlTask(
     table_rank=2,
     headline=("mIoU", "Seg. mIoU (%)"),
     per_class_chart=("IoU", "gt_pixels"),
+    overlay_fields=("segmentation",),
 )
 
 # The registry, in the canonical task order (`TASKS`).

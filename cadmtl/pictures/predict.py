@@ -53,6 +53,7 @@ from PIL import Image, ImageFile, ImageOps
 from tqdm.auto import tqdm
 
 from cadmtl.pictures.overlays import ImagePrediction, draw_predictions
+from cadmtl.tasks import get_cadmtl_task
 from dataset_scripts.images import to_rgb
 from dataset_scripts.safe_paths import safe_file_name, safe_output_path
 from dataset_scripts.schema import TASKS
@@ -448,7 +449,7 @@ class Predictor:
                 box_scores=found["scores"].cpu().numpy(),
                 box_labels=found["labels"].cpu().numpy(),
             )
-            if "seg" in self.tasks:  # a full-size class map costs time and memory: only when it is drawn
+            if "segmentation" in self._drawn:  # a full-size class map costs time and memory: only when drawn
                 logits = outputs["seg_logits"][index]
                 pixel_mask = outputs.get("seg_pixel_mask")
                 if pixel_mask is not None:
@@ -461,16 +462,14 @@ class Predictor:
             )
         return results
 
+    @property
+    def _drawn(self) -> set[str]:
+        """The `ImagePrediction` fields of the heads in `tasks` (`CadMtlTask.overlay_fields`)."""
+        return {name for task in self.tasks for name in get_cadmtl_task(task).overlay_fields}
+
     def draw(self, image: Image.Image, result: ImageResult) -> Image.Image:
         """The overlay of `result` on `image`: of the mask, boxes and class banner, those of `tasks`."""
-        prediction = result.prediction
-        shown = ImagePrediction(
-            classes=prediction.classes if "cls" in self.tasks else [],
-            boxes=prediction.boxes if "det" in self.tasks else None,
-            box_scores=prediction.box_scores if "det" in self.tasks else None,
-            box_labels=prediction.box_labels if "det" in self.tasks else None,
-            segmentation=prediction.segmentation if "seg" in self.tasks else None,
-        )
+        shown = ImagePrediction(**{name: getattr(result.prediction, name) for name in self._drawn})
         return draw_predictions(image, shown, self.config.det_labels, self.config.seg_labels)
 
 
