@@ -47,6 +47,7 @@ class TaskDefinition:
         post_process_options: the keyword options of `post_process` that the predictors pass through.
         anomaly_score: `(outputs, normal_class_id, pixel_mask) -> (B,)` image-level anomaly score in [0, 1], or
             None when the head gives none (e.g. a classifier without a `normal` class).
+        needs_normal_class: the anomaly score needs a `normal` class among the head's labels.
         title: the head's task as the Hub names it (the model card's `task_name`, its tables' titles).
         card_metrics: the evaluation metrics the model card shows, in the order of the paper's tables.
     """
@@ -62,6 +63,7 @@ class TaskDefinition:
     post_process: str
     post_process_options: tuple[str, ...]
     anomaly_score: AnomalyScore
+    needs_normal_class: bool
     title: str
     card_metrics: tuple[str, ...]
 
@@ -126,6 +128,7 @@ CLASSIFICATION = TaskDefinition(
     post_process="post_process_image_classification",
     post_process_options=("top_k", "id2label"),
     anomaly_score=classification_anomaly_score,
+    needs_normal_class=True,
     title="Image Classification",
     card_metrics=("acc@1", "acc@5"),
 )
@@ -141,6 +144,7 @@ DETECTION = TaskDefinition(
     post_process="post_process_object_detection",
     post_process_options=("threshold", "target_sizes", "nms_threshold"),
     anomaly_score=detection_anomaly_score,
+    needs_normal_class=False,
     title="Object Detection",
     card_metrics=("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@100"),
 )
@@ -156,6 +160,7 @@ SEGMENTATION = TaskDefinition(
     post_process="post_process_semantic_segmentation",
     post_process_options=("target_sizes",),
     anomaly_score=segmentation_anomaly_score,
+    needs_normal_class=False,
     title="Semantic Segmentation",
     card_metrics=("mIoU", "mFscore", "mPrecision", "mRecall", "aAcc"),
 )
