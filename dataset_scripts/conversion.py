@@ -30,7 +30,7 @@ from .card import write_card
 from .images import DEFAULT_MAX_PIXELS, StoredImage, encode_png, read_image, read_mask
 from .mapping import LabelMapping
 from .raster import mask_values
-from .report import ValidationError, ValidationReport
+from .report import ValidationError, ValidationReport, failures_error
 from .schema import (
     AD,
     CONFIG_SCHEMAS,
@@ -736,12 +736,7 @@ def convert_ad_source(data: SourceData, options: ConvertOptions) -> dict[str, Co
                 reports[split].error("no usable samples: every sample was skipped (see the counts above)")
         failures = [f"{s}: {f}" for s in splits for f in reports[s].failures()]
         if failures:
-            shown = "\n  ".join(failures[:50])
-            more = f"\n  ... and {len(failures) - 50} more" if len(failures) > 50 else ""
-            mode = " (--strict: skips are errors)" if options.strict else ""
-            raise ValidationError(
-                f"{options.config}: {len(failures)} problem(s){mode}; nothing was written:\n  {shown}{more}"
-            )
+            raise failures_error(options.config, failures, options.strict)
     except BaseException:
         for split, target in reversed(targets.items()):  # the first writer, which made the folder, last
             target.abort(reports[split])
