@@ -331,7 +331,7 @@ def _serve(handler: Callable[..., Any], model: Any, error: str | None) -> Callab
 
 
 # ----------------------------------------------------------------------------------------------- the page
-def build_demo(
+def build_demo_app(
     model: str | os.PathLike,
     *,
     anomaly_model: str | os.PathLike | None = None,
@@ -428,7 +428,7 @@ def build_demo(
                 )
 
         if reference_model:
-            from cadmtl.reference.localize import runner_from_settings
+            from cadmtl.reference.localize_pairs import runner_from_settings
 
             runner, reference_error = _load(lambda: runner_from_settings(reference_model, device))
             with gr.Tab("Reference localisation"):
@@ -462,7 +462,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tile_size, tile_overlap = tile_settings()  # a bad setting stops the app before the demo model trains
     model, untrained = default_model()
-    demo = build_demo(
+    demo = build_demo_app(
         model,
         anomaly_model=os.environ.get("CADMTL_ANOMALY_MODEL") or None,
         reference_model=os.environ.get("CADMTL_REFERENCE_MODEL") or None,

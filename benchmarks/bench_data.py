@@ -32,10 +32,10 @@ import torch
 from PIL import Image
 
 from cadmtl.data.pipeline import decode_rgb, load_split, make_dataloader
+from dataset_scripts.conversion import ConvertOptions, SourceData, SourceSample, convert_source
 from dataset_scripts.converters import read_coco
-from dataset_scripts.make_demo import build_demo
+from dataset_scripts.make_demo import build_demo_dataset
 from dataset_scripts.mapping import load_mapping
-from dataset_scripts.pipeline import ConvertOptions, SourceData, SourceSample, convert_source
 from dataset_scripts.procedural import make_surface
 from dataset_scripts.taxonomy import load_taxonomy
 
@@ -135,7 +135,7 @@ def build_repo(
 
     def demo() -> tuple[int, tuple[float, float]]:
         start = clock()
-        written = build_demo(work / "demo")
+        written = build_demo_dataset(work / "demo")
         return sum(sum(s.values()) for s in written.values()), since(start)
 
     rows.append(("builder: make_demo (8 configs, procedural + synthetic defects)", best_of(repeat, demo)))

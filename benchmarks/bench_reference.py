@@ -1,4 +1,4 @@
-"""Cost of the training-free reference localiser (cadmtl.reference.localize.PairRunner) per pair, on CPU.
+"""Cost of the training-free reference localiser (cadmtl.reference.localize_pairs.PairRunner) per pair, on CPU.
 
 For each backbone (random weights: the `tiny` preset and one shaped like DINOv3 ViT-S/16) and each search window
 (1, 2, 4 patches, global), times whole pairs through the command's code path (PIL images -> pixel values ->
@@ -25,7 +25,7 @@ from PIL import Image
 
 from cadmtl.anomaly.data import to_pixel_values
 from cadmtl.features import PatchFeatureExtractor, backbone_from_preset
-from cadmtl.reference.localize import PairRunner, default_layers
+from cadmtl.reference.localize_pairs import PairRunner, default_layers
 from cadmtl.reference.localizer import ReferenceLocalizer, boxes_from_map
 from cadmtl.reference.pairs import Pair
 

@@ -49,9 +49,6 @@ __all__ = [
 CONFIG_FILE = "config.json"
 LOCALIZER_FILE = "localizer.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-LEGACY_SCORER_FILE = (
-    "memory_bank.safetensors"  # the patch-memory scorer's layout before it became a Hub model
-)
 # owner/name as the Hub spells repo ids: one slash, no leading "." or "/" (those are local paths).
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -207,8 +204,6 @@ def inspect_model(name_or_path: str | os.PathLike) -> ModelInfo:
             raise ModelLoadError(f"{config_file} is not valid JSON ({_one_line(error)})") from error
         if not isinstance(config, dict):
             raise ModelLoadError(f"{config_file} is not a model configuration (a JSON object)")
-        if (path / LEGACY_SCORER_FILE).is_file():
-            return ModelInfo(name, PATCH_MEMORY, config.get("model_type"))
         kind, model_type = _kind_of_config(config)
         if not any((path / weights).is_file() for weights in WEIGHT_FILES):
             return ModelInfo(name, NO_WEIGHTS, model_type)

@@ -33,6 +33,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .conversion import ConversionResult, ConvertOptions, convert_ad_source, convert_source
 from .converters import (
     AD_FORMATS,
     FORMAT_TASKS,
@@ -47,7 +48,6 @@ from .converters import (
 from .converters.anomaly import DEFAULT_NORMAL_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, has_split_folders
 from .images import DEFAULT_MAX_PIXELS
 from .mapping import load_mapping
-from .pipeline import ConversionResult, ConvertOptions, convert_ad_source, convert_source
 from .report import ValidationError
 from .schema import task_of_config
 from .taxonomy import load_taxonomy

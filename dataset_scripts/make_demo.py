@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 
 from .card import write_card
-from .images import encode_jpeg, encode_png
+from .images import encode_jpeg
 from .procedural import make_surface
-from .raster import mask_values
-from .schema import AD, GOOD, features_for, task_of_config
-from .synthetic import DefectSpec, place_defects
-from .taxonomy import BACKGROUND, NORMAL, Taxonomy, load_taxonomy
+from .schema import AD, CONFIG_SCHEMAS, ConfigSchema, Instance, features_for, task_of_config
+from .synthetic import DefectSpec, PlacedDefect, place_defects
+from .taxonomy import Taxonomy, load_taxonomy
 from .writer import write_split
 
 # Styles in the order the demo prefers them: the first ones differ most in colour and shape.
@@ -100,7 +99,7 @@ def _specs(taxonomy: Taxonomy, names: list[str]) -> list[DefectSpec]:
 def _demo_rows(
     taxonomy: Taxonomy, config: str, split: str, count: int, classes: list[str], seed: int
 ) -> list[dict[str, Any]]:
-    task = task_of_config(config)
+    schema = CONFIG_SCHEMAS[task_of_config(config)]
     domain = taxonomy.domain_of_config(config)
     rng = _rng(seed, config, split)
     num_normal = round(NORMAL_FRACTION * count)
@@ -108,48 +107,56 @@ def _demo_rows(
     plan: list[list[str]] = [[] for _ in range(num_normal)]
     for index in range(count - num_normal):
         first = classes[index % len(classes)]
-        extra = [] if task == "cls" else [str(c) for c in rng.choice(classes, size=int(rng.integers(0, 3)))]
+        extra = (
+            []
+            if schema.one_label_per_image
+            else [str(c) for c in rng.choice(classes, size=int(rng.integers(0, 3)))]
+        )
         plan.append([first, *extra])
     order = rng.permutation(count)
-    names = {"cls": [NORMAL, *classes], "det": classes, "seg": [BACKGROUND, *classes]}[task]
+    names = [*schema.leading_classes, *classes]
     class_id = {name: index for index, name in enumerate(names)}
     rows = []
     for index in range(count):
         wanted = plan[order[index]]
         height, width = (int(v) for v in rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1, size=2))
         normal = make_surface(taxonomy.surface(domain), height, width, rng)
-        radius_range = (0.24, 0.32) if task == "cls" else (0.14, 0.22)
+        # one defect per image is drawn larger than the several of a detection or segmentation image
+        radius_range = (0.24, 0.32) if schema.one_label_per_image else (0.14, 0.22)
         image, placed = place_defects(normal, _specs(taxonomy, wanted), rng, radius_range=radius_range)
-        present = [p.anomaly for p in placed]
-        domain_, system, part = _pick_hierarchy(taxonomy, domain, present, rng)
-        row = {
-            "image": {"bytes": encode_jpeg(image, JPEG_QUALITY), "path": None},
-            "image_id": f"{split}/{config}-{index:05d}",
-            "width": width,
-            "height": height,
-            "domain": domain_,
-            "system": system,
-            "part": part,
-            "source": "synthetic",
-            "is_normal": not placed,
-        }
-        if task == "cls":
-            row["label"] = class_id[present[0]] if placed else class_id[NORMAL]
-        elif task == "det":
-            row["objects"] = {
-                "bbox": [list(p.bbox) for p in placed],
-                "category": [class_id[p.anomaly] for p in placed],
-                "area": [float(p.area) for p in placed],
-                "id": [index * 10 + k for k in range(len(placed))],
-            }
-        else:
-            mask = np.zeros((height, width), np.uint8)
-            for p in placed:
-                mask[p.mask] = class_id[p.anomaly]
-            row["mask"] = {"bytes": encode_png(mask), "path": None}
-            row["mask_classes"] = mask_values(mask)
-        rows.append(row)
+        hierarchy = _pick_hierarchy(taxonomy, domain, [p.anomaly for p in placed], rng)
+        rows.append(
+            _demo_row(schema, f"{split}/{config}-{index:05d}", image, hierarchy, placed, class_id, index)
+        )
     return rows
+
+
+def _demo_row(
+    schema: ConfigSchema,
+    image_id: str,
+    image: np.ndarray,
+    hierarchy: tuple[str, str, str],
+    placed: list[PlacedDefect],
+    class_id: dict[str, int],
+    index: int,
+) -> dict[str, Any]:
+    """One demo row: the common columns of a synthetic image and the label columns of its placed defects."""
+    height, width = image.shape[:2]
+    row = {
+        "image": {"bytes": encode_jpeg(image, JPEG_QUALITY), "path": None},
+        "image_id": image_id,
+        "width": width,
+        "height": height,
+        "domain": hierarchy[0],
+        "system": hierarchy[1],
+        "part": hierarchy[2],
+        "source": "synthetic",
+        "is_normal": not placed,
+    }
+    instances = [Instance(class_id[p.anomaly], p.bbox, p.area, p.mask) for p in placed]
+    empty_class = class_id.get(schema.normal_class) if schema.normal_class else None
+    ids = [index * 10 + k for k in range(len(placed))]
+    return row | schema.instance_columns(instances, (height, width), empty_class, ids)
 
 
 def _demo_ad_rows(
@@ -161,39 +168,24 @@ def _demo_ad_rows(
     num_normal = count if split == "train" else round(AD_NORMAL_FRACTION * count)
     plan = [None] * num_normal + [classes[i % len(classes)] for i in range(count - num_normal)]
     order = rng.permutation(count)
-    class_id = {name: index for index, name in enumerate([GOOD, *classes])}
+    schema = CONFIG_SCHEMAS[AD]
+    class_id = {name: index for index, name in enumerate([*schema.leading_classes, *classes])}
     rows = []
     for index in range(count):
         wanted = plan[order[index]]
         height, width = (int(v) for v in rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1, size=2))
         image = make_surface(taxonomy.surface(domain), height, width, rng)
-        mask = np.zeros((height, width), np.uint8)
         placed = []
         if wanted is not None:
             image, placed = place_defects(image, _specs(taxonomy, [wanted]), rng, radius_range=(0.14, 0.22))
-            for p in placed:
-                mask[p.mask] = 1
-        defect = placed[0].anomaly if placed else GOOD
-        domain_, system, part = _pick_hierarchy(taxonomy, domain, [p.anomaly for p in placed], rng)
+        hierarchy = _pick_hierarchy(taxonomy, domain, [p.anomaly for p in placed], rng)
         rows.append(
-            {
-                "image": {"bytes": encode_jpeg(image, JPEG_QUALITY), "path": None},
-                "image_id": f"{split}/{config}-{index:05d}",
-                "width": width,
-                "height": height,
-                "domain": domain_,
-                "system": system,
-                "part": part,
-                "source": "synthetic",
-                "is_normal": not placed,
-                "mask": {"bytes": encode_png(mask), "path": None},
-                "defect_type": class_id[defect],
-            }
+            _demo_row(schema, f"{split}/{config}-{index:05d}", image, hierarchy, placed, class_id, index)
         )
     return rows
 
 
-def build_demo(
+def build_demo_dataset(
     out_dir: str | Path,
     *,
     train: int = 48,
@@ -224,12 +216,7 @@ def build_demo(
                 f"domains {list(taxonomy.domains)}"
             )
         classes = demo_classes(taxonomy, domain, classes_per_config)
-        names = {
-            "cls": [NORMAL, *classes],
-            "det": classes,
-            "seg": [BACKGROUND, *classes],
-            AD: [GOOD, *classes],
-        }[task_of_config(config)]
+        names = [*CONFIG_SCHEMAS[task_of_config(config)].leading_classes, *classes]
         features = features_for(task_of_config(config), names)
         written[config] = {}
         make_rows = _demo_ad_rows if ad else _demo_rows
@@ -263,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        written = build_demo(
+        written = build_demo_dataset(
             args.out_dir,
             train=args.train,
             validation=args.validation,

@@ -48,11 +48,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .card import write_card
-from .converters import read_coco, read_folders
-from .converters.anomaly import DEFAULT_NORMAL_TEST_FRACTION, assign_ad_splits
-from .images import encode_png, read_image
-from .mapping import LabelMapping, load_mapping
-from .pipeline import (
+from .conversion import (
     ConversionResult,
     ConvertOptions,
     SourceData,
@@ -60,6 +56,10 @@ from .pipeline import (
     convert_ad_source,
     convert_source,
 )
+from .converters import read_coco, read_folders
+from .converters.anomaly import DEFAULT_NORMAL_TEST_FRACTION, assign_ad_splits
+from .images import encode_png, read_image
+from .mapping import LabelMapping, load_mapping
 from .raster import draw_polygons
 from .report import ValidationReport
 from .schema import GOOD

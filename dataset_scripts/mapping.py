@@ -31,6 +31,11 @@ from .taxonomy import Taxonomy, TaxonomyError
 IGNORED = object()
 
 
+def read_class_names(path: str | Path) -> list[str]:
+    """A class list file (``classes.txt``): one name a line, in id order; blank lines are skipped."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def snake_case(name: str) -> str:
     """``"BRAKE PAD"`` -> ``brake_pad``; ``"Front-Left Door"`` -> ``front_left_door``."""
     return re.sub(r"[^a-z0-9]+", "_", str(name).strip().lower()).strip("_")

@@ -71,6 +71,16 @@ class ValidationError(ValueError):
     """The conversion found errors (or skips under ``--strict``); the message lists them."""
 
 
+def failures_error(where: str, failures: list[str], strict: bool) -> ValidationError:
+    """The one error of a conversion that must write nothing: the first 50 failures, one a line."""
+    shown = "\n  ".join(failures[:50])
+    more = f"\n  ... and {len(failures) - 50} more" if len(failures) > 50 else ""
+    mode = " (--strict: skips are errors)" if strict else ""
+    return ValidationError(
+        f"{where}: {len(failures)} problem(s){mode}; nothing was written:\n  {shown}{more}"
+    )
+
+
 @dataclass
 class Issue:
     kind: str
@@ -130,12 +140,7 @@ class ValidationReport:
     def raise_if_failed(self) -> None:
         failures = self.failures()
         if failures:
-            shown = "\n  ".join(failures[:50])
-            more = f"\n  ... and {len(failures) - 50} more" if len(failures) > 50 else ""
-            mode = " (--strict: skips are errors)" if self.strict else ""
-            raise ValidationError(
-                f"{self.config}/{self.split}: {len(failures)} problem(s){mode}; nothing was written:\n  {shown}{more}"
-            )
+            raise failures_error(f"{self.config}/{self.split}", failures, self.strict)
 
     # ------------------------------------------------------------------------------------ output
     def to_dict(self) -> dict[str, Any]:

@@ -27,22 +27,20 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .conversion import SplitTarget
 from .convert import add_output_arguments
 from .images import (
     DEFAULT_MAX_PIXELS,
     StoredImage,
-    encode_png,
     image_extensions,
     read_image,
     relative_key,
     stored_from_array,
 )
-from .pipeline import SplitTarget
-from .raster import mask_values
 from .report import ValidationError, ValidationReport
-from .schema import task_of_config
+from .schema import CONFIG_SCHEMAS, Instance, task_of_config
 from .synthetic import DefectSpec, PlacedDefect, place_defects
-from .taxonomy import BACKGROUND, NORMAL, Taxonomy, load_taxonomy
+from .taxonomy import Taxonomy, load_taxonomy
 from .writer import DEFAULT_MAX_SHARD_SIZE, SplitWriteResult
 
 DEFAULT_RADIUS = (0.08, 0.16)  # of the shorter image side
@@ -122,23 +120,12 @@ def _row(
         "source": source,
         "is_normal": not placed,
     }
-    if task == "cls":
-        row["label"] = target.class_id[placed[0].anomaly if placed else NORMAL]
-    elif task == "det":
-        row["objects"] = {
-            "bbox": [list(p.bbox) for p in placed],
-            "category": [target.class_id[p.anomaly] for p in placed],
-            "area": [float(p.area) for p in placed],
-            # Deterministic ids, unique in practice: a checksum of the image id plus the instance number.
-            "id": [zlib.crc32(image_id.encode()) * 64 + k for k in range(len(placed))],
-        }
-    else:
-        mask = np.zeros((image.height, image.width), np.uint8)
-        for p in placed:
-            mask[p.mask] = target.class_id[p.anomaly]
-        row["mask"] = {"bytes": encode_png(mask), "path": None}
-        row["mask_classes"] = mask_values(mask)
-    return row
+    schema = CONFIG_SCHEMAS[task]
+    instances = [Instance(target.class_id[p.anomaly], p.bbox, p.area, p.mask) for p in placed]
+    empty_class = target.class_id[schema.normal_class] if schema.normal_class and not placed else None
+    # Deterministic object ids, unique in practice: a checksum of the image id plus the instance number.
+    ids = [zlib.crc32(image_id.encode()) * 64 + k for k in range(len(placed))]
+    return row | schema.instance_columns(instances, (image.height, image.width), empty_class, ids)
 
 
 def synthesize(
@@ -164,7 +151,8 @@ def synthesize(
     """Paint ``counts`` defects onto the images of ``normal_dir`` into ``config``/``split`` of ``repo_dir``."""
     taxonomy = taxonomy or load_taxonomy()
     task = task_of_config(config)
-    if task == "cls" and instances != 1:
+    schema = CONFIG_SCHEMAS[task]
+    if schema.one_label_per_image and instances != 1:
         raise ValueError("classification samples hold exactly one defect; use --instances 1")
     if normal_source not in ("real", "converted", "synthetic"):
         raise ValueError(f"--normal-source must be real, converted or synthetic, got {normal_source!r}")
@@ -178,9 +166,9 @@ def synthesize(
         strict,
         {"format": "synthetic", "path": str(normal_dir), "description": f"procedural defects: {description}"},
     )
-    targets = list(counts) + ([NORMAL] if task == "cls" and with_normals else [])
-    if task == "seg":
-        targets.append(BACKGROUND)
+    targets = list(counts) + ([schema.normal_class] if schema.normal_class and with_normals else [])
+    if schema.background:
+        targets.append(schema.background)
     target = SplitTarget(
         repo_dir,
         config,

@@ -23,10 +23,11 @@ from typing import Any, Literal
 
 import yaml
 
+from dataset_scripts.schema import BACKGROUND, CONFIG_SCHEMAS, NORMAL, TASKS
+
 DEFAULT_TAXONOMY_PATH = Path(__file__).with_name("taxonomy.yaml")
 
 NodeKind = Literal["domain", "system", "part", "anomaly", "special"]
-TASKS = ("cls", "det", "seg")
 SURFACES = ("panel", "metal", "fabric")
 SYNTHESIS_STYLES = (
     "scratch",
@@ -40,8 +41,6 @@ SYNTHESIS_STYLES = (
     "tear",
     "bulge",
 )
-NORMAL = "normal"
-BACKGROUND = "background"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -289,8 +288,7 @@ class Taxonomy:
                 f"{config!r} is not a CAD config of {self.source}; known: {', '.join(self.config_names())}"
             )
         task = config.rsplit("_", 1)[1]
-        prefix = {"cls": [NORMAL], "seg": [BACKGROUND], "det": []}[task]
-        return prefix + self.anomalies(domain)
+        return [*CONFIG_SCHEMAS[task].leading_classes, *self.anomalies(domain)]
 
     def check_hierarchy(self, domain: str, system: str, part: str) -> None:
         """Raise unless the three fields name nested nodes (``""`` allowed below the given level)."""

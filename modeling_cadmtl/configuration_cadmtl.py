@@ -267,9 +267,10 @@ class CadMtlConfig(PreTrainedConfig):
 
     @property
     def verdict_heads(self) -> tuple[str, ...]:
-        """The heads whose anomaly score counts for the verdict: the trained ones, less `cls` without a `normal`
-        class (an untrained head's score would only add noise to `"max"`)."""
-        return tuple(t for t in self.trained_tasks if t != "cls" or self.normal_class_id is not None)
+        """The heads whose anomaly score counts for the verdict: the trained ones, less those whose score needs a
+        `normal` class the labels lack (an untrained head's score would only add noise to `"max"`)."""
+        has_normal = self.normal_class_id is not None
+        return tuple(t for t in self.trained_tasks if has_normal or not get_task(t).needs_normal_class)
 
     def set_task_labels(self, task: str) -> None:
         """Point `id2label` / `label2id` at the labels of `task`."""

@@ -14,21 +14,15 @@ import string
 from pathlib import Path
 from typing import Any
 
+from .tasks_cadmtl import TASK_DEFINITIONS
+
 logger = logging.getLogger(__name__)
 
 TEMPLATE_NAME = "model_card.md"
 DINOV3_LICENSE_LINK = "https://ai.meta.com/resources/models-and-libraries/dinov3-license/"
-TASK_TYPES = {
-    "cls": ("image-classification", "Image Classification"),
-    "det": ("object-detection", "Object Detection"),
-    "seg": ("image-segmentation", "Semantic Segmentation"),
-}
-# Metrics shown per task, in the order of the paper's tables.
-TASK_METRICS = {
-    "cls": ("acc@1", "acc@5"),
-    "det": ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@100"),
-    "seg": ("mIoU", "mFscore", "mPrecision", "mRecall", "aAcc"),
-}
+# (Hub pipeline tag, task name) and the metrics shown per task, in the order of the paper's tables.
+TASK_TYPES = {name: (task.pipeline_task, task.title) for name, task in TASK_DEFINITIONS.items()}
+TASK_METRICS = {name: task.card_metrics for name, task in TASK_DEFINITIONS.items()}
 
 
 def find_template() -> Path | None:
@@ -98,7 +92,8 @@ def metadata_yaml(config: Any, data: dict[str, Any]) -> str:
 
 def _label_table(config: Any) -> str:
     rows = ["| task | classes |", "|---|---|"]
-    for task, name in (("cls", "classification"), ("det", "detection"), ("seg", "segmentation")):
+    for task, definition in TASK_DEFINITIONS.items():
+        name = definition.result_key
         labels = config.labels_for(task)
         shown = ", ".join(f"`{label}`" for label in labels[:40])
         more = f" ... ({len(labels)} in all)" if len(labels) > 40 else f" ({len(labels)})"
@@ -110,7 +105,7 @@ def _results_tables(results: dict[str, Any]) -> str:
     if not results:
         return "_No evaluation results were attached when this card was written._"
     blocks = []
-    for task in ("cls", "det", "seg"):
+    for task in TASK_DEFINITIONS:
         rows = {name: r for name, r in results.items() if (r.get("task") or _task_of(name)) == task}
         if not rows:
             continue

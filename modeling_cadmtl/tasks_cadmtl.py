@@ -1,10 +1,10 @@
-"""The heads of CadMtl, each declared once: its name, the model output fields it fills, the transformers pipeline
-that serves it, its processor post-processing and its image-level anomaly (verdict) score.
+"""The heads of CadMtl, each declared once: its name, the model output fields it fills, its module, the transformers
+pipeline that serves it, its processor post-processing, its image-level anomaly (verdict) score and its card metrics.
 
 Everything that needs per-head output knowledge on the Hub side asks this registry (`TASK_DEFINITIONS`,
 `get_task`): the configuration's `TASKS`, the image processor (pipeline hints, one forward per input size, the
-verdict), the inspection pipeline; `cadmtl` (predict, ONNX export, evaluation, verdict calibration) imports it
-from here. A new head adds one `TaskDefinition` below (and its module file).
+verdict), the inspection pipeline, the model card; `cadmtl.tasks` extends each definition with what only training
+and evaluation need. A new head adds one `TaskDefinition` below (and its module file).
 """
 
 from __future__ import annotations
@@ -37,12 +37,19 @@ class TaskDefinition:
     Attributes:
         name: the task name used everywhere ("cls", "det", "seg"): `forward(task=...)`, `image_sizes`, CLI flags.
         output_fields: the `CadMtlOutput` fields the head fills, in the order the ONNX graph outputs them.
+        class_axis: the axis of the first output field that holds one score per class.
         labels_attribute: the `CadMtlConfig` attribute that lists the head's label names.
+        head_module: the `CadMtlModel` attribute holding the head's own parameters.
+        uses_neck: whether the head reads the feature pyramid (`CadMtlModel.neck`), which such heads share.
         pipeline_task: the transformers pipeline that serves the head alone (`pipeline(pipeline_task, ...)`).
         result_key: the head's key in the results of the predictors (`OnnxPredictor.predict`).
         post_process: the `CadMtlImageProcessor` method that turns the head's outputs into predictions.
+        post_process_options: the keyword options of `post_process` that the predictors pass through.
         anomaly_score: `(outputs, normal_class_id, pixel_mask) -> (B,)` image-level anomaly score in [0, 1], or
             None when the head gives none (e.g. a classifier without a `normal` class).
+        needs_normal_class: the anomaly score needs a `normal` class among the head's labels.
+        title: the head's task as the Hub names it (the model card's `task_name`, its tables' titles).
+        card_metrics: the evaluation metrics the model card shows, in the order of the paper's tables.
         tile_merge: how the one inference path puts the head's outputs on tiles of a high-resolution image back
             together (`CadMtlImageProcessor` with `tile_size`): `"detections"` (each tile's boxes shifted to the
             image and pooled; the post-processing's class-wise NMS merges duplicates across tile seams), `"map"`
@@ -52,11 +59,18 @@ class TaskDefinition:
 
     name: str
     output_fields: tuple[str, ...]
+    class_axis: int
     labels_attribute: str
+    head_module: str
+    uses_neck: bool
     pipeline_task: str
     result_key: str
     post_process: str
+    post_process_options: tuple[str, ...]
     anomaly_score: AnomalyScore
+    needs_normal_class: bool
+    title: str
+    card_metrics: tuple[str, ...]
     tile_merge: str | None = None
 
     @property
@@ -111,30 +125,51 @@ def segmentation_anomaly_score(
 CLASSIFICATION = TaskDefinition(
     name="cls",
     output_fields=("cls_logits",),
+    class_axis=-1,
     labels_attribute="cls_labels",
+    head_module="cls_head",
+    uses_neck=False,
     pipeline_task="image-classification",
     result_key="classification",
     post_process="post_process_image_classification",
+    post_process_options=("top_k", "id2label"),
     anomaly_score=classification_anomaly_score,
+    needs_normal_class=True,
+    title="Image Classification",
+    card_metrics=("acc@1", "acc@5"),
 )
 DETECTION = TaskDefinition(
     name="det",
     output_fields=("det_logits", "det_centerness_logits", "pred_boxes"),
+    class_axis=-1,
     labels_attribute="det_labels",
+    head_module="det_head",
+    uses_neck=True,
     pipeline_task="object-detection",
     result_key="detection",
     post_process="post_process_object_detection",
+    post_process_options=("threshold", "target_sizes", "nms_threshold"),
     anomaly_score=detection_anomaly_score,
+    needs_normal_class=False,
+    title="Object Detection",
+    card_metrics=("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@100"),
     tile_merge="detections",
 )
 SEGMENTATION = TaskDefinition(
     name="seg",
     output_fields=("seg_logits",),
+    class_axis=1,
     labels_attribute="seg_labels",
+    head_module="seg_decoder",
+    uses_neck=True,
     pipeline_task="image-segmentation",
     result_key="segmentation",
     post_process="post_process_semantic_segmentation",
+    post_process_options=("target_sizes",),
     anomaly_score=segmentation_anomaly_score,
+    needs_normal_class=False,
+    title="Semantic Segmentation",
+    card_metrics=("mIoU", "mFscore", "mPrecision", "mRecall", "aAcc"),
     tile_merge="map",
 )
 

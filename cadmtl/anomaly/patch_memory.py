@@ -6,21 +6,16 @@ by a greedy coreset) as the memory bank. Scoring (`score`, `predict`, `forward`)
 each query patch's distance to its nearest stored patch, upsampled to the query size and Gaussian-smoothed into the
 anomaly map; the image score is the maximum or the mean of the top 1 % of the patch-grid distances (AnomalyDINO).
 A saved scorer (`save_pretrained`) loads with `AutoModel.from_pretrained(DIR, trust_remote_code=True)` and no
-cad-mtl installed; folders of the earlier layout (memory_bank.safetensors + backbone.safetensors) still load
-through `PatchMemoryScorer.from_pretrained`.
+cad-mtl installed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
-from safetensors.torch import load_file
 from torch import nn
 
 from modeling_cadmtl_anomaly import PatchMemoryConfig, PatchMemoryModel
@@ -29,7 +24,7 @@ from modeling_cadmtl_anomaly.features_cadmtl_anomaly import gaussian_blur
 
 # One threshold calibration serves every scorer; re-exported here for `cadmtl.anomaly` users.
 from ..evaluation.metrics import calibrate_f1, calibrate_fpr
-from ..features import backbone_from_config, is_vit_config
+from ..features import is_vit_config
 from .memory_bank import greedy_coreset
 
 __all__ = [
@@ -64,10 +59,6 @@ RANDOM_INIT_DEFAULTS = {
     "image_score": "top_mean",
     "aggregate": True,
 }
-
-# The earlier save layout (before the scorer became a Hub model): still loadable.
-LEGACY_MEMORY_BANK_NAME = "memory_bank.safetensors"
-LEGACY_BACKBONE_NAME = "backbone.safetensors"
 
 
 def iter_batches(images: Iterable[torch.Tensor] | torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
@@ -200,32 +191,8 @@ class PatchMemoryScorer(PatchMemoryModel):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
     ) -> Any:
-        """A saved scorer (Hub layout), or a folder of the earlier layout (config.json + memory_bank.safetensors +
-        backbone.safetensors), in eval mode; with `output_loading_info=True`, `(scorer, loading_info)`."""
-        folder = Path(pretrained_model_name_or_path)
-        if (folder / LEGACY_MEMORY_BANK_NAME).is_file():
-            scorer = cls._from_legacy_folder(folder)  # strict state-dict loads: nothing missing or unexpected
-            empty = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
-            return (scorer, empty) if kwargs.get("output_loading_info") else scorer
+        """A saved scorer in eval mode; with `output_loading_info=True`, `(scorer, loading_info)`."""
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         if isinstance(loaded, tuple):
             return (loaded[0].eval(), *loaded[1:])
         return loaded.eval()
-
-    @classmethod
-    def _from_legacy_folder(cls, folder: Path) -> PatchMemoryScorer:
-        settings = json.loads((folder / "config.json").read_text())
-        backbone_config = dict(settings.pop("backbone_config"))
-        backbone_class = settings.pop("backbone_class")
-        settings.pop("memory_bank_size", None)
-        backbone_config = transformers.AutoConfig.for_model(
-            backbone_config.pop("model_type"), **backbone_config
-        )
-        model_class = getattr(transformers, backbone_class, None)
-        backbone = (
-            model_class(backbone_config) if model_class is not None else backbone_from_config(backbone_config)
-        )
-        backbone.load_state_dict(load_file(folder / LEGACY_BACKBONE_NAME), strict=True)
-        scorer = cls.from_backbone(backbone, **settings)
-        scorer.set_memory_bank(load_file(folder / LEGACY_MEMORY_BANK_NAME)["memory_bank"])
-        return scorer

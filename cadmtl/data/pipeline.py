@@ -39,8 +39,9 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from cadmtl.tasks import get_cadmtl_task
 from dataset_scripts.images import to_rgb
-from dataset_scripts.schema import IGNORE_INDEX, TASK_COLUMNS, TASKS, task_of_config
+from dataset_scripts.schema import IGNORE_INDEX, task_of_config
 
 try:  # deprecated since torchvision 0.29 in favour of TorchCodec, but still the fastest full-size JPEG decoder
     from torchvision.io import ImageReadMode
@@ -277,8 +278,7 @@ class TaskTransform:
         hflip: float = 0.5,
         color_jitter: float = 0.2,
     ) -> None:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        self.definition = get_cadmtl_task(task)
         self.task, self.train = task, train
         self.size = _as_size(image_size)
         self.crop_scale, self.crop_ratio, self.det_scale_range = crop_scale, crop_ratio, det_scale_range
@@ -289,11 +289,13 @@ class TaskTransform:
         # (x / 255 - mean) / std as one multiply and one subtract.
         self._scale, self._shift = 1.0 / (255.0 * std), mean / std
         self._low, self._high = -self._shift, 255.0 * self._scale - self._shift
-        self._lut = self._mask_lut() if task == "seg" and self.label_map is not None else None
+        self._lut = None  # the mask id lookup of `label_map`, built on the first mask
         # Training decodes JPEGs at a reduced scale (no smaller than the augmentation can need, so no detail is
         # lost). Evaluation decodes at full size, as the image processor (`CadMtlImageProcessor`) does when the
         # model is served: the two then feed the model the same pixels and report the same metrics.
-        enlarge = det_scale_range[1] if task == "det" else 1.0 / max(crop_scale[0], 1e-3) ** 0.5
+        enlarge = (
+            det_scale_range[1] if self.definition.scale_jitter else 1.0 / max(crop_scale[0], 1e-3) ** 0.5
+        )
         self._decode_size = (round(self.size[0] * enlarge), round(self.size[1] * enlarge)) if train else None
 
     # ----------------------------------------------------------------------------------- label maps
@@ -318,8 +320,10 @@ class TaskTransform:
         return lut
 
     def _map_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        if self._lut is None:
+        if self.label_map is None:
             return mask.long()
+        if self._lut is None:
+            self._lut = self._mask_lut()
         mapped = self._lut[mask.long()]
         if (mapped < 0).any():
             unknown = sorted(int(v) for v in torch.unique(mask[mapped < 0]))
@@ -430,22 +434,9 @@ class TaskTransform:
         # One draw from torch seeds a Python RNG: its draws cost nanoseconds, a torch tensor op microseconds.
         rng = random.Random(int(torch.randint(0, 2**62, (), generator=generator))) if self.train else None
         image, orig_size = decode_rgb(example["image"], self._decode_size)
-        if self.task == "cls":
-            label = torch.tensor(self._map_id(example["label"]), dtype=torch.long)
-            pixels, _ = self._crop_and_resize(image, rng=rng)
-        elif self.task == "det":
-            pixels, label = self._detection(example, image, orig_size, rng)
-        else:
-            mask = decode_mask(example["mask"])
-            if tuple(mask.shape) != orig_size:
-                raise ValueError(
-                    f"{example.get('image_id')}: mask {tuple(mask.shape)} differs from image {orig_size}"
-                )
-            if tuple(mask.shape) != tuple(image.shape[-2:]):  # the image was decoded at a reduced scale
-                mask = F.resize(mask[None], list(image.shape[-2:]), interpolation=_NEAREST)[0]
-            pixels, mask = self._crop_and_resize(image, mask, rng)
-            label = self._map_mask(mask)  # after resizing: the id lookup runs on the small mask
-        jitter = self.train and self.task == "cls" and self.color_jitter > 0
+        # the task's own decoding and augmentation (`CadMtlTask.sample`)
+        pixels, label = getattr(self, self.definition.sample)(example, image, orig_size, rng)
+        jitter = self.train and self.definition.color_jitter and self.color_jitter > 0
         return {
             "pixel_values": self._normalise(pixels, rng if jitter else None),
             "labels": label,
@@ -453,13 +444,44 @@ class TaskTransform:
             "orig_size": orig_size,
         }
 
-    def _detection(
+    def classification_sample(
         self,
         example: Mapping[str, Any],
         image: torch.Tensor,
         orig_size: tuple[int, int],
         rng: random.Random | None = None,
-    ):
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cls: the class id (0-d long tensor) of a random resized crop (train) or the resized image (eval)."""
+        pixels, _ = self._crop_and_resize(image, rng=rng)
+        return pixels, torch.tensor(self._map_id(example["label"]), dtype=torch.long)
+
+    def segmentation_sample(
+        self,
+        example: Mapping[str, Any],
+        image: torch.Tensor,
+        orig_size: tuple[int, int],
+        rng: random.Random | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """seg: the (H, W) long mask (255 = ignore) cropped and resized with the image, nearest-exact."""
+        mask = decode_mask(example["mask"])
+        if tuple(mask.shape) != orig_size:
+            raise ValueError(
+                f"{example.get('image_id')}: mask {tuple(mask.shape)} differs from image {orig_size}"
+            )
+        if tuple(mask.shape) != tuple(image.shape[-2:]):  # the image was decoded at a reduced scale
+            mask = F.resize(mask[None], list(image.shape[-2:]), interpolation=_NEAREST)[0]
+        pixels, mask = self._crop_and_resize(image, mask, rng)
+        return pixels, self._map_mask(mask)  # after resizing: the id lookup runs on the small mask
+
+    def detection_sample(
+        self,
+        example: Mapping[str, Any],
+        image: torch.Tensor,
+        orig_size: tuple[int, int],
+        rng: random.Random | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """det: `{"class_labels": (n,), "boxes": (n, 4) cxcywh normalised}` of the scale-jittered, cropped or
+        padded and flipped image (train; boxes under 1 px dropped) or of the resized image (eval)."""
         objects = example.get("objects") or {}
         xywh = torch.as_tensor(objects.get("bbox") or [], dtype=torch.float32).reshape(-1, 4)
         classes = torch.tensor([self._map_id(c) for c in objects.get("category") or []], dtype=torch.long)
@@ -489,14 +511,13 @@ def collate_fn(task: str) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     """A collate function for ``task`` batching :class:`TaskTransform` outputs into
     ``{"pixel_values": (B, 3, H, W), "labels": ..., "image_ids": [str], "orig_sizes": LongTensor (B, 2)}``;
     labels are a LongTensor (B,) for cls, a list of B dicts for det, a LongTensor (B, H, W) for seg."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    stack = get_cadmtl_task(task).stack_labels
 
     def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
         labels = [item["labels"] for item in batch]
         return {
             "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
-            "labels": labels if task == "det" else torch.stack(labels),
+            "labels": torch.stack(labels) if stack else labels,
             "image_ids": [item["image_id"] for item in batch],
             "orig_sizes": torch.tensor([item["orig_size"] for item in batch], dtype=torch.long),
         }
@@ -598,13 +619,14 @@ def make_dataloader(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     dataset = load_split(path_or_repo, config, split, streaming=True)
-    keep = ["image", "image_id", *TASK_COLUMNS[task]]
+    definition = get_cadmtl_task(task)
+    keep = ["image", "image_id", *definition.label_columns]
     missing = [c for c in keep if c not in (dataset.features or {})]
     if missing:
         raise ValueError(f"{path_or_repo} {config}/{split} lacks the columns {missing} a {task} config needs")
     dataset = dataset.select_columns(keep).cast_column("image", datasets.Image(decode=False))
-    if task == "seg":
-        dataset = dataset.cast_column("mask", datasets.Image(decode=False))
+    for column in definition.encoded_image_columns:
+        dataset = dataset.cast_column(column, datasets.Image(decode=False))
     if train:
         dataset = dataset.shuffle(
             seed=seed, buffer_size=shuffle_buffer, max_buffer_input_shards=interleave_shards

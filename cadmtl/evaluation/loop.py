@@ -17,21 +17,12 @@ from cadmtl.evaluation.metrics import (
     MetricsReport,
     SegmentationMetrics,
 )
+from cadmtl.tasks import get_cadmtl_task
 from dataset_scripts.schema import IGNORE_INDEX
 from modeling_cadmtl import CadMtlImageProcessor
 
 # COCO evaluation keeps up to 100 detections per image; a low threshold lets AP see the whole precision/recall curve.
 DETECTION_SCORE_THRESHOLD = 0.05
-
-
-def make_metric(task: str, label_names: list[str], ignore_index: int = IGNORE_INDEX):
-    if task == "cls":
-        return ClassificationMetrics(len(label_names), label_names=label_names)
-    if task == "det":
-        return DetectionMetrics(label_names=label_names)
-    if task == "seg":
-        return SegmentationMetrics(len(label_names), ignore_index=ignore_index, label_names=label_names)
-    raise ValueError(f"Unknown task {task!r}.")
 
 
 def absolute_xyxy(boxes: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -63,6 +54,84 @@ def lockstep(batches: Iterable[dict[str, Any]], device: torch.device) -> Iterato
         yield batch if batch is not None else {"pixel_values": torch.zeros(1, 3, 32, 32), "is_padding": True}
 
 
+class ClassificationScorer:
+    """Accuracy of the class logits; with `class_subset`, among those model class ids only (the report is then over
+    the subset's classes)."""
+
+    def __init__(
+        self, label_names: list[str], class_subset: list[int] | None = None, id_prefix: str = ""
+    ) -> None:
+        self.subset = None
+        if class_subset is not None:
+            self.subset = torch.tensor(class_subset)
+            # model class id -> position in the subset (-1: outside it; a target there would be a data error)
+            self.position = torch.full((len(label_names),), -1, dtype=torch.long)
+            self.position[self.subset] = torch.arange(len(self.subset))
+            label_names = [label_names[i] for i in class_subset]
+        self.metric = ClassificationMetrics(len(label_names), label_names=label_names)
+
+    def update(self, outputs: Any, batch: dict[str, Any], processor: CadMtlImageProcessor) -> None:
+        logits, targets = outputs["cls_logits"].cpu(), batch["labels"].cpu()
+        if self.subset is not None:
+            logits, targets = logits[:, self.subset], self.position[targets]
+        self.metric.update(logits, targets)
+
+
+class DetectionScorer:
+    """COCO AP of the post-processed detections, in each image's original pixel frame (`orig_sizes`)."""
+
+    def __init__(
+        self, label_names: list[str], class_subset: list[int] | None = None, id_prefix: str = ""
+    ) -> None:
+        self.metric = DetectionMetrics(label_names=label_names)
+        self.id_prefix = id_prefix
+
+    def update(self, outputs: Any, batch: dict[str, Any], processor: CadMtlImageProcessor) -> None:
+        orig_sizes = batch["orig_sizes"].cpu()
+        predictions = processor.post_process_object_detection(
+            outputs,
+            threshold=DETECTION_SCORE_THRESHOLD,
+            target_sizes=orig_sizes,
+        )
+        targets = []
+        for image_id, target, size, prediction in zip(
+            batch["image_ids"], batch["labels"], orig_sizes, predictions
+        ):
+            targets.append(
+                {
+                    "boxes": absolute_xyxy(target["boxes"].cpu(), size),
+                    "labels": target["class_labels"].cpu(),
+                    "image_id": f"{self.id_prefix}{image_id}",
+                }
+            )
+            prediction["image_id"] = f"{self.id_prefix}{image_id}"
+        self.metric.update(
+            [{k: v.cpu() if hasattr(v, "cpu") else v for k, v in p.items()} for p in predictions], targets
+        )
+
+
+class SegmentationScorer:
+    """IoU of the most likely class per pixel, at the resolution the labels were resized to."""
+
+    def __init__(
+        self, label_names: list[str], class_subset: list[int] | None = None, id_prefix: str = ""
+    ) -> None:
+        self.metric = SegmentationMetrics(
+            len(label_names), ignore_index=IGNORE_INDEX, label_names=label_names
+        )
+
+    def update(self, outputs: Any, batch: dict[str, Any], processor: CadMtlImageProcessor) -> None:
+        self.metric.update(outputs["seg_logits"].argmax(dim=1).cpu(), batch["labels"].cpu())
+
+
+# The metric family of each head (`CadMtlTask.metric`) -> what turns its outputs and batches into that metric.
+SCORERS = {
+    "classification": ClassificationScorer,
+    "detection": DetectionScorer,
+    "segmentation": SegmentationScorer,
+}
+
+
 @torch.no_grad()
 def evaluate_task(
     model: torch.nn.Module,
@@ -89,15 +158,10 @@ def evaluate_task(
     domain's classes when the head covers several domains); the report is then over the subset's classes.
     """
     processor = CadMtlImageProcessor()
-    if class_subset is not None:
-        if task != "cls":
-            raise ValueError("class_subset only applies to classification.")
-        subset = torch.tensor(class_subset)
-        # model class id -> position in the subset (-1: outside it; a target there would be a data error)
-        position = torch.full((len(label_names),), -1, dtype=torch.long)
-        position[subset] = torch.arange(len(subset))
-        label_names = [label_names[i] for i in class_subset]
-    metric = make_metric(task, label_names)
+    definition = get_cadmtl_task(task)
+    if class_subset is not None and not definition.class_candidates:
+        raise ValueError("class_subset only applies to classification.")
+    scorer = SCORERS[definition.metric](label_names, class_subset, id_prefix)
     was_training = model.training
     model.eval()
     for batch in tqdm(lockstep(batches, device), desc=description, disable=not show_progress, leave=False):
@@ -108,37 +172,9 @@ def evaluate_task(
             outputs = processor.forward_size_groups(model, [batch], (task,), device=device)
         if batch.get("is_padding"):
             continue
-        if task == "cls":
-            logits, targets = outputs["cls_logits"].cpu(), batch["labels"].cpu()
-            if class_subset is not None:
-                logits, targets = logits[:, subset], position[targets]
-            metric.update(logits, targets)
-        elif task == "det":
-            orig_sizes = batch["orig_sizes"].cpu()
-            predictions = processor.post_process_object_detection(
-                outputs,
-                threshold=DETECTION_SCORE_THRESHOLD,
-                target_sizes=orig_sizes,
-            )
-            targets = []
-            for image_id, target, size, prediction in zip(
-                batch["image_ids"], batch["labels"], orig_sizes, predictions
-            ):
-                targets.append(
-                    {
-                        "boxes": absolute_xyxy(target["boxes"].cpu(), size),
-                        "labels": target["class_labels"].cpu(),
-                        "image_id": f"{id_prefix}{image_id}",
-                    }
-                )
-                prediction["image_id"] = f"{id_prefix}{image_id}"
-            metric.update(
-                [{k: v.cpu() if hasattr(v, "cpu") else v for k, v in p.items()} for p in predictions], targets
-            )
-        else:
-            metric.update(outputs["seg_logits"].argmax(dim=1).cpu(), batch["labels"].cpu())
+        scorer.update(outputs, batch, processor)
     model.train(was_training)
-    return metric.compute_detailed()
+    return scorer.metric.compute_detailed()
 
 
 def evaluate_sources(
@@ -173,7 +209,11 @@ def evaluate_sources(
                 autocast_dtype=autocast_dtype,
                 show_progress=show_progress,
                 description=f"{settings.split} {source.config}",
-                class_subset=source.model_label_ids if task == "cls" and domain_conditioning else None,
+                class_subset=(
+                    source.model_label_ids
+                    if get_cadmtl_task(task).class_candidates and domain_conditioning
+                    else None
+                ),
             )
             results[source.config] = {
                 "task": task,

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dataset_scripts.schema import TASKS
+from cadmtl.tasks import CADMTL_TASKS, TASKS
 
 __all__ = ["evaluate_model", "evaluate_verdict"]
 
@@ -57,7 +57,8 @@ def evaluate_model(
     sources = discover_sources(dataset, dict(by_task), split)
     for task, task_sources in sources.items():
         attach_label_maps(task_sources, model.config.labels_for(task))
-    sizes = {"cls": 224, "det": 512, "seg": 512, **(model.config.image_sizes or {}), **(image_sizes or {})}
+    defaults = {name: task.default_image_size for name, task in CADMTL_TASKS.items()}
+    sizes = {**defaults, **(model.config.image_sizes or {}), **(image_sizes or {})}
     settings = LoaderSettings(
         dataset=dataset,
         split=split,

@@ -19,14 +19,10 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-TABLE_COLUMNS = {
-    "det": (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("AR@100", "AR")),
-    "cls": (("acc@1", "Acc@1"), ("acc@5", "Acc@5")),
-    "seg": (("mIoU", "mIoU"), ("mFscore", "mFscore"), ("mPrecision", "mPrec"), ("mRecall", "mRecall")),
-}
-TABLE_TITLES = {"det": "Detection", "cls": "Classification", "seg": "Segmentation"}
-# The headline metric of each task in the comparison table.
-HEADLINE = {"cls": ("acc@1", "Cls. Acc (%)"), "det": ("AP", "Det. mAP (%)"), "seg": ("mIoU", "Seg. mIoU (%)")}
+from cadmtl.tasks import CADMTL_TASKS
+
+# The headline metric of each task in the comparison table (`CadMtlTask.headline`).
+HEADLINE = {name: task.headline for name, task in CADMTL_TASKS.items()}
 
 
 def load_results(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -52,7 +48,8 @@ def _domain(config: str) -> str:
 def domain_tables(named_results: Mapping[str, Mapping[str, dict[str, Any]]], split: str | None = None) -> str:
     """One Markdown table per task: a row per model (name), a column group per domain (dataset config)."""
     blocks = []
-    for task in ("det", "cls", "seg"):
+    for definition in sorted(CADMTL_TASKS.values(), key=lambda definition: definition.table_rank):
+        task = definition.name
         configs: list[str] = []
         for results in named_results.values():
             for config, result in results.items():
@@ -64,11 +61,11 @@ def domain_tables(named_results: Mapping[str, Mapping[str, dict[str, Any]]], spl
                     configs.append(config)
         if not configs:
             continue
-        columns = TABLE_COLUMNS[task]
+        columns = definition.table_columns
         header = (
             "| Model | " + " | ".join(f"{_domain(c)} {label}" for c in configs for _, label in columns) + " |"
         )
-        lines = [f"**{TABLE_TITLES[task]}**" + (f" ({split})" if split else ""), "", header]
+        lines = [f"**{definition.table_title}**" + (f" ({split})" if split else ""), "", header]
         lines.append("|---|" + "---|" * (len(configs) * len(columns)))
         for name, results in named_results.items():
             cells = []

@@ -46,8 +46,8 @@ from cadmtl.evaluation.metrics import (
     degenerate_threshold,
     verdict_metrics,
 )
+from cadmtl.tasks import TASKS
 from modeling_cadmtl import CadMtlImageProcessor
-from modeling_cadmtl.tasks_cadmtl import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class VerdictScores:
 
     @classmethod
     def concatenate(cls, parts: Sequence[VerdictScores]) -> VerdictScores:
-        sources = [s for s in ("cls", "det", "seg", "max") if all(s in part.scores for part in parts)]
+        sources = [s for s in (*TASKS, "max") if all(s in part.scores for part in parts)]
         return cls(
             image_ids=[i for part in parts for i in part.image_ids],
             is_normal=np.concatenate([part.is_normal for part in parts] or [np.zeros(0, dtype=bool)]),
@@ -99,7 +99,8 @@ class VerdictTransform:
     """Decode one example and give the evaluation input at each size (`TaskTransform.eval_pixels`)."""
 
     def __init__(self, sizes: Iterable[int]) -> None:
-        self.transforms = {size: TaskTransform("cls", size, train=False) for size in sizes}
+        # every task's evaluation transform gives the same `eval_pixels`: any task serves
+        self.transforms = {size: TaskTransform(TASKS[0], size, train=False) for size in sizes}
 
     def __call__(self, example: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
         if example.get("is_normal") is None:

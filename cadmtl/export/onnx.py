@@ -269,7 +269,9 @@ class OnnxPredictor:
                     f"{self.folder / ONNX_FILE}: the {task} head needs the outputs {list(fields)}, found only {present}."
                 )
         # (output, axis holding the classes, task) for the outputs that carry one score per class
-        class_axes = (("cls_logits", -1, "cls"), ("det_logits", -1, "det"), ("seg_logits", 1, "seg"))
+        class_axes = [
+            (task.output_fields[0], task.class_axis, task.name) for task in TASK_DEFINITIONS.values()
+        ]
         shapes = {output.name: output.shape for output in self.session.get_outputs()}
         for name, axis, task in class_axes:
             if name not in shapes:
@@ -332,16 +334,20 @@ class OnnxPredictor:
             )
         target_sizes = [_image_size(image) for image in images]
         outputs = self.processor.predict(self, images, self.tasks)
-        # the call options of each head's post-processing (`TaskDefinition.post_process`)
+        # the call options of the heads' post-processing; each takes its `TaskDefinition.post_process_options`
         options = {
-            "cls": {"top_k": top_k, "id2label": dict(enumerate(self.config.cls_labels))},
-            "det": {"threshold": det_threshold, "target_sizes": target_sizes, "nms_threshold": nms_threshold},
-            "seg": {"target_sizes": target_sizes},
+            "top_k": top_k,
+            "id2label": dict(enumerate(self.config.cls_labels)),
+            "threshold": det_threshold,
+            "target_sizes": target_sizes,
+            "nms_threshold": nms_threshold,
         }
         results: dict[str, list[Any]] = {}
         for task in map(get_task, self.tasks):
             post_process = getattr(self.processor, task.post_process)
-            results[task.result_key] = post_process(outputs, **options[task.name])
+            results[task.result_key] = post_process(
+                outputs, **{key: options[key] for key in task.post_process_options}
+            )
         if gives_verdict:
             threshold = self.config.verdict_threshold if verdict_threshold is None else verdict_threshold
             results["verdict"] = self.processor.post_process_anomaly_score(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from cadmtl.tasks import CADMTL_TASKS
 from dataset_scripts.safe_paths import safe_file_name
 
 logger = logging.getLogger(__name__)
@@ -47,14 +48,18 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 
 # (per-class metric, the count shown next to it) per task, in the order a report is recognised
-_PER_CLASS_DEFAULTS = {
-    "cls": ("acc@1", "support"),
-    "det": ("AP", "num_ground_truth"),
-    "seg": ("IoU", "gt_pixels"),
-}
+_PER_CLASS_DEFAULTS = {name: task.per_class_chart for name, task in CADMTL_TASKS.items()}
 _COUNT_KEYS = ("support", "num_ground_truth", "gt_pixels")
 _BAR_COLOR = "#0072B2"  # Okabe-Ito blue
 _MAX_ANNOTATED_CLASSES = 20
+
+
+def _save(figure: Any, path: str | os.PathLike) -> Path:
+    """Write `figure` as a PNG at `path` (its folder created) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
 
 
 def normalized_confusion_matrix(matrix: Any, normalize: bool = True) -> np.ndarray:
@@ -188,10 +193,7 @@ def plot_confusion_matrix(
     heading = "confusion matrix" + (" (row-normalised)" if normalize else "")
     heading = f"{title}: {heading}" if title else heading
     axis.set_title(f"{heading}\n{subtitle}" if subtitle else heading)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return _save(figure, path)
 
 
 def _per_class_metric(report: Mapping[str, Any], metric: str | None) -> tuple[str, str | None]:
@@ -279,10 +281,7 @@ def plot_per_class(
         axis.legend(loc="lower right", fontsize=8)
     heading = f"per-class {metric}"
     axis.set_title(f"{title}: {heading}" if title else heading)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return _save(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,10 +355,7 @@ def plot_pr_curve(report: Mapping[str, Any], path: str | os.PathLike, *, title: 
         _legend_outside(axis, len(per_class) + 1)
     heading = f"precision-recall (IoU {analysis.get('iou_threshold', 0.5):g})"
     axis.set_title(f"{title}: {heading}" if title else heading)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return _save(figure, path)
 
 
 def plot_confidence_curve(
@@ -413,10 +409,7 @@ def plot_confidence_curve(
     _legend_outside(axis, len(per_class) + 2)
     heading = f"{_CURVE_NAMES[curve]}-confidence (IoU {analysis.get('iou_threshold', 0.5):g})"
     axis.set_title(f"{title}: {heading}" if title else heading)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return _save(figure, path)
 
 
 def plot_detection_confusion_matrix(
@@ -509,7 +502,7 @@ def plot_evaluation(eval_results_json: str | os.PathLike, output_dir: str | os.P
                 written.append(
                     plot_confusion_matrix(report, output_dir / f"{stem}_confusion_matrix.png", title=title)
                 )
-            if task == "det":
+            if task in CADMTL_TASKS and CADMTL_TASKS[task].analysis_charts:
                 detection_configs += 1
                 written.extend(
                     _plot_detection_analysis(report, output_dir, stem, title, config, without_curves)

@@ -53,6 +53,7 @@ from PIL import Image, ImageFile, ImageOps
 from tqdm.auto import tqdm
 
 from cadmtl.pictures.overlays import ImagePrediction, draw_predictions
+from cadmtl.tasks import get_cadmtl_task
 from dataset_scripts.images import to_rgb
 from dataset_scripts.safe_paths import safe_file_name, safe_output_path
 from dataset_scripts.schema import TASKS
@@ -453,7 +454,7 @@ class Predictor:
                 box_scores=found["scores"].cpu().numpy(),
                 box_labels=found["labels"].cpu().numpy(),
             )
-            if "seg" in self.tasks:  # a full-size class map costs time and memory: only when it is drawn
+            if "segmentation" in self._drawn:  # a full-size class map costs time and memory: only when drawn
                 logits = outputs["seg_logits"][index]
                 pixel_mask = outputs.get("seg_pixel_mask")
                 if pixel_mask is not None:
@@ -466,16 +467,14 @@ class Predictor:
             )
         return results
 
+    @property
+    def _drawn(self) -> set[str]:
+        """The `ImagePrediction` fields of the heads in `tasks` (`CadMtlTask.overlay_fields`)."""
+        return {name for task in self.tasks for name in get_cadmtl_task(task).overlay_fields}
+
     def draw(self, image: Image.Image, result: ImageResult) -> Image.Image:
         """The overlay of `result` on `image`: of the mask, boxes and class banner, those of `tasks`."""
-        prediction = result.prediction
-        shown = ImagePrediction(
-            classes=prediction.classes if "cls" in self.tasks else [],
-            boxes=prediction.boxes if "det" in self.tasks else None,
-            box_scores=prediction.box_scores if "det" in self.tasks else None,
-            box_labels=prediction.box_labels if "det" in self.tasks else None,
-            segmentation=prediction.segmentation if "seg" in self.tasks else None,
-        )
+        shown = ImagePrediction(**{name: getattr(result.prediction, name) for name in self._drawn})
         return draw_predictions(image, shown, self.config.det_labels, self.config.seg_labels)
 
 
@@ -586,17 +585,8 @@ def predict_files(
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     sources = collect_images(inputs, exclude=output_dir, videos=True)
-    overwritten = [
-        str(s.path)
-        for s in sources
-        if not s.is_video
-        and safe_output_path(output_dir, s.output_name.as_posix()).resolve() == s.path.resolve()
-    ]
-    if overwritten and overlays:
-        raise ValueError(
-            f"predict_files: the overlays would overwrite their input images ({', '.join(overwritten[:5])}); "
-            "choose an output_dir outside the image folders"
-        )
+    if overlays:
+        _refuse_overwriting_inputs(sources, output_dir)
     if predictor is None:
         predictor = Predictor.from_pretrained(
             model_dir,
@@ -615,83 +605,140 @@ def predict_files(
     detections: list[dict[str, Any]] = []
     written: list[Path] = []
     crop_paths: list[Path] = []
-    batch: list[_Item] = []
-
-    def flush() -> None:
-        for item, result in zip(batch, predictor([item.image for item in batch])):
-            image_id = len(images) + 1
-            image = item.image
-            images.append(
-                {"id": image_id, "file_name": item.file_name, "width": image.width, "height": image.height}
-            )
-            prediction = result.prediction
-            boxes = prediction.boxes
-            for k, (box, score, label) in enumerate(zip(boxes, prediction.box_scores, prediction.box_labels)):
-                x_min, y_min, x_max, y_max = (float(value) for value in box)
-                detections.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": int(label) + 1,
-                        "bbox": [
-                            round(x_min, 2),
-                            round(y_min, 2),
-                            round(x_max - x_min, 2),
-                            round(y_max - y_min, 2),
-                        ],
-                        "score": round(float(score), 5),
-                        "file_name": item.file_name,
-                    }
-                )
-                if crops:
-                    # the image's own folder, then the class name (the model's) as one file name: inside OUT
-                    folder = safe_output_path(
-                        output_dir / "crops", item.output_name.with_suffix("").as_posix()
-                    )
-                    target = folder / safe_file_name(f"{k}_{config.det_labels[int(label)]}", ".png")
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    _crop(image, (x_min, y_min, x_max, y_max)).save(target, format="PNG")
-                    crop_paths.append(target)
-            top_class, top_score = prediction.classes[0]
+    for item, result in _predicted_items(predictor, sources, video_fps, batch_size):
+        if result is None:
             rows.append(
-                {
-                    "file_name": item.file_name,
-                    "verdict": result.verdict
-                    or ("uninformative" if config.verdict_status == "uninformative" else ""),
-                    "anomaly_score": "" if result.anomaly_score is None else f"{result.anomaly_score:.6g}",
-                    "top_class": top_class,
-                    "top_class_score": f"{top_score:.6g}",
-                    "num_defects": len(boxes),
-                    "error": "",
-                }
+                {**dict.fromkeys(SUMMARY_COLUMNS, ""), "file_name": item.file_name, "error": item.error}
             )
-            if overlays:
-                target = safe_output_path(output_dir, item.output_name.as_posix())
-                target.parent.mkdir(parents=True, exist_ok=True)
-                predictor.draw(image, result).save(target, format="PNG")
-                written.append(target)
-        progress.update(len(batch))
-        batch.clear()
+            continue
+        image_id = len(images) + 1
+        image = item.image
+        images.append(
+            {"id": image_id, "file_name": item.file_name, "width": image.width, "height": image.height}
+        )
+        detections.extend(coco_detections(image_id, item.file_name, result.prediction))
+        rows.append(summary_row(item.file_name, result, config))
+        if crops:
+            crop_paths.extend(
+                _write_crops(image, result.prediction, output_dir, item.output_name, config.det_labels)
+            )
+        if overlays:
+            written.append(_write_overlay(predictor, image, result, output_dir, item.output_name))
 
+    dataset = coco_images_dataset(images, config, f"cadmtl predict {model_dir}", predictor.det_threshold)
+    _write_results(output_dir, dataset, detections, rows)
+    run = PredictRun(output_dir, rows, written, crop_paths, len(detections))
+    _report_unreadable(run)
+    return run
+
+
+def _refuse_overwriting_inputs(sources: Sequence[ImageSource], output_dir: Path) -> None:
+    """A `ValueError` when an overlay would land on its own input image (an output folder among the inputs)."""
+    overwritten = [
+        str(s.path)
+        for s in sources
+        if not s.is_video
+        and safe_output_path(output_dir, s.output_name.as_posix()).resolve() == s.path.resolve()
+    ]
+    if overwritten:
+        raise ValueError(
+            f"predict_files: the overlays would overwrite their input images ({', '.join(overwritten[:5])}); "
+            "choose an output_dir outside the image folders"
+        )
+
+
+def _predicted_items(
+    predictor: Predictor, sources: Sequence[ImageSource], video_fps: float, batch_size: int
+) -> Iterator[tuple[_Item, ImageResult | None]]:
+    """Each input image or frame in order with its result, `batch_size` images a forward; an input that could not
+    be read comes with None as soon as it is met."""
     has_video = any(source.is_video for source in sources)
+    batch: list[_Item] = []
     with tqdm(total=None if has_video else len(sources), desc="predicting", unit="img") as progress:
         for item in _read_items(sources, video_fps):
             if item.image is None:
-                rows.append(
-                    {**dict.fromkeys(SUMMARY_COLUMNS, ""), "file_name": item.file_name, "error": item.error}
-                )
+                yield item, None
                 progress.update(1)
                 continue
             batch.append(item)
             if len(batch) == batch_size:
-                flush()
+                yield from zip(batch, predictor([item.image for item in batch]))
+                progress.update(len(batch))
+                batch = []
         if batch:
-            flush()
+            yield from zip(batch, predictor([item.image for item in batch]))
+            progress.update(len(batch))
 
-    categories = [{"id": index + 1, "name": name} for index, name in enumerate(config.det_labels)]
-    dataset = {
+
+def coco_detections(image_id: int, file_name: str, prediction: ImagePrediction) -> list[dict[str, Any]]:
+    """The COCO results of one image: `{"image_id", "category_id" (label index + 1), "bbox" xywh pixels, "score",
+    "file_name"}` per box."""
+    detections = []
+    for box, score, label in zip(prediction.boxes, prediction.box_scores, prediction.box_labels):
+        x_min, y_min, x_max, y_max = (float(value) for value in box)
+        detections.append(
+            {
+                "image_id": image_id,
+                "category_id": int(label) + 1,
+                "bbox": [round(x_min, 2), round(y_min, 2), round(x_max - x_min, 2), round(y_max - y_min, 2)],
+                "score": round(float(score), 5),
+                "file_name": file_name,
+            }
+        )
+    return detections
+
+
+def summary_row(file_name: str, result: ImageResult, config: Any) -> dict[str, Any]:
+    """The `summary.csv` row of a scored image (`SUMMARY_COLUMNS`)."""
+    top_class, top_score = result.prediction.classes[0]
+    return {
+        "file_name": file_name,
+        "verdict": result.verdict or ("uninformative" if config.verdict_status == "uninformative" else ""),
+        "anomaly_score": "" if result.anomaly_score is None else f"{result.anomaly_score:.6g}",
+        "top_class": top_class,
+        "top_class_score": f"{top_score:.6g}",
+        "num_defects": len(result.prediction.boxes),
+        "error": "",
+    }
+
+
+def _write_crops(
+    image: Image.Image,
+    prediction: ImagePrediction,
+    output_dir: Path,
+    output_name: Path,
+    labels: Sequence[str],
+) -> list[Path]:
+    """One PNG per box, `crops/<overlay name>/<k>_<label>.png`."""
+    # the image's own folder, then the class name (the model's) as one file name: inside OUT
+    folder = safe_output_path(output_dir / "crops", output_name.with_suffix("").as_posix())
+    paths = []
+    for k, (box, label) in enumerate(zip(prediction.boxes, prediction.box_labels)):
+        target = folder / safe_file_name(f"{k}_{labels[int(label)]}", ".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _crop(image, tuple(float(value) for value in box)).save(target, format="PNG")
+        paths.append(target)
+    return paths
+
+
+def _write_overlay(
+    predictor: Predictor, image: Image.Image, result: ImageResult, output_dir: Path, output_name: Path
+) -> Path:
+    target = safe_output_path(output_dir, output_name.as_posix())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    predictor.draw(image, result).save(target, format="PNG")
+    return target
+
+
+def coco_images_dataset(
+    images: list[dict[str, Any]], config: Any, description: str, det_threshold: float
+) -> dict[str, Any]:
+    """`images.json`: a COCO dataset without annotations, whose `categories` are the detection labels (id =
+    index + 1) and whose `info` records the threshold and the verdict settings."""
+    return {
         "info": {
-            "description": f"cadmtl predict {model_dir}",
-            "det_threshold": predictor.det_threshold,
+            "description": description,
+            "det_threshold": det_threshold,
             "category_ids": "detection label index + 1",
             "verdict_source": config.verdict_source,
             "verdict_threshold": config.verdict_threshold,
@@ -700,25 +747,33 @@ def predict_files(
         },
         "images": images,
         "annotations": [],
-        "categories": categories,
+        "categories": [{"id": index + 1, "name": name} for index, name in enumerate(config.det_labels)],
     }
+
+
+def _write_results(
+    output_dir: Path, dataset: dict[str, Any], detections: list[dict[str, Any]], rows: list[dict[str, Any]]
+) -> None:
     (output_dir / "images.json").write_text(json.dumps(dataset, indent=1) + "\n")
     (output_dir / "detections.json").write_text(json.dumps(detections) + "\n")
     with open(output_dir / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    run = PredictRun(output_dir, rows, written, crop_paths, len(detections))
+
+
+def _report_unreadable(run: PredictRun) -> None:
+    """Warn about the inputs that could not be read; a `ValueError` when none could."""
     failed = run.errors
-    if failed:
-        listing = "; ".join(f"{row['file_name']} ({row['error']})" for row in failed[:20])
-        more = f"; and {len(failed) - 20} more" if len(failed) > 20 else ""
-        if not run.num_scored:
-            raise ValueError(
-                f"predict_files: none of the {len(failed)} image files could be read: {listing}{more} "
-                f"(see {output_dir / 'summary.csv'})"
-            )
-        logger.warning(
-            "Skipped %d of %d inputs that could not be read: %s%s", len(failed), len(run.rows), listing, more
+    if not failed:
+        return
+    listing = "; ".join(f"{row['file_name']} ({row['error']})" for row in failed[:20])
+    more = f"; and {len(failed) - 20} more" if len(failed) > 20 else ""
+    if not run.num_scored:
+        raise ValueError(
+            f"predict_files: none of the {len(failed)} image files could be read: {listing}{more} "
+            f"(see {run.output_dir / 'summary.csv'})"
         )
-    return run
+    logger.warning(
+        "Skipped %d of %d inputs that could not be read: %s%s", len(failed), len(run.rows), listing, more
+    )

@@ -25,7 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "cadmtl reference build-pairs data/cad100k-mini --config exterior_ad --split test --out data/pairs",
     ),
     "localize": (
-        "cadmtl.reference.localize:main",
+        "cadmtl.reference.localize_pairs:main",
         "the training-free patch-difference localiser on every pair (threshold from a calibration split)",
         "cadmtl reference localize tiny data/pairs --split test --output-dir outputs/reference-tiny",
     ),

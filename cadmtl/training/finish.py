@@ -33,7 +33,8 @@ class FinishSettings:
         configs_by_task: the trained dataset configs of each task.
         eval_split: the validation split; the card reports it when no test split is set.
         test_split: the split evaluated at the end, or None.
-        eval_batch_size, max_eval_batches, domain_conditioning: how evaluations run.
+        eval_batch_size, max_eval_batches, domain_conditioning, num_workers: how evaluations run.
+        verdict_calibration, verdict_target_fpr: how the OK / NG threshold is chosen (`cadmtl.training.calibration`).
         base_model: the DINOv3 checkpoint the backbone started from, or None for a random preset.
         paradigm, weighting, scheduler_temperature, learning_rate, mixed_precision: what the card says of training.
         coba: CoBa's settings for the card, or None when another weighting ran.
@@ -57,6 +58,9 @@ class FinishSettings:
     mixed_precision: str
     push_to_hub: bool = False
     hub_model_id: str | None = None
+    num_workers: int = 0
+    verdict_calibration: str = "f1_max"
+    verdict_target_fpr: float = 0.01
 
     @classmethod
     def from_arguments(
@@ -93,6 +97,9 @@ class FinishSettings:
             mixed_precision=train_args.mixed_precision,
             push_to_hub=train_args.push_to_hub,
             hub_model_id=train_args.hub_model_id,
+            num_workers=data_args.num_workers,
+            verdict_calibration=train_args.verdict_calibration,
+            verdict_target_fpr=train_args.verdict_target_fpr,
         )
 
 

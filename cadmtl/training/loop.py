@@ -64,6 +64,7 @@ from cadmtl.training.best import (
     save_best,
     selection_value,
 )
+from cadmtl.training.calibration import calibrate_and_report_verdict
 from cadmtl.training.checkpoint import (
     LoopState,
     StatefulObjects,
@@ -85,7 +86,6 @@ from cadmtl.training.optim import (
 from cadmtl.training.recipe import Recipe, resolve_recipe
 from cadmtl.training.setup import build_model, class_candidates, ensure_dataset, make_trackers
 from cadmtl.training.step import StepOutcome, StepSettings, count_nonfinite, training_step
-from cadmtl.training.verdict import calibrate_and_report_verdict
 from dataset_scripts.schema import TASKS
 from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
 from modeling_cadmtl.configuration_cadmtl import backbone_normalization
@@ -520,7 +520,7 @@ def finish(run: Run, started: float) -> dict[str, Any]:
     }
     # The OK / NG threshold, calibrated on validation and stored in the config before it is saved.
     summary["verdict"] = calibrate_and_report_verdict(
-        run.model, data.sources, data.eval_settings, run.data_args, run.train_args, accelerator
+        run.model, data.sources, data.eval_settings, run.settings, accelerator
     )
     accelerator.wait_for_everyone()
     card_data = model_card_data(run.settings, results, state.step)

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cadmtl.tasks import CADMTL_TASKS, TASKS, get_cadmtl_task
 from modeling_cadmtl import CadMtlModel
-from modeling_cadmtl.configuration_cadmtl import TASKS
 
 _VIT_LAYER = re.compile(r"^model\.layer\.(\d+)\.")
 _CONVNEXT_STAGE = re.compile(r"^model\.stages\.(\d+)\.")
@@ -134,13 +134,12 @@ def drop_gradients(parameters: list[nn.Parameter]) -> None:
 
 
 def head_parameters(model: CadMtlModel) -> dict[str, list[nn.Parameter]]:
-    """The parameters that only one task uses ("cls", "det", "seg"); the neck is shared by det and seg."""
-    return {
-        "cls": list(model.cls_head.parameters()),
-        "det": list(model.det_head.parameters()),
-        "seg": list(model.seg_decoder.parameters()),
-        "neck": list(model.neck.parameters()),
+    """The parameters that only one task uses (its `TaskDefinition.head_module`), and under "neck" the feature
+    pyramid the heads with `uses_neck` share."""
+    heads = {
+        name: list(getattr(model, task.hub.head_module).parameters()) for name, task in CADMTL_TASKS.items()
     }
+    return heads | {"neck": list(model.neck.parameters())}
 
 
 def unused_parameters(model: CadMtlModel, tasks_run: set[str]) -> list[nn.Parameter]:
@@ -148,7 +147,7 @@ def unused_parameters(model: CadMtlModel, tasks_run: set[str]) -> list[nn.Parame
     pre-training uses)."""
     heads = head_parameters(model)
     unused = [p for task in TASKS if task not in tasks_run for p in heads[task]]
-    if not tasks_run & {"det", "seg"}:
+    if not any(get_cadmtl_task(task).hub.uses_neck for task in tasks_run):
         unused += heads["neck"]
     mask_token = getattr(getattr(model.backbone, "embeddings", None), "mask_token", None)
     if mask_token is not None:

@@ -13,6 +13,7 @@ from cadmtl.data.sources import TaskSource
 from cadmtl.model_kinds import CADMTL, load_pretrained, require_model_kind
 from cadmtl.presets import PRESETS, backbone_preset
 from cadmtl.pretrained import PRETRAINED_PRESETS, load_pretrained_backbone
+from cadmtl.tasks import CADMTL_TASKS
 from cadmtl.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from cadmtl.training.tracking import JsonlTracker
 from modeling_cadmtl import CadMtlConfig, CadMtlModel
@@ -25,10 +26,10 @@ def ensure_dataset(data_args: DataArguments, accelerator: Accelerator) -> None:
     """Generate the demo dataset when the default path is missing (main process builds, the others wait)."""
     if data_args.dataset == DEMO_DATASET and not Path(DEMO_DATASET, "README.md").exists():
         if accelerator.is_main_process:
-            from dataset_scripts.make_demo import build_demo
+            from dataset_scripts.make_demo import build_demo_dataset
 
             logger.info("building the demo dataset in %s", DEMO_DATASET)
-            build_demo(DEMO_DATASET)
+            build_demo_dataset(DEMO_DATASET)
         accelerator.wait_for_everyone()
 
 
@@ -42,9 +43,8 @@ def build_model(model_args: ModelArguments, label_sets: dict[str, list[str]]) ->
             CadMtlModel, name, info.holds, attn_implementation=model_args.attn_implementation
         )
     labels = {
-        "cls_labels": label_sets.get("cls", ["normal", "anomaly"]),
-        "det_labels": label_sets.get("det", ["defect"]),
-        "seg_labels": label_sets.get("seg", ["background", "defect"]),
+        task.hub.labels_attribute: label_sets.get(name, list(task.placeholder_labels))
+        for name, task in CADMTL_TASKS.items()
     }
     heads = {
         "neck_channels": model_args.neck_channels,
@@ -82,7 +82,8 @@ def class_candidates(
     """For each classification config, a (K_cls,) mask of its own classes: its images are trained and scored
     among their domain's classes (`cls_candidates` of the model's forward)."""
     masks = {}
-    for source in sources.get("cls", []):
+    conditioned = [task for task, definition in CADMTL_TASKS.items() if definition.class_candidates]
+    for source in (source for task in conditioned for source in sources.get(task, [])):
         mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
         mask[source.model_label_ids] = True
         masks[source.config] = mask

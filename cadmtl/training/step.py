@@ -18,6 +18,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 from cadmtl.data.sources import TaskSource, move_to
+from cadmtl.tasks import TASKS, get_cadmtl_task
 from cadmtl.training.optim import drop_gradients, head_parameters, unused_parameters, zero_touch
 from cadmtl.training.weighting import all_reduce_mean, task_gradients, write_gradient
 from modeling_cadmtl import CadMtlModel
@@ -38,9 +39,8 @@ def task_forward(
 ) -> Any:
     """The model on one task's batch (with its config's class candidates for classification, if any)."""
     pixel_values, labels = move_to(batch, device)
-    extra = (
-        {"cls_candidates": candidates[source.config]} if task == "cls" and source.config in candidates else {}
-    )
+    conditioned = get_cadmtl_task(task).class_candidates and source.config in candidates
+    extra = {"cls_candidates": candidates[source.config]} if conditioned else {}
     return model(pixel_values, task=task, labels=labels, **extra)
 
 
@@ -96,9 +96,9 @@ def shared_and_head_parameters(
 ) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """(parameters several tasks use: backbone and neck; the task heads' own parameters)."""
     heads = head_parameters(model)
-    own = {id(p) for task in ("cls", "det", "seg") for p in heads[task]}
+    own = {id(p) for task in TASKS for p in heads[task]}
     shared = [p for p in model.parameters() if id(p) not in own and p.requires_grad]
-    return shared, [p for task in ("cls", "det", "seg") for p in heads[task] if p.requires_grad]
+    return shared, [p for task in TASKS for p in heads[task] if p.requires_grad]
 
 
 def training_step(

@@ -1,4 +1,4 @@
-"""Readers that turn the formats users already have into :class:`~dataset_scripts.pipeline.SourceData`.
+"""Readers that turn the formats users already have into :class:`~dataset_scripts.conversion.SourceData`.
 
 - ``coco``: a COCO instances JSON plus its image folder (boxes, polygons, RLE) -> det or seg configs
 - ``yolo``: Ultralytics ``images/`` + ``labels/`` with ``data.yaml`` or ``classes.txt`` -> det or seg

@@ -26,11 +26,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ..conversion import SourceData, SourceSample
 from ..images import image_extensions, relative_key, resolve_inside
-from ..pipeline import SourceData, SourceSample
 from ..schema import GOOD
 
 SPLIT_FOLDERS = {
@@ -187,8 +188,6 @@ def read_mvtec(source: str | Path, *, validation_fraction: float = 0.0, seed: in
             issues.append(
                 ("missing_file", relative_key(path, root), f"mask without an image ({where})", "test")
             )
-    assign_ad_splits(samples, validation_fraction=validation_fraction, seed=seed)
-    types = sorted({s.label for s in samples if s.label != GOOD})
     info = _info(
         "mvtec",
         root,
@@ -196,7 +195,7 @@ def read_mvtec(source: str | Path, *, validation_fraction: float = 0.0, seed: in
         validation_fraction=validation_fraction,
         seed=seed,
     )
-    return SourceData(samples, [GOOD, *types], info, list(issues))
+    return _source_data(samples, info, issues, validation_fraction=validation_fraction, seed=seed)
 
 
 # ------------------------------------------------------------------------------------- magnetic tile
@@ -250,13 +249,6 @@ def read_magnetic_tile(
                     issues.append(("missing_mask", key, f"no {stem.name}.png next to it", split))
                     continue
                 samples.append(SourceSample(path, key, label=label, mask_path=mask))
-    assign_ad_splits(
-        samples,
-        normal_test_fraction=normal_test_fraction,
-        validation_fraction=validation_fraction,
-        seed=seed,
-    )
-    types = sorted({s.label for s in samples if s.label != GOOD})
     info = _info(
         "magnetic_tile",
         root,
@@ -265,7 +257,8 @@ def read_magnetic_tile(
         validation_fraction=validation_fraction,
         seed=seed,
     )
-    return SourceData(samples, [GOOD, *types], info, list(issues))
+    split_options = {"normal_test_fraction": normal_test_fraction, "validation_fraction": validation_fraction}
+    return _source_data(samples, info, issues, **split_options, seed=seed)
 
 
 # ------------------------------------------------------------------------------------- image folders
@@ -308,13 +301,6 @@ def read_ad_folders(
             samples.append(SourceSample(path, relative_key(path, root), label=label, split=split))
     if not any(s.label == GOOD for s in samples):
         raise AnomalyFormatError(f"{root}: no normal images (a good/ folder) found")
-    assign_ad_splits(
-        samples,
-        normal_test_fraction=normal_test_fraction,
-        validation_fraction=validation_fraction,
-        seed=seed,
-    )
-    types = sorted({s.label for s in samples if s.label != GOOD})
     info = _info(
         "ad_folders",
         root,
@@ -326,4 +312,13 @@ def read_ad_folders(
         seed=seed,
         **({} if split_layout else {"normal_test_fraction": normal_test_fraction}),
     )
+    split_options = {"normal_test_fraction": normal_test_fraction, "validation_fraction": validation_fraction}
+    return _source_data(samples, info, issues, **split_options, seed=seed)
+
+
+def _source_data(samples: list[SourceSample], info: dict, issues: list, **split_options: Any) -> SourceData:
+    """The read source: its samples with their splits assigned (`assign_ad_splits(samples, **split_options)`),
+    ``good`` then the sorted defect types, info and issues."""
+    assign_ad_splits(samples, **split_options)
+    types = sorted({s.label for s in samples if s.label != GOOD})
     return SourceData(samples, [GOOD, *types], info, list(issues))

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..conversion import SourceAnnotation, SourceData, SourceSample
 from ..images import relative_key, resolve_inside
-from ..pipeline import SourceAnnotation, SourceData, SourceSample
 
 
 class CocoFormatError(ValueError):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..conversion import SourceData, SourceSample
 from ..images import image_extensions, relative_key, resolve_inside
-from ..pipeline import SourceData, SourceSample
 
 
 class FoldersFormatError(ValueError):

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import yaml
 
+from ..conversion import SourceData, SourceSample
 from ..images import image_extensions, relative_key, resolve_inside
-from ..pipeline import SourceData, SourceSample
+from ..mapping import read_class_names
 
 
 class MasksFormatError(ValueError):
@@ -24,11 +25,7 @@ def _class_list(root: Path, classes_file: Path | None) -> list[str]:
     if classes_file is None and (root / "classes.txt").is_file():
         classes_file = root / "classes.txt"
     if classes_file is not None:
-        names = [
-            line.strip()
-            for line in Path(classes_file).read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
+        names = read_class_names(classes_file)
     elif (root / "data.yaml").is_file():
         config = yaml.safe_load((root / "data.yaml").read_text(encoding="utf-8")) or {}
         raw = config.get("names")

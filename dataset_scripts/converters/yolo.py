@@ -16,8 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from ..conversion import SourceAnnotation, SourceData, SourceSample
 from ..images import image_extensions, relative_key, resolve_inside
-from ..pipeline import SourceAnnotation, SourceData, SourceSample
+from ..mapping import read_class_names
 
 SPLIT_KEYS = {"train": ("train",), "validation": ("val", "valid", "validation"), "test": ("test",)}
 
@@ -41,11 +42,7 @@ def _class_names(root: Path, classes_file: Path | None) -> tuple[list[str], dict
     if classes_file is None and "names" not in config and (root / "classes.txt").is_file():
         classes_file = root / "classes.txt"
     if classes_file is not None:
-        names = [
-            line.strip()
-            for line in Path(classes_file).read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
+        names = read_class_names(classes_file)
     elif isinstance(config.get("names"), list):
         names = [str(n) for n in config["names"]]
     elif isinstance(config.get("names"), dict):

@@ -12,13 +12,13 @@ from PIL import Image
 
 from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, normal_only
 from cadmtl.cli import main
-from dataset_scripts.make_demo import build_demo
+from dataset_scripts.make_demo import build_demo_dataset
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ad") / "mini"
-    build_demo(folder, train=12, validation=6, test=8)
+    build_demo_dataset(folder, train=12, validation=6, test=8)
     return folder
 
 

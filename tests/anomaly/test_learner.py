@@ -287,7 +287,7 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     from cadmtl.anomaly.learner_training import main, train
-    from dataset_scripts.make_demo import build_demo
+    from dataset_scripts.make_demo import build_demo_dataset
 
     def reset() -> None:
         AcceleratorState._reset_state(True)
@@ -295,7 +295,9 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
         GradientState._reset_state()
 
     repo = tmp_path / "repo"
-    build_demo(repo, train=20, validation=6, test=6, configs=["chassis_cls"], ad_configs=["exterior_ad"])
+    build_demo_dataset(
+        repo, train=20, validation=6, test=6, configs=["chassis_cls"], ad_configs=["exterior_ad"]
+    )
     common = [
         str(repo),
         "--config",

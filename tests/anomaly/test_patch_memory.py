@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import DINOv3ConvNextConfig, DINOv3ViTBackbone, DINOv3ViTConfig
 
 from cadmtl.anomaly import PatchMemoryScorer, calibrate_f1, calibrate_fpr, gaussian_blur
@@ -168,46 +168,6 @@ def test_save_and_load_score_identically(backbone, tmp_path):
     assert loaded.image_threshold == scorer.image_threshold
     prediction = loaded.predict(query)
     assert prediction.is_anomalous.tolist() == [True, False, False] and prediction.defect_masks is None
-
-
-def test_a_folder_of_the_earlier_layout_still_loads(backbone, tmp_path):
-    """config.json + memory_bank.safetensors + backbone.safetensors (before the scorer became a Hub model)."""
-    scorer = PatchMemoryScorer.from_backbone(
-        backbone, layers=[1, 2], coreset_fraction=0.5, image_size=(SIZE, SIZE), image_threshold=0.5
-    ).fit(normal_images(2))
-    legacy = {
-        "layers": [1, 2],
-        "coreset_fraction": 0.5,
-        "image_size": [SIZE, SIZE],
-        "image_score": "top_mean",
-        "top_fraction": 0.01,
-        "sigma": 4.0,
-        "metric": "l2",
-        "aggregate": True,
-        "layer_norm": True,
-        "k": 1,
-        "seed": 0,
-        "projection_dim": 128,
-        "image_mean": scorer.image_mean,
-        "image_std": scorer.image_std,
-        "image_threshold": 0.5,
-        "pixel_threshold": None,
-        "search_dtype": None,
-        "search_projection_dim": None,
-        "num_candidates": 16,
-        "memory_bank_size": int(scorer.memory_bank.shape[0]),
-        "backbone_class": type(backbone).__name__,
-        "backbone_config": backbone.config.to_dict(),
-    }
-    (tmp_path / "config.json").write_text(json.dumps(legacy))
-    save_file({"memory_bank": scorer.memory_bank}, tmp_path / "memory_bank.safetensors")
-    save_file(
-        {k: v.contiguous() for k, v in backbone.state_dict().items()}, tmp_path / "backbone.safetensors"
-    )
-    loaded = PatchMemoryScorer.from_pretrained(tmp_path)
-    query = normal_images(2, seed=5)
-    assert loaded.image_threshold == 0.5
-    assert torch.equal(loaded.score(query)[1], scorer.score(query)[1])
 
 
 def test_approximate_search_scorer_close_to_exact_and_saved(backbone, tmp_path):

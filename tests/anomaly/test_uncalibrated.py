@@ -12,13 +12,13 @@ import pytest
 
 from cadmtl.anomaly.data import load_anomaly_split
 from cadmtl.cli import main
-from dataset_scripts.make_demo import build_demo
+from dataset_scripts.make_demo import build_demo_dataset
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ad") / "mini"
-    build_demo(folder, train=4, validation=2, test=3, configs=["exterior_ad"])
+    build_demo_dataset(folder, train=4, validation=2, test=3, configs=["exterior_ad"])
     return folder
 
 

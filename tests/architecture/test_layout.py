@@ -45,6 +45,7 @@ WING_RANKS = {
     "testing": 0,
     "presets": 0,
     "model_kinds": 0,
+    "tasks": 0,  # the heads as training and evaluation see them (Hub definitions + data, metric, reports)
     "features": 1,
     "data": 1,
     "evaluation": 2,
@@ -218,6 +219,10 @@ def test_task_names_and_ignore_index_have_one_definition_and_agreeing_copies() -
         assert "IGNORE_INDEX = 255" not in text, path
         if path.name != "pipeline.py":  # cadmtl/data/pipeline.py: the normalisation constants
             assert "IMAGENET_MEAN = (" not in text, path
+    # The dataset side spells the tasks once too (schema.py; the taxonomy imports them).
+    for path in sorted((REPO_ROOT / "dataset_scripts").rglob("*.py")):
+        if path.name != "schema.py":
+            assert 'TASKS = ("cls", "det", "seg")' not in path.read_text(), path
 
 
 def _images() -> dict[str, Image.Image]:

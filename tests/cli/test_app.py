@@ -98,7 +98,7 @@ def images(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def served(models):
-    demo = app.build_demo(
+    demo = app.build_demo_app(
         models["model"], anomaly_model=models["anomaly"], reference_model=models["reference"]
     )
     _, url, _ = demo.launch(

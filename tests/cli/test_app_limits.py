@@ -77,7 +77,7 @@ def test_limits_come_from_the_environment(monkeypatch) -> None:
 
 def test_the_page_queues_and_shows_no_score_before_a_run(model_dir, monkeypatch) -> None:
     monkeypatch.setenv("CADMTL_CONCURRENCY", "2")
-    demo = app.build_demo(model_dir)
+    demo = app.build_demo_app(model_dir)
     assert demo._queue.default_concurrency_limit == 2 and demo._queue.max_size == 16
     numbers = [block for block in demo.blocks.values() if isinstance(block, gradio.Number)]
     assert numbers and all(n.value is None and n.placeholder == "no photo inspected yet" for n in numbers)

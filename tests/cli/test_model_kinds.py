@@ -266,7 +266,7 @@ def test_the_app_shows_the_sentence_instead_of_results(folders, image) -> None:
     if offline is None:  # app.py defaults it for its own process; the other tests keep the session's setting
         os.environ.pop("HF_HUB_OFFLINE", None)
 
-    demo = app.build_demo(
+    demo = app.build_demo_app(
         folders["scorer"], anomaly_model=folders["cadmtl"], reference_model=folders["learner"]
     )
     page = json.dumps(demo.config)
@@ -318,10 +318,12 @@ def test_anomaly_train_runs_on_the_demo_split_with_its_defaults(tmp_path, capsys
     import sys
 
     from cadmtl.anomaly.learner_training import main as learner_main
-    from dataset_scripts.make_demo import build_demo
+    from dataset_scripts.make_demo import build_demo_dataset
 
     repo = tmp_path / "demo"
-    build_demo(repo, train=48, validation=4, test=4, configs=["chassis_cls"], ad_configs=["exterior_ad"])
+    build_demo_dataset(
+        repo, train=48, validation=4, test=4, configs=["chassis_cls"], ad_configs=["exterior_ad"]
+    )
     out = tmp_path / "learner"
     fast = ["--max-steps", "2", "--image-size", "32", "--batch-size", "4", "--mixed-precision", "no"]
     with caplog.at_level(logging.WARNING, logger="cadmtl.anomaly.learner_training"):

@@ -176,17 +176,17 @@ def _pair(pair_id: str, index: int, anomalous: bool):
 
 
 def test_reference_localize_keeps_maps_and_overlays_inside(out, tmp_path, monkeypatch) -> None:
-    from cadmtl.reference import evaluate, localize
+    from cadmtl.reference import evaluate, localize_pairs
 
     splits = {
         "validation": [_pair(f"v{i}", i, i % 2 == 0) for i in range(4)],
         "test": [_pair(pair_id, 10 + i, i % 2 == 0) for i, pair_id in enumerate(EVIL_IDS)],
     }
-    monkeypatch.setattr(localize, "load_pairs", lambda repo, split, **kwargs: iter(splits[split]))
+    monkeypatch.setattr(localize_pairs, "load_pairs", lambda repo, split, **kwargs: iter(splits[split]))
     monkeypatch.setattr(evaluate, "load_pairs", lambda repo, split, **kwargs: iter(splits[split]))
     before = _files(tmp_path)
     argv = ["tiny", "pairs", "--split", "test", "--output-dir", str(out), "--image-size", "32"]
-    assert localize.main([*argv, "--window", "1", "--save-maps", "--overlays", "-1"]) == 0
+    assert localize_pairs.main([*argv, "--window", "1", "--save-maps", "--overlays", "-1"]) == 0
     new = _assert_written_inside(tmp_path, before, out)
     assert len([p for p in new if p.suffix == ".npy"]) == len([p for p in new if p.suffix == ".png"]) == 5
     results = evaluate.evaluate(out, "pairs", "test")  # finds the maps under the names localize gave

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from dataset_scripts.convert import main as convert_main
-from dataset_scripts.make_demo import build_demo
+from dataset_scripts.make_demo import build_demo_dataset
 from dataset_scripts.report import load_reports
 from dataset_scripts.schema import CONFIG_KINDS, TASKS, features_for, label_names, task_of_config
 from dataset_scripts.writer import split_names
@@ -291,7 +291,7 @@ def test_real_magnetic_tile_converts(tmp_path: Path) -> None:
 
 def test_demo_ad_config(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    written = build_demo(out, train=6, validation=4, test=4, configs=["chassis_cls"])
+    written = build_demo_dataset(out, train=6, validation=4, test=4, configs=["chassis_cls"])
     assert written["exterior_ad"] == {"train": 6, "validation": 4, "test": 4}
     assert datasets.get_dataset_config_names(str(out)) == ["chassis_cls", "exterior_ad"]
     assert datasets.get_dataset_split_names(str(out), "exterior_ad") == ["train", "validation", "test"]

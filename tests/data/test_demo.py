@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 import pytest
 
-from dataset_scripts.make_demo import build_demo, demo_classes
+from dataset_scripts.make_demo import build_demo_dataset, demo_classes
 from dataset_scripts.make_demo import main as demo_main
 from dataset_scripts.schema import label_names, task_of_config
 from dataset_scripts.taxonomy import load_taxonomy
@@ -20,7 +20,7 @@ COUNTS = {"train": 12, "validation": 4, "test": 4}
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "cad100k-mini"
-    build_demo(out, **COUNTS)
+    build_demo_dataset(out, **COUNTS)
     return out
 
 
@@ -42,10 +42,10 @@ def test_all_cad_configs_and_splits(demo: Path) -> None:
 
 def test_same_arguments_same_bytes(demo: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
-    build_demo(again, **COUNTS)
+    build_demo_dataset(again, **COUNTS)
     assert _digests(again) == _digests(demo)
     different = tmp_path / "seed1"
-    build_demo(different, seed=1, configs=["chassis_cls"], **COUNTS)
+    build_demo_dataset(different, seed=1, configs=["chassis_cls"], **COUNTS)
     assert (
         _digests(different)["chassis_cls/train-00000-of-00004.parquet"]
         != _digests(demo)["chassis_cls/train-00000-of-00004.parquet"]

@@ -312,12 +312,12 @@ def test_reduced_scale_jpeg_decoding_keeps_sizes_and_boxes_exact() -> None:
 
 def test_a_repo_rebuilt_in_place_is_read_as_it_is_now(tmp_path: Path, monkeypatch) -> None:
     """datasets 5.2 caches non-streaming local loads by folder name; load_split must never return stale rows."""
-    from dataset_scripts.make_demo import build_demo
+    from dataset_scripts.make_demo import build_demo_dataset
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     first, second = tmp_path / "a" / "repo", tmp_path / "b" / "repo"
-    build_demo(first, train=4, validation=2, test=2, seed=0)
-    build_demo(second, train=6, validation=2, test=2, seed=1)
+    build_demo_dataset(first, train=4, validation=2, test=2, seed=0)
+    build_demo_dataset(second, train=6, validation=2, test=2, seed=1)
     for streaming in (False, True):
         rows_a = [
             row["image_id"] for row in load_split(str(first), "chassis_cls", "train", streaming=streaming)
@@ -326,7 +326,7 @@ def test_a_repo_rebuilt_in_place_is_read_as_it_is_now(tmp_path: Path, monkeypatc
             row["image_id"] for row in load_split(str(second), "chassis_cls", "train", streaming=streaming)
         ]
         assert len(rows_a) == 4 and len(rows_b) == 6  # same folder name, different repos
-    build_demo(first, train=5, validation=2, test=2, seed=2)  # rebuilt in place with other rows
+    build_demo_dataset(first, train=5, validation=2, test=2, seed=2)  # rebuilt in place with other rows
     for streaming in (False, True):
         dataset = load_split(str(first), "chassis_cls", "train", streaming=streaming)
         assert len([row["image_id"] for row in dataset]) == 5

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 from datasets import ClassLabel, Features, Image, List, Value
+from PIL import Image as PILImage
 
-from dataset_scripts.schema import COMMON_COLUMNS, features_for, label_names, task_of_config
+from dataset_scripts.schema import (
+    COMMON_COLUMNS,
+    CONFIG_KINDS,
+    CONFIG_SCHEMAS,
+    Instance,
+    features_for,
+    label_names,
+    task_of_config,
+)
 
 
 @pytest.mark.parametrize(
@@ -59,3 +71,35 @@ def test_features_for_rejects_bad_label_lists(task: str, names: list[str], messa
 def test_label_names_of_the_wrong_task_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no mask_classes ClassLabel, so they are not a seg config"):
         label_names(features_for("cls", ["normal", "rust"]), "seg")
+
+
+@pytest.mark.parametrize("kind", CONFIG_KINDS)
+def test_instance_columns_of_every_kind_fit_its_features_and_read_back(kind: str) -> None:
+    """Each `ConfigSchema` turns labelled instances into exactly its columns, in a form its features encode."""
+    schema = CONFIG_SCHEMAS[kind]
+    names = [*schema.leading_classes, "dent", "scratch"]
+    features = features_for(kind, names)
+    mask = np.zeros((6, 8), bool)
+    mask[1:3, 2:5] = True
+    first = len(schema.leading_classes)
+    instances = [Instance(first + 1, (2.0, 1.0, 3.0, 2.0), 6.0, mask)]
+    empty = 0 if schema.normal_class else None
+    columns = schema.instance_columns(instances, (6, 8), empty, [7])
+    assert tuple(columns) == schema.columns
+    features.encode_example(dict.fromkeys(COMMON_COLUMNS) | {"image": None} | columns)
+    labelled = {"cls": ("label", first + 1), "ad": ("defect_type", first + 1)}.get(kind)
+    if labelled:
+        assert columns[labelled[0]] == labelled[1]
+        assert schema.instance_columns([], (6, 8), empty, [])[labelled[0]] == 0
+    if "objects" in columns:
+        assert columns["objects"] == {
+            "bbox": [[2.0, 1.0, 3.0, 2.0]],
+            "category": [first + 1],
+            "area": [6.0],
+            "id": [7],
+        }
+    if "mask" in columns:
+        stored = np.array(PILImage.open(io.BytesIO(columns["mask"]["bytes"])))
+        assert stored[mask].tolist() == [1 if kind == "ad" else first + 1] * 6 and not stored[~mask].any()
+    if "mask_classes" in columns:
+        assert columns["mask_classes"] == [0, first + 1]  # the background is present too

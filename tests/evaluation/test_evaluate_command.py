@@ -18,7 +18,7 @@ from cadmtl.evaluation.reporting import comparison_table, domain_tables, task_su
 from cadmtl.presets import backbone_preset
 from cadmtl.testing import tiny_cadmtl_config
 from cadmtl.training.arguments import parse_arguments
-from dataset_scripts.make_demo import build_demo
+from dataset_scripts.make_demo import build_demo_dataset
 from modeling_cadmtl import CadMtlConfig, CadMtlModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,9 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("eval") / "demo"
-    build_demo(folder, train=8, validation=8, test=8, configs=["exterior_det", "exterior_seg", "chassis_cls"])
+    build_demo_dataset(
+        folder, train=8, validation=8, test=8, configs=["exterior_det", "exterior_seg", "chassis_cls"]
+    )
     return folder
 
 

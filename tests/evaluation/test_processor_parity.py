@@ -12,7 +12,7 @@ from cadmtl.data.pipeline import load_split, make_dataloader
 from cadmtl.data.sources import attach_label_maps, discover_sources, merged_labels
 from cadmtl.evaluation.loop import evaluate_task
 from cadmtl.presets import backbone_preset
-from dataset_scripts.make_demo import build_demo
+from dataset_scripts.make_demo import build_demo_dataset
 from modeling_cadmtl import CadMtlConfig, CadMtlImageProcessor, CadMtlModel
 
 CONFIGS = {"cls": ["chassis_cls"], "det": ["exterior_det"], "seg": ["exterior_seg"]}
@@ -23,7 +23,9 @@ SIZES = {"cls": 48, "det": 96, "seg": 48}
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[Path, CadMtlModel, dict]:
     folder = tmp_path_factory.mktemp("parity") / "demo"
-    build_demo(folder, train=8, validation=8, test=8, configs=[c for cs in CONFIGS.values() for c in cs])
+    build_demo_dataset(
+        folder, train=8, validation=8, test=8, configs=[c for cs in CONFIGS.values() for c in cs]
+    )
     sources = discover_sources(str(folder), CONFIGS, "test")
     config = CadMtlConfig(
         backbone_config=backbone_preset("tiny"),

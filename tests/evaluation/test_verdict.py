@@ -24,7 +24,7 @@ from cadmtl.evaluation.verdict import (
     verdict_processor,
 )
 from cadmtl.testing import tiny_cadmtl_config
-from dataset_scripts.make_demo import build_demo
+from dataset_scripts.make_demo import build_demo_dataset
 from modeling_cadmtl import CadMtlConfig, CadMtlImageProcessor, CadMtlModel
 
 # ------------------------------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def test_verdict_heads_follow_the_trained_tasks() -> None:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("verdict") / "demo"
-    build_demo(folder, train=4, validation=10, test=10, configs=["exterior_det", "chassis_cls"])
+    build_demo_dataset(folder, train=4, validation=10, test=10, configs=["exterior_det", "chassis_cls"])
     return folder
 
 

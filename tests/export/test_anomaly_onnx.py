@@ -27,8 +27,8 @@ from cadmtl.export.anomaly import (
 from cadmtl.export.command import main as export_main
 from cadmtl.export.onnx import export_onnx
 from cadmtl.features import PatchFeatureExtractor, backbone_from_config, load_backbone
-from cadmtl.model_kinds import LOCALIZER, PATCH_MEMORY, inspect_model, is_hub_id
-from cadmtl.reference.localize import PairRunner
+from cadmtl.model_kinds import LOCALIZER, inspect_model, is_hub_id
+from cadmtl.reference.localize_pairs import PairRunner
 from cadmtl.reference.localizer import ReferenceLocalizer, boxes_from_map
 from cadmtl.testing import tiny_vit_config
 from modeling_cadmtl_anomaly import AnomalyImageProcessor
@@ -99,13 +99,8 @@ def test_unknown_model_types_and_folders_without_weights_are_refused(tmp_path: P
 
 
 def test_model_kind_tells_the_saved_layouts_apart(tmp_path: Path) -> None:
-    legacy = tmp_path / "legacy-scorer"  # config.json without model_type + memory_bank.safetensors
-    legacy.mkdir()
-    (legacy / "config.json").write_text(json.dumps({"layers": [1]}))
-    (legacy / "memory_bank.safetensors").write_bytes(b"")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "localizer.json").write_text(json.dumps({"localizer": {}}))
-    assert inspect_model(legacy).kind is PATCH_MEMORY
     assert (
         inspect_model(tmp_path / "run").kind
         is inspect_model(tmp_path / "run" / "localizer.json").kind

@@ -446,9 +446,9 @@ def test_the_scorer_onnx_export_matches_pytorch(fitted, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_anomaly_fit_without_backbone_fits_the_pretrained_scorer(tmp_path: Path) -> None:
-    from dataset_scripts.make_demo import build_demo
+    from dataset_scripts.make_demo import build_demo_dataset
 
-    build_demo(tmp_path / "mini", train=6, validation=4, test=4)
+    build_demo_dataset(tmp_path / "mini", train=6, validation=4, test=4)
     argv = ["fit", str(tmp_path / "mini"), "--config", "exterior_ad", "--output-dir", str(tmp_path / "fit")]
     assert anomaly_main([*argv, "--image-size", "64", "--coreset-fraction", "0.5"]) == 0
     summary = json.loads((tmp_path / "fit" / "fit_results.json").read_text())
@@ -462,7 +462,7 @@ def test_anomaly_fit_without_backbone_fits_the_pretrained_scorer(tmp_path: Path)
 
 
 def test_the_reference_localiser_feeds_the_backbone_minus_one_one_pixels() -> None:
-    from cadmtl.reference.localize import PairRunner, default_layers
+    from cadmtl.reference.localize_pairs import PairRunner, default_layers
     from cadmtl.reference.localizer import ReferenceLocalizer
 
     backbone = load_backbone(NAME)[0]

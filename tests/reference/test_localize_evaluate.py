@@ -96,10 +96,10 @@ def test_predictions_are_joined_by_pair_id_with_clear_errors(tmp_path):
 @pytest.fixture(scope="module")
 def pairs_repo(tmp_path_factory) -> Path:
     from cadmtl.reference.pairs import build_pairs
-    from dataset_scripts.make_demo import build_demo
+    from dataset_scripts.make_demo import build_demo_dataset
 
     ad = tmp_path_factory.mktemp("demo")
-    build_demo(ad, train=8, validation=4, test=4, configs=["exterior_seg"])
+    build_demo_dataset(ad, train=8, validation=4, test=4, configs=["exterior_seg"])
     out = tmp_path_factory.mktemp("pairs")
     for split in ("validation", "test"):
         build_pairs(str(ad), "exterior_ad", split, out)
@@ -107,7 +107,7 @@ def pairs_repo(tmp_path_factory) -> Path:
 
 
 def test_the_threshold_never_comes_from_the_evaluated_pairs(pairs_repo, tmp_path):
-    from cadmtl.reference.localize import localize
+    from cadmtl.reference.localize_pairs import localize
 
     with pytest.raises(ValueError, match="calibration split 'test' is the split being evaluated"):
         localize("tiny", str(pairs_repo), "test", tmp_path, calibration_split="test")
@@ -118,7 +118,7 @@ def test_the_threshold_never_comes_from_the_evaluated_pairs(pairs_repo, tmp_path
 @pytest.mark.slow
 def test_localize_then_evaluate_through_the_command(pairs_repo, tmp_path):
     from cadmtl.cli import main as cadmtl
-    from cadmtl.reference.localize import localize
+    from cadmtl.reference.localize_pairs import localize
 
     out = tmp_path / "out"
     common = ["--output-dir", str(out), "--image-size", "32", "--window", "1"]
@@ -158,7 +158,7 @@ def test_reference_features_are_cached_by_reference_id():
     from PIL import Image
 
     from cadmtl.features import PatchFeatureExtractor, backbone_from_preset
-    from cadmtl.reference.localize import PairRunner
+    from cadmtl.reference.localize_pairs import PairRunner
     from cadmtl.reference.localizer import ReferenceLocalizer
     from cadmtl.reference.pairs import Pair
 
@@ -196,7 +196,7 @@ def test_every_subcommand_has_help_with_an_example(capsys):
 
 
 def test_vision_language_models_are_told_from_feature_backbones(tmp_path):
-    from cadmtl.reference.localize import is_vision_language_model
+    from cadmtl.reference.localize_pairs import is_vision_language_model
 
     assert is_vision_language_model("tiny-random") and is_vision_language_model("Qwen/Qwen2.5-VL-7B-Instruct")
     assert not is_vision_language_model("tiny") and not is_vision_language_model(

@@ -20,7 +20,7 @@ from cadmtl.reference.pairs import (
     rephotograph,
     similar_shapes,
 )
-from dataset_scripts.make_demo import build_demo
+from dataset_scripts.make_demo import build_demo_dataset
 from dataset_scripts.schema import features_for
 from dataset_scripts.writer import shard_files, write_split
 
@@ -28,7 +28,7 @@ from dataset_scripts.writer import shard_files, write_split
 @pytest.fixture(scope="module")
 def ad_repo(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("demo")
-    build_demo(folder, train=8, validation=4, test=4, configs=["exterior_seg"])
+    build_demo_dataset(folder, train=8, validation=4, test=4, configs=["exterior_seg"])
     return folder
 
 

@@ -180,10 +180,10 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory) -> Path:
-    from dataset_scripts.make_demo import build_demo
+    from dataset_scripts.make_demo import build_demo_dataset
 
     folder = tmp_path_factory.mktemp("data") / "cad100k-mini"
-    build_demo(folder, train=16, validation=8, test=8)
+    build_demo_dataset(folder, train=16, validation=8, test=8)
     return folder
 
 

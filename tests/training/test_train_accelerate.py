@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from dataset_scripts.make_demo import build_demo
+from dataset_scripts.make_demo import build_demo_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ FAST = [
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("data") / "cad100k-mini"
-    build_demo(folder, train=16, validation=8, test=8)
+    build_demo_dataset(folder, train=16, validation=8, test=8)
     return folder
 
 

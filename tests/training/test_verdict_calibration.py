@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataset_scripts.make_demo import build_demo
+from dataset_scripts.make_demo import build_demo_dataset
 from modeling_cadmtl import CadMtlConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ def run_main(argv: list[str]) -> dict:
 
 
 def demo(folder: Path, validation: int) -> Path:
-    build_demo(
+    build_demo_dataset(
         folder,
         train=8,
         validation=validation,

@@ -30,9 +30,10 @@ from .card import write_card
 from .images import DEFAULT_MAX_PIXELS, StoredImage, encode_png, read_image, read_mask
 from .mapping import LabelMapping
 from .raster import mask_values
-from .report import ValidationError, ValidationReport
+from .report import ValidationError, ValidationReport, failures_error
 from .schema import (
     AD,
+    CONFIG_SCHEMAS,
     GOOD,
     IGNORE_INDEX,
     SOURCES,
@@ -148,7 +149,9 @@ def choose_label_names(
         return names if old_names is None else old_names + [n for n in names if n not in old_names]
     cad_domain = taxonomy.domain_of_config(config)
     label_set = label_set or ("taxonomy" if cad_domain else "present")
-    forbidden = {"cls": {BACKGROUND}, "det": {BACKGROUND, NORMAL}, "seg": {NORMAL}}[task]
+    schema = CONFIG_SCHEMAS[task]
+    # normal and background are special classes: a kind may hold only its own (normal: cls; background: seg)
+    forbidden = {NORMAL, BACKGROUND} - set(schema.leading_classes)
     bad = sorted(set(targets) & forbidden)
     if bad:
         raise ValueError(f"{config}: {bad} cannot be a {task} class (check the mapping)")
@@ -165,7 +168,8 @@ def choose_label_names(
                 f"anomalies of that domain or use --label-set present"
             )
     else:
-        prefix = {"cls": [NORMAL] if NORMAL in targets else [], "det": [], "seg": [BACKGROUND]}[task]
+        # the background is always a class (mask value 0); the normal class when some images are normal
+        prefix = [name for name in schema.leading_classes if name == schema.background or name in targets]
         names = prefix + [n for n in taxonomy.sort_names(targets) if n not in prefix]
     if old_names is not None:
         names = old_names + [n for n in names if n not in old_names]
@@ -302,17 +306,8 @@ class _RowBuilder:
         }
 
     def build(self, sample: SourceSample, image: StoredImage, image_id: str) -> dict[str, Any] | None:
-        if self.task == AD:
-            return self._ad(sample, image, image_id)
-        if self.task == "cls":
-            return self._cls(sample, image, image_id)
-        if self.task == "det":
-            return self._det(sample, image, image_id)
-        return (
-            self._seg_from_mask(sample, image, image_id)
-            if sample.mask_path
-            else self._seg(sample, image, image_id)
-        )
+        """The row of `sample` (None when it is dropped): `_<kind>` builds the label columns of the config kind."""
+        return getattr(self, f"_{self.task}")(sample, image, image_id)
 
     def _cls(self, sample: SourceSample, image: StoredImage, image_id: str) -> dict[str, Any] | None:
         node = self.label_to_node.get(sample.label or "")
@@ -381,6 +376,13 @@ class _RowBuilder:
         return row
 
     def _seg(self, sample: SourceSample, image: StoredImage, image_id: str) -> dict[str, Any]:
+        if sample.mask_path:
+            return self._seg_from_mask(sample, image, image_id)
+        return self._seg_from_annotations(sample, image, image_id)
+
+    def _seg_from_annotations(
+        self, sample: SourceSample, image: StoredImage, image_id: str
+    ) -> dict[str, Any]:
         canvas = np.zeros((image.height, image.width), np.uint8)
         instances, crowds, nodes = [], [], []
         for order, ann in enumerate(sample.annotations):
@@ -734,12 +736,7 @@ def convert_ad_source(data: SourceData, options: ConvertOptions) -> dict[str, Co
                 reports[split].error("no usable samples: every sample was skipped (see the counts above)")
         failures = [f"{s}: {f}" for s in splits for f in reports[s].failures()]
         if failures:
-            shown = "\n  ".join(failures[:50])
-            more = f"\n  ... and {len(failures) - 50} more" if len(failures) > 50 else ""
-            mode = " (--strict: skips are errors)" if options.strict else ""
-            raise ValidationError(
-                f"{options.config}: {len(failures)} problem(s){mode}; nothing was written:\n  {shown}{more}"
-            )
+            raise failures_error(options.config, failures, options.strict)
     except BaseException:
         for split, target in reversed(targets.items()):  # the first writer, which made the folder, last
             target.abort(reports[split])

@@ -17,7 +17,7 @@ from cadmtl.evaluation.verdict import (
     verdict_report,
     verdict_table,
 )
-from cadmtl.training.arguments import DataArguments, TrainingArguments
+from cadmtl.training.finish import FinishSettings
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +26,13 @@ def calibrate_and_report_verdict(
     model: torch.nn.Module,
     sources: dict[str, list[TaskSource]],
     eval_settings: LoaderSettings,
-    data_args: DataArguments,
-    train_args: TrainingArguments,
+    settings: FinishSettings,
     accelerator: Accelerator,
 ) -> dict[str, Any]:
     """The OK / NG verdict at the end of a run (every rank calls it: scoring is collective).
 
     Scores the validation images of every trained config, pooled; when they hold normal and anomalous images,
-    picks the verdict source (best AUROC) and its threshold (`--verdict_calibration f1_max | fpr`, never one that
+    picks the verdict source (best AUROC) and its threshold (`settings.verdict_calibration`: f1_max | fpr, never one that
     flags every normal image or no anomalous one: see `calibrate_verdict`) and stores them in the model config
     before it is saved, with the verdict's status (`calibrated`, `uninformative`: the score does not separate, the
     model then gives no OK / NG; `default`: nothing to calibrate on, the defaults stay) and its reason, both logged.
@@ -46,19 +45,19 @@ def calibrate_and_report_verdict(
     def score(split: str):
         return score_verdict_split(
             model,
-            data_args.dataset,
+            settings.dataset,
             configs,
             split,
             image_sizes=eval_settings.image_sizes,
             heads=config.verdict_heads,
             normal_class_id=config.normal_class_id,
             device=accelerator.device,
-            batch_size=data_args.eval_batch_size,
-            num_workers=data_args.num_workers,
+            batch_size=settings.eval_batch_size,
+            num_workers=settings.num_workers,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
             autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
-            max_batches=train_args.max_eval_batches,
+            max_batches=settings.max_eval_batches,
             show_progress=accelerator.is_local_main_process,
         )
 
@@ -66,7 +65,7 @@ def calibrate_and_report_verdict(
     # no verdict: nothing to score, and the calibration records why.
     validation = score(eval_settings.split) if config.verdict_heads else VerdictScores()
     calibration = calibrate_verdict(
-        validation, train_args.verdict_calibration, train_args.verdict_target_fpr, eval_settings.split
+        validation, settings.verdict_calibration, settings.verdict_target_fpr, eval_settings.split
     )
     apply_calibration(config, calibration)  # on every rank: each one saves the same config
     if accelerator.is_main_process:
@@ -82,8 +81,8 @@ def calibrate_and_report_verdict(
     if not validation.scores:
         return report
     splits = {eval_settings.split: validation}
-    if data_args.test_split:
-        splits[data_args.test_split] = score(data_args.test_split)
+    if settings.test_split:
+        splits[settings.test_split] = score(settings.test_split)
     for split, scores in splits.items():
         report["splits"][split] = verdict_report(
             scores, config.verdict_source, config.verdict_threshold, split
