@@ -115,7 +115,6 @@ def score_images(
     return scores, maps
 
 
-@torch.no_grad()
 @dataclass
 class AnomalyInspection:
     """What the demo app's anomaly tab computes for one image: the heat-map picture it shows, the image score,
@@ -128,6 +127,7 @@ class AnomalyInspection:
     anomaly_map: np.ndarray
 
 
+@torch.no_grad()
 def inspect_image(
     model: AnomalyModel, image: Image.Image, processor: AnomalyImageProcessor | None = None
 ) -> AnomalyInspection:
@@ -138,6 +138,7 @@ def inspect_image(
     return AnomalyInspection(picture, score, image_verdict(model, score), amap)
 
 
+@torch.no_grad()
 def predict_image(
     model: AnomalyModel, image: Image.Image, processor: AnomalyImageProcessor | None = None
 ) -> tuple[Image.Image, float, str]:

@@ -379,7 +379,11 @@ def test_patience_stops_early_and_best_model_is_kept(small_demo: Path, tmp_path:
     assert info["step"] == 2 and info["metric_for_best_model"] == "mean_primary" and not info["ema"]
     assert info["value"] == pytest.approx(float(rows[0]["fitness"]))
     best = CadMtlModel.from_pretrained(output / "best")
-    assert best.config.cls_labels == CadMtlModel.from_pretrained(output / "model").config.cls_labels
+    final_config = CadMtlModel.from_pretrained(output / "model").config
+    assert best.config.cls_labels == final_config.cls_labels
+    # config.json records the generated demo repo it was trained on (the app says so above its results)
+    assert final_config.training_data["repo"] == str(small_demo) and final_config.training_data["generated"]
+    assert sorted(final_config.training_data["configs"]) == ["chassis_cls", "exterior_det", "exterior_seg"]
     assert CadMtlImageProcessor.from_pretrained(output / "best").task_sizes == {
         "cls": 64,
         "det": 64,
