@@ -69,7 +69,7 @@ UNTRAINED_NOTICE = (
 )
 GENERATED_NOTICE = (
     "**This model was trained on generated demo images** (`{repo}`): on real photos its answers mean little; "
-    "the route for real photos is in docs/anomaly.md, *Real photos*."
+    "the route for real photos is in docs/anomaly.md, *Real photos: the demo route*."
 )
 
 

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from dataset_scripts.make_demo import build_demo
+from dataset_scripts.taxonomy import load_taxonomy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -383,7 +384,7 @@ def test_patience_stops_early_and_best_model_is_kept(small_demo: Path, tmp_path:
     assert best.config.cls_labels == final_config.cls_labels
     # config.json records the generated demo repo it was trained on (the app says so above its results)
     assert final_config.training_data["repo"] == str(small_demo) and final_config.training_data["generated"]
-    assert sorted(final_config.training_data["configs"]) == ["chassis_cls", "exterior_det", "exterior_seg"]
+    assert sorted(final_config.training_data["configs"]) == sorted(load_taxonomy().config_names())
     assert CadMtlImageProcessor.from_pretrained(output / "best").task_sizes == {
         "cls": 64,
         "det": 64,
