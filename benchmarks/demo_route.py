@@ -26,7 +26,7 @@ import sys
 import time
 import zlib
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -51,16 +51,29 @@ def percent(count: int, total: int) -> float | None:
     return None if total == 0 else 100.0 * count / total
 
 
-def car_regions(data_dir: Path | None) -> dict[str, Any]:
-    """carparts_dsmlr samples by the image id `cars_ad` keeps (`trainingset/JPEGImages/train48`), {} without
-    the annotations: defects are then centred anywhere on the photo."""
+def car_samples(data_dir: Path | None) -> dict[str, Any]:
+    """carparts_dsmlr samples by the image id `cars_ad` gives them (`trainingset/JPEGImages/train48`: folder and key
+    without its extension, as the converter names rows), {} without the annotations: defects are then centred
+    anywhere on the photo."""
     samples: dict[str, Any] = {}
     root = None if data_dir is None else data_dir / "carparts_dsmlr"
     for folder in ("trainingset", "testset"):
         annotations = None if root is None else root / folder / "annotations.json"
         if annotations is not None and annotations.is_file():
-            samples.update({f"{folder}/{s.key}": s for s in read_coco(annotations).samples})
+            for sample in read_coco(annotations).samples:
+                samples[f"{folder}/{PurePosixPath(sample.key).with_suffix('')}"] = sample
     return samples
+
+
+def region_of(source: Any, height: int, width: int) -> np.ndarray | None:
+    """The car (union of the part polygons) in the stored photo's frame; polygons are in the annotated frame,
+    which a converter's pixel budget may have shrunk."""
+    frame_width, frame_height = source.expected_size or (width, height)
+    region = car_region(source, frame_height, frame_width)
+    if region is None or region.shape == (height, width):
+        return region
+    resized = Image.fromarray(region.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
+    return np.asarray(resized) > 0
 
 
 def paint_one_defect(
@@ -103,7 +116,7 @@ def measure(
     scorer = load_anomaly_model(model_dir)
     processor = anomaly_processor(scorer, tile_size, tile_overlap)  # as app.build_demo builds it
     specs = defect_specs(dict.fromkeys(defect_types, 1), config, load_taxonomy())
-    polygons = car_regions(data_dir)
+    polygons = car_samples(data_dir)
     normals = (s for s in iter_anomaly_split(repo, config, split) if s.is_normal)
     rows: list[dict[str, Any]] = []
     inspect_seconds = 0.0
@@ -119,7 +132,7 @@ def measure(
         inspections += 1
         defect_type = defect_types[rank % len(defect_types)]
         source = polygons.get(sample.image_id)
-        region = None if source is None else car_region(source, sample.image.height, sample.image.width)
+        region = None if source is None else region_of(source, sample.image.height, sample.image.width)
         row: dict[str, Any] = {
             "image_id": sample.image_id,
             "normal_score": normal.score,

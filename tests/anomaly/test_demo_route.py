@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -136,3 +137,17 @@ def test_anomaly_fit_records_the_generated_repo_it_was_fitted_on(repo: Path, fit
     config = json.loads((fitted / "config.json").read_text())
     assert config["training_data"] == {"repo": str(repo), "configs": ["exterior_ad"], "generated": True}
     assert load_anomaly_model(fitted).config.training_data["generated"] is True
+
+
+def test_the_car_region_is_drawn_in_the_annotated_frame_then_fitted_to_the_stored_photo() -> None:
+    polygon = SimpleNamespace(polygons=[[20, 20, 60, 20, 60, 60, 20, 60]])  # x, y pairs of a 40 px square
+    source = SimpleNamespace(annotations=[polygon], expected_size=(100, 80))  # (width, height) annotated
+    same = demo_route.region_of(source, 80, 100)
+    assert same.shape == (80, 100) and same[20:60, 20:60].all() and same.sum() == pytest.approx(1600, rel=0.1)
+    halved = demo_route.region_of(source, 40, 50)  # the converter stored it at half size
+    assert (
+        halved.shape == (40, 50)
+        and halved[10:30, 10:30].all()
+        and halved.sum() == pytest.approx(400, rel=0.1)
+    )
+    assert demo_route.region_of(SimpleNamespace(annotations=[], expected_size=None), 40, 50) is None
