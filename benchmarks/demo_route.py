@@ -114,6 +114,11 @@ def measure(
     """Score the split's normal photos and their painted copies through the app's Anomaly tab; see the module
     docstring. Returns the summary and every photo's row."""
     scorer = load_anomaly_model(model_dir)
+    if scorer.image_threshold is None:  # every verdict would read "uncalibrated": nothing to measure
+        raise ValueError(
+            f"{model_dir}: the model has no image threshold (fitted without calibration images), so the app "
+            "gives no OK / NG; fit it with a validation split or held-out normal images"
+        )
     processor = anomaly_processor(scorer, tile_size, tile_overlap)  # as app.build_demo builds it
     specs = defect_specs(dict.fromkeys(defect_types, 1), config, load_taxonomy())
     polygons = car_samples(data_dir)
@@ -122,7 +127,7 @@ def measure(
     inspect_seconds = 0.0
     inspections = 0
     for rank, sample in enumerate(
-        tqdm(normals, desc=f"{config}/{split} normal photos", disable=not show_progress)
+        tqdm(normals, desc=f"{config}/{split} normal photos", total=limit, disable=not show_progress)
     ):
         if limit is not None and rank >= limit:
             break

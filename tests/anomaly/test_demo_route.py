@@ -151,3 +151,26 @@ def test_the_car_region_is_drawn_in_the_annotated_frame_then_fitted_to_the_store
         and halved.sum() == pytest.approx(400, rel=0.1)
     )
     assert demo_route.region_of(SimpleNamespace(annotations=[], expected_size=None), 40, 50) is None
+
+
+def test_an_uncalibrated_model_is_refused_in_one_line(
+    repo: Path, fitted: Path, tmp_path: Path, capsys
+) -> None:
+    uncalibrated = load_anomaly_model(fitted)
+    uncalibrated.image_threshold = uncalibrated.pixel_threshold = None
+    uncalibrated.save_pretrained(tmp_path / "model")
+    argv = [
+        str(tmp_path / "model"),
+        str(repo),
+        "--config",
+        "exterior_ad",
+        "--output",
+        str(tmp_path / "r.json"),
+    ]
+    assert demo_route.main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bars
+    assert error == (
+        f"error: {tmp_path / 'model'}: the model has no image threshold (fitted without calibration images), so "
+        "the app gives no OK / NG; fit it with a validation split or held-out normal images"
+    )
+    assert not (tmp_path / "r.json").exists()
