@@ -12,6 +12,8 @@ Tabs:
 - **Reference localisation** when `CADMTL_REFERENCE_MODEL` names the `localizer.json` (or its folder) of a
   `cadmtl reference localize` run: a reference and a query image -> boxes where the query differs
   (`api_name="reference"`).
+A model whose config records generated training images (`training_data`, written by `cadmtl train` / `cadmtl anomaly
+fit` on a `cadmtl data make-demo` repo) gets one sentence above its tab's results saying so (`GENERATED_NOTICE`).
 
 Environment:
 - `CADMTL_MODEL`: the CadMtl model folder (or Hub repo id, when online) to serve. Unset: the demo model
