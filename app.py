@@ -12,6 +12,8 @@ Tabs:
 - **Reference localisation** when `CADMTL_REFERENCE_MODEL` names the `localizer.json` (or its folder) of a
   `cadmtl reference localize` run: a reference and a query image -> boxes where the query differs
   (`api_name="reference"`).
+A model whose config records generated training images (`training_data`, written by `cadmtl train` / `cadmtl anomaly
+fit` on a `cadmtl data make-demo` repo) gets one sentence above its tab's results saying so (`GENERATED_NOTICE`).
 
 Environment:
 - `CADMTL_MODEL`: the CadMtl model folder (or Hub repo id, when online) to serve. Unset: the demo model
@@ -58,6 +60,7 @@ from PIL import Image  # noqa: E402
 from cadmtl.model_kinds import ModelLoadError  # noqa: E402
 from cadmtl.pictures.overlays import task_colors  # noqa: E402
 from cadmtl.pictures.predict import Predictor, load_image  # noqa: E402
+from dataset_scripts.provenance import trained_on_generated_images  # noqa: E402
 
 logger = logging.getLogger("cadmtl.app")
 
@@ -66,6 +69,18 @@ UNTRAINED_NOTICE = (
     "**Untrained fallback model**: the demo model could not be trained here, so this page serves a random tiny "
     "model. Its boxes, classes and scores mean nothing; set `CADMTL_MODEL` to a trained model folder."
 )
+GENERATED_NOTICE = (
+    "**This model was trained on generated demo images** (`{repo}`): on real photos its answers mean little; "
+    "the route for real photos is in docs/anomaly.md, *Real photos: the demo route*."
+)
+
+
+def generated_notice(config: Any) -> str | None:
+    """The one sentence shown above a tab's results when its model records generated training images
+    (`training_data` of its config, written by `cadmtl train` / `cadmtl anomaly fit`), else None."""
+    if not trained_on_generated_images(config):
+        return None
+    return GENERATED_NOTICE.format(repo=config.training_data.get("repo", "cadmtl data make-demo"))
 
 
 def _positive_int(variable: str, default: int) -> int:
@@ -282,10 +297,12 @@ def inspect(predictor: Predictor, path: Any) -> tuple[Any, dict[str, float], str
 
 
 def inspect_anomaly(scorer: Any, path: Any, processor: Any = None) -> tuple[Image.Image, float, str]:
-    """The Anomaly tab: `processor` (default: the scorer's own, with its saved tile settings) decides tiles."""
-    from cadmtl.anomaly.models import predict_image
+    """The Anomaly tab: `processor` (default: the scorer's own, with its saved tile settings) decides tiles.
+    `cadmtl.anomaly.models.inspect_image` is all of its scoring (`benchmarks/demo_route.py` measures it)."""
+    from cadmtl.anomaly.models import inspect_image
 
-    picture, score, verdict = predict_image(scorer, _read_upload(path), processor)
+    inspection = inspect_image(scorer, _read_upload(path), processor)
+    picture, score, verdict = inspection.picture, inspection.score, inspection.verdict
     if verdict == "uncalibrated":
         return (
             picture,
@@ -368,6 +385,8 @@ def build_demo_app(
         with gr.Tab("Inspect"):
             if model_error:
                 gr.Markdown(f"**No model served**: {model_error}", elem_id="model-error")
+            elif notice := generated_notice(config):
+                gr.Markdown(notice, elem_id="generated-notice")
             with gr.Row():
                 upload = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard"])
                 annotated = gr.AnnotatedImage(
@@ -411,15 +430,20 @@ def build_demo_app(
                     gr.Markdown(
                         f"Normal-only scorer `{Path(anomaly_model).name}`: heat map, image score, verdict."
                     )
+                    if notice := generated_notice(scorer.config):
+                        gr.Markdown(notice, elem_id="anomaly-generated-notice")
                 with gr.Row():
                     anomaly_upload = gr.Image(type="filepath", label="Photo")
                     heat = gr.Image(type="pil", label="Anomaly heat map")
                 anomaly_score = gr.Number(
-                    label="Anomaly score", precision=4, placeholder="no photo scored yet"
+                    label="Anomaly score",
+                    precision=4,
+                    placeholder="no photo scored yet",
+                    elem_id="anomaly-score",
                 )
-                anomaly_verdict = gr.Textbox(label="Verdict")
+                anomaly_verdict = gr.Textbox(label="Verdict", elem_id="anomaly-verdict")
                 processor = None if scorer is None else anomaly_processor(scorer, tile_size, tile_overlap)
-                gr.Button("Score", variant="primary").click(
+                gr.Button("Score", variant="primary", elem_id="anomaly-run").click(
                     _serve(functools.partial(inspect_anomaly, processor=processor), scorer, anomaly_error),
                     inputs=anomaly_upload,
                     outputs=[heat, anomaly_score, anomaly_verdict],

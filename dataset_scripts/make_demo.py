@@ -52,6 +52,9 @@ AD_NORMAL_FRACTION = 0.5  # of the validation and test rows of the ad config (tr
 AD_CONFIGS = ("exterior_ad",)
 SIZE_RANGE = (96, 192)
 JPEG_QUALITY = 90
+# The card's pretty_name: how a repo (and a model trained on it, `dataset_scripts.provenance`) is known to be
+# generated rather than photographed.
+DEMO_PRETTY_NAME = "cad100k-mini"
 INTRO = """# cad100k-mini
 
 A small procedural stand-in for CAD 100K with all 8 configs (plus `exterior_ad`, normal-only training data
@@ -229,7 +232,9 @@ def build_demo_dataset(
                 out_dir, config, split, rows, features, existing="replace", num_shards=min(shards, count)
             )
             written[config][split] = result.num_rows
-    write_card(out_dir, pretty_name="cad100k-mini", license="apache-2.0", intro=INTRO, repo_hint=str(out_dir))
+    write_card(
+        out_dir, pretty_name=DEMO_PRETTY_NAME, license="apache-2.0", intro=INTRO, repo_hint=str(out_dir)
+    )
     return written
 
 

@@ -52,6 +52,7 @@ from cadmtl.features import load_backbone
 from cadmtl.pictures.overlays import draw_anomaly_map
 from cadmtl.pictures.predict import collect_images, load_image
 from cadmtl.pretrained import INSTALL_HINT, PRETRAINED_PRESETS, require_timm, wheel_weights_path
+from dataset_scripts.provenance import training_data_record
 from dataset_scripts.safe_paths import SafeOutputPaths, safe_output_path
 from modeling_cadmtl_anomaly import AnomalyImageProcessor
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import check_tile_settings
@@ -206,6 +207,8 @@ def fit(args: argparse.Namespace) -> int:
             UNCALIBRATED,
         )
     output = Path(args.output_dir)
+    # what it was fitted on, so the app can say when a scorer of generated demo images is served
+    scorer.config.training_data = training_data_record(args.repo, [args.config])
     scorer.save_pretrained(output / "model")
     summary = {
         "repo": args.repo,

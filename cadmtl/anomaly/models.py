@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,8 +31,10 @@ __all__ = [
     "NG",
     "OK",
     "UNCALIBRATED",
+    "AnomalyInspection",
     "anomaly_processor",
     "image_verdict",
+    "inspect_image",
     "load_anomaly_model",
     "map_value_range",
     "predict_image",
@@ -112,6 +115,29 @@ def score_images(
     return scores, maps
 
 
+@dataclass
+class AnomalyInspection:
+    """What the demo app's anomaly tab computes for one image: the heat-map picture it shows, the image score,
+    the verdict ("OK" / "NG" / "uncalibrated"), and the anomaly map (float32, H x W of the image) it was drawn
+    from (`benchmarks/demo_route.py` checks where the map peaks)."""
+
+    picture: Image.Image
+    score: float
+    verdict: str
+    anomaly_map: np.ndarray
+
+
+@torch.no_grad()
+def inspect_image(
+    model: AnomalyModel, image: Image.Image, processor: AnomalyImageProcessor | None = None
+) -> AnomalyInspection:
+    """One RGB image -> its `AnomalyInspection`; `predict_image` without dropping the map."""
+    (score,), (amap,) = score_images(model, [image], processor)
+    predicted = None if model.pixel_threshold is None else (amap >= model.pixel_threshold).astype(np.uint8)
+    picture = draw_anomaly_map(image, amap, map_value_range(model, [amap]), predicted_mask=predicted)
+    return AnomalyInspection(picture, score, image_verdict(model, score), amap)
+
+
 @torch.no_grad()
 def predict_image(
     model: AnomalyModel, image: Image.Image, processor: AnomalyImageProcessor | None = None
@@ -119,7 +145,5 @@ def predict_image(
     """One RGB image -> (heat-map picture with the thresholded defect contour, image score, "OK" / "NG", or
     "uncalibrated" for a model without thresholds): `cadmtl anomaly predict` and the demo app's anomaly tab.
     `processor` (default `anomaly_processor(model)`, the model's saved tile settings) decides tiles."""
-    (score,), (amap,) = score_images(model, [image], processor)
-    predicted = None if model.pixel_threshold is None else (amap >= model.pixel_threshold).astype(np.uint8)
-    picture = draw_anomaly_map(image, amap, map_value_range(model, [amap]), predicted_mask=predicted)
-    return picture, score, image_verdict(model, score)
+    inspection = inspect_image(model, image, processor)
+    return inspection.picture, inspection.score, inspection.verdict

@@ -18,6 +18,7 @@ from cadmtl.evaluation.verdict import verdict_table
 from cadmtl.presets import PRESETS
 from cadmtl.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from cadmtl.training.tracking import plot_training_curves
+from dataset_scripts.provenance import training_data_record
 from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
 
 logger = logging.getLogger(__name__)
@@ -221,6 +222,10 @@ def save_run(
     verdict = summary.get("verdict")
     if verdict is not None:  # the card shows the verdict's settings and its metrics on the final split
         card_data = {**card_data, "verdict": verdict}
+    # config.json records what the model was trained on, so the app can say when it serves a model of generated
+    # demo images
+    configs = [config for configs in settings.configs_by_task.values() for config in configs]
+    accelerator.unwrap_model(model).config.training_data = training_data_record(settings.dataset, configs)
     unwrapped = save_model_folder(accelerator, model, model_dir, processor, card_data)
     tables = results_tables(summary["results"], output_dir.name)
     if verdict is not None and verdict["splits"]:

@@ -16,7 +16,7 @@ from cadmtl.anomaly.models import anomaly_processor, load_anomaly_model, predict
 from cadmtl.anomaly.patch_memory import PatchMemoryScorer
 from cadmtl.cli import main
 from cadmtl.features import load_backbone
-from dataset_scripts.make_demo import build_demo
+from dataset_scripts.make_demo import build_demo_dataset
 from modeling_cadmtl_anomaly import AnomalyImageProcessor
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import image_scores
 
@@ -102,7 +102,7 @@ def test_predict_image_uses_the_saved_tiles_and_an_override(backbone, tmp_path: 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ad-tiles") / "mini"
-    build_demo(folder, train=6, validation=4, test=4)
+    build_demo_dataset(folder, train=6, validation=4, test=4)
     return folder
 
 

@@ -154,6 +154,34 @@ def test_the_anomaly_and_reference_tabs(served, images):
     assert differs_verdict.startswith("NG") and differs_score > 1e-3 and differs["annotations"]
 
 
+def _notices(demo) -> dict[str, str]:
+    return {
+        block.elem_id: block.value
+        for block in demo.blocks.values()
+        if isinstance(block, gradio.Markdown) and block.elem_id and "notice" in block.elem_id
+    }
+
+
+@pytest.mark.parametrize("generated", [True, False])
+def test_the_page_says_when_a_model_was_trained_on_generated_images(models, tmp_path, generated):
+    record = {"repo": "data/cad100k-mini", "configs": ["exterior_ad"], "generated": generated}
+    for name in ("model", "anomaly"):
+        shutil.copytree(models[name], tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, "training_data": record}))
+    notices = _notices(app.build_demo_app(tmp_path / "model", anomaly_model=tmp_path / "anomaly"))
+    if generated:
+        expected = app.GENERATED_NOTICE.format(repo="data/cad100k-mini")
+        assert notices == {"generated-notice": expected, "anomaly-generated-notice": expected}
+        assert expected.startswith(
+            "**This model was trained on generated demo images** (`data/cad100k-mini`)"
+        )
+    else:
+        assert notices == {}
+    # a model that records no training data (saved before the record existed) gets no notice either
+    assert _notices(app.build_demo_app(models["model"], anomaly_model=models["anomaly"])) == {}
+
+
 def test_default_model_prefers_the_environment_then_trains_then_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("CADMTL_MODEL", "some/model")
     assert app.default_model() == ("some/model", False)
@@ -242,8 +270,44 @@ def test_a_browser_uploads_an_image_and_sees_the_annotated_result(served, images
         )
         screenshot = tmp_path / "demo.png"
         browser.save_screenshot(str(screenshot))
+
+        # the Anomaly tab: open it, upload the marked photo, score it
+        tab = next(
+            b for b in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if "Anomaly" in b.text
+        )
+        tab.click()
+        anomaly_upload = wait.until(
+            lambda page: next(
+                (
+                    element
+                    for element in page.find_elements(By.CSS_SELECTOR, "input[type=file]")
+                    if element.find_element(By.XPATH, "ancestor::*[@role='tabpanel']").is_displayed()
+                ),
+                None,
+            )
+        )
+        anomaly_upload.send_keys(str(images["marked"]))
+        wait.until(  # the upload's preview is shown before the Score button may run
+            lambda page: (
+                [
+                    image
+                    for panel in page.find_elements(By.CSS_SELECTOR, "[role=tabpanel]")
+                    if panel.is_displayed()
+                    for image in panel.find_elements(By.TAG_NAME, "img")
+                ]
+                or None
+            )
+        )
+        browser.find_element(By.ID, "anomaly-run").click()
+        anomaly_verdict = wait.until(
+            lambda page: (
+                page.find_element(By.CSS_SELECTOR, "#anomaly-verdict textarea").get_attribute("value") or None
+            )
+        )
+        anomaly_score = browser.find_element(By.CSS_SELECTOR, "#anomaly-score input").get_attribute("value")
     finally:
         browser.quit()
+    assert anomaly_verdict == "NG" and float(anomaly_score) > 1e-3  # the scorer's thresholds are 1e-3
     assert verdict.startswith("NG (anomaly score")
     assert len(shown) >= 2  # the photo and at least one mask / box layer
     with Image.open(screenshot) as picture:

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from dataset_scripts.make_demo import build_demo_dataset
+from dataset_scripts.taxonomy import load_taxonomy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -379,7 +380,11 @@ def test_patience_stops_early_and_best_model_is_kept(small_demo: Path, tmp_path:
     assert info["step"] == 2 and info["metric_for_best_model"] == "mean_primary" and not info["ema"]
     assert info["value"] == pytest.approx(float(rows[0]["fitness"]))
     best = CadMtlModel.from_pretrained(output / "best")
-    assert best.config.cls_labels == CadMtlModel.from_pretrained(output / "model").config.cls_labels
+    final_config = CadMtlModel.from_pretrained(output / "model").config
+    assert best.config.cls_labels == final_config.cls_labels
+    # config.json records the generated demo repo it was trained on (the app says so above its results)
+    assert final_config.training_data["repo"] == str(small_demo) and final_config.training_data["generated"]
+    assert sorted(final_config.training_data["configs"]) == sorted(load_taxonomy().config_names())
     assert CadMtlImageProcessor.from_pretrained(output / "best").task_sizes == {
         "cls": 64,
         "det": 64,
