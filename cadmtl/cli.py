@@ -27,6 +27,7 @@ class Command:
         return getattr(importlib.import_module(module), function)
 
     def run(self, argv: list[str], prog: str) -> int:
+        """Run it on `argv` (its parser names itself `prog`, the same as `CommandGroup.run` is called with)."""
         return self.load()(argv) or 0
 
 
