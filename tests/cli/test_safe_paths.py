@@ -258,7 +258,14 @@ def test_coco_conversion_of_hostile_file_names_writes_only_inside(out, tmp_path)
     (source / "annotations.json").write_text(json.dumps(coco))
     before = _files(tmp_path)
     mapping = _mapping(tmp_path)
-    argv = [str(source / "annotations.json"), "--output-dir", str(out), "--config", "plant_det", "--no-progress"]
+    argv = [
+        str(source / "annotations.json"),
+        "--output-dir",
+        str(out),
+        "--config",
+        "plant_det",
+        "--no-progress",
+    ]
     assert convert(["coco", *argv, "--mapping", str(mapping)]) == 0
     new = _assert_written_inside(tmp_path, before | {mapping}, out)
     assert any(p.suffix == ".parquet" for p in new)
