@@ -4,13 +4,13 @@
     cadmtl protocol --setting cpu                # CPU, about an hour: a small from-scratch ViT on all the public data
     cadmtl protocol --setting cpu-pretrained     # CPU, <= 150 min: ImageNet EfficientNet-Lite0 fine-tuned (pretrained extra)
     cadmtl protocol --setting full --seeds 0 1 2 \
-        --launch-args "--config_file configs/accelerate/multi_gpu.yaml"
+        --launch-args "--config-file configs/accelerate/multi_gpu.yaml"
 
 1. Builds the public benchmark repo from ../shared/data (`dataset_scripts.make_public`) if it is missing.
 2. For every seed trains one model per method with `train_accelerate.py` (through `accelerate launch`): one
    single-task model per task (classification on parts_cls, detection on parts_det, segmentation on parts_seg),
    the base multi-task model (round robin, equal weights), the adaptive one (CoBa + task scheduler), and the
-   task-weighting methods PCGrad, CAGrad, Aligned-MTL and FAMO (`--weighting NAME --all_tasks_per_step`).
+   task-weighting methods PCGrad, CAGrad, Aligned-MTL and FAMO (`--weighting NAME --all-tasks-per-step`).
 3. Same budget per task: a single-task model trains `steps_per_task` optimizer steps; base and adaptive sample one
    task per step, so they train 3x as many (each task gets `steps_per_task` steps, in expectation for adaptive);
    the weighting methods run every task in every step, so they train `steps_per_task` steps.
@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 from cadmtl.evaluation.reporting import comparison_table, load_results, task_summary
 from cadmtl.training.launch import launch_command, run_child
+from dataset_scripts.options import add_output_dir_option
 from dataset_scripts.schema import TASKS
 
 logger = logging.getLogger("cadmtl.protocol")
@@ -63,13 +64,13 @@ SETTINGS = {
 }
 # method: (training arguments, optimizer steps in units of steps_per_task)
 METHODS: dict[str, tuple[list[str], int]] = {
-    "single-cls": (["--paradigm", "single", "--single_task", "cls"], 1),
-    "single-det": (["--paradigm", "single", "--single_task", "det"], 1),
-    "single-seg": (["--paradigm", "single", "--single_task", "seg"], 1),
+    "single-cls": (["--paradigm", "single", "--single-task", "cls"], 1),
+    "single-det": (["--paradigm", "single", "--single-task", "det"], 1),
+    "single-seg": (["--paradigm", "single", "--single-task", "seg"], 1),
     "base": (["--paradigm", "base"], len(TASKS)),
     "adaptive": (["--paradigm", "adaptive"], len(TASKS)),
     **{
-        name: (["--paradigm", "base", "--weighting", name, "--all_tasks_per_step"], 1)
+        name: (["--paradigm", "base", "--weighting", name, "--all-tasks-per-step"], 1)
         for name in ("pcgrad", "cagrad", "aligned_mtl", "famo")
     },
 }
@@ -106,8 +107,8 @@ def train(
     command = launch_command(
         launch,
         [
-            "--config", str(config), *METHODS[method][0], "--seed", str(seed), "--max_steps", str(steps),
-            "--dataset", str(dataset_dir), "--output_dir", str(run_dir),
+            "--config", str(config), *METHODS[method][0], "--seed", str(seed), "--max-steps", str(steps),
+            "--dataset", str(dataset_dir), "--output-dir", str(run_dir),
         ],
     )  # fmt: skip
     logger.info("training %s seed %d: %s", method, seed, shlex.join(command))
@@ -152,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dataset-dir", type=Path, default=None, help="Where the public benchmark repo is built."
     )
-    parser.add_argument("--output-dir", type=Path, default=None)
+    add_output_dir_option(
+        parser,
+        "folder of the runs and comparison.md / .json (default outputs/protocol-SETTING)",
+        required=False,
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--steps-per-task", type=int, default=None)
     parser.add_argument(

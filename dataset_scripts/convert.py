@@ -2,13 +2,13 @@
 an anomaly-detection config (all its splits) from an MVTec AD category, Magnetic-tile-style mask folders or
 plain good/defect image folders.
 
-    cadmtl data convert {coco,yolo,folders,masks} SOURCE --out REPO_DIR --config NAME
+    cadmtl data convert {coco,yolo,folders,masks} SOURCE --output-dir REPO_DIR --config NAME
         [--split train] [--mapping FILE] [--strict] [--drop-unmapped] [--overwrite | --append] ...
-    cadmtl data convert mvtec CATEGORY_DIR --out REPO_DIR --config NAME_ad
+    cadmtl data convert mvtec CATEGORY_DIR --output-dir REPO_DIR --config NAME_ad
         [--validation-fraction 0] [--seed 0] [--strict] [--overwrite | --append] ...
-    cadmtl data convert magnetic_tile SOURCE --out REPO_DIR --config NAME_ad
+    cadmtl data convert magnetic_tile SOURCE --output-dir REPO_DIR --config NAME_ad
         [--normal-test-fraction 0.3] [--validation-fraction 0.5] [--seed 0] [--mask-threshold 128] ...
-    cadmtl data convert ad_folders SOURCE --out REPO_DIR --config NAME_ad
+    cadmtl data convert ad_folders SOURCE --output-dir REPO_DIR --config NAME_ad
         [--normal-test-fraction 0.3] [--validation-fraction 0.5] [--seed 0] ...
 
 SOURCE is the COCO JSON file, or the dataset folder for the other formats. The command prints the
@@ -48,6 +48,7 @@ from .converters import (
 from .converters.anomaly import DEFAULT_NORMAL_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, has_split_folders
 from .images import DEFAULT_MAX_PIXELS
 from .mapping import load_mapping
+from .options import add_output_dir_option, add_seed_option
 from .report import ValidationError
 from .schema import task_of_config
 from .taxonomy import load_taxonomy
@@ -68,7 +69,7 @@ def parse_size(text: str) -> int:
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments every command that writes a split shares (also used by ``synthesize``)."""
-    parser.add_argument("--out", required=True, type=Path, help="repo folder to create or update")
+    add_output_dir_option(parser, "repo folder to create or update", old=["--out"])
     parser.add_argument("--config", required=True, help="config name, <name>_<cls|det|seg|ad>")
     parser.add_argument("--split", default="train", help="split to write (default: train)")
     existing = parser.add_mutually_exclusive_group()
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seeded fraction of the evaluation images of each defect type moved from test to validation "
         "(default 0 for mvtec: no validation split; 0.5 for flat sources)",
     )
-    ad.add_argument("--seed", type=int, default=0, help="seed of the split draws (default 0)")
+    add_seed_option(ad, 0, "seed of the split draws")
     ad.add_argument(
         "--mask-threshold",
         type=int,
@@ -234,7 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, ConversionResult]:
         k: v for k, v in (("domain", args.domain), ("system", args.system), ("part", args.part)) if v
     }
     options = ConvertOptions(
-        repo_dir=args.out,
+        repo_dir=args.output_dir,
         config=args.config,
         split=args.split or "train",
         mapping=load_mapping(args.mapping, taxonomy),
@@ -273,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for split, result in results.items():
         written = result.written
         print(
-            f"wrote {written.num_rows} rows in {len(written.files)} shard(s) to {args.out / args.config} ({split})"
+            f"wrote {written.num_rows} rows in {len(written.files)} shard(s) to {args.output_dir / args.config} ({split})"
         )
     return 0
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from .card import write_card
 from .images import encode_jpeg
+from .options import add_seed_option
 from .procedural import make_surface
 from .schema import AD, CONFIG_SCHEMAS, ConfigSchema, Instance, features_for, task_of_config
 from .synthetic import DefectSpec, PlacedDefect, place_defects
@@ -248,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=48, help="train rows per config (48)")
     parser.add_argument("--validation", type=int, default=16, help="validation rows per config (16)")
     parser.add_argument("--test", type=int, default=16, help="test rows per config (16)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_seed_option(parser, 0)
     parser.add_argument("--classes", type=int, default=3, help="anomaly classes per config (3)")
     parser.add_argument("--train-shards", type=int, default=4)
     parser.add_argument("--eval-shards", type=int, default=2)

@@ -60,6 +60,7 @@ from .converters import read_coco, read_folders
 from .converters.anomaly import DEFAULT_NORMAL_TEST_FRACTION, assign_ad_splits
 from .images import encode_png, read_image
 from .mapping import LabelMapping, load_mapping
+from .options import add_seed_option
 from .raster import draw_polygons
 from .report import ValidationReport
 from .schema import GOOD
@@ -370,9 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--val-fraction", type=float, default=0.1, help="carparts_dsmlr validation share (0.1)"
     )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="cars_ad: held-out photos and painted defects (0)"
-    )
+    add_seed_option(parser, 0, "cars_ad: held-out photos and painted defects")
     parser.add_argument(
         "--configs", nargs="+", default=list(PUBLIC_CONFIGS), help="configs to (re)build (default: all)"
     )

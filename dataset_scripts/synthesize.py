@@ -1,6 +1,6 @@
 """Composite procedural defects onto normal images and add them to a config split (``source = synthetic``).
 
-    cadmtl data synthesize NORMAL_DIR --out REPO_DIR --config exterior_seg
+    cadmtl data synthesize NORMAL_DIR --output-dir REPO_DIR --config exterior_seg
         --counts corrosion=20,missing_part=10 [--split train] [--instances 1] [--with-normals] [--seed 0]
 
 NORMAL_DIR holds defect-free images (any image format, sub-folders allowed). For each ``anomaly=count``
@@ -37,6 +37,7 @@ from .images import (
     relative_key,
     stored_from_array,
 )
+from .options import add_seed_option
 from .report import ValidationError, ValidationReport
 from .schema import CONFIG_SCHEMAS, Instance, task_of_config
 from .synthetic import DefectSpec, PlacedDefect, place_defects
@@ -244,7 +245,7 @@ def synthesize(
     return SynthesisResult(report, written, dict(counts))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cadmtl data synthesize",
         description=__doc__,
@@ -253,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("normal_dir", type=Path, help="folder of defect-free images")
     add_output_arguments(parser)
     parser.add_argument("--counts", required=True, help="anomaly=N pairs, e.g. corrosion=20,dent=10")
-    parser.add_argument("--seed", type=int, default=0)
+    add_seed_option(parser, 0, "seed of the defect shapes and placements")
     parser.add_argument("--instances", type=int, default=1, help="defects per det/seg sample (1)")
     parser.add_argument(
         "--min-radius", type=float, default=DEFAULT_RADIUS[0], help="of the shorter side (0.08)"
@@ -264,11 +265,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--with-normals", action="store_true", help="also add every normal image used, once")
     parser.add_argument("--normal-source", default="real", choices=["real", "converted", "synthetic"])
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`cadmtl data synthesize`."""
+    args = build_parser().parse_args(argv)
     try:
         result = synthesize(
             args.normal_dir,
-            args.out,
+            args.output_dir,
             args.config,
             parse_counts(args.counts),
             split=args.split,

@@ -21,7 +21,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,14 @@ from cadmtl.features import load_backbone
 from cadmtl.pictures.overlays import draw_anomaly_map
 from cadmtl.pictures.predict import collect_images, load_image
 from cadmtl.pretrained import INSTALL_HINT, PRETRAINED_PRESETS, require_timm, wheel_weights_path
+from dataset_scripts.options import (
+    ERROR_VERDICT,
+    SCORE_COLUMNS,
+    add_batch_size_option,
+    add_output_dir_option,
+    add_seed_option,
+    add_tile_options,
+)
 from dataset_scripts.provenance import training_data_record
 from dataset_scripts.safe_paths import SafeOutputPaths, safe_output_path
 from modeling_cadmtl_anomaly import AnomalyImageProcessor
@@ -259,10 +267,10 @@ def evaluate(args: argparse.Namespace) -> int:
     (output / "eval_results.md").write_text(table + "\n")
     with open(output / "scores.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image_id", "is_normal", "score", "verdict"])
+        writer.writerow(["image_id", "is_normal", *SCORE_COLUMNS])
         for sample, score in zip(samples, scores):
             writer.writerow(
-                [sample.image_id, int(sample.is_normal), f"{score:.6g}", image_verdict(scorer, score)]
+                [sample.image_id, int(sample.is_normal), f"{score:.6g}", image_verdict(scorer, score), ""]
             )
     if args.save_maps:
         map_path = SafeOutputPaths(output / "maps", ".npy")  # ids come from the dataset: kept inside OUT
@@ -294,7 +302,7 @@ def predict(args: argparse.Namespace) -> int:
         try:
             image = load_image(source.path)
         except Exception as error:  # a corrupt file is reported in scores.csv and the rest go on
-            rows.append([str(source.path), "", "error", f"{type(error).__name__}: {error}"])
+            rows.append([str(source.path), "", ERROR_VERDICT, f"{type(error).__name__}: {error}"])
             continue
         picture, score, verdict = predict_image(scorer, image, processor)
         target = safe_output_path(output, source.output_name.as_posix())
@@ -303,9 +311,9 @@ def predict(args: argparse.Namespace) -> int:
         rows.append([str(source.path), f"{score:.6g}", verdict, ""])
     with open(output / "scores.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file_name", "score", "verdict", "error"])
+        writer.writerow(["file_name", *SCORE_COLUMNS])
         writer.writerows(rows)
-    failed = sum(1 for row in rows if row[2] == "error")
+    failed = sum(1 for row in rows if row[2] == ERROR_VERDICT)
     print(
         f"scored {len(rows) - failed} images into {output}"
         + (f" ({failed} unreadable, see scores.csv)" if failed else "")
@@ -313,10 +321,11 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def train(argv: Sequence[str]) -> int:
+def train_main(argv: Sequence[str] | None = None) -> int:
     """`cadmtl anomaly train`: the self-supervised multi-task learner (its own module, under accelerate launch)."""
     from cadmtl.training.launch import run_child
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(argv):
         from cadmtl.anomaly.learner_training import main as learner_main
 
@@ -329,45 +338,37 @@ def train(argv: Sequence[str]) -> int:
 TILE_OVERRIDE_HELP = "default: the tile settings the model was fitted with"
 
 
-def add_tile_options(parser: argparse.ArgumentParser, purpose: str) -> None:
-    """`--tile-size` / `--tile-overlap`: high-resolution inspection by overlapping tiles (pixels of the original
-    image), their maps stitched over the whole image (see `AnomalyImageProcessor.predict`)."""
-    parser.add_argument(
-        "--tile-size",
-        type=int,
-        default=None,
-        help=f"score overlapping square tiles of this many pixels of the original image (>= 32); {purpose}",
-    )
-    parser.add_argument(
-        "--tile-overlap",
-        type=int,
-        default=None,
-        help="pixels shared by neighbouring tiles (< --tile-size); default 0",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cadmtl anomaly", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    fit_parser = commands.add_parser(
-        "fit",
-        help="build the patch-memory scorer from normal images and calibrate it",
-        epilog="example:\n  cadmtl anomaly fit data/cad100k-mini --config exterior_ad --output-dir outputs/ad --backbone tiny\n"
-        "  cadmtl anomaly fit data/cad100k-mini --config exterior_ad --output-dir outputs/ad --search-lists 316",
+def _parser(name: str, description: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=f"cadmtl anomaly {name}",
+        description=description,
+        epilog="example:\n" + "\n".join(f"  {example}" for example in examples),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    fit_parser.add_argument("repo", help="dataset repo folder or Hub id")
-    fit_parser.add_argument("--config", required=True, help="an *_ad config")
-    fit_parser.add_argument("--output-dir", required=True, help="the scorer is saved to OUTPUT_DIR/model")
-    fit_parser.add_argument(
+
+
+def fit_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "fit",
+        "Build the patch-memory scorer (PatchCore / AnomalyDINO family) from the train split's normal images and "
+        "calibrate its thresholds: F1-max on a validation split with defects, else a target false-positive rate on "
+        "held-out normal images (validation normals, or --calibration-fraction of the train split kept out of the "
+        "bank). A scorer left without thresholds is saved with a warning; its verdict reads `uncalibrated`.",
+        [
+            "cadmtl anomaly fit data/cad100k-mini --config exterior_ad --output-dir outputs/ad --backbone tiny",
+            "cadmtl anomaly fit data/cad100k-mini --config exterior_ad --output-dir outputs/ad --search-lists 316",
+        ],
+    )
+    parser.add_argument("repo", help="dataset repo folder or Hub id")
+    parser.add_argument("--config", required=True, help="an *_ad config")
+    add_output_dir_option(parser, "the scorer is saved to OUTPUT_DIR/model")
+    parser.add_argument(
         "--backbone",
         default=None,
         help="preset (tiny, vits16, ...: random init; efficientnet-lite0/1/2: ImageNet weights), CadMtl model folder "
         f"or DINOv3 checkpoint; default {DEFAULT_BACKBONE} where the `pretrained` extra is installed, else tiny",
     )
-    fit_parser.add_argument(
+    parser.add_argument(
         "--layers",
         type=int,
         nargs="+",
@@ -375,103 +376,100 @@ def build_parser() -> argparse.ArgumentParser:
         help="backbone layers (1-based; a timm backbone's feature levels 2 / 3 / 4 = strides 8 / 16 / 32); "
         "default: the backbone's (see --backbone); 2 3 4 for efficientnet-lite",
     )
-    fit_parser.add_argument(
+    parser.add_argument(
         "--coreset-fraction", type=float, default=None, help="default 0.1; 0.01 for efficientnet-lite"
     )
-    fit_parser.add_argument(
-        "--image-size", type=int, default=None, help="default 224; 384 for efficientnet-lite"
-    )
-    fit_parser.add_argument(
+    parser.add_argument("--image-size", type=int, default=None, help="default 224; 384 for efficientnet-lite")
+    parser.add_argument(
         "--sigma", type=float, default=None, help="Gaussian blur of the maps in input pixels; default 4"
     )
-    fit_parser.add_argument(
+    parser.add_argument(
         "--k", type=int, default=None, help="mean distance to the k nearest bank patches; default 1"
     )
-    fit_parser.add_argument(
+    parser.add_argument(
         "--image-score",
         choices=("max", "top_mean"),
         default=None,
         help="default top_mean (the mean of the top 1 %% of patch distances)",
     )
-    fit_parser.add_argument(
+    parser.add_argument(
         "--no-pooling", action="store_true", help="no 3x3 neighbourhood averaging of the patch features"
     )
-    fit_parser.add_argument(
-        "--few-shot", type=int, default=0, help="keep all patches of only K normal images"
-    )
-    fit_parser.add_argument("--max-train", type=int, default=None, help="use the first N train images")
-    fit_parser.add_argument("--calibration-split", default="validation")
-    fit_parser.add_argument(
+    parser.add_argument("--few-shot", type=int, default=0, help="keep all patches of only K normal images")
+    parser.add_argument("--max-train", type=int, default=None, help="use the first N train images")
+    parser.add_argument("--calibration-split", default="validation")
+    parser.add_argument(
         "--calibration-fraction",
         type=float,
         default=0.1,
         help="without a calibration split: this share of the train images is kept out of the bank to calibrate",
     )
-    fit_parser.add_argument("--target-fpr", type=float, default=0.01)
-    fit_parser.add_argument("--batch-size", type=int, default=8)
-    fit_parser.add_argument("--seed", type=int, default=0)
-    fit_parser.add_argument(
+    parser.add_argument("--target-fpr", type=float, default=0.01)
+    add_batch_size_option(parser, 8)
+    add_seed_option(parser, 0, "seed of the held-out draw, the coreset and a preset's random weights")
+    parser.add_argument(
         "--search-lists",
         type=int,
         default=None,
         help="approximate inverted-file search when scoring: k-means lists of the bank (~sqrt of its size); "
         "default exact (the ONNX export always searches exactly)",
     )
-    fit_parser.add_argument(
+    parser.add_argument(
         "--search-probes", type=int, default=8, help="lists searched per patch with --search-lists"
     )
     add_tile_options(
-        fit_parser,
+        parser,
         "fit the bank on the tiles of the normal images and score by tiles (saved in the model's config: "
         "evaluate, predict, the app and the ONNX export tile alike)",
-    )
-
-    eval_parser = commands.add_parser(
-        "evaluate",
-        help="image / pixel AUROC, AUPRO, F1-max, pixel AP on a split, scores.csv, optional maps",
-        epilog="example:\n  cadmtl anomaly evaluate outputs/ad/model data/cad100k-mini --config exterior_ad --split test "
-        "--output-dir outputs/ad/eval --save-maps",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    eval_parser.add_argument("model")
-    eval_parser.add_argument("repo")
-    eval_parser.add_argument("--config", required=True)
-    eval_parser.add_argument("--split", default="test")
-    eval_parser.add_argument("--output-dir", required=True)
-    eval_parser.add_argument(
-        "--save-maps", action="store_true", help="OUT/maps/<image_id>.npy (float32, original size)"
-    )
-    eval_parser.add_argument(
-        "--save-pictures", action="store_true", help="heat maps with the true defect contour"
-    )
-    eval_parser.add_argument("--batch-size", type=int, default=8)
-    add_tile_options(eval_parser, TILE_OVERRIDE_HELP)
-
-    predict_parser = commands.add_parser(
-        "predict",
-        help="heat-map PNGs and scores.csv with the OK / NG verdict for image files and folders",
-        epilog="example:\n  cadmtl anomaly predict outputs/ad/model photos/ --output-dir outputs/ad/predict",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    predict_parser.add_argument("model")
-    predict_parser.add_argument("inputs", nargs="+", help="image files and / or folders")
-    predict_parser.add_argument("--output-dir", required=True)
-    add_tile_options(predict_parser, TILE_OVERRIDE_HELP)
-    commands.add_parser(
-        "train", help="train the from-scratch multi-task learner (see `cadmtl anomaly train --help`)"
     )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        return train(argv[1:])
-    args = build_parser().parse_args(argv)
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "evaluate",
+        "Image / pixel AUROC, AUPRO, F1-max and pixel AP of an anomaly model on a split: eval_results.json / .md, "
+        "scores.csv (image_id, is_normal, anomaly_score, verdict, error) and optional maps and pictures.",
+        [
+            "cadmtl anomaly evaluate outputs/ad/model data/cad100k-mini --config exterior_ad --split test "
+            "--output-dir outputs/ad/eval --save-maps"
+        ],
+    )
+    parser.add_argument("model", help="anomaly model folder (DIR/model of `cadmtl anomaly fit / train`)")
+    parser.add_argument("repo", help="dataset repo folder or Hub id")
+    parser.add_argument("--config", required=True, help="an *_ad config")
+    parser.add_argument("--split", default="test")
+    add_output_dir_option(parser, "folder for eval_results.json / .md, scores.csv, maps/ and pictures/")
+    parser.add_argument(
+        "--save-maps", action="store_true", help="OUT/maps/<image_id>.npy (float32, original size)"
+    )
+    parser.add_argument("--save-pictures", action="store_true", help="heat maps with the true defect contour")
+    add_batch_size_option(parser, 8)
+    add_tile_options(parser, TILE_OVERRIDE_HELP)
+    return parser
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "predict",
+        "Heat-map PNGs and scores.csv (file_name, anomaly_score, verdict, error) with the OK / NG verdict for "
+        "image files and folders; an unreadable file gets verdict `error` and its message, the rest go on.",
+        ["cadmtl anomaly predict outputs/ad/model photos/ --output-dir outputs/ad/predict"],
+    )
+    parser.add_argument("model", help="anomaly model folder (DIR/model of `cadmtl anomaly fit / train`)")
+    parser.add_argument("inputs", nargs="+", help="image files and / or folders")
+    add_output_dir_option(parser, "folder for the heat-map PNGs and scores.csv")
+    add_tile_options(parser, TILE_OVERRIDE_HELP)
+    return parser
+
+
+def _run(
+    runner: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> int:
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    runner = {"fit": fit, "evaluate": evaluate, "predict": predict}[args.command]
     try:
-        if args.tile_size is not None or args.command == "fit":  # before any data or model is loaded
+        if args.tile_size is not None or runner is fit:  # before any data or model is loaded
             check_tile_settings(args.tile_size, args.tile_overlap)
         return runner(args)
     except (FileNotFoundError, ValueError) as error:
@@ -479,5 +477,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def fit_main(argv: Sequence[str] | None = None) -> int:
+    """`cadmtl anomaly fit`."""
+    return _run(fit, fit_parser(), argv)
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """`cadmtl anomaly evaluate`."""
+    return _run(evaluate, evaluate_parser(), argv)
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    """`cadmtl anomaly predict`."""
+    return _run(predict, predict_parser(), argv)

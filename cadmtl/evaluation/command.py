@@ -18,10 +18,10 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from cadmtl.evaluation.model_evaluation import evaluate_model
 from cadmtl.model_kinds import ModelLoadError
+from dataset_scripts.options import add_batch_size_option, add_device_option, add_output_dir_option
 from dataset_scripts.schema import TASKS
 
 logger = logging.getLogger("cadmtl.evaluation.command")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "--configs", nargs="+", help="Dataset configs (default: every config of a trained task)."
     )
     parser.add_argument("--split", default="test")
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_batch_size_option(parser, 16)
     parser.add_argument(
         "--image-size", nargs="+", default=[], metavar="TASK=PX", help="e.g. det=512 (default: the model's)."
     )
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-batches", type=int, default=None, help="Cap the batches per config (smoke runs)."
     )
     parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cpu to force the CPU.")
+    add_device_option(parser, help="cpu forces the CPU (default: CUDA when there is one, through accelerate)")
     parser.add_argument("--mixed-precision", default="bf16", choices=["bf16", "fp16", "no"])
     parser.add_argument(
         "--no-domain-conditioning",
@@ -79,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         "threshold).",
     )
     parser.add_argument("--name", default=None, help="Row name in the tables (default: the model path).")
-    parser.add_argument("--output-dir", type=Path, default=Path("eval"))
+    add_output_dir_option(
+        parser,
+        "folder for eval_results.json / .md (comparison.md with --compare)",
+        required=False,
+        default="eval",
+    )
     parser.add_argument(
         "--compare", nargs="+", metavar="MODEL:METHOD=RESULTS.json", help="Build the STL/Base/Adaptive table."
     )

@@ -33,35 +33,29 @@ then, in Python:
   LocalizerOnnxPredictor("onnx-ref/").predict(references, queries)  # [{"boxes", "scores", "map", ...}, ...]"""
 
 
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(
-        prog="cadmtl export",
-        description="Export a saved CadMtl model for serving.",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    formats = root.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    onnx = formats.add_parser(
-        "onnx",
-        help="ONNX graph + processor + config, for onnxruntime",
-        description="Export MODEL to OUT_DIR/model.onnx (torch.onnx dynamo exporter, dynamic batch, no NMS in the "
+def onnx_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cadmtl export onnx",
+        description="Export MODEL to OUTPUT_DIR/model.onnx (torch.onnx dynamo exporter, dynamic batch, no NMS in the "
         "graph) with its preprocessor_config.json and config.json. MODEL is a CadMtl model, an anomaly model "
         "(DIR/model of `cadmtl anomaly fit / train`) or a reference localiser (localizer.json).",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    onnx.add_argument(
+    parser.add_argument(
         "model",
         help="saved model folder (with model.safetensors: CadMtl, or an anomaly scorer / learner), Hub repo id, "
         "or a reference localiser's localizer.json (or its folder)",
     )
-    onnx.add_argument(
-        "out_dir", help="folder for model.onnx, preprocessor_config.json and config.json (localizer.json)"
+    parser.add_argument(
+        "out_dir",
+        metavar="OUTPUT_DIR",
+        help="folder for model.onnx, preprocessor_config.json and config.json (localizer.json)",
     )
-    onnx.add_argument(
+    parser.add_argument(
         "--task", choices=TASKS, default=None, help="CadMtl: export only this head (default: all three)"
     )
-    onnx.add_argument(
+    parser.add_argument(
         "--image-size",
         type=int,
         default=None,
@@ -69,12 +63,13 @@ def parser() -> argparse.ArgumentParser:
         "with all heads trained at different sizes, height and width are dynamic); anomaly models and localisers "
         "keep the size they were fitted at",
     )
-    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
-    return root
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
+    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+def onnx_main(argv: Sequence[str] | None = None) -> int:
+    """`cadmtl export onnx`."""
+    args = onnx_parser().parse_args(argv)
     from cadmtl.export.onnx import export_onnx
 
     try:
@@ -87,7 +82,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = "localizer.json" if (path.parent / "localizer.json").is_file() else "config.json"
     print(f"wrote {path} (+ preprocessor_config.json, {extra})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,12 +4,12 @@
     cadmtl charts outputs/cadmtl-demo/eval_results.json --output-dir charts/
 
 `predict` runs the model (a saved folder or a Hub repo id) on image files, folders, globs and videos and writes
-`detections.json` (COCO results), `images.json` (COCO images + categories), `summary.csv` (verdict, anomaly score,
-top class, number of defects, error per image) and one overlay PNG per image; `charts` draws the per-class bars and
+`detections.json` (COCO results), `images.json` (COCO images + categories), `summary.csv` (verdict, anomaly_score,
+top class, number of defects, error per image; an unreadable input's verdict is `error`) and one overlay PNG per image; `charts` draws the per-class bars and
 confusion matrices of an `eval_results.json`, and for detection configs the precision-recall, F1 / precision /
 recall-confidence curves and the detection confusion matrix (see `cadmtl.pictures.charts.plot_evaluation` for the
 file names). The work is done by
-`cadmtl.pictures.predict` and `cadmtl.pictures.charts`. `python -m cadmtl.pictures.command {predict,charts} ...` is an alias.
+`cadmtl.pictures.predict` and `cadmtl.pictures.charts`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ from pathlib import Path
 
 from cadmtl.pictures.charts import plot_evaluation
 from cadmtl.pictures.predict import TASKS, default_device, predict_files
+from dataset_scripts.options import (
+    add_batch_size_option,
+    add_device_option,
+    add_output_dir_option,
+    add_threshold_option,
+    add_tile_options,
+)
 
 PREDICT_EXAMPLE = (
     "examples:\n"
@@ -31,7 +38,8 @@ PREDICT_EXAMPLE = (
     "\n"
     "writes OUT/detections.json (COCO results; category_id = detection label index + 1), OUT/images.json\n"
     "(COCO images + categories: COCO('images.json').loadRes('detections.json') loads them), OUT/summary.csv\n"
-    "(file_name, verdict, anomaly_score, top_class, top_class_score, num_defects, error) and the overlays.\n"
+    "(file_name, verdict, anomaly_score, top_class, top_class_score, num_defects, error; an input that cannot\n"
+    "be read gets verdict `error` and its message in `error`) and the overlays.\n"
     "\n"
     "exit status: 0 every input was scored; 1 some could not be read (rows with their error in summary.csv,\n"
     "the rest scored and written); 2 none could be read, or bad arguments / model."
@@ -47,38 +55,21 @@ def _add_predict_arguments(predict: argparse.ArgumentParser) -> None:
         metavar="INPUTS",
         help="image files, folders (walked recursively), glob patterns (quoted) and video files",
     )
-    predict.add_argument(
-        "--output-dir", required=True, help="folder for the JSON / CSV results and the overlays"
-    )
-    predict.add_argument(
-        "--threshold", type=float, default=0.3, help="minimum detection score to report, count and draw"
-    )
+    add_output_dir_option(predict, "folder for the JSON / CSV results and the overlays")
+    add_threshold_option(predict, 0.3, "minimum detection score to report, count and draw (default 0.3)")
     predict.add_argument("--top-k", type=int, default=3, help="classes listed in the banner")
     predict.add_argument(
         "--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="which predictions to draw"
     )
-    predict.add_argument(
-        "--device",
-        default=None,
-        help='where the model runs: "cpu", "cuda", "cuda:1", "mps" (default: CUDA, else MPS, else CPU)',
-    )
-    predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    add_device_option(predict, "CUDA, else MPS, else CPU")
+    add_batch_size_option(predict, 8)
     predict.add_argument(
         "--video-fps", type=float, default=1.0, help="frames taken per second of video (0: every frame)"
     )
-    predict.add_argument(
-        "--tile-size",
-        type=int,
-        default=None,
-        help="high-resolution inspection: the detection and segmentation heads see overlapping square tiles of "
-        "this many pixels of the original image (>= 32), merged back (boxes by NMS, masks stitched); default: the "
-        "model's preprocessor_config.json (none: whole images)",
-    )
-    predict.add_argument(
-        "--tile-overlap",
-        type=int,
-        default=None,
-        help="pixels shared by neighbouring tiles (< --tile-size); default 0",
+    add_tile_options(
+        predict,
+        "the detection and segmentation heads see the tiles, merged back (boxes by NMS, masks stitched); default: "
+        "the model's preprocessor_config.json (none: whole images)",
     )
     predict.add_argument("--crops", action="store_true", help="also write one PNG per detection under crops/")
     predict.add_argument("--no-overlays", action="store_true", help="write the JSON / CSV results only")
@@ -86,7 +77,7 @@ def _add_predict_arguments(predict: argparse.ArgumentParser) -> None:
 
 def _add_charts_arguments(charts: argparse.ArgumentParser) -> None:
     charts.add_argument("eval_results", help="eval_results.json written by training or evaluation")
-    charts.add_argument("--output-dir", required=True, help="folder for the PNG charts")
+    add_output_dir_option(charts, "folder for the PNG charts")
 
 
 def _parser(prog: str, description: str, example: str, add: object) -> argparse.ArgumentParser:
@@ -172,17 +163,3 @@ def charts_main(argv: Sequence[str] | None = None) -> int:
         _add_charts_arguments,
     )
     return _run(run_charts, parser.parse_args(argv))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m cadmtl.pictures.command {predict,charts} ...` (the two commands under one alias)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"predict": predict_main, "charts": charts_main}
-    if not argv or argv[0] not in commands:
-        print("usage: python -m cadmtl.pictures.command {predict,charts} ...", file=sys.stderr)
-        return 2
-    return commands[argv[0]](argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,8 +22,9 @@ predictor = Predictor.from_pretrained("outputs/cadmtl-demo/model")  # one image 
 - `summary.csv`: one row per image or video frame: `file_name`, `verdict` (`OK` / `NG`; `uninformative` for a
   model whose `config.verdict_status` says its score does not separate normal from anomalous images), `anomaly_score`,
   `top_class`, `top_class_score`, `num_defects` (detections at or above the threshold), `error`. An input that
-  cannot be read (corrupt, truncated, not an image, a video that cannot be decoded) gets a row with only its
-  `file_name` and `error`; it is never scored, and the other inputs go on.
+  cannot be read (corrupt, truncated, not an image, a video that cannot be decoded) gets a row with its
+  `file_name`, verdict `error` and the message in `error`; it is never scored, and the other inputs go on (the
+  score columns of every command: `dataset_scripts.options.SCORE_COLUMNS`).
 - one overlay PNG per image (mirroring the input names with `.png`; a video's frames go to a folder named after
   the video, one `<seconds>s.png` per frame) and, with `crops=True`, `crops/<overlay name>/<k>_<label>.png`.
 
@@ -55,6 +56,7 @@ from tqdm.auto import tqdm
 from cadmtl.pictures.overlays import ImagePrediction, draw_predictions
 from cadmtl.tasks import get_cadmtl_task
 from dataset_scripts.images import to_rgb
+from dataset_scripts.options import ERROR_VERDICT
 from dataset_scripts.safe_paths import safe_file_name, safe_output_path
 from dataset_scripts.schema import TASKS
 
@@ -79,7 +81,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
-SUMMARY_COLUMNS = (
+SUMMARY_COLUMNS = (  # holds SCORE_COLUMNS
     "file_name",
     "verdict",
     "anomaly_score",
@@ -608,7 +610,12 @@ def predict_files(
     for item, result in _predicted_items(predictor, sources, video_fps, batch_size):
         if result is None:
             rows.append(
-                {**dict.fromkeys(SUMMARY_COLUMNS, ""), "file_name": item.file_name, "error": item.error}
+                {
+                    **dict.fromkeys(SUMMARY_COLUMNS, ""),
+                    "file_name": item.file_name,
+                    "verdict": ERROR_VERDICT,
+                    "error": item.error,
+                }
             )
             continue
         image_id = len(images) + 1

@@ -1,84 +1,20 @@
-"""`cadmtl reference`: reference-guided localisation jobs, one subcommand per module.
+"""The vision-language commands of `cadmtl reference`: ``grpo`` (:func:`grpo_main`) and ``zero-shot``
+(:func:`zero_shot_main`).
 
-Each subcommand is a ``module:function`` taking ``argv`` (its own argparse, ``prog="cadmtl reference NAME"``),
-imported only when run. To add one, add a line to :data:`SUBCOMMANDS`. The vision-language commands ``grpo`` and
-``zero-shot`` are defined here (:func:`grpo_main`, :func:`zero_shot_main`); they import
-:mod:`cadmtl.reference.grpo` (torch, TRL) only when run, so ``cadmtl reference --help`` stays fast.
+The group's table is in :mod:`cadmtl.cli` (``build-pairs``, ``localize`` and ``evaluate`` are the ``main`` of
+their modules). These import :mod:`cadmtl.reference.grpo` (torch, TRL) only when run.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# name -> ("module:function", one line of help, one example)
-SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "build-pairs": (
-        "cadmtl.reference.pairs:main",
-        "pair every query of an _ad split with a re-photographed normal reference (or synthetic defects)",
-        "cadmtl reference build-pairs data/cad100k-mini --config exterior_ad --split test --out data/pairs",
-    ),
-    "localize": (
-        "cadmtl.reference.localize_pairs:main",
-        "the training-free patch-difference localiser on every pair (threshold from a calibration split)",
-        "cadmtl reference localize tiny data/pairs --split test --output-dir outputs/reference-tiny",
-    ),
-    "evaluate": (
-        "cadmtl.reference.evaluate:main",
-        "DifferAD's protocol on predictions.jsonl: mIoU, Acc@0.3/0.5, F1, per category and misalignment",
-        "cadmtl reference evaluate outputs/reference-tiny data/pairs --split test",
-    ),
-    "grpo": (
-        "cadmtl.reference.command:grpo_main",
-        "GRPO fine-tuning of a vision-language model on pairs (TRL; DifferAD-R1's prompt and rewards)",
-        "cadmtl reference grpo --model tiny-random --dataset data/pairs --output-dir outputs/grpo --max-steps 2",
-    ),
-    "zero-shot": (
-        "cadmtl.reference.command:zero_shot_main",
-        "answer every pair with a vision-language model (same prompt and parser); writes predictions.jsonl",
-        "cadmtl reference zero-shot --model tiny-random --dataset data/pairs --split test --output-dir outputs/vlm",
-    ),
-}
-
-
-def _parser() -> argparse.ArgumentParser:
-    width = max(len(name) for name in SUBCOMMANDS)
-    commands = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary, _) in SUBCOMMANDS.items())
-    examples = "\n".join(f"  {example}" for _, _, example in SUBCOMMANDS.values())
-    return argparse.ArgumentParser(
-        prog="cadmtl reference",
-        usage="cadmtl reference COMMAND [ARGS...]   (cadmtl reference COMMAND --help for its options)",
-        description=f"Reference-guided defect localisation.\n\ncommands:\n{commands}",
-        epilog=f"examples:\n{examples}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
-    if not argv:
-        parser.print_help()
-        return 0
-    if argv[0] in ("-h", "--help"):
-        parser.parse_args(["--help"])  # prints the help and exits 0, as every other subcommand's --help
-    name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        parser.print_usage(sys.stderr)
-        print(
-            f"cadmtl reference: unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}",
-            file=sys.stderr,
-        )
-        return 2
-    module, _, function = SUBCOMMANDS[name][0].partition(":")
-    return getattr(importlib.import_module(module), function)(rest) or 0
-
+from dataset_scripts.options import add_batch_size_option, add_output_dir_option, add_seed_option
 
 # ---------------------------------------------------------------------------------------------------------
 # The vision-language commands: grpo and zero-shot (library code in cadmtl.reference.grpo)
@@ -89,7 +25,7 @@ examples:
   cadmtl reference grpo --model tiny-random --dataset outputs/pairs --output-dir outputs/grpo-tiny \\
       --max-steps 2 --num-generations 2 --max-completion-length 16
   # DifferAD-R1's recipe on 8 GPUs (DeepSpeed ZeRO-3)
-  accelerate launch --config_file configs/grpo/accelerate_zero3.yaml -m cadmtl.reference.grpo \\
+  accelerate launch --config-file configs/grpo/accelerate_zero3.yaml -m cadmtl.reference.grpo \\
       --config configs/grpo/differad_r1_qwen2_5_vl_7b.yaml --dataset outputs/pairs --output-dir outputs/grpo
 """
 
@@ -134,16 +70,14 @@ def grpo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="a YAML of these options (+ grpo_config: extra GRPOConfig fields)")
     parser.add_argument("--model", help="Hub id, folder, or tiny-random")
     parser.add_argument("--dataset", help="pairs dataset repo (Hub id or folder) with config 'pairs'")
-    parser.add_argument("--output-dir")
+    add_output_dir_option(parser, "where the model (or LoRA adapter) is saved", required=False)
     parser.add_argument("--split", default="train")
     parser.add_argument("--limit", type=int, help="train on the first N pairs only")
     parser.add_argument("--coordinates", choices=COORDINATES, default="qwen2.5")
     parser.add_argument("--max-steps", type=int, default=-1, help="-1: num-train-epochs over the split")
     parser.add_argument("--num-train-epochs", type=float, default=1.0)
     parser.add_argument("--num-generations", type=int, default=4)
-    parser.add_argument(
-        "--batch-size", type=int, help="completions per device step (default: num-generations)"
-    )
+    add_batch_size_option(parser, None, "completions per device step (default: --num-generations)")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=1e-6)
     parser.add_argument("--max-completion-length", type=int, default=256)
@@ -162,7 +96,7 @@ def grpo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--coordinate-hint", action="store_true", help="name the coordinate convention")
     parser.add_argument("--min-pixels", type=int, help="smallest image (pixels) fed to the model")
     parser.add_argument("--max-pixels", type=int, help="largest image (pixels) fed to the model")
-    parser.add_argument("--seed", type=int, default=42)
+    add_seed_option(parser, 42)
     return parser
 
 
@@ -242,7 +176,7 @@ def zero_shot_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dataset", required=True, help="pairs dataset repo (Hub id or folder)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--output-dir", required=True)
+    add_output_dir_option(parser, "folder for predictions.jsonl and parse_stats.json")
     parser.add_argument("--limit", type=int, help="the first N pairs only")
     parser.add_argument(
         "--coordinates",
@@ -250,7 +184,7 @@ def zero_shot_parser() -> argparse.ArgumentParser:
         help="default: the model folder's grpo_settings.json, else qwen2 for a Qwen2-VL model, else qwen2.5",
     )
     parser.add_argument("--coordinate-hint", action="store_true", default=None)
-    parser.add_argument("--batch-size", type=int, default=4)
+    add_batch_size_option(parser, 4, "pairs per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--min-pixels", type=int, help="smallest image (pixels) fed to the model")
     parser.add_argument("--max-pixels", type=int, help="largest image (pixels) fed to the model")

@@ -38,6 +38,12 @@ from cadmtl.features import (
 )
 from cadmtl.model_kinds import LOCALIZER, LOCALIZER_FILE, require_model_kind
 from cadmtl.pictures.overlays import ImagePrediction, draw_predictions
+from dataset_scripts.options import (
+    add_batch_size_option,
+    add_device_option,
+    add_output_dir_option,
+    add_seed_option,
+)
 from dataset_scripts.safe_paths import SafeOutputPaths
 from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import backbone_normalization
 
@@ -320,7 +326,7 @@ def is_vision_language_model(model: str) -> bool:
     return not folder.exists() and "/" in model and "-VL" in model
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cadmtl reference localize",
         description="Run the training-free reference localiser on every pair of a pairs split.",
@@ -334,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("pairs", help="pairs repo folder (from `cadmtl reference build-pairs`)")
     parser.add_argument("--split", default="test", help="the split to predict (test)")
-    parser.add_argument("--output-dir", required=True, type=Path)
+    add_output_dir_option(parser, "folder for predictions.jsonl, localizer.json, overlays/ and maps/")
     parser.add_argument("--calibration-split", default="validation", help="pairs split giving the threshold")
     parser.add_argument(
         "--settings", default=None, help="a localizer.json whose threshold and settings to reuse"
@@ -351,12 +357,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--layers", type=int, nargs="+", default=None, help="backbone layers (default: 1/2, 3/4)"
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_batch_size_option(parser, 8, "pairs per forward pass")
     parser.add_argument("--overlays", type=int, default=50, help="overlay PNGs to write (0 none, -1 all; 50)")
     parser.add_argument("--save-maps", action="store_true", help="write OUT/maps/<pair_id>.npy (pixel AUROC)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
-    args = parser.parse_args(argv)
+    add_device_option(parser)
+    add_seed_option(parser, 0, "seed of a preset's random weights")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`cadmtl reference localize`."""
+    args = build_parser().parse_args(argv)
     if is_vision_language_model(args.model):
         # A VLM answers with the GRPO prompt; its boxes come back in query pixels in the same predictions.jsonl.
         from cadmtl.reference.command import zero_shot_main

@@ -54,6 +54,7 @@ from PIL import Image as PILImage
 from cadmtl.anomaly.metrics import connected_components
 from cadmtl.data.pipeline import encoded_bytes, load_split
 from dataset_scripts.images import encode_png, to_rgb
+from dataset_scripts.options import add_output_dir_option, add_seed_option
 from dataset_scripts.schema import AD, GOOD, kind_of_config
 from dataset_scripts.synthetic import DefectSpec, place_defects
 from dataset_scripts.taxonomy import SYNTHESIS_STYLES
@@ -598,13 +599,13 @@ def load_pairs(repo: str | Path, split: str, with_images: bool = True) -> Iterat
 # ------------------------------------------------------------------------------------------------ command
 EXAMPLE = (
     "example:\n"
-    "  cadmtl reference build-pairs data/cad100k-mini --config exterior_ad --split test --out data/pairs\n"
-    "  cadmtl reference build-pairs data/cad100k-mini --config exterior_ad --split validation --out data/pairs\n"
-    "  cadmtl reference build-pairs REPO --config tile_ad --split test --out PAIRS --source synthetic"
+    "  cadmtl reference build-pairs data/cad100k-mini --config exterior_ad --split test --output-dir data/pairs\n"
+    "  cadmtl reference build-pairs data/cad100k-mini --config exterior_ad --split validation --output-dir data/pairs\n"
+    "  cadmtl reference build-pairs REPO --config tile_ad --split test --output-dir PAIRS --source synthetic"
 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cadmtl reference build-pairs",
         description="Pair every query image of an _ad split with a re-photographed normal reference.",
@@ -616,8 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--split", required=True, help="the split whose images become queries (kept as the name)"
     )
-    parser.add_argument("--out", required=True, type=Path, help="pairs repo folder to write (config `pairs`)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_output_dir_option(parser, "pairs repo folder to write (config `pairs`)", old=["--out"])
+    add_seed_option(parser, 0, "seed of the reference draws and misalignments")
     parser.add_argument(
         "--levels",
         nargs="+",
@@ -640,12 +641,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing split of the pairs repo"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`cadmtl reference build-pairs`."""
+    args = build_parser().parse_args(argv)
     report = build_pairs(
         args.repo,
         args.config,
         args.split,
-        args.out,
+        args.output_dir,
         source=args.source,
         seed=args.seed,
         levels=args.levels,
@@ -653,5 +659,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         overwrite=args.overwrite,
         anomalous_fraction=args.anomalous_fraction,
     )
-    print(f"wrote {args.out}/{PAIRS_CONFIG}\n{report.summary()}")
+    print(f"wrote {args.output_dir}/{PAIRS_CONFIG}\n{report.summary()}")
     return 0

@@ -1,13 +1,14 @@
 """`cadmtl train`: run the training loop under `accelerate launch`, passing every training argument through.
 
     cadmtl train                                          # the built-in CPU demo, like `accelerate launch train_accelerate.py`
-    cadmtl train --config configs/cad100k_dinov3_vitb16_adaptive.yaml --max_steps 20000
+    cadmtl train --config configs/cad100k_dinov3_vitb16_adaptive.yaml --max-steps 20000
     cadmtl train --num-processes 8 --accelerate-config configs/accelerate/multi_gpu.yaml --paradigm base
 
 It runs `accelerate launch -m cadmtl.training.loop ...`: the loop of the installed package, the same one the
-repo's `train_accelerate.py` calls, so both give the same run. Options of this launcher are spelled with hyphens
-and come first; everything else (underscore options such as `--max_steps`, `--config`) goes to the loop unchanged.
-`cadmtl train --help` lists them.
+repo's `train_accelerate.py` calls, so both give the same run. Options of this launcher come first; everything
+else (`--max-steps`, `--config`, ...) goes to the loop unchanged. The loop's options are the transformers-style
+argument dataclasses, so each has two spellings that both work: `--max-steps` or `--max_steps` (as in
+`accelerate launch train_accelerate.py --max_steps 100`). `cadmtl train --help` lists them.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--launch-args",
         default="",
-        help='Any other `accelerate launch` options, one string: "--mixed_precision bf16".',
+        help='Any other `accelerate launch` options, one string: "--mixed-precision bf16".',
     )
     parser.add_argument("--dry-run", action="store_true", help="Print the command instead of running it.")
     return parser
@@ -101,7 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, train_args = parser.parse_known_args(argv)
     if args.help:
         parser.print_help()
-        print("\ntraining arguments (python -m cadmtl.training.loop --help):\n")
+        print(
+            "\ntraining arguments (python -m cadmtl.training.loop --help; each works with hyphens or underscores, "
+            "--max-steps or --max_steps):\n"
+        )
         return subprocess.call([sys.executable, "-m", TRAINING_MODULE, "--help"])
     launch_args: list[str] = []
     if args.accelerate_config:

@@ -60,12 +60,14 @@ def test_evaluate_writes_metrics_scores_and_maps_at_the_original_size(
     assert all(0 <= value <= 100 for value in metrics.values())
     assert results["per_defect_type"] and results["images"] == 8
     rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert list(rows[0]) == ["image_id", "is_normal", "anomaly_score", "verdict", "error"]
+    assert all(row["error"] == "" for row in rows)
     samples = load_anomaly_split(str(repo), "exterior_ad", "test")
     assert [row["image_id"] for row in rows] == [sample.image_id for sample in samples]
     threshold = results["thresholds"]["image"]
     for row, sample in zip(rows, samples):
         assert row["is_normal"] == str(int(sample.is_normal))
-        assert row["verdict"] == ("NG" if float(row["score"]) >= threshold else "OK")
+        assert row["verdict"] == ("NG" if float(row["anomaly_score"]) >= threshold else "OK")
         anomaly_map = np.load(out / "maps" / f"{sample.image_id}.npy")
         assert anomaly_map.dtype == np.float32 and anomaly_map.shape == sample.size
         assert (out / "pictures" / f"{sample.image_id}.png").exists()
@@ -81,8 +83,10 @@ def test_predict_scores_files_and_reports_unreadable_ones(fitted: Path, tmp_path
     out = tmp_path / "predict"
     assert main(["anomaly", "predict", str(fitted / "model"), str(inputs), "--output-dir", str(out)]) == 0
     rows = {Path(row["file_name"]).name: row for row in csv.DictReader((out / "scores.csv").open())}
-    assert rows["broken.jpg"]["verdict"] == "error" and rows["broken.jpg"]["error"]
-    assert rows["part.png"]["verdict"] in ("OK", "NG") and float(rows["part.png"]["score"]) >= 0
+    assert list(rows["part.png"]) == ["file_name", "anomaly_score", "verdict", "error"]
+    assert rows["broken.jpg"]["verdict"] == "error" and rows["broken.jpg"]["anomaly_score"] == ""
+    assert rows["broken.jpg"]["error"].startswith("UnidentifiedImageError: ")
+    assert rows["part.png"]["verdict"] in ("OK", "NG") and float(rows["part.png"]["anomaly_score"]) >= 0
     assert Image.open(out / "part.png").size == (50, 40) and Image.open(out / "gray.png").size == (30, 30)
 
 
@@ -117,7 +121,7 @@ def test_evaluate_and_predict_also_take_a_saved_learner(repo: Path, tmp_path) ->
     results = json.loads((out / "eval_results.json").read_text())
     assert results["thresholds"]["image"] == 0.5 and 0 <= results["metrics"]["image_auroc"] <= 100
     rows = list(csv.DictReader((out / "scores.csv").open()))
-    assert all(row["verdict"] == ("NG" if float(row["score"]) >= 0.5 else "OK") for row in rows)
+    assert all(row["verdict"] == ("NG" if float(row["anomaly_score"]) >= 0.5 else "OK") for row in rows)
 
 
 def test_fit_with_an_inverted_file_search_saves_it_and_refuses_bad_probes(

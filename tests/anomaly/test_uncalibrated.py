@@ -86,7 +86,7 @@ def test_a_scorer_fitted_without_calibration_images_says_uncalibrated(repo: Path
     ]
     assert main(argv) == 0
     (row,) = csv.DictReader((predicted / "scores.csv").open())
-    assert row["verdict"] == "uncalibrated" and float(row["score"]) >= 0 and row["error"] == ""
+    assert row["verdict"] == "uncalibrated" and float(row["anomaly_score"]) >= 0 and row["error"] == ""
 
 
 def test_held_out_train_images_calibrate_with_a_warning(repo: Path, tmp_path, caplog) -> None:

@@ -137,8 +137,8 @@ def test_anomaly_evaluate_keeps_maps_and_pictures_inside(anomaly_model, out, tmp
         samples.append(AnomalySample(image_id, _noise(10 + index), mask, index % 2 == 0, "dent"))
     monkeypatch.setattr(command, "load_anomaly_split", lambda *args, **kwargs: samples)
     before = _files(tmp_path)
-    argv = ["evaluate", str(anomaly_model), "repo", "--config", "x_ad", "--output-dir", str(out)]
-    assert command.main([*argv, "--save-maps", "--save-pictures", "--batch-size", "2"]) == 0
+    argv = [str(anomaly_model), "repo", "--config", "x_ad", "--output-dir", str(out)]
+    assert command.evaluate_main([*argv, "--save-maps", "--save-pictures", "--batch-size", "2"]) == 0
     new = _assert_written_inside(tmp_path, before, out)
     assert len([p for p in new if p.suffix == ".npy"]) == len([p for p in new if p.suffix == ".png"]) == 5
     for sample in samples:  # each map is at the rule's name, at the image's size
@@ -147,14 +147,14 @@ def test_anomaly_evaluate_keeps_maps_and_pictures_inside(anomaly_model, out, tmp
 
 
 def test_anomaly_predict_keeps_its_pictures_inside(anomaly_model, out, tmp_path) -> None:
-    from cadmtl.anomaly.command import main
+    from cadmtl.cli import main
 
     inputs = tmp_path / "inputs"
     (inputs / "sub").mkdir(parents=True)
     for index, name in enumerate(["C:\\evil.png", "..evil.png", "sub/part.png", " lead.png"]):
         _noise(index).save(inputs / name)
     before = _files(tmp_path)
-    assert main(["predict", str(anomaly_model), str(inputs), "--output-dir", str(out)]) == 0
+    assert main(["anomaly", "predict", str(anomaly_model), str(inputs), "--output-dir", str(out)]) == 0
     new = _assert_written_inside(tmp_path, before, out)
     assert len([p for p in new if p.suffix == ".png"]) == 4 and out / "sub" / "part.png" in new
 
@@ -258,7 +258,14 @@ def test_coco_conversion_of_hostile_file_names_writes_only_inside(out, tmp_path)
     (source / "annotations.json").write_text(json.dumps(coco))
     before = _files(tmp_path)
     mapping = _mapping(tmp_path)
-    argv = [str(source / "annotations.json"), "--out", str(out), "--config", "plant_det", "--no-progress"]
+    argv = [
+        str(source / "annotations.json"),
+        "--output-dir",
+        str(out),
+        "--config",
+        "plant_det",
+        "--no-progress",
+    ]
     assert convert(["coco", *argv, "--mapping", str(mapping)]) == 0
     new = _assert_written_inside(tmp_path, before | {mapping}, out)
     assert any(p.suffix == ".parquet" for p in new)

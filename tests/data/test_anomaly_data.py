@@ -96,7 +96,7 @@ def test_config_kinds_keep_the_model_tasks_apart() -> None:
 
 def test_mvtec_category_converts(mvtec: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    assert convert("mvtec", mvtec, "--out", repo, "--config", "bottle_ad") == 0
+    assert convert("mvtec", mvtec, "--output-dir", repo, "--config", "bottle_ad") == 0
     assert split_names(repo, "bottle_ad") == ["test", "train"]  # no validation by default
     assert datasets.get_dataset_split_names(str(repo), "bottle_ad") == ["train", "test"]
     names = names_of(repo, "bottle_ad")
@@ -130,7 +130,7 @@ def test_mvtec_validation_fraction_is_seeded_and_stratified(mvtec: Path, tmp_pat
     def build(name: str, seed: int) -> dict[str, set[str]]:
         repo = tmp_path / name
         args = ["--validation-fraction", "0.5", "--seed", seed]
-        assert convert("mvtec", mvtec, "--out", repo, "--config", "bottle_ad", *args) == 0
+        assert convert("mvtec", mvtec, "--output-dir", repo, "--config", "bottle_ad", *args) == 0
         return {
             s: {r["image_id"] for r in rows(repo, "bottle_ad", s)} for s in ("train", "validation", "test")
         }
@@ -156,7 +156,7 @@ def test_mvtec_bad_inputs_are_counted_or_refused(mvtec: Path, tmp_path: Path, ca
     save_image(mvtec / "train" / "good" / "deep.png", mode="I;16")
     (mvtec / "train" / "good" / "notes.txt").write_text("x")
     repo = tmp_path / "repo"
-    assert convert("mvtec", mvtec, "--out", repo, "--config", "bottle_ad") == 0
+    assert convert("mvtec", mvtec, "--output-dir", repo, "--config", "bottle_ad") == 0
     counts = reports(repo, "bottle_ad")
     assert counts["test"]["missing_file"] == 1 and counts["test"]["missing_mask"] == 1
     assert counts["test"]["mask_size_mismatch"] == 1 and counts["test"]["undecodable"] == 1
@@ -169,7 +169,7 @@ def test_mvtec_bad_inputs_are_counted_or_refused(mvtec: Path, tmp_path: Path, ca
     assert "ground_truth/crack/007_mask.png" in report_text and "test/scratch/001.png" in report_text
 
     strict = tmp_path / "strict"
-    assert convert("mvtec", mvtec, "--out", strict, "--config", "bottle_ad", "--strict") == 1
+    assert convert("mvtec", mvtec, "--output-dir", strict, "--config", "bottle_ad", "--strict") == 1
     error = capsys.readouterr().err
     assert "ground_truth/crack/007_mask.png" in error and "mask_size_mismatch: test/crack/001.png" in error
     assert split_names(strict, "bottle_ad") == []  # nothing written, not even the clean train split
@@ -178,11 +178,13 @@ def test_mvtec_bad_inputs_are_counted_or_refused(mvtec: Path, tmp_path: Path, ca
 def test_anomalous_train_images_are_excluded_or_refused(mvtec: Path, tmp_path: Path, capsys) -> None:
     save_image(mvtec / "train" / "crack" / "000.png")
     repo = tmp_path / "repo"
-    assert convert("mvtec", mvtec, "--out", repo, "--config", "bottle_ad") == 0
+    assert convert("mvtec", mvtec, "--output-dir", repo, "--config", "bottle_ad") == 0
     assert reports(repo, "bottle_ad")["train"]["anomalous_in_train"] == 1
     train = rows(repo, "bottle_ad", "train")
     assert len(train) == 3 and all(r["is_normal"] for r in train)
-    assert convert("mvtec", mvtec, "--out", tmp_path / "strict", "--config", "bottle_ad", "--strict") == 1
+    assert (
+        convert("mvtec", mvtec, "--output-dir", tmp_path / "strict", "--config", "bottle_ad", "--strict") == 1
+    )
     assert "anomalous_in_train: train/crack/000.png" in capsys.readouterr().err
 
 
@@ -190,7 +192,7 @@ def test_empty_source_mask_is_kept_and_counted(mvtec: Path, tmp_path: Path) -> N
     save_mask(mvtec / "ground_truth" / "crack" / "000_mask.png", box=None)
     repo = tmp_path / "repo"
     assert (
-        convert("mvtec", mvtec, "--out", repo, "--config", "bottle_ad", "--strict") == 0
+        convert("mvtec", mvtec, "--output-dir", repo, "--config", "bottle_ad", "--strict") == 0
     )  # a fix, not a skip
     assert reports(repo, "bottle_ad")["test"]["empty_anomaly_mask"] == 1
     row = next(r for r in rows(repo, "bottle_ad", "test") if r["image_id"] == "test/crack/000")
@@ -200,13 +202,16 @@ def test_empty_source_mask_is_kept_and_counted(mvtec: Path, tmp_path: Path) -> N
 
 def test_cli_refuses_arguments_the_layout_decides(mvtec: Path, tmp_path: Path, capsys) -> None:
     repo = tmp_path / "repo"
-    assert convert("mvtec", mvtec, "--out", repo, "--config", "bottle_ad", "--split", "test") == 1
+    assert convert("mvtec", mvtec, "--output-dir", repo, "--config", "bottle_ad", "--split", "test") == 1
     assert (
-        convert("mvtec", mvtec, "--out", repo, "--config", "bottle_ad", "--normal-test-fraction", "0.2") == 1
+        convert(
+            "mvtec", mvtec, "--output-dir", repo, "--config", "bottle_ad", "--normal-test-fraction", "0.2"
+        )
+        == 1
     )
-    assert convert("mvtec", mvtec, "--out", repo, "--config", "bottle_seg") == 1
-    assert convert("folders", mvtec / "test", "--out", repo, "--config", "bottle_ad") == 1
-    assert convert("mvtec", mvtec / "test", "--out", repo, "--config", "bottle_ad") == 1
+    assert convert("mvtec", mvtec, "--output-dir", repo, "--config", "bottle_seg") == 1
+    assert convert("folders", mvtec / "test", "--output-dir", repo, "--config", "bottle_ad") == 1
+    assert convert("mvtec", mvtec / "test", "--output-dir", repo, "--config", "bottle_ad") == 1
     error = capsys.readouterr().err
     assert "--split not used" in error and "not an MVTec AD category folder" in error
     assert not repo.exists() or split_names(repo, "bottle_ad") == []
@@ -227,7 +232,7 @@ def test_magnetic_tile_layout_thresholds_soft_masks(tmp_path: Path) -> None:
     save_mask(root / "MT_Crack" / "Imgs" / "orphan.png")  # no image
     repo = tmp_path / "repo"
     args = ["--normal-test-fraction", "0.2", "--validation-fraction", "0.5"]
-    assert convert("magnetic_tile", root, "--out", repo, "--config", "tile_ad", *args) == 0
+    assert convert("magnetic_tile", root, "--output-dir", repo, "--config", "tile_ad", *args) == 0
     counts = reports(repo, "tile_ad")
     total = sum(counts.values(), Counter())
     assert total["normal_mask_not_empty"] == 1 and total["missing_mask"] == 1 and total["missing_file"] == 1
@@ -253,7 +258,7 @@ def test_ad_folders_have_image_level_labels_only(tmp_path: Path) -> None:
     for index in range(2):
         save_image(root / "dent" / f"d{index}.jpg")
     repo = tmp_path / "repo"
-    assert convert("ad_folders", root, "--out", repo, "--config", "panel_ad") == 0
+    assert convert("ad_folders", root, "--output-dir", repo, "--config", "panel_ad") == 0
     split_rows = {s: rows(repo, "panel_ad", s) for s in ("train", "validation", "test")}
     assert {s: len(r) for s, r in split_rows.items()} == {"train": 4, "validation": 2, "test": 2}
     assert all(r["is_normal"] for r in split_rows["train"])
@@ -271,7 +276,9 @@ def test_ad_folders_have_image_level_labels_only(tmp_path: Path) -> None:
 )
 def test_real_magnetic_tile_converts(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    assert convert("magnetic_tile", MAGNETIC_TILE, "--out", repo, "--config", "tile_ad", "--strict") == 0
+    assert (
+        convert("magnetic_tile", MAGNETIC_TILE, "--output-dir", repo, "--config", "tile_ad", "--strict") == 0
+    )
     counts = {}
     for split in ("train", "validation", "test"):
         table = pq.ParquetDataset(sorted((repo / "tile_ad").glob(f"{split}-*.parquet"))).read(

@@ -52,7 +52,9 @@ def test_unreadable_images_are_counted_skips(tmp_path: Path) -> None:
     (root / "dent" / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     write(root / "dent" / "huge.png", noise((60, 60), seed=4))
     repo = tmp_path / "repo"
-    assert convert("folders", root, "--out", repo, "--config", "plant_cls", "--max-pixels", "3000") == 0
+    assert (
+        convert("folders", root, "--output-dir", repo, "--config", "plant_cls", "--max-pixels", "3000") == 0
+    )
     report = report_of(repo, "plant_cls")
     assert report["counts"] == {"over_pixel_limit": 1, "truncated": 1, "undecodable": 1}
     assert report["rows_seen"] == 4 and report["rows_written"] == 1
@@ -69,7 +71,7 @@ def test_strict_turns_skips_into_errors_and_writes_nothing(tmp_path: Path, capsy
     write(root / "dent" / "good.jpg", noise())
     (root / "dent" / "text.jpg").write_text("nope")
     repo = tmp_path / "repo"
-    assert convert("folders", root, "--out", repo, "--config", "plant_cls", "--strict") == 1
+    assert convert("folders", root, "--output-dir", repo, "--config", "plant_cls", "--strict") == 1
     err = capsys.readouterr().err
     assert "1 problem(s) (--strict: skips are errors); nothing was written" in err
     assert "undecodable: dent/text.jpg" in err
@@ -140,7 +142,7 @@ def test_annotation_problems_in_coco(tmp_path: Path) -> None:
     ]
     path = coco(root, images, annotations)
     repo = tmp_path / "repo"
-    assert convert("coco", path, "--out", repo, "--config", "plant_det", "--label-set", "present") == 0
+    assert convert("coco", path, "--output-dir", repo, "--config", "plant_det", "--label-set", "present") == 0
     report = report_of(repo, "plant_det")
     assert report["counts"] == {
         "box_clipped": 1,
@@ -159,7 +161,7 @@ def test_annotation_problems_in_coco(tmp_path: Path) -> None:
     assert sorted(data) == ["train/a", "train/c"]
     assert data["train/a"]["objects"]["bbox"] == [[30.0, 20.0, 10.0, 10.0]]
     assert data["train/c"]["objects"]["bbox"] == [[30.0, 20.0, 10.0, 10.0]]  # polygon clipped to the image
-    assert convert("coco", path, "--out", repo, "--config", "plant_seg", "--label-set", "present") == 0
+    assert convert("coco", path, "--output-dir", repo, "--config", "plant_seg", "--label-set", "present") == 0
     seg = {
         r["image_id"]: r for r in datasets.load_dataset(str(repo), "plant_seg", split="train", streaming=True)
     }
@@ -176,8 +178,8 @@ def test_duplicates_across_splits_are_dropped_from_the_later_split(tmp_path: Pat
     write(train_dir / "dent" / "y.png", noise(seed=43))
     write(train_dir / "dent" / "y_again.png", noise(seed=43))  # duplicate inside the split too
     repo = tmp_path / "repo"
-    assert convert("folders", test_dir, "--out", repo, "--config", "plant_cls", "--split", "test") == 0
-    assert convert("folders", train_dir, "--out", repo, "--config", "plant_cls") == 0
+    assert convert("folders", test_dir, "--output-dir", repo, "--config", "plant_cls", "--split", "test") == 0
+    assert convert("folders", train_dir, "--output-dir", repo, "--config", "plant_cls") == 0
     report = report_of(repo, "plant_cls")
     assert report["counts"] == {"duplicate_image": 2}
     details = sorted(i["detail"] for i in report["issues"])
@@ -189,7 +191,7 @@ def test_every_sample_skipped_is_an_error(tmp_path: Path, capsys) -> None:
     root = tmp_path / "src"
     (root / "dent").mkdir(parents=True)
     (root / "dent" / "a.jpg").write_text("broken")
-    assert convert("folders", root, "--out", tmp_path / "repo", "--config", "plant_cls") == 1
+    assert convert("folders", root, "--output-dir", tmp_path / "repo", "--config", "plant_cls") == 1
     assert "no usable samples" in capsys.readouterr().err
 
 
@@ -197,5 +199,5 @@ def test_yolo_split_paths_may_not_leave_the_dataset(tmp_path: Path, capsys) -> N
     root = tmp_path / "yolo"
     root.mkdir()
     (root / "data.yaml").write_text("names: [dent]\ntrain: ../elsewhere\n")
-    assert convert("yolo", root, "--out", tmp_path / "repo", "--config", "plant_det") == 1
+    assert convert("yolo", root, "--output-dir", tmp_path / "repo", "--config", "plant_det") == 1
     assert "leaves the dataset folder" in capsys.readouterr().err

@@ -62,7 +62,14 @@ def test_coco_image_values_of_the_wrong_type_are_one_line(tmp_path, capsys, fiel
     repo = tmp_path / "repo"
     assert (
         convert(
-            "coco", path, "--out", repo, "--config", "plant_det", "--mapping", path.parent / "mapping.yaml"
+            "coco",
+            path,
+            "--output-dir",
+            repo,
+            "--config",
+            "plant_det",
+            "--mapping",
+            path.parent / "mapping.yaml",
         )
         == 1
     )
@@ -91,7 +98,14 @@ def test_coco_annotation_values_of_the_wrong_type_are_dropped_with_id_and_field_
     repo = tmp_path / "repo"
     assert (
         convert(
-            "coco", path, "--out", repo, "--config", "plant_det", "--mapping", path.parent / "mapping.yaml"
+            "coco",
+            path,
+            "--output-dir",
+            repo,
+            "--config",
+            "plant_det",
+            "--mapping",
+            path.parent / "mapping.yaml",
         )
         == 0
     )
@@ -109,7 +123,7 @@ def test_coco_annotation_values_of_the_wrong_type_are_dropped_with_id_and_field_
         convert(
             "coco",
             path,
-            "--out",
+            "--output-dir",
             strict,
             "--config",
             "plant_det",
@@ -130,7 +144,16 @@ def test_a_failed_strict_conversion_leaves_no_config_folder(tmp_path, capsys) ->
     ]
     path = _coco(tmp_path / "src", images, [])
     repo = tmp_path / "repo"
-    args = ["coco", path, "--out", repo, "--config", "plant_det", "--mapping", path.parent / "mapping.yaml"]
+    args = [
+        "coco",
+        path,
+        "--output-dir",
+        repo,
+        "--config",
+        "plant_det",
+        "--mapping",
+        path.parent / "mapping.yaml",
+    ]
     assert convert(*args, "--strict") == 1
     assert "nothing was written" in capsys.readouterr().err
     # only the report that says why is left: no config folder, no shard, no staging file, no card
@@ -149,7 +172,7 @@ def test_a_failed_strict_anomaly_conversion_leaves_no_config_folder(tmp_path, ca
     _image(source / "train" / "crack" / "0.png", 20)  # anomalous in train: a skip, so an error under --strict
     _image(source / "test" / "crack" / "0.png", 21)
     repo = tmp_path / "repo"
-    assert convert("ad_folders", source, "--out", repo, "--config", "tile_ad", "--strict") == 1
+    assert convert("ad_folders", source, "--output-dir", repo, "--config", "tile_ad", "--strict") == 1
     assert "anomalous_in_train" in capsys.readouterr().err
     assert not (repo / "tile_ad").exists() and (repo / "reports" / "tile_ad").is_dir()
 
@@ -164,7 +187,14 @@ def test_samples_seen_counts_every_image_the_source_lists(tmp_path, capsys) -> N
     repo = tmp_path / "repo"
     assert (
         convert(
-            "coco", path, "--out", repo, "--config", "plant_det", "--mapping", path.parent / "mapping.yaml"
+            "coco",
+            path,
+            "--output-dir",
+            repo,
+            "--config",
+            "plant_det",
+            "--mapping",
+            path.parent / "mapping.yaml",
         )
         == 0
     )
@@ -185,7 +215,7 @@ def test_yolo_config_values_of_the_wrong_type_are_one_line(tmp_path, capsys, dat
     root = tmp_path / "yolo"
     _image(root / "images" / "train" / "a.png")
     (root / "data.yaml").write_text(data_yaml)
-    assert convert("yolo", root, "--out", tmp_path / "repo", "--config", "plant_det") == 1
+    assert convert("yolo", root, "--output-dir", tmp_path / "repo", "--config", "plant_det") == 1
     line = _last_error_line(capsys)
     assert re.search(message, line), line
 
@@ -201,7 +231,10 @@ def test_yolo_label_values_of_the_wrong_type_name_the_file_line_and_field(tmp_pa
     (root / "mapping.yaml").write_text("dent: dent\n")
     repo = tmp_path / "repo"
     assert (
-        convert("yolo", root, "--out", repo, "--config", "plant_det", "--mapping", root / "mapping.yaml") == 0
+        convert(
+            "yolo", root, "--output-dir", repo, "--config", "plant_det", "--mapping", root / "mapping.yaml"
+        )
+        == 0
     )
     report = json.loads((repo / "reports" / "plant_det" / "train.json").read_text())
     assert [i["detail"] for i in report["issues"] if i["kind"] == "malformed_annotation"] == [

@@ -107,7 +107,7 @@ def test_coco_to_detection(coco_source: Path, tmp_path: Path) -> None:
         run(
             "coco",
             json_path,
-            "--out",
+            "--output-dir",
             repo,
             "--config",
             "exterior_det",
@@ -138,7 +138,7 @@ def test_coco_to_segmentation_with_present_labels(coco_source: Path, tmp_path: P
     args = [
         "coco",
         json_path,
-        "--out",
+        "--output-dir",
         repo,
         "--config",
         "plant_seg",
@@ -166,14 +166,16 @@ def test_unmapped_labels_are_an_error_listing_them_or_counted_drops(
     json_path = coco_source / "images" / "annotations.json"
     strict_map = tmp_path / "partial.yaml"
     strict_map.write_text("_background_: null\nScratch: scratch\n")  # "damage" is not a node and not mapped
-    assert run("coco", json_path, "--out", repo, "--config", "exterior_det", "--mapping", strict_map) == 1
+    assert (
+        run("coco", json_path, "--output-dir", repo, "--config", "exterior_det", "--mapping", strict_map) == 1
+    )
     assert "source labels without a taxonomy node: ['damage']" in capsys.readouterr().err
     assert not (repo / "exterior_det").exists() or not list((repo / "exterior_det").glob("*.parquet"))
     assert (
         run(
             "coco",
             json_path,
-            "--out",
+            "--output-dir",
             repo,
             "--config",
             "exterior_det",
@@ -193,7 +195,17 @@ def test_labels_outside_the_cad_domain_are_rejected(coco_source: Path, tmp_path:
     mapping.write_text("damage: brake_pad_worn\nScratch: scratch\n_background_: null\n")
     json_path = coco_source / "images" / "annotations.json"
     assert (
-        run("coco", json_path, "--out", tmp_path / "r", "--config", "exterior_det", "--mapping", mapping) == 1
+        run(
+            "coco",
+            json_path,
+            "--output-dir",
+            tmp_path / "r",
+            "--config",
+            "exterior_det",
+            "--mapping",
+            mapping,
+        )
+        == 1
     )
     assert "['brake_pad_worn'] are not classes of domain 'exterior'" in capsys.readouterr().err
 
@@ -214,7 +226,7 @@ def test_yolo_boxes_and_segments(tmp_path: Path) -> None:
     mapping = tmp_path / "map.yaml"
     mapping.write_text("damage: dent\n")
     repo = tmp_path / "repo"
-    assert run("yolo", root, "--out", repo, "--config", "plant_det", "--mapping", mapping) == 0
+    assert run("yolo", root, "--output-dir", repo, "--config", "plant_det", "--mapping", mapping) == 0
     data = rows(repo, "plant_det")
     assert sorted(data) == ["train/images/train/x", "train/images/train/y"]
     boxes = data["train/images/train/x"]["objects"]["bbox"]
@@ -224,7 +236,7 @@ def test_yolo_boxes_and_segments(tmp_path: Path) -> None:
     assert data["train/images/train/y"]["is_normal"]
     report = json.loads((repo / "reports" / "plant_det" / "train.json").read_text())
     assert report["counts"] == {"box_clipped": 1, "malformed_annotation": 1, "unknown_category": 1}
-    assert run("yolo", root, "--out", repo, "--config", "plant_seg", "--mapping", mapping) == 0
+    assert run("yolo", root, "--output-dir", repo, "--config", "plant_seg", "--mapping", mapping) == 0
     mask = np.asarray(rows(repo, "plant_seg")["train/images/train/x"]["mask"])
     assert (mask[6:14, 11:29] == 2).all() and (mask[16:34, 41:59] == 0).all()  # boxes are not drawn in masks
     report = json.loads((repo / "reports" / "plant_seg" / "train.json").read_text())
@@ -233,7 +245,7 @@ def test_yolo_boxes_and_segments(tmp_path: Path) -> None:
         run(
             "yolo",
             root,
-            "--out",
+            "--output-dir",
             repo,
             "--config",
             "plant_det",
@@ -256,7 +268,7 @@ def test_class_folders(tmp_path: Path) -> None:
     (root / ".hidden").mkdir()
     save_image(root / "stray.jpg")
     repo = tmp_path / "repo"
-    assert run("folders", root, "--out", repo, "--config", "chassis_cls", "--source-kind", "real") == 0
+    assert run("folders", root, "--output-dir", repo, "--config", "chassis_cls", "--source-kind", "real") == 0
     data = rows(repo, "chassis_cls")
     names = load_taxonomy().label_names("chassis_cls")
     assert {k: names[v["label"]] for k, v in data.items()} == {
@@ -295,7 +307,7 @@ def test_mask_folders(tmp_path: Path) -> None:
     mapping = tmp_path / "map.yaml"
     mapping.write_text("damage: dent\n")
     repo = tmp_path / "repo"
-    assert run("masks", root, "--out", repo, "--config", "exterior_seg", "--mapping", mapping) == 0
+    assert run("masks", root, "--output-dir", repo, "--config", "exterior_seg", "--mapping", mapping) == 0
     data = rows(repo, "exterior_seg")
     names = load_taxonomy().label_names("exterior_seg")
     stored = np.asarray(data["train/images/a"]["mask"])
@@ -311,9 +323,12 @@ def test_mask_folders(tmp_path: Path) -> None:
 def test_format_and_task_must_fit(tmp_path: Path, capsys) -> None:
     root = tmp_path / "folders"
     save_image(root / "normal" / "n1.jpg")
-    assert run("folders", root, "--out", tmp_path / "repo", "--config", "exterior_det") == 1
+    assert run("folders", root, "--output-dir", tmp_path / "repo", "--config", "exterior_det") == 1
     assert "folders sources make cls configs, not 'exterior_det'" in capsys.readouterr().err
-    assert run("coco", tmp_path / "missing.json", "--out", tmp_path / "repo", "--config", "exterior_det") == 1
+    assert (
+        run("coco", tmp_path / "missing.json", "--output-dir", tmp_path / "repo", "--config", "exterior_det")
+        == 1
+    )
     assert "missing.json: COCO annotation file not found" in capsys.readouterr().err
 
 
@@ -324,8 +339,8 @@ def test_adding_a_split_reuses_and_extends_the_class_list(tmp_path: Path) -> Non
     save_image(second / "crack" / "c.jpg", value=10)
     save_image(second / "dent" / "d.jpg", value=200)
     repo = tmp_path / "repo"
-    assert run("folders", first, "--out", repo, "--config", "plant_cls") == 0
-    assert run("folders", second, "--out", repo, "--config", "plant_cls", "--split", "validation") == 0
+    assert run("folders", first, "--output-dir", repo, "--config", "plant_cls") == 0
+    assert run("folders", second, "--output-dir", repo, "--config", "plant_cls", "--split", "validation") == 0
     for split in ("train", "validation"):
         features = datasets.load_dataset(str(repo), "plant_cls", split=split, streaming=True).features
         assert label_names(features, "cls") == ["dent", "scratch", "crack"]  # crack appended: old ids kept

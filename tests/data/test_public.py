@@ -119,7 +119,7 @@ def test_folder_converter_on_real_carparts50(tmp_path: Path) -> None:
     args = [
         "folders",
         DATA / "carparts50" / "test",
-        "--out",
+        "--output-dir",
         repo,
         "--config",
         "parts_cls",
@@ -187,7 +187,7 @@ def test_yolo_and_mask_converters_agree_with_coco_on_real_images(public: Path, t
         args = [
             fmt,
             source,
-            "--out",
+            "--output-dir",
             tmp_path / "repo",
             "--config",
             f"{fmt}_seg",

@@ -123,7 +123,7 @@ def test_synthesize_segmentation_with_matching_normals(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     args = [
         normals,
-        "--out",
+        "--output-dir",
         repo,
         "--config",
         "exterior_seg",
@@ -154,7 +154,7 @@ def test_synthesize_detection_boxes_match_the_painted_defect(tmp_path: Path) -> 
     repo = tmp_path / "repo"
     args = [
         normals,
-        "--out",
+        "--output-dir",
         repo,
         "--config",
         "general_det",
@@ -184,7 +184,7 @@ def test_synthesize_rejects_anomalies_it_cannot_paint(tmp_path: Path, capsys) ->
     normals = _normals(tmp_path / "normals", 1)
     args = [
         normals,
-        "--out",
+        "--output-dir",
         tmp_path / "repo",
         "--config",
         "exterior_det",

@@ -16,6 +16,7 @@ from PIL import Image
 
 from cadmtl.anomaly import AnomalyLearner, AnomalyLearnerConfig, PatchMemoryScorer
 from cadmtl.anomaly.data import to_pixel_values
+from cadmtl.cli import main as cadmtl
 from cadmtl.export.anomaly import (
     ANOMALY_OUTPUTS,
     LOCALIZER_INPUTS,
@@ -24,7 +25,6 @@ from cadmtl.export.anomaly import (
     LocalizerOnnxPredictor,
     export_localizer_onnx,
 )
-from cadmtl.export.command import main as export_main
 from cadmtl.export.onnx import export_onnx
 from cadmtl.features import PatchFeatureExtractor, backbone_from_config, load_backbone
 from cadmtl.model_kinds import LOCALIZER, inspect_model, is_hub_id
@@ -75,7 +75,7 @@ def test_unknown_model_types_and_folders_without_weights_are_refused(tmp_path: P
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         export_onnx(other, tmp_path / "out")
-    assert export_main(["onnx", str(other), str(tmp_path / "out")]) == 2
+    assert cadmtl(["export", "onnx", str(other), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"cadmtl export onnx: {message}\n"
 
     empty = tmp_path / "scorer-no-weights"
@@ -158,7 +158,7 @@ def assert_parity(model: torch.nn.Module, folder: Path, images: list[Image.Image
 @pytest.mark.slow
 def test_scorer_export_matches_pytorch(tmp_path: Path) -> None:
     scorer = fitted_scorer(tmp_path / "model")
-    assert export_main(["onnx", str(tmp_path / "model"), str(tmp_path / "onnx")]) == 0
+    assert cadmtl(["export", "onnx", str(tmp_path / "model"), str(tmp_path / "onnx")]) == 0
     inputs, outputs, opset, dynamic_batch = graph_interface(tmp_path / "onnx" / "model.onnx")
     assert inputs == ["pixel_values"] and outputs == list(ANOMALY_OUTPUTS) and opset >= 18 and dynamic_batch
     saved = json.loads((tmp_path / "onnx" / "config.json").read_text())
@@ -195,7 +195,7 @@ def test_localizer_export_matches_the_localize_command(tmp_path: Path) -> None:
     }
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "localizer.json").write_text(json.dumps(run))
-    assert export_main(["onnx", str(tmp_path / "run" / "localizer.json"), str(tmp_path / "onnx")]) == 0
+    assert cadmtl(["export", "onnx", str(tmp_path / "run" / "localizer.json"), str(tmp_path / "onnx")]) == 0
     inputs, outputs, opset, dynamic_batch = graph_interface(tmp_path / "onnx" / "model.onnx")
     assert inputs == list(LOCALIZER_INPUTS) and outputs == list(LOCALIZER_OUTPUTS)
     assert opset >= 18 and dynamic_batch

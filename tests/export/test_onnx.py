@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cadmtl.export.command import main as export_main
+from cadmtl.cli import main as cadmtl
 from cadmtl.export.onnx import OnnxPredictor, export_onnx
 from cadmtl.testing import tiny_cadmtl_config
 from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
@@ -43,7 +43,7 @@ def save_model(folder: Path, task_sizes: dict[str, int] | None, seed: int = 0) -
 def exported(tmp_path_factory) -> tuple[CadMtlModel, Path, Path]:
     root = tmp_path_factory.mktemp("onnx")
     model = save_model(root / "model", task_sizes=None)
-    assert export_main(["onnx", str(root / "model"), str(root / "onnx")]) == 0
+    assert cadmtl(["export", "onnx", str(root / "model"), str(root / "onnx")]) == 0
     return model, root / "model", root / "onnx"
 
 
@@ -53,7 +53,7 @@ def test_a_folder_without_weights_is_refused_by_name(tmp_path: Path, capsys) -> 
     (empty / "config.json").write_text(tiny_cadmtl_config().to_json_string())
     with pytest.raises(ValueError, match="no-weights holds no model weights"):
         export_onnx(empty, tmp_path / "out")
-    assert export_main(["onnx", str(empty), str(tmp_path / "out")]) == 2
+    assert cadmtl(["export", "onnx", str(empty), str(tmp_path / "out")]) == 2
     assert "no-weights holds no model weights" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"no such model folder: .*missing/model$"):
         export_onnx(tmp_path / "missing" / "model", tmp_path / "out")

