@@ -304,6 +304,13 @@ def train(argv: Sequence[str]) -> int:
     return run_child([*launcher, "-m", "cadmtl.anomaly.learner_training", *argv])
 
 
+def protocol(argv: Sequence[str]) -> int:
+    """`cadmtl anomaly protocol`: leave-one-type-out evaluation of the learner (`cadmtl.anomaly.learner_protocol`)."""
+    from cadmtl.anomaly.learner_protocol import main as protocol_main
+
+    return protocol_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cadmtl anomaly", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -411,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "train", help="train the from-scratch multi-task learner (see `cadmtl anomaly train --help`)"
     )
+    commands.add_parser(
+        "protocol",
+        help="leave-one-type-out evaluation of the learner (see `cadmtl anomaly protocol --help`)",
+    )
     return parser
 
 
@@ -418,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
         return train(argv[1:])
+    if argv[:1] == ["protocol"]:
+        return protocol(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     runner = {"fit": fit, "evaluate": evaluate, "predict": predict}[args.command]

@@ -88,6 +88,7 @@ __all__ = [
     "inpaint_pattern",
     "load_balancing_loss",
     "make_proxy_batch",
+    "normal_statistics_of",
     "normalize",
     "rotate_cells",
     "rotation_pattern",
@@ -154,25 +155,10 @@ class AnomalyLearner(AnomalyLearnerModel):
                 collected[task].append(value.cpu())
         if not collected[self.config.tasks[0]]:
             raise ValueError("fit_normal_statistics needs at least one normal image")
-        statistics = {}
-        for task, values in collected.items():
-            stack = torch.cat(values)  # (N, S, S)
-            if self.config.standardization == "global":
-                flat = stack.flatten().double()
-                location = flat.median()
-                scale = MAD_TO_STD * (flat - location).abs().median()
-                if scale <= 0:
-                    scale = flat.std()
-                location, scale = location.float().view(1, 1), scale.float().clamp_min(1e-6).view(1, 1)
-            else:
-                location = stack.mean(0)
-                std = (
-                    stack.std(0, unbiased=stack.shape[0] > 1)
-                    if stack.shape[0] > 1
-                    else torch.zeros_like(location)
-                )
-                scale = std.clamp_min(max(float(std.median()) * 0.1, 1e-6))
-            statistics[task] = {"location": location, "scale": scale}
+        statistics = {
+            task: normal_statistics_of(torch.cat(values), self.config.standardization)
+            for task, values in collected.items()
+        }
         self.set_normal_statistics(statistics, len(torch.cat(collected[self.config.tasks[0]])))
 
     @classmethod
@@ -198,6 +184,27 @@ class AnomalyLearner(AnomalyLearnerModel):
                     key for key in info["missing_keys"] if key not in filled
                 )
         return (model.eval(), *extra) if extra else model.eval()
+
+
+def normal_statistics_of(maps: torch.Tensor, standardization: str) -> dict[str, torch.Tensor]:
+    """{"location", "scale"} of one task's raw maps (N, S, S) of normal images: ``global`` = median and
+    1.4826 * MAD of all their pixels, shape (1, 1); ``pixel`` = per-position mean and std, shape (S, S), the std
+    floored at a tenth of its median (a position that never varied must not explode)."""
+    if standardization not in STANDARDIZATIONS:
+        raise ValueError(f"standardization must be one of {STANDARDIZATIONS}; got {standardization!r}")
+    if standardization == "global":
+        flat = maps.flatten().double()
+        location = flat.median()
+        scale = MAD_TO_STD * (flat - location).abs().median()
+        if scale <= 0:
+            scale = flat.std()
+        return {
+            "location": location.float().view(1, 1),
+            "scale": scale.float().clamp_min(1e-6).view(1, 1),
+        }
+    location = maps.mean(0)
+    std = maps.std(0, unbiased=True) if maps.shape[0] > 1 else torch.zeros_like(location)
+    return {"location": location, "scale": std.clamp_min(max(float(std.median()) * 0.1, 1e-6))}
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
