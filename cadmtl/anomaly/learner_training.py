@@ -60,6 +60,7 @@ from .data import AnomalySample, iter_anomaly_split, load_anomaly_split, normal_
 from .learner import (
     FUSIONS,
     LEARNER_PRESETS,
+    SYNTHESIS_MIXES,
     AnomalyLearner,
     AnomalyLearnerConfig,
     choose_task_weights,
@@ -114,6 +115,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16", "fp16"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--synthesis",
+        default="mixed",
+        choices=sorted(SYNTHESIS_MIXES),
+        help="synthetic anomalies of the segmentation task: mixed (blends, cut-paste, procedural defects) or varied "
+        "(also soft brightness changes, thin strokes, edge damage)",
+    )
     parser.add_argument("--vflip", action="store_true", help="also flip training images vertically")
     parser.add_argument(
         "--held-out-images",
@@ -409,7 +417,10 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tasks = list(config.tasks)
     held_out_batches = [
         make_proxy_batch(
-            held_out[i * args.batch_size : (i + 1) * args.batch_size], config, HELD_OUT_LOSS_SEED + i
+            held_out[i * args.batch_size : (i + 1) * args.batch_size],
+            config,
+            HELD_OUT_LOSS_SEED + i,
+            args.synthesis,
         )
         for i in range(min(args.held_out_batches, math.ceil(held_out.shape[0] / args.batch_size)))
     ]
@@ -465,9 +476,9 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
             losses = held_out_losses(model, held_out_batches, accelerator)
             weighting.update(step, {task: losses[task] for task in tasks})
         seed = step_seed(args.seed, step, accelerator.process_index)
-        batch = make_proxy_batch(sample_batch(images, args.batch_size, seed), config, seed).to(
-            accelerator.device
-        )
+        batch = make_proxy_batch(
+            sample_batch(images, args.batch_size, seed), config, seed, args.synthesis
+        ).to(accelerator.device)
         with accelerator.autocast():
             losses = model(batch)
         weights = weighting.weights
