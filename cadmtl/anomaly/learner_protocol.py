@@ -8,7 +8,8 @@ For every seed the learner is trained ONCE on the train split's normal images (`
 defect and so does not depend on the fold. Then, for every defect type T of the validation split (a *fold*):
 
 * **tuning**: each candidate setting (``--standardization`` global / pixel statistics of the held-out train
-  normals x ``--fusion`` rule, whose weights are fitted on the tuning images) is scored on the validation images
+  normals x ``--fusion`` rule, whose weights are fitted on the tuning images, x an extra blur of the maps, sigma 0
+  or 4) is scored on the validation images
   of the OTHER types plus the validation normals, by the mean of image AUROC and pixel AUROC (pixels at the model
   size); the best one is kept;
 * **report**: the test images of type T plus all test normals are scored with the kept setting: image AUROC, pixel
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from cadmtl.pictures.overlays import draw_anomaly_map
+from modeling_cadmtl_anomaly.features_cadmtl_anomaly import gaussian_blur
 
 from .data import AnomalySample, load_anomaly_split, normal_only
 from .learner import (
@@ -69,13 +71,22 @@ class Setting:
 
     standardization: str
     fusion: str
+    blur: float = 0.0  # extra Gaussian blur (sigma, model pixels) of each raw map, on top of the model's own
 
     @property
     def name(self) -> str:
-        return f"{self.standardization}+{self.fusion}"
+        return f"{self.standardization}+{self.fusion}" + (f"+blur{self.blur:g}" if self.blur else "")
 
 
-CANDIDATES = tuple(Setting(s, f) for s in STANDARDIZATIONS for f in FUSIONS)
+EXTRA_BLURS = (0.0, 4.0)
+CANDIDATES = tuple(Setting(s, f, b) for b in EXTRA_BLURS for s in STANDARDIZATIONS for f in FUSIONS)
+Statistics = dict[
+    tuple[str, float], dict[str, dict[str, torch.Tensor]]
+]  # (standardization, blur) -> task stats
+
+
+def blurred(raw: dict[str, torch.Tensor], sigma: float) -> dict[str, torch.Tensor]:
+    return {t: gaussian_blur(m, sigma) for t, m in raw.items()} if sigma else raw
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -140,20 +151,20 @@ def tuning_score(fused: torch.Tensor, scores: torch.Tensor, labels: np.ndarray, 
 
 
 def choose_setting(
-    raw: dict[str, torch.Tensor],
-    statistics: dict[str, dict[str, dict[str, torch.Tensor]]],
+    raw: dict[float, dict[str, torch.Tensor]],
+    statistics: Statistics,
     samples: Sequence[AnomalySample],
     masks: torch.Tensor,
     image_score: str,
     top_fraction: float,
 ) -> tuple[Setting, dict[str, float] | None, dict[str, float]]:
     """The candidate with the best tuning score on `samples` (normal and anomalous), its fusion weights and every
-    candidate's score."""
+    candidate's score. `raw`: {extra blur: {task: (N, S, S) raw maps of `samples`}}."""
     labels = np.array([not s.is_normal for s in samples])
     scored: dict[str, float] = {}
     best: tuple[float, Setting, dict[str, float] | None] | None = None
     for setting in CANDIDATES:
-        maps = standardise(raw, statistics[setting.standardization])
+        maps = standardise(raw[setting.blur], statistics[(setting.standardization, setting.blur)])
         weights = choose_task_weights(maps, labels, setting.fusion, image_score, top_fraction)
         fused = fuse_task_maps(maps, weights)
         value = tuning_score(fused, image_scores(fused, image_score, top_fraction), labels, masks)
@@ -341,10 +352,13 @@ def run_protocol(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config = model.config
         size = config.image_size
         raw_normals = raw_maps_of(model, images_to_uint8(statistics_images, size))
-        statistics = {
-            s: {t: normal_statistics_of(m, s) for t, m in raw_normals.items()} for s in STANDARDIZATIONS
+        statistics: Statistics = {
+            (s, b): {t: normal_statistics_of(m, s) for t, m in blurred(raw_normals, b).items()}
+            for s in STANDARDIZATIONS
+            for b in EXTRA_BLURS
         }
         raw_validation = raw_maps_of(model, images_to_uint8([s.image for s in validation], size))
+        raw_validation_blurred = {b: blurred(raw_validation, b) for b in EXTRA_BLURS}
         raw_test = raw_maps_of(model, images_to_uint8([s.image for s in test], size))
         validation_masks = masks_at(validation, size)
         saved = {
@@ -355,7 +369,7 @@ def run_protocol(argv: Sequence[str] | None = None) -> dict[str, Any]:
             tune = [i for i, s in enumerate(validation) if s.is_normal or s.defect_type != held_out]
             report_on = [i for i, s in enumerate(test) if s.is_normal or s.defect_type == held_out]
             setting, weights, scored = choose_setting(
-                {t: m[tune] for t, m in raw_validation.items()},
+                {b: {t: m[tune] for t, m in raw.items()} for b, raw in raw_validation_blurred.items()},
                 statistics,
                 [validation[i] for i in tune],
                 validation_masks[tune],
@@ -364,7 +378,8 @@ def run_protocol(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
             samples = [test[i] for i in report_on]
             maps = standardise(
-                {t: m[report_on] for t, m in raw_test.items()}, statistics[setting.standardization]
+                blurred({t: m[report_on] for t, m in raw_test.items()}, setting.blur),
+                statistics[(setting.standardization, setting.blur)],
             )
             chosen, scores = test_metrics(maps, weights, samples, config.image_score, config.top_fraction)
             default, _ = test_metrics(

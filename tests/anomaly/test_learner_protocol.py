@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from cadmtl.anomaly.learner import AnomalyLearner, normal_statistics_of, normalize
-from cadmtl.anomaly.learner_protocol import CANDIDATES, Setting, choose_setting, protocol_table, tuning_score
+from cadmtl.anomaly.learner_protocol import (
+    CANDIDATES,
+    EXTRA_BLURS,
+    Setting,
+    blurred,
+    choose_setting,
+    protocol_table,
+    tuning_score,
+)
 
 TINY = ["--image-size", "32", "--batch-size", "4", "--held-out-images", "4", "--mixed-precision", "no"]
 
@@ -64,9 +72,18 @@ def test_tuning_score_and_setting_choice_follow_the_tuning_images():
     rng = torch.Generator().manual_seed(0)
     raw = {"good": perfect * 5 + torch.rand(4, 8, 8, generator=rng) * 0.1, "noise": torch.rand(4, 8, 8) * 20}
     normals = {"good": torch.rand(6, 8, 8, generator=rng) * 0.1, "noise": torch.rand(6, 8, 8) * 20}
-    statistics = {s: {t: normal_statistics_of(m, s) for t, m in normals.items()} for s in ("global", "pixel")}
+    statistics = {
+        (s, b): {t: normal_statistics_of(m, s) for t, m in blurred(normals, b).items()}
+        for s in ("global", "pixel")
+        for b in EXTRA_BLURS
+    }
     setting, weights, scored = choose_setting(
-        raw, statistics, [Sample(not a) for a in labels], masks, "top_mean", 0.05
+        {b: blurred(raw, b) for b in EXTRA_BLURS},
+        statistics,
+        [Sample(not a) for a in labels],
+        masks,
+        "top_mean",
+        0.05,
     )
     assert set(scored) == {c.name for c in CANDIDATES} and scored[setting.name] == max(scored.values())
     assert scored[setting.name] > scored["global+mean"] or scored["global+mean"] == max(scored.values())
