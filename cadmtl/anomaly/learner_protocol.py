@@ -346,7 +346,15 @@ def run_protocol(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run_dir = output_dir / f"seed-{seed}"
         summary = train_seed(args.repo, args.config, run_dir, seed, extra)
         report["runs"][str(seed)] = {
-            k: summary.get(k) for k in ("steps", "max_steps", "stopped_early", "train_seconds", "fusion")
+            k: summary.get(k)
+            for k in (
+                "steps",
+                "max_steps",
+                "stopped_early",
+                "train_seconds",
+                "seconds_to_saved_model",
+                "fusion",
+            )
         }
         model = AnomalyLearner.from_pretrained(run_dir / "model")
         config = model.config

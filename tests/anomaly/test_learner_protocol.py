@@ -120,7 +120,8 @@ def test_max_minutes_stops_early_and_saves_a_model_that_predicts(
         and "--max-minutes 0.01" in r.getMessage()
         for r in caplog.records
     )
-    assert json.loads((out / "results.json").read_text())["steps"] == summary["steps"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["steps"] == summary["steps"] and saved["seconds_to_saved_model"] >= saved["train_seconds"]
     learner = AnomalyLearner.from_pretrained(out / "model")
     assert learner.normal_statistics and learner.config.image_threshold is not None
     out_maps = learner.predict(
