@@ -423,9 +423,17 @@ def run_protocol(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     [f"held-out {held_out} (seed {seed}, {setting.name}): lowest-scored test images"]
                     + [None] * (len(rows) - 1)
                 )
+        # Written after every seed, so a protocol stopped before its last seed still leaves its tables.
+        write_outputs(report, output_dir)
+        if figure_rows and seed_number == 0:
+            stack_rows(figure_rows, figure_headings).save(output_dir / "maps.png")
+    return report
 
-    for held_out in types:
-        fold = report["per_fold"][held_out]
+
+def write_outputs(report: dict[str, Any], output_dir: Path) -> None:
+    """Fill each fold's mean / std over the seeds done so far; write protocol.json and protocol.md."""
+    report["seeds_done"] = sorted({int(k) for f in report["per_fold"].values() for k in f["seeds"]})
+    for fold in report["per_fold"].values():
         for source in ("test", "default_command"):
             fold[source] = {
                 key: dict(zip(("mean", "std"), mean_std([r[source][key] for r in fold["seeds"].values()])))
@@ -433,16 +441,14 @@ def run_protocol(argv: Sequence[str] | None = None) -> dict[str, Any]:
             }
     (output_dir / "protocol.json").write_text(json.dumps(report, indent=2) + "\n")
     (output_dir / "protocol.md").write_text(protocol_table(report) + "\n")
-    if figure_rows:
-        stack_rows(figure_rows, figure_headings).save(output_dir / "maps.png")
-    return report
 
 
 def protocol_table(report: dict[str, Any]) -> str:
     """The per-fold Markdown table (mean ± std over the seeds)."""
-    seeds = len(report["seeds"])
+    done = report.get("seeds_done", report["seeds"])
+    seeds = len(done)
     lines = [
-        f"Leave-one-type-out, {seeds} seed(s) ({', '.join(map(str, report['seeds']))}); settings chosen on the "
+        f"Leave-one-type-out, {seeds} seed(s) ({', '.join(map(str, done))}); settings chosen on the "
         "other types' validation images; test = the held-out type's test images + all test normals.",
         "",
         "| held-out type | tuned on | image AUROC | pixel AUROC | AUPRO | settings chosen (per seed) | default "

@@ -139,7 +139,7 @@ def test_protocol_trains_once_per_seed_and_reports_every_fold(demo_repo, tmp_pat
     argv += ["--seeds", "0", "1", "--figure-images", "1", *TINY, "--max-steps", "3"]
     assert main(argv) == 0
     report = json.loads((out / "protocol.json").read_text())
-    assert report["types"] == ["corrosion", "missing_part", "scratch"] and report["seeds"] == [0, 1]
+    assert report["types"] == ["corrosion", "missing_part", "scratch"] and report["seeds_done"] == [0, 1]
     assert {r["steps"] for r in report["runs"].values()} == {3}
     for held_out, fold in report["per_fold"].items():
         assert set(fold["seeds"]) == {"0", "1"}
