@@ -119,6 +119,11 @@ COMMANDS = CommandGroup(
                     "train the from-scratch multi-task learner under accelerate launch",
                     "cadmtl anomaly train data/cad100k-mini --config exterior_ad --output-dir outputs/learner",
                 ),
+                "protocol": Command(
+                    "cadmtl.anomaly.learner_protocol:main",
+                    "leave-one-type-out evaluation of the learner: settings chosen on the other defect types",
+                    "cadmtl anomaly protocol data/tile --config tile_ad --output-dir outputs/learner-loto --seeds 0 1 2",
+                ),
             },
         ),
         "reference": CommandGroup(

@@ -73,6 +73,7 @@ __all__ = [
     "FUSIONS",
     "LEARNER_PRESETS",
     "STANDARDIZATIONS",
+    "SYNTHESIS_MIXES",
     "TASKS",
     "AnomalyLearner",
     "AnomalyLearnerConfig",
@@ -88,6 +89,7 @@ __all__ = [
     "inpaint_pattern",
     "load_balancing_loss",
     "make_proxy_batch",
+    "normal_statistics_of",
     "normalize",
     "rotate_cells",
     "rotation_pattern",
@@ -154,25 +156,10 @@ class AnomalyLearner(AnomalyLearnerModel):
                 collected[task].append(value.cpu())
         if not collected[self.config.tasks[0]]:
             raise ValueError("fit_normal_statistics needs at least one normal image")
-        statistics = {}
-        for task, values in collected.items():
-            stack = torch.cat(values)  # (N, S, S)
-            if self.config.standardization == "global":
-                flat = stack.flatten().double()
-                location = flat.median()
-                scale = MAD_TO_STD * (flat - location).abs().median()
-                if scale <= 0:
-                    scale = flat.std()
-                location, scale = location.float().view(1, 1), scale.float().clamp_min(1e-6).view(1, 1)
-            else:
-                location = stack.mean(0)
-                std = (
-                    stack.std(0, unbiased=stack.shape[0] > 1)
-                    if stack.shape[0] > 1
-                    else torch.zeros_like(location)
-                )
-                scale = std.clamp_min(max(float(std.median()) * 0.1, 1e-6))
-            statistics[task] = {"location": location, "scale": scale}
+        statistics = {
+            task: normal_statistics_of(torch.cat(values), self.config.standardization)
+            for task, values in collected.items()
+        }
         self.set_normal_statistics(statistics, len(torch.cat(collected[self.config.tasks[0]])))
 
     @classmethod
@@ -200,6 +187,27 @@ class AnomalyLearner(AnomalyLearnerModel):
         return (model.eval(), *extra) if extra else model.eval()
 
 
+def normal_statistics_of(maps: torch.Tensor, standardization: str) -> dict[str, torch.Tensor]:
+    """{"location", "scale"} of one task's raw maps (N, S, S) of normal images: ``global`` = median and
+    1.4826 * MAD of all their pixels, shape (1, 1); ``pixel`` = per-position mean and std, shape (S, S), the std
+    floored at a tenth of its median (a position that never varied must not explode)."""
+    if standardization not in STANDARDIZATIONS:
+        raise ValueError(f"standardization must be one of {STANDARDIZATIONS}; got {standardization!r}")
+    if standardization == "global":
+        flat = maps.flatten().double()
+        location = flat.median()
+        scale = MAD_TO_STD * (flat - location).abs().median()
+        if scale <= 0:
+            scale = flat.std()
+        return {
+            "location": location.float().view(1, 1),
+            "scale": scale.float().clamp_min(1e-6).view(1, 1),
+        }
+    location = maps.mean(0)
+    std = maps.std(0, unbiased=True) if maps.shape[0] > 1 else torch.zeros_like(location)
+    return {"location": location, "scale": std.clamp_min(max(float(std.median()) * 0.1, 1e-6))}
+
+
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """Binary focal loss (mean over pixels), as DRAEM's segmentation loss."""
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
@@ -221,29 +229,44 @@ def smooth_noise_mask(size: int, rng: np.random.Generator, threshold: float | No
     return noise > (threshold if threshold is not None else float(rng.uniform(0.8, 1.6)))
 
 
+# Synthetic-anomaly mixes: kind -> probability. `mixed` is the original recipe; `varied` adds the shapes the tile
+# and car defects show that `mixed` lacks: large smooth brightness changes (unevenness), thin curved strokes
+# (cracks, scratches, fraying fibres) and damage along one image edge (fraying, breaks).
+SYNTHESIS_MIXES: dict[str, dict[str, float]] = {
+    "mixed": {"blend": 0.4, "cutpaste": 0.2, "defect": 0.4},
+    "varied": {"blend": 0.25, "cutpaste": 0.1, "defect": 0.2, "smooth": 0.15, "strokes": 0.15, "edge": 0.15},
+}
+
+
 def synthesize_anomalies(
     images: torch.Tensor,
     rng: np.random.Generator,
     probability: float = 0.5,
     min_change: int = 12,
+    mix: str = "mixed",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic anomalies on (B, 3, S, S) uint8 normal images -> (images, masks (B, S, S) bool).
 
     Each image, with `probability`, gets one of: a smooth-noise blob blended with another texture (another image
     of the batch, flipped / rotated / re-lit, or a noisy flat colour), a cut-paste patch of itself (rotated,
-    re-lit), or 1-2 procedural defects from ``dataset_scripts.synthetic.place_defects``. Pixels whose largest
+    re-lit), or 1-2 procedural defects from ``dataset_scripts.synthetic.place_defects``; with ``mix="varied"``
+    also a large soft-edged brightness change, 1-3 thin curved strokes, or a blend along one image edge
+    (``SYNTHESIS_MIXES``). Pixels whose largest
     channel change is under `min_change` grey levels are restored, so the mask is exactly the set of changed
     pixels: ``masks == (out != images).any(1)``.
     """
     if images.dtype != torch.uint8:
         raise ValueError(f"synthesize_anomalies expects uint8 images; got {images.dtype}")
+    if mix not in SYNTHESIS_MIXES:
+        raise ValueError(f"synthesis mix must be one of {sorted(SYNTHESIS_MIXES)}; got {mix!r}")
+    kinds, chances = zip(*SYNTHESIS_MIXES[mix].items(), strict=True)
     out = images.clone()
     batch, _, size, _ = images.shape
     for b in range(batch):
         if rng.random() >= probability:
             continue
         original = images[b].float()
-        kind = rng.choice(["blend", "cutpaste", "defect"], p=[0.4, 0.2, 0.4])
+        kind = rng.choice(list(kinds), p=list(chances))
         low = max(0.05, 3.5 / size)  # place_defects draws radii of at least 3 px
         if kind == "defect" and low < 0.2:
             count = int(rng.integers(1, 3))
@@ -252,8 +275,15 @@ def synthesize_anomalies(
                 images[b].permute(1, 2, 0).numpy(), specs, rng, radius_range=(low, max(0.16, low + 0.04))
             )
             candidate = torch.from_numpy(painted).permute(2, 0, 1).float()
-        elif kind in ("blend", "defect"):
+        elif kind == "smooth":
+            candidate = uneven_brightness(original, rng)
+        elif kind == "strokes":
+            candidate = thin_strokes(original, rng)
+        elif kind in ("blend", "defect", "edge"):
             region = smooth_noise_mask(size, rng)
+            if kind == "edge":
+                region = region | smooth_noise_mask(size, rng, threshold=float(rng.uniform(0.0, 0.8)))
+                region = region & edge_band(size, rng)
             if rng.random() < 0.6:
                 source = images[int(rng.integers(batch))].float()
                 source = torch.rot90(source, int(rng.integers(4)), dims=(1, 2))
@@ -287,6 +317,46 @@ def synthesize_anomalies(
     return out, masks
 
 
+def edge_band(size: int, rng: np.random.Generator) -> torch.Tensor:
+    """(S, S) bool: a band 4-20 % of the image wide along one random side."""
+    width = max(2, int(rng.uniform(0.04, 0.2) * size))
+    band = torch.zeros(size, size, dtype=torch.bool)
+    band[:width] = True
+    return torch.rot90(band, int(rng.integers(4)))
+
+
+def uneven_brightness(original: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """A large soft-edged region (low-frequency noise) darkened or brightened by 15-50 %: an uneven surface."""
+    size = original.shape[-1]
+    grid = torch.from_numpy(rng.standard_normal((1, 1, 3, 3)).astype(np.float32))
+    noise = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True)[0, 0]
+    noise = (noise - noise.mean()) / noise.std().clamp_min(1e-6)
+    weight = torch.sigmoid((noise - float(rng.uniform(0.3, 1.2))) * float(rng.uniform(2, 6)))
+    factor = float(rng.uniform(0.5, 0.85)) if rng.random() < 0.5 else float(rng.uniform(1.15, 1.5))
+    return original * (1 + (factor - 1) * weight[None])
+
+
+def thin_strokes(original: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """1-3 random-walk polylines 1-3 px wide, darker or brighter than the surface: cracks, scratches, fibres."""
+    from PIL import Image, ImageDraw
+
+    size = original.shape[-1]
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(1, 4))):
+        point = rng.uniform(0, size, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        points = [tuple(point)]
+        for _ in range(int(rng.integers(3, 10))):
+            angle += rng.normal(0, 0.5)
+            point = point + rng.uniform(size / 24, size / 8) * np.array([np.cos(angle), np.sin(angle)])
+            points.append(tuple(point))
+        draw.line(points, fill=255, width=int(rng.integers(1, max(2, size // 48) + 1)))
+    stroke = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None]
+    factor = float(rng.uniform(0.15, 0.6)) if rng.random() < 0.75 else float(rng.uniform(1.4, 2.2))
+    return original * (1 + (factor - 1) * stroke)
+
+
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(B, 3, S, S) uint8 -> float32 normalised."""
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -294,8 +364,11 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (images.float() / 255.0 - mean_t) / std_t
 
 
-def make_proxy_batch(images: torch.Tensor, config: AnomalyLearnerConfig, seed: int) -> ProxyBatch:
-    """The proxy-task inputs and targets of (B, 3, S, S) uint8 normal images; a function of `seed` only."""
+def make_proxy_batch(
+    images: torch.Tensor, config: AnomalyLearnerConfig, seed: int, synthesis: str = "mixed"
+) -> ProxyBatch:
+    """The proxy-task inputs and targets of (B, 3, S, S) uint8 normal images; a function of `seed` only.
+    `synthesis`: the synthetic-anomaly mix of the segmentation task (``SYNTHESIS_MIXES``)."""
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     batch = images.shape[0]
@@ -312,7 +385,7 @@ def make_proxy_batch(images: torch.Tensor, config: AnomalyLearnerConfig, seed: i
     inpaint_mask = inpaint_pattern(config.grid, config.cell_size, phases)
     labels = torch.randint(0, 4, (batch, config.grid, config.grid), generator=generator)
     rotation_input = rotate_cells(clean, labels, config.cell_size)
-    anomalous, masks = synthesize_anomalies(images, rng, config.anomaly_probability)
+    anomalous, masks = synthesize_anomalies(images, rng, config.anomaly_probability, mix=synthesis)
     return ProxyBatch(
         clean=clean,
         inpaint_mask=inpaint_mask,

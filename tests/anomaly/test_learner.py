@@ -133,6 +133,30 @@ def test_synthetic_anomaly_masks_are_exactly_the_changed_pixels():
     assert torch.equal(again.segment_input, batch.segment_input)  # a function of the seed only
 
 
+def test_varied_synthesis_adds_smooth_regions_thin_strokes_and_edge_damage():
+    from cadmtl.anomaly.learner import edge_band, thin_strokes, uneven_brightness
+
+    images = normal_uint8(16, size=64)
+    out, masks = synthesize_anomalies(images, np.random.default_rng(0), probability=1.0, mix="varied")
+    assert torch.equal(masks, (out != images).any(1)) and masks.flatten(1).any(1).sum() >= 14
+    rng = np.random.default_rng(1)
+    flat = torch.full((3, 64, 64), 100.0)
+    strokes = thin_strokes(flat, rng)
+    changed = (strokes != flat).any(0)
+    assert 0 < changed.float().mean() < 0.15  # thin lines, not blobs
+    smooth = uneven_brightness(flat, rng)
+    assert (smooth - flat).abs().amax() >= 15 and (smooth != flat).any(0).float().mean() > 0.05
+    band = edge_band(64, rng)
+    rows, cols = band.nonzero(as_tuple=True)
+    assert {0, 63} & {int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())}  # touches a side
+    assert band.float().mean() <= 0.21
+    with pytest.raises(ValueError, match="synthesis mix must be one of"):
+        synthesize_anomalies(images, rng, mix="draem")
+    config = small_config(image_size=64, anomaly_probability=1.0)
+    batch = make_proxy_batch(images, config, seed=5, synthesis="varied")
+    assert torch.equal((batch.segment_input != batch.clean).any(1), batch.segment_mask.bool())
+
+
 def test_a_few_steps_reduce_each_proxy_loss():
     torch.manual_seed(0)
     config = small_config(anomaly_probability=1.0)
