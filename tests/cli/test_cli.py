@@ -54,7 +54,7 @@ def test_adding_a_command_is_one_row(capsys) -> None:
     try:
         assert main(["anomaly", "--help"]) == 0
         assert "  new       a new command" in capsys.readouterr().out
-        assert "fit | evaluate | predict | train | new" in usage_text()
+        assert "fit | evaluate | predict | train | protocol | new" in usage_text()
         with pytest.raises(SystemExit):
             main(["anomaly", "new", "--help"])
         assert capsys.readouterr().out.startswith("usage: cadmtl export onnx")  # the row's main ran
