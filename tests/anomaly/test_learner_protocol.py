@@ -33,11 +33,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def demo_repo(tmp_path_factory):
-    from dataset_scripts.make_demo import build_demo
+    from dataset_scripts.make_demo import build_demo_dataset
 
     repo = tmp_path_factory.mktemp("demo") / "repo"
     # 3 defect types with 2 images each in validation and in test (see make_demo's class draw).
-    build_demo(repo, train=12, validation=12, test=12, configs=["chassis_cls"], ad_configs=["exterior_ad"])
+    build_demo_dataset(repo, train=12, validation=12, test=12, configs=["chassis_cls"], ad_configs=["exterior_ad"])
     return repo
 
 
