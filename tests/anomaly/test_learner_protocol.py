@@ -132,10 +132,10 @@ def test_max_minutes_stops_early_and_saves_a_model_that_predicts(
 
 @pytest.mark.slow
 def test_protocol_trains_once_per_seed_and_reports_every_fold(demo_repo, tmp_path, fresh_accelerate_state):
-    from cadmtl.anomaly.command import main
+    from cadmtl.cli import main
 
     out = tmp_path / "loto"
-    argv = ["protocol", str(demo_repo), "--config", "exterior_ad", "--output-dir", str(out)]
+    argv = ["anomaly", "protocol", str(demo_repo), "--config", "exterior_ad", "--output-dir", str(out)]
     argv += ["--seeds", "0", "1", "--figure-images", "1", *TINY, "--max-steps", "3"]
     assert main(argv) == 0
     report = json.loads((out / "protocol.json").read_text())
@@ -159,6 +159,7 @@ def test_protocol_trains_once_per_seed_and_reports_every_fold(demo_repo, tmp_pat
     assert main(argv) == 0
     assert not (out / "seed-0" / "logs").exists()
     bad = [
+        "anomaly",
         "protocol",
         str(demo_repo),
         "--config",

@@ -16,6 +16,15 @@ from cadmtl import cli
 from cadmtl.training.launch import run_child
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_as_on_a_terminal():
+    """A shell starts background jobs (`pytest ... &`) with SIGINT ignored, which children inherit: these tests need
+    Ctrl-C to behave as in a foreground terminal, whatever started the test run."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
     def interrupted(argv):
         raise KeyboardInterrupt
@@ -84,6 +93,7 @@ def test_ctrl_c_in_a_real_command_prints_no_traceback(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not an inherited SIG_IGN
     )
     deadline = time.monotonic() + 240
     while not out.exists() and time.monotonic() < deadline and process.poll() is None:
