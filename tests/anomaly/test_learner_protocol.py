@@ -37,7 +37,9 @@ def demo_repo(tmp_path_factory):
 
     repo = tmp_path_factory.mktemp("demo") / "repo"
     # 3 defect types with 2 images each in validation and in test (see make_demo's class draw).
-    build_demo_dataset(repo, train=12, validation=12, test=12, configs=["chassis_cls"], ad_configs=["exterior_ad"])
+    build_demo_dataset(
+        repo, train=12, validation=12, test=12, configs=["chassis_cls"], ad_configs=["exterior_ad"]
+    )
     return repo
 
 
