@@ -299,7 +299,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[384, 768])
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--projection-dim", type=int, default=128)
-    parser.add_argument("--coreset-dtypes", nargs="+", default=["float16", "float32"], choices=sorted(DTYPES))
+    parser.add_argument("--coreset-dtypes", nargs="+", default=["float32"], choices=sorted(DTYPES))
     parser.add_argument("--bank-sizes", type=int, nargs="+", default=[100_000, 10_000])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])

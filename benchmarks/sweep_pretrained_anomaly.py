@@ -35,16 +35,21 @@ from cadmtl.pretrained import pretrained_backbone
 from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import backbone_normalization
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import gaussian_blur, image_scores
 
-LEVEL_CHANNELS = {
-    2: (0, 40),
-    3: (40, 152),
-    4: (152, 472),
-}  # EfficientNet-Lite0 levels in the [2, 3, 4] concat
+LEVEL_CHANNELS: dict[int, tuple[int, int]] = {}  # level -> its channel slice in the [2, 3, 4] concat
+
+
+def level_channels(extractor: PatchFeatureExtractor) -> dict[int, tuple[int, int]]:
+    """Channel slice of each feature level (2 / 3 / 4) in the extractor's concatenation, for any Lite variant."""
+    slices, start = {}, 0
+    for level in extractor.layers:
+        width = extractor.backbone.channels[extractor._timm_level(level)]
+        slices[level], start = (start, start + width), start + width
+    return slices
 
 
 @torch.no_grad()
 def raw_features(extractor: PatchFeatureExtractor, images, size: int, mean, std, batch_size: int = 16):
-    """(N, 472, h, w) float16: levels 2 / 3 / 4 at the stride-8 grid, not pooled."""
+    """(N, C, h, w) float16: levels 2 / 3 / 4 at the stride-8 grid, not pooled."""
     chunks = []
     for start in range(0, len(images), batch_size):
         pixels = to_pixel_values(images[start : start + batch_size], size, mean, std)
@@ -146,6 +151,7 @@ def main() -> None:
     backbone = pretrained_backbone(args.backbone)
     mean, std = backbone_normalization(backbone.config)
     extractor = PatchFeatureExtractor(backbone, [2, 3, 4], aggregate=False).eval()
+    LEVEL_CHANNELS.update(level_channels(extractor))
     train = normal_only(load_anomaly_split(args.repo, args.config, "train"), "train")
     generator = np.random.default_rng(args.seed)
     train = [train[i] for i in sorted(generator.permutation(len(train))[: args.bank_images])]

@@ -191,7 +191,8 @@ def fit(args: argparse.Namespace) -> int:
     scorer.config.tile_size, scorer.config.tile_overlap = args.tile_size, args.tile_overlap or 0
     processor = anomaly_processor(scorer)
     started = time.perf_counter()
-    pixel_values = bank_pixel_values([s.image for s in bank_images], processor)
+    images = tqdm([s.image for s in bank_images], desc="bank features", leave=False)
+    pixel_values = bank_pixel_values(images, processor)
     scorer.fit(pixel_values, batch_size=args.batch_size, few_shot=bool(args.few_shot))
     fit_seconds = time.perf_counter() - started
     if calibration:

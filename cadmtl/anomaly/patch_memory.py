@@ -183,7 +183,11 @@ class PatchMemoryScorer(PatchMemoryModel):
         bank = torch.cat(features)
         config = self.config
         if not few_shot and config.coreset_fraction < 1.0:
-            bank = bank[greedy_coreset(bank, config.coreset_fraction, config.seed, config.projection_dim)]
+            bank = bank[
+                greedy_coreset(
+                    bank, config.coreset_fraction, config.seed, config.projection_dim, progress=True
+                )
+            ]
         self.set_memory_bank(bank)
         return self
 

@@ -50,6 +50,22 @@ def test_coreset_without_projection_is_exact_farthest_point_sampling():
     assert order == chosen
 
 
+@pytest.mark.parametrize("candidates,chunk_size", [(1, 1000), (8, 97), (512, 131072)])
+def test_batched_coreset_keeps_farthest_point_order(candidates, chunk_size):
+    # the batches (candidate pools, chunked updates) must not change the order of one-point-at-a-time sampling
+    points = torch.randn(1500, 24, generator=torch.Generator().manual_seed(4)) * torch.linspace(0.2, 3, 24)
+    order = greedy_coreset(
+        points, 0.1, seed=2, projection_dim=None, candidates=candidates, chunk_size=chunk_size
+    ).tolist()
+    double = points.double()
+    chosen = [int(torch.randint(1500, (1,), generator=torch.Generator().manual_seed(2)))]
+    nearest = torch.cdist(double, double[chosen]).squeeze(1)
+    while len(chosen) < 150:
+        chosen.append(int(nearest.argmax()))
+        nearest = torch.minimum(nearest, torch.cdist(double, double[chosen[-1:]]).squeeze(1))
+    assert order == chosen
+
+
 @pytest.mark.parametrize("chunk_size,bank_chunk_size", [(1, 17), (7, 13), (64, 1000), (1000, 5)])
 @pytest.mark.parametrize("k", [1, 3])
 def test_chunked_nearest_neighbor_matches_brute_force(chunk_size, bank_chunk_size, k):
