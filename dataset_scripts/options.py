@@ -29,6 +29,17 @@ ERROR_VERDICT = "error"
 Parser = argparse.ArgumentParser | argparse._ArgumentGroup
 
 
+def positive_int(text: str) -> int:
+    """argparse `type=` for counts and sizes: an integer >= 1, or argparse's usage error naming the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_option(parser: Parser, flag: str, *, old: Sequence[str] = (), **kwargs: Any) -> argparse.Action:
     """`parser.add_argument(flag, **kwargs)`, plus each spelling in `old` as a hidden alias of it.
 

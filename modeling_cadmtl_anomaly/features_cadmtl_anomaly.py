@@ -175,12 +175,17 @@ class PatchFeatureExtractor(nn.Module):
         return torch.cat(maps, dim=1)
 
 
-def random_projection(features: torch.Tensor, dim: int = 128, seed: int = 0) -> torch.Tensor:
-    """Seeded Gaussian random projection (N, C) -> (N, dim) float32, scaled to preserve distances in expectation
-    (Johnson-Lindenstrauss)."""
+def random_projection_matrix(in_dim: int, dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """The seeded Gaussian matrix (in_dim, dim) of `random_projection`, scaled to preserve distances in
+    expectation (Johnson-Lindenstrauss). Drawn eagerly: an exported graph cannot hold a seeded random draw, so an
+    index keeps the matrix it was built with."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    matrix = torch.randn(features.shape[1], dim, generator=generator).to(features.device) / math.sqrt(dim)
-    return features.float() @ matrix
+    return torch.randn(in_dim, dim, generator=generator) / math.sqrt(dim)
+
+
+def random_projection(features: torch.Tensor, dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Seeded Gaussian random projection (N, C) -> (N, dim) float32."""
+    return features.float() @ random_projection_matrix(features.shape[1], dim, seed).to(features.device)
 
 
 def _ranking_distances(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor) -> torch.Tensor:
@@ -237,6 +242,11 @@ class NearestNeighborIndex:
         self.bank = self._prepare(bank.float())
         self.projection_dim = projection_dim if projection_dim and projection_dim < bank.shape[1] else None
         self.seed = seed
+        self.projection_matrix = (
+            None
+            if self.projection_dim is None
+            else random_projection_matrix(bank.shape[1], self.projection_dim, seed).to(bank.device)
+        )
         self.compute_dtype = compute_dtype
         self.approximate = compute_dtype is not None or self.projection_dim is not None
         self.num_candidates = num_candidates
@@ -254,8 +264,8 @@ class NearestNeighborIndex:
         return F.normalize(features, dim=1) if self.metric == "cosine" else features
 
     def _search_space(self, features: torch.Tensor) -> torch.Tensor:
-        if self.projection_dim is not None:
-            features = random_projection(features, self.projection_dim, self.seed)
+        if self.projection_matrix is not None:
+            features = features.float() @ self.projection_matrix
         return features if self.compute_dtype is None else features.to(self.compute_dtype)
 
     @torch.no_grad()

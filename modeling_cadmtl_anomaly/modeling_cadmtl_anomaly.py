@@ -210,6 +210,7 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         self.register_buffer("memory_bank", torch.zeros(config.memory_bank_size, self.extractor.num_channels))
         self._index: NearestNeighborIndex | None = None
         self._index_bank: torch.Tensor | None = None
+        self._export_index: NearestNeighborIndex | None = None
         self.post_init()
         self.eval()
 
@@ -246,14 +247,14 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
 
     def index(self) -> NearestNeighborIndex:
         """The search index of the current memory bank, built once per bank (rebuilt after a new bank; the
-        inverted file's k-means runs here, seeded). While exporting, an exact float32 index is built inside the
-        graph from the `memory_bank` buffer: approximate modes (dtype, projection, inverted file) are not
-        exported."""
+        inverted file's k-means runs here, seeded). While exporting, the index `export_index` built: exact float32,
+        or the float32 projected search with exact re-ranking (`search_projection_dim`); a reduced `search_dtype`
+        and the inverted file are not exported."""
         if self.memory_bank.shape[0] == 0:
             raise ValueError("the memory bank is empty: fit the scorer (cadmtl anomaly fit) before scoring")
         config = self.config
         if torch.compiler.is_exporting():
-            return NearestNeighborIndex(self.memory_bank, config.metric, seed=config.seed)
+            return self._export_index if self._export_index is not None else self.export_index()
         if self._index is None or self._index_bank is not self.memory_bank:
             dtype = getattr(torch, config.search_dtype) if config.search_dtype else None
             self._index = NearestNeighborIndex(
@@ -268,6 +269,20 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
             )
             self._index_bank = self.memory_bank
         return self._index
+
+    def export_index(self) -> NearestNeighborIndex:
+        """The index an exported graph searches with, built before tracing (its projection matrix is a seeded
+        random draw, which a graph cannot hold) and kept for the export: float32, projected to
+        `search_projection_dim` dims with `num_candidates` re-ranked exactly when that is set, else exact."""
+        config = self.config
+        self._export_index = NearestNeighborIndex(
+            self.memory_bank,
+            config.metric,
+            projection_dim=config.search_projection_dim,
+            num_candidates=config.num_candidates,
+            seed=config.seed,
+        )
+        return self._export_index
 
     def set_memory_bank(self, bank: torch.Tensor) -> None:
         """Replace the memory bank (M, C) of normal patch features (the search index is rebuilt)."""

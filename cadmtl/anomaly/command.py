@@ -59,6 +59,7 @@ from dataset_scripts.options import (
     add_output_dir_option,
     add_seed_option,
     add_tile_options,
+    positive_int,
 )
 from dataset_scripts.provenance import training_data_record
 from dataset_scripts.safe_paths import SafeOutputPaths, safe_output_path
@@ -184,6 +185,8 @@ def fit(args: argparse.Namespace) -> int:
         seed=args.seed,
         search_num_lists=args.search_lists,
         search_num_probes=args.search_probes,
+        search_projection_dim=args.search_projection_dim,
+        num_candidates=args.search_candidates,
         **settings,
     )
     # Fitted on tiles, the bank holds patches at the scale the tiles are scored at (a small defect stays visible);
@@ -413,10 +416,24 @@ def fit_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="approximate inverted-file search when scoring: k-means lists of the bank (~sqrt of its size); "
-        "default exact (the ONNX export always searches exactly)",
+        "default exact (the ONNX export searches exactly instead)",
     )
     parser.add_argument(
         "--search-probes", type=int, default=8, help="lists searched per patch with --search-lists"
+    )
+    parser.add_argument(
+        "--search-projection-dim",
+        type=positive_int,
+        default=None,
+        help="approximate search when scoring, in PyTorch and in the ONNX export: nearest-neighbour candidates "
+        "on a seeded projection to this many dims, re-ranked exactly (--search-candidates of them); "
+        "default exact",
+    )
+    parser.add_argument(
+        "--search-candidates",
+        type=positive_int,
+        default=16,
+        help="candidates re-ranked exactly per patch with --search-projection-dim",
     )
     add_tile_options(
         parser,

@@ -4,9 +4,9 @@ reuse the PyTorch pre- and post-processing.
 - **Anomaly models** (a folder written by `cadmtl anomaly fit` / `train`, i.e. `DIR/model`): `model.onnx` maps
   `pixel_values (batch, 3, H, W)` at the model's size to `anomaly_maps (batch, H, W)` and `image_scores (batch,)`,
   the fields of `AnomalyOutput`. The patch-memory scorer's memory bank is a constant of the graph and its nearest
-  neighbours are searched exactly in float32 (an approximate `search_dtype`, `search_projection_dim` or inverted
-  file, `search_num_lists`, of the PyTorch model is not carried over: the graph's scores are the exact ones, and
-  its cost grows with the bank); the learner's four inpainting / rotation passes and its normal statistics are in the graph too. Beside it:
+  neighbours are searched in float32: exactly, or, with the model's `search_projection_dim`, on the seeded
+  projection with `num_candidates` re-ranked exactly (as the PyTorch model does; a reduced `search_dtype` or an
+  inverted file, `search_num_lists`, is not carried over: the graph then searches exactly); the learner's four inpainting / rotation passes and its normal statistics are in the graph too. Beside it:
   `config.json` (with the calibrated thresholds) and `preprocessor_config.json` (`AnomalyImageProcessor`).
   `AnomalyOnnxPredictor` gives the maps at each image's size, the score, the OK / NG verdict and the defect mask.
 - **Reference localiser** (the `localizer.json` of `cadmtl reference localize`, or its output folder): `model.onnx`
@@ -119,6 +119,8 @@ def export_anomaly_onnx(
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / ONNX_FILE
     example = (torch.randn(2, 3, height, width),)
+    if hasattr(model, "export_index"):  # the scorer draws its search projection before tracing
+        model.export_index()
     _export(_AnomalyGraph(model), example, onnx_path, ["pixel_values"], ANOMALY_OUTPUTS, opset, optimize)
     model.config.save_pretrained(out_dir)
     AnomalyImageProcessor.from_model_config(model.config).save_pretrained(out_dir)

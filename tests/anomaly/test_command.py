@@ -124,9 +124,7 @@ def test_evaluate_and_predict_also_take_a_saved_learner(repo: Path, tmp_path) ->
     assert all(row["verdict"] == ("NG" if float(row["anomaly_score"]) >= 0.5 else "OK") for row in rows)
 
 
-def test_fit_with_an_inverted_file_search_saves_it_and_refuses_bad_probes(
-    repo: Path, tmp_path, capsys
-) -> None:
+def test_fit_saves_the_approximate_search_options_and_refuses_bad_ones(repo: Path, tmp_path, capsys) -> None:
     argv = [
         "anomaly",
         "fit",
@@ -146,3 +144,10 @@ def test_fit_with_an_inverted_file_search_saves_it_and_refuses_bad_probes(
         == 2
     )
     assert "num_probes must be between 1 and num_lists (2); got 3" in capsys.readouterr().err
+    projected = ["--search-projection-dim", "16", "--search-candidates", "4"]
+    assert main([*argv, "--output-dir", str(tmp_path / "projected"), *projected]) == 0
+    config = json.loads((tmp_path / "projected" / "model" / "config.json").read_text())
+    assert (config["search_projection_dim"], config["num_candidates"]) == (16, 4)
+    with pytest.raises(SystemExit):
+        main([*argv, "--output-dir", str(tmp_path / "bad"), "--search-projection-dim", "0"])
+    assert "--search-projection-dim: must be >= 1, got 0" in capsys.readouterr().err

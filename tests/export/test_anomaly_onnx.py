@@ -171,6 +171,21 @@ def test_scorer_export_matches_pytorch(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_scorer_export_keeps_the_projected_search(tmp_path: Path) -> None:
+    # `search_projection_dim` is searched in the graph as in PyTorch (the same seeded matrix, drawn before tracing)
+    exact = fitted_scorer(tmp_path / "model")
+    exact.config.search_projection_dim, exact.config.num_candidates = 4, 1
+    exact.save_pretrained(tmp_path / "projected")
+    projected = PatchMemoryScorer.from_pretrained(tmp_path / "projected")
+    assert cadmtl(["export", "onnx", str(tmp_path / "projected"), str(tmp_path / "onnx")]) == 0
+    assert_parity(projected, tmp_path / "onnx", pictures())
+    pixel_values = AnomalyImageProcessor.from_pretrained(tmp_path / "onnx")(pictures())["pixel_values"]
+    graph_maps = AnomalyOnnxPredictor(tmp_path / "onnx").run(pixel_values)["anomaly_maps"]
+    exact_maps = PatchMemoryScorer.from_pretrained(tmp_path / "model").predict(pixel_values).anomaly_maps
+    assert (graph_maps - exact_maps).abs().max() > 1e-3  # one candidate on 4 dims misses true neighbours
+
+
+@pytest.mark.slow
 def test_learner_export_matches_pytorch(tmp_path: Path) -> None:
     torch.manual_seed(0)
     learner = AnomalyLearner(AnomalyLearnerConfig(preset="tiny", image_size=32)).eval()
