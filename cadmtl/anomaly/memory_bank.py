@@ -66,13 +66,17 @@ def greedy_coreset(
     first = int(torch.randint(num_points, (1,), generator=generator))
     selected = [first]
     # min_distances[i] = squared distance from point i to the selected set; ||a||^2 - 2ab + ||b||^2.
-    min_distances = squared_norms - 2 * torch.mv(points, points[first]).float() + squared_norms[first]
-    min_distances[first] = -1.0  # selected points are never picked again, even under rounding
+    # Clamped at 0 (rounding can dip below it for duplicates), so -1 marks exactly the selected points and every
+    # batch's first pick, the farthest point overall, is always taken.
+    min_distances = (
+        squared_norms - 2 * torch.mv(points, points[first]).float() + squared_norms[first]
+    ).clamp_(min=0)
+    min_distances[first] = -1.0
     bar = tqdm(
         total=target, initial=1, desc=f"coreset of {num_points} patches", disable=not progress, leave=False
     )
     while len(selected) < target:
-        # c < N - len(selected) + 1, so topk has a (c + 1)-th value: no point outside the candidates is farther.
+        # num_candidates + 1 <= N, so topk has a (c + 1)-th value: the farthest point outside the candidates.
         num_candidates = min(candidates, num_points - len(selected))
         distances, indices = torch.topk(min_distances, num_candidates + 1)
         outside = float(distances[num_candidates])
@@ -104,7 +108,12 @@ def _farthest_among(
     candidate_points = points[indices]
     norms = squared_norms[indices]
     pairwise = (
-        torch.mm(candidate_points, candidate_points.T).float().mul_(-2).add_(norms[:, None]).add_(norms[None])
+        torch.mm(candidate_points, candidate_points.T)
+        .float()
+        .mul_(-2)
+        .add_(norms[:, None])
+        .add_(norms[None])
+        .clamp_(min=0)
     )
     pairwise, remaining = pairwise.numpy(), distances.clone().numpy()
     picked: list[int] = []
@@ -134,7 +143,9 @@ def _lower_to_new_centres(
             centre_norms[None].to(points.dtype), points[rows], centre_points.T, alpha=-2
         ).float()
         torch.minimum(
-            min_distances[rows], nearest.min(dim=1).values.add_(squared_norms[rows]), out=min_distances[rows]
+            min_distances[rows],
+            nearest.min(dim=1).values.add_(squared_norms[rows]).clamp_(min=0),
+            out=min_distances[rows],
         )
     min_distances[centres] = -1.0
 

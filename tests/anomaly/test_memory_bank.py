@@ -66,6 +66,14 @@ def test_batched_coreset_keeps_farthest_point_order(candidates, chunk_size):
     assert order == chosen
 
 
+def test_coreset_of_duplicated_points_terminates_with_distinct_indices():
+    # identical patches (a constant image) have distances that round below 0: every batch must still pick
+    points = torch.cat([torch.ones(300, 16) * 0.37, torch.randn(5, 16)])
+    indices = greedy_coreset(points, 0.5, seed=1, candidates=8)
+    assert indices.numel() == 153 and indices.unique().numel() == 153
+    assert set(range(300, 305)) <= set(indices.tolist())  # the 5 distinct points come before the duplicates
+
+
 @pytest.mark.parametrize("chunk_size,bank_chunk_size", [(1, 17), (7, 13), (64, 1000), (1000, 5)])
 @pytest.mark.parametrize("k", [1, 3])
 def test_chunked_nearest_neighbor_matches_brute_force(chunk_size, bank_chunk_size, k):
