@@ -31,12 +31,21 @@ Parser = argparse.ArgumentParser | argparse._ArgumentGroup
 
 def positive_int(text: str) -> int:
     """argparse `type=` for counts and sizes: an integer >= 1, or argparse's usage error naming the flag."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse `type=` for an integer >= 0 (where 0 switches something off)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
 
 

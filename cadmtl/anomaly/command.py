@@ -59,6 +59,7 @@ from dataset_scripts.options import (
     add_output_dir_option,
     add_seed_option,
     add_tile_options,
+    non_negative_int,
     positive_int,
 )
 from dataset_scripts.provenance import training_data_record
@@ -158,10 +159,12 @@ def scorer_settings(backbone: str, args: argparse.Namespace) -> dict:
         "k": args.k,
         "image_score": args.image_score,
         "aggregate": False if args.no_pooling else None,
+        "search_projection_dim": args.search_projection_dim,
     }
     settings = {**defaults, **{key: value for key, value in given.items() if value is not None}}
     size = settings["image_size"]
     settings["image_size"] = (size, size)
+    settings["search_projection_dim"] = settings["search_projection_dim"] or None  # 0: exact
     return settings
 
 
@@ -187,7 +190,6 @@ def fit(args: argparse.Namespace) -> int:
         seed=args.seed,
         search_num_lists=args.search_lists,
         search_num_probes=args.search_probes,
-        search_projection_dim=args.search_projection_dim,
         num_candidates=args.search_candidates,
         **settings,
     )
@@ -425,11 +427,11 @@ def fit_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--search-projection-dim",
-        type=positive_int,
+        type=non_negative_int,
         default=None,
         help="approximate search when scoring, in PyTorch and in the ONNX export: nearest-neighbour candidates "
-        "on a seeded projection to this many dims, re-ranked exactly (--search-candidates of them); "
-        "default exact",
+        "on a seeded projection to this many dims, re-ranked exactly (--search-candidates of them); 0: exact; "
+        "default 64 for the EfficientNet-Lite presets, else exact",
     )
     parser.add_argument(
         "--search-candidates",

@@ -149,5 +149,10 @@ def test_fit_saves_the_approximate_search_options_and_refuses_bad_ones(repo: Pat
     config = json.loads((tmp_path / "projected" / "model" / "config.json").read_text())
     assert (config["search_projection_dim"], config["num_candidates"]) == (16, 4)
     with pytest.raises(SystemExit):
-        main([*argv, "--output-dir", str(tmp_path / "bad"), "--search-projection-dim", "0"])
-    assert "--search-projection-dim: must be >= 1, got 0" in capsys.readouterr().err
+        main([*argv, "--output-dir", str(tmp_path / "bad"), "--search-projection-dim", "-1"])
+    assert "--search-projection-dim: must be >= 0, got -1" in capsys.readouterr().err
+    assert main([*argv, "--output-dir", str(tmp_path / "exact")]) == 0
+    assert (
+        json.loads((tmp_path / "exact" / "model" / "config.json").read_text())["search_projection_dim"]
+        is None
+    )

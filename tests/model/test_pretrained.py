@@ -362,7 +362,13 @@ def test_the_cpu_default_is_the_pretrained_scorer_or_tiny_with_a_notice(monkeypa
     settings = scorer_settings(NAME, args)
     assert settings["k"] == 3 and settings["layers"] == [2, 3, 4] and settings["image_size"] == (384, 384)
     assert settings["image_score"] == "top_mean" and settings["coreset_fraction"] == 0.01
+    assert settings["search_projection_dim"] == 64  # approximate search, exact re-ranking
     assert scorer_settings("tiny", args)["image_size"] == (224, 224)
+    assert scorer_settings("tiny", args)["search_projection_dim"] is None
+    exact = command.fit_parser().parse_args(
+        ["repo", "--config", "c_ad", "--output-dir", "o", "--search-projection-dim", "0"]
+    )
+    assert scorer_settings(NAME, exact)["search_projection_dim"] is None
 
     def missing() -> None:
         raise ImportError("the EfficientNet-Lite backbones need timm, which is not installed")
