@@ -292,6 +292,7 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
             )
         self.memory_bank = bank.to(self.memory_bank.device, torch.float32).contiguous()
         self.config.memory_bank_size = int(bank.shape[0])
+        self._export_index = None  # drawn again for the new bank by the next export
 
     def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> AnomalyOutput:
         """(B, 3, H, W) normalised images -> maps (B, H, W) at the input size, image scores (B,), decisions."""
