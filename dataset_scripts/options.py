@@ -14,7 +14,8 @@ not be scored.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,19 @@ def _int_at_least(text: str, minimum: int) -> int:
     if value < minimum:
         raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def exit_status(
+    run: Callable[[], object], user_errors: tuple[type[Exception], ...] = (FileNotFoundError, ValueError)
+) -> int:
+    """A command's exit status: 0 when `run()` returns, 2 with one `error: ...` line on stderr (no traceback) when
+    it raises one of `user_errors` (a missing file, an unusable config or split)."""
+    try:
+        run()
+    except user_errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def add_option(parser: Parser, flag: str, *, old: Sequence[str] = (), **kwargs: Any) -> argparse.Action:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from cadmtl.pictures.overlays import draw_anomaly_map
+from dataset_scripts.options import exit_status
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import gaussian_blur
 
 from .data import AnomalySample, load_anomaly_split, normal_only
@@ -470,12 +471,7 @@ def protocol_table(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`cadmtl anomaly protocol`: exit status 0, or 2 with one line on stderr for a user error."""
-    try:
-        run_protocol(argv)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run_protocol(argv))
 
 
 if __name__ == "__main__":

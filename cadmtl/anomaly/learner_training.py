@@ -39,7 +39,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +54,7 @@ from transformers import get_cosine_schedule_with_warmup
 from cadmtl.training.checkpoint import LoopState, find_checkpoint, register_stateful, save_checkpoint
 from cadmtl.training.tracking import JsonlTracker
 from cadmtl.training.weighting import build_weighting
+from dataset_scripts.options import exit_status
 
 from .data import AnomalySample, iter_anomaly_split, load_anomaly_split, normal_only
 from .learner import (
@@ -572,12 +572,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """`cadmtl anomaly train` / `accelerate launch -m cadmtl.anomaly.learner_training`: exit status 0, or 2 with
     one line on stderr for a user error (a missing or unusable config or split, too few images)."""
-    try:
-        train(argv)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: train(argv))
 
 
 if __name__ == "__main__":

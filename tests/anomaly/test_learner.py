@@ -44,13 +44,7 @@ def normal_uint8(count: int, seed: int = 0, size: int = SIZE) -> torch.Tensor:
     return torch.from_numpy(np.clip(images, 0, 255).round().astype(np.uint8))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run fastest on one thread; two threads on a busy 2-core machine run ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ from cadmtl.anomaly.learner_protocol import (
 TINY = ["--image-size", "32", "--batch-size", "4", "--held-out-images", "4", "--mixed-precision", "no"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
