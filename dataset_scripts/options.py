@@ -53,14 +53,14 @@ def _int_at_least(text: str, minimum: int) -> int:
 def exit_status(
     run: Callable[[], object], user_errors: tuple[type[Exception], ...] = (FileNotFoundError, ValueError)
 ) -> int:
-    """A command's exit status: 0 when `run()` returns, 2 with one `error: ...` line on stderr (no traceback) when
-    it raises one of `user_errors` (a missing file, an unusable config or split)."""
+    """A command's exit status: what `run()` returns when that is an int, else 0; 2 with one `error: ...` line on
+    stderr (no traceback) when it raises one of `user_errors` (a missing file, an unusable config or split)."""
     try:
-        run()
+        status = run()
     except user_errors as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 def add_option(parser: Parser, flag: str, *, old: Sequence[str] = (), **kwargs: Any) -> argparse.Action:

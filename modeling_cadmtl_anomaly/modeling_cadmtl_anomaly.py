@@ -247,9 +247,9 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
 
     def index(self) -> NearestNeighborIndex:
         """The search index of the current memory bank, built once per bank (rebuilt after a new bank; the
-        inverted file's k-means runs here, seeded). While exporting, the index `export_index` built: exact float32,
-        or the float32 projected search with exact re-ranking (`search_projection_dim`); a reduced `search_dtype`
-        and the inverted file are not exported."""
+        inverted file's k-means runs here, seeded). While exporting, the one `export_index` built (built here if it
+        was not): exact float32, or the float32 projected search with exact re-ranking (`search_projection_dim`); a
+        reduced `search_dtype` and the inverted file are not exported."""
         if self.memory_bank.shape[0] == 0:
             raise ValueError("the memory bank is empty: fit the scorer (cadmtl anomaly fit) before scoring")
         config = self.config

@@ -59,6 +59,7 @@ from dataset_scripts.options import (
     add_output_dir_option,
     add_seed_option,
     add_tile_options,
+    exit_status,
     non_negative_int,
     positive_int,
 )
@@ -490,13 +491,13 @@ def _run(
 ) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def run() -> int:
         if args.tile_size is not None or runner is fit:  # before any data or model is loaded
             check_tile_settings(args.tile_size, args.tile_overlap)
         return runner(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+
+    return exit_status(run)
 
 
 def fit_main(argv: Sequence[str] | None = None) -> int:

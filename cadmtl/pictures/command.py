@@ -17,8 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cadmtl.pictures.charts import plot_evaluation
@@ -29,6 +28,7 @@ from dataset_scripts.options import (
     add_output_dir_option,
     add_threshold_option,
     add_tile_options,
+    exit_status,
 )
 
 PREDICT_EXAMPLE = (
@@ -134,13 +134,9 @@ def run_charts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(runner: object, args: argparse.Namespace) -> int:
+def _run(runner: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return runner(args)  # type: ignore[operator]
-    except (FileNotFoundError, ImportError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: runner(args), (FileNotFoundError, ImportError, ValueError))
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
