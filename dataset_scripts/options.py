@@ -51,14 +51,16 @@ def _int_at_least(text: str, minimum: int) -> int:
 
 
 def exit_status(
-    run: Callable[[], object], user_errors: tuple[type[Exception], ...] = (FileNotFoundError, ValueError)
+    run: Callable[[], object],
+    user_errors: tuple[type[Exception], ...] = (FileNotFoundError, ValueError),
+    prefix: str = "error",
 ) -> int:
-    """A command's exit status: what `run()` returns when that is an int, else 0; 2 with one `error: ...` line on
+    """A command's exit status: what `run()` returns when that is an int, else 0; 2 with one `PREFIX: ...` line on
     stderr (no traceback) when it raises one of `user_errors` (a missing file, an unusable config or split)."""
     try:
         status = run()
     except user_errors as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{prefix}: {error}", file=sys.stderr)
         return 2
     return status if isinstance(status, int) else 0
 

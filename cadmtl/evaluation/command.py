@@ -18,10 +18,16 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from cadmtl.evaluation.model_evaluation import evaluate_model
 from cadmtl.model_kinds import ModelLoadError
-from dataset_scripts.options import add_batch_size_option, add_device_option, add_output_dir_option
+from dataset_scripts.options import (
+    add_batch_size_option,
+    add_device_option,
+    add_output_dir_option,
+    exit_status,
+)
 from dataset_scripts.schema import TASKS
 
 logger = logging.getLogger("cadmtl.evaluation.command")
@@ -105,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if task not in TASKS or not size.isdigit():
             parser.error(f"--image-size expects TASK=PX with TASK in cls/det/seg, got {item!r}")
         image_sizes[task] = int(size)
-    try:
+
+    def run() -> None:
         evaluation = evaluate_model(
             args.model,
             args.dataset,
@@ -120,25 +127,30 @@ def main(argv: list[str] | None = None) -> int:
             domain_conditioning=not args.no_domain_conditioning,
             verdict=not args.no_verdict,
         )
-    except ModelLoadError as error:  # a missing model or another kind of model: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        write_evaluation(evaluation, args.output_dir, args.split, args.name or args.model)
+
+    # a missing model or another kind of model: one line, no traceback
+    return exit_status(run, (ModelLoadError,))
+
+
+def write_evaluation(evaluation: dict, output_dir: Path, split: str, name: str) -> None:
+    """eval_results.json / .md in `output_dir` (main process only), the tables printed."""
     from accelerate import PartialState
 
     from cadmtl.evaluation.reporting import domain_tables
 
-    if PartialState().is_main_process:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        (args.output_dir / "eval_results.json").write_text(json.dumps(evaluation, indent=2))
-        tables = domain_tables({args.name or args.model: evaluation["results"]})
-        report = (evaluation.get("verdict") or {}).get("report")
-        if report is not None:
-            from cadmtl.evaluation.verdict import verdict_table
+    if not PartialState().is_main_process:
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "eval_results.json").write_text(json.dumps(evaluation, indent=2))
+    tables = domain_tables({name: evaluation["results"]})
+    report = (evaluation.get("verdict") or {}).get("report")
+    if report is not None:
+        from cadmtl.evaluation.verdict import verdict_table
 
-            tables += "\n\n**OK / NG verdict**\n\n" + verdict_table({args.split: report}) + "\n"
-        (args.output_dir / "eval_results.md").write_text(tables)
-        print(tables)
-    return 0
+        tables += "\n\n**OK / NG verdict**\n\n" + verdict_table({split: report}) + "\n"
+    (output_dir / "eval_results.md").write_text(tables)
+    print(tables)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ serves the folder with onnxruntime. The work is done by `cadmtl.export.onnx.expo
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
+from dataset_scripts.options import exit_status
 from modeling_cadmtl.configuration_cadmtl import TASKS
 
 EXAMPLE = """examples:
@@ -72,13 +72,11 @@ def onnx_main(argv: Sequence[str] | None = None) -> int:
     args = onnx_parser().parse_args(argv)
     from cadmtl.export.onnx import export_onnx
 
-    try:
+    def export() -> None:
         path = export_onnx(
             args.model, args.out_dir, task=args.task, image_size=args.image_size, opset=args.opset
         )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"cadmtl export onnx: {error}", file=sys.stderr)
-        return 2
-    extra = "localizer.json" if (path.parent / "localizer.json").is_file() else "config.json"
-    print(f"wrote {path} (+ preprocessor_config.json, {extra})")
-    return 0
+        extra = "localizer.json" if (path.parent / "localizer.json").is_file() else "config.json"
+        print(f"wrote {path} (+ preprocessor_config.json, {extra})")
+
+    return exit_status(export, prefix="cadmtl export onnx")
