@@ -35,6 +35,7 @@ from cadmtl.anomaly.learner import (
 )
 from cadmtl.anomaly.learner_training import standardised_task_maps
 from cadmtl.anomaly.metrics import AnomalyMetrics
+from cadmtl.evaluation.reporting import mean_std_cell
 
 KEYS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -94,10 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n| fusion | " + " | ".join(KEYS) + " | per defect type image AUROC |")
     print("|---|" + "---|" * (len(KEYS) + 1))
     for rule, runs in results.items():
-        cells = []
-        for key in KEYS:
-            values = np.array([run["metrics"][key] for run in runs])
-            cells.append(f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.1f}")
+        cells = [mean_std_cell([run["metrics"][key] for run in runs], digits=1) for key in KEYS]
         types = sorted(runs[0]["metrics"]["per_defect_type"])
         per_type = " / ".join(
             f"{t} {np.mean([run['metrics']['per_defect_type'][t]['image_auroc'] for run in runs]):.1f}"

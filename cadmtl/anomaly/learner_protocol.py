@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from cadmtl.evaluation.reporting import format_mean_std, mean_std
 from cadmtl.pictures.overlays import draw_anomaly_map
 from dataset_scripts.options import exit_status
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import gaussian_blur
@@ -277,11 +277,6 @@ def stack_rows(rows: Sequence[Image.Image], headings: Sequence[str | None]) -> I
 # ----------------------------------------------------------------------------------------------------------
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
-
-
 def train_seed(repo: str, config: str, run_dir: Path, seed: int, extra: Sequence[str]) -> dict[str, Any]:
     """Train one seed's learner into `run_dir` (or reuse a finished run there); returns its results.json."""
     results = run_dir / "results.json"
@@ -298,12 +293,6 @@ def train_seed(repo: str, config: str, run_dir: Path, seed: int, extra: Sequence
     PartialState._reset_state()
     GradientState._reset_state()
     return summary
-
-
-def fmt(mean: float, std: float, seeds: int) -> str:
-    if math.isnan(mean):
-        return "-"
-    return f"{mean:.1f} ± {std:.1f}" if seeds > 1 else f"{mean:.1f}"
 
 
 def run_protocol(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -459,7 +448,10 @@ def protocol_table(report: dict[str, Any]) -> str:
     for held_out, fold in report["per_fold"].items():
         others = " + ".join(t for t in report["types"] if t != held_out)
         chosen = ", ".join(r["setting"] for r in fold["seeds"].values())
-        cells = [fmt(fold["test"][k]["mean"], fold["test"][k]["std"], seeds) for k in REPORTED]
+        cells = [
+            format_mean_std(fold["test"][k]["mean"], fold["test"][k]["std"], seeds, digits=1)
+            for k in REPORTED
+        ]
         default = " / ".join(f"{fold['default_command'][k]['mean']:.1f}" for k in REPORTED)
         lines.append(f"| {held_out} | {others} | {' | '.join(cells)} | {chosen} | {default} |")
     means = {

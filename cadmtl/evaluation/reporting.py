@@ -94,13 +94,24 @@ def task_summary(results: Mapping[str, dict[str, Any]], split: str | None = None
     return summary
 
 
-def _mean_std(values: Sequence[float]) -> str:
-    if not values:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (std 0 for one seed; nan for none or where one is nan)."""
+    if not values or any(math.isnan(value) for value in values):
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_std_cell(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
+    """A table cell over seeds: `mean ± std`, `mean` for one seed, `-` for none (values times `scale`)."""
+    mean, std = mean_std(values)
+    return format_mean_std(scale * mean, scale * std, len(values), digits)
+
+
+def format_mean_std(mean: float, std: float, seeds: int, digits: int = 2) -> str:
+    """`mean ± std` with `digits` decimals; `mean` alone for one seed; `-` when the mean is nan (no seeds)."""
+    if math.isnan(mean):
         return "-"
-    mean = 100 * statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
 
 
 def comparison_table(rows: Sequence[tuple[str, str, Sequence[Mapping[str, float]]]]) -> str:
@@ -108,6 +119,6 @@ def comparison_table(rows: Sequence[tuple[str, str, Sequence[Mapping[str, float]
     lines = ["| Model | Method | seeds | " + " | ".join(title for _, title in HEADLINE.values()) + " |"]
     lines.append("|---|---|---|" + "---|" * len(HEADLINE))
     for model, method, summaries in rows:
-        cells = [_mean_std([s[task] for s in summaries if task in s]) for task in HEADLINE]
+        cells = [mean_std_cell([s[task] for s in summaries if task in s], scale=100) for task in HEADLINE]
         lines.append(f"| {model} | {method} | {len(summaries)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import yaml
 
 from cadmtl.data.sources import discover_sources, merged_labels
 from cadmtl.evaluation.command import main as evaluate_main
-from cadmtl.evaluation.reporting import comparison_table, domain_tables, task_summary
+from cadmtl.evaluation.reporting import comparison_table, domain_tables, mean_std, mean_std_cell, task_summary
 from cadmtl.presets import backbone_preset
 from cadmtl.testing import tiny_cadmtl_config
 from cadmtl.training.arguments import parse_arguments
@@ -188,3 +189,11 @@ def test_accelerate_configs_load(config: Path) -> None:
 def test_configs_dir_is_not_empty() -> None:
     assert shutil.which("accelerate") or Path(sys.executable).with_name("accelerate").exists()
     assert len(list((REPO_ROOT / "configs").glob("*.yaml"))) >= 6
+
+
+def test_mean_std_cells_over_seeds() -> None:
+    assert mean_std([0.98, 0.96]) == pytest.approx((0.97, 0.0141421356))
+    assert mean_std_cell([0.98, 0.96], scale=100) == "97.00 ± 1.41"
+    assert mean_std_cell([0.5], scale=100, digits=1) == "50.0"  # one seed: no spread to report
+    assert mean_std_cell([]) == "-"
+    assert mean_std_cell([0.5, math.nan]) == "-"  # a failed seed is not averaged away
