@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from cadmtl.training.launch import reset_accelerate_state
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 
@@ -74,11 +76,7 @@ def adaptive_loop(
     if args.compile:
         argv.append("--torch_compile")
     train.main(argv)
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    GradientState._reset_state()
+    reset_accelerate_state()
     records = [json.loads(line) for line in (output / "logs" / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if "throughput/images_per_second" in r][1:]  # drop the warm-up window
     if not windows:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cadmtl.testing import tiny_cadmtl_config
+from cadmtl.training.launch import reset_accelerate_state
 from modeling_cadmtl import CadMtlConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +49,5 @@ def tiny_config() -> CadMtlConfig:
 def fresh_accelerate_state():
     """In-process training runs share Accelerate's singletons (an `Accelerator` with another mixed precision
     cannot be made in the same process): reset them after every test, so no test depends on the order."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    GradientState._reset_state()
+    reset_accelerate_state()

@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw
 
 from cadmtl.evaluation.reporting import format_mean_std, mean_std
 from cadmtl.pictures.overlays import draw_anomaly_map
+from cadmtl.training.launch import reset_accelerate_state
 from dataset_scripts.options import exit_status
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import gaussian_blur
 
@@ -283,15 +284,11 @@ def train_seed(repo: str, config: str, run_dir: Path, seed: int, extra: Sequence
     if results.is_file() and (run_dir / "model" / "config.json").is_file():
         logger.info("seed %d: reusing the finished run in %s", seed, run_dir)
         return json.loads(results.read_text())
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     summary = train_learner(
         [repo, "--config", config, "--output-dir", str(run_dir), "--seed", str(seed), *extra]
     )
     # Each run makes its own Accelerator: reset Accelerate's process-wide singletons for the next one.
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    GradientState._reset_state()
+    reset_accelerate_state()
     return summary
 
 

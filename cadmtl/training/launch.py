@@ -58,6 +58,16 @@ def _stop(process: subprocess.Popen, timeout: float) -> None:
     process.wait()
 
 
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide singletons, so the next in-process run can make its own `Accelerator`
+    (another mixed precision, another gradient accumulation); Accelerate refuses that otherwise."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    GradientState._reset_state()
+
+
 def launch_command(launch_args: Sequence[str], train_args: Sequence[str]) -> list[str]:
     """The `accelerate launch` command line of the training module (through this Python, so the right environment
     runs it)."""

@@ -26,6 +26,7 @@ from cadmtl.anomaly.learner import (
     rotation_pattern,
     synthesize_anomalies,
 )
+from cadmtl.training.launch import reset_accelerate_state
 
 SIZE = 32
 
@@ -302,15 +303,11 @@ def test_standardisation_uses_normal_statistics_only(standardization):
 
 @pytest.mark.slow
 def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_state):
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     from cadmtl.anomaly.learner_training import main, train
     from dataset_scripts.make_demo import build_demo_dataset
 
     def reset() -> None:
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
-        GradientState._reset_state()
+        reset_accelerate_state()
 
     repo = tmp_path / "repo"
     build_demo_dataset(

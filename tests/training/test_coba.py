@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cadmtl.training.launch import reset_accelerate_state
 from cadmtl.training.scheduler import TaskScheduler
 from cadmtl.training.weighting.coba import CoBa, CoBaScores, window_slope
 
@@ -340,8 +341,7 @@ def accelerator():
     accelerate = pytest.importorskip("accelerate")
     yield accelerate.Accelerator(cpu=True)
     # Accelerate's state is a process-wide singleton; leave none behind for other tests.
-    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
-    accelerate.state.GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def test_accelerate_save_state_and_load_state_round_trip(tmp_path, accelerator):

@@ -10,6 +10,7 @@ from cadmtl.data.sources import TaskSource
 from cadmtl.testing import detection_target, tiny_cadmtl_config
 from cadmtl.training.balancer import TaskBalancer
 from cadmtl.training.checkpoint import LoopState
+from cadmtl.training.launch import reset_accelerate_state
 from cadmtl.training.step import (
     NonFiniteStop,
     StepSettings,
@@ -222,11 +223,7 @@ def test_gradient_level_path_equals_the_loss_level_sum(setup, fresh_accelerate_s
         )
         assert outcome.stepped
         results.append(snapshot(model))
-        from accelerate.state import AcceleratorState, GradientState, PartialState
-
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
-        GradientState._reset_state()
+        reset_accelerate_state()
     shared, _ = shared_and_head_parameters(CadMtlModel(tiny_cadmtl_config()))
     assert weighting.seen == (3, sum(p.numel() for p in shared))
     for name, value in results[0].items():

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from cadmtl.training.launch import reset_accelerate_state
 from dataset_scripts.make_demo import build_demo_dataset
 from dataset_scripts.taxonomy import load_taxonomy
 
@@ -275,11 +276,7 @@ def test_checkpoint_of_a_different_model_is_refused(
     output = tmp_path / "run"
     common = ["--dataset", str(small_demo), "--output_dir", str(output), "--max_eval_batches", "1", *FAST]
     run_main([*common, "--max_steps", "2", "--save_every", "2", "--paradigm", "base", "--test_split", "None"])
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    GradientState._reset_state()
+    reset_accelerate_state()
     with pytest.raises(
         ValueError, match="belongs to a different model: neck_channels is 128 there and 64 here"
     ):
@@ -400,8 +397,6 @@ def test_patience_stops_early_and_best_model_is_kept(small_demo: Path, tmp_path:
 @pytest.mark.slow
 def test_ema_is_evaluated_saved_and_resumed_exactly(small_demo: Path, tmp_path: Path) -> None:
     """best/ and model/ hold the EMA weights; resuming from step 4 ends with the same EMA as the uninterrupted run."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     common = [
         "--dataset", str(small_demo), "--max_steps", "8", "--eval_every", "4", "--save_every", "4",
         "--save_total_limit", "10", "--ema_decay", "0.5", "--paradigm", "base", "--max_eval_batches", "1",
@@ -430,9 +425,7 @@ def test_ema_is_evaluated_saved_and_resumed_exactly(small_demo: Path, tmp_path: 
         torch.testing.assert_close(final[name], tensor, rtol=0, atol=0, msg=name)
     assert any(not torch.equal(raw[name], best[name]) for name in raw)
 
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    GradientState._reset_state()
+    reset_accelerate_state()
     resumed = tmp_path / "resumed"
     checkpoint_4 = str(uninterrupted / "checkpoints" / "step_4")
     run_main([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", checkpoint_4])
