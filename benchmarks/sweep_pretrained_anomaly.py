@@ -35,30 +35,22 @@ from cadmtl.pretrained import pretrained_backbone
 from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import backbone_normalization
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import gaussian_blur, image_scores
 
-LEVEL_CHANNELS: dict[int, tuple[int, int]] = {}  # level -> its channel slice in the [2, 3, 4] concat
-
-
-def level_channels(extractor: PatchFeatureExtractor) -> dict[int, tuple[int, int]]:
-    """Channel slice of each feature level (2 / 3 / 4) in the extractor's concatenation, for any Lite variant."""
-    slices, start = {}, 0
-    for level in extractor.layers:
-        width = extractor.backbone.channels[extractor._timm_level(level)]
-        slices[level], start = (start, start + width), start + width
-    return slices
-
 
 @torch.no_grad()
-def raw_features(extractor: PatchFeatureExtractor, images, size: int, mean, std, batch_size: int = 16):
-    """(N, C, h, w) float16: levels 2 / 3 / 4 at the stride-8 grid, not pooled."""
+def raw_features(
+    extractor: PatchFeatureExtractor, images, size: int, mean, std, batch_size: int = 16
+) -> dict[int, torch.Tensor]:
+    """level (2 / 3 / 4) -> (N, C_level, h, w) float16 at the stride-8 grid, not pooled, for any Lite variant."""
     chunks = []
     for start in range(0, len(images), batch_size):
         pixels = to_pixel_values(images[start : start + batch_size], size, mean, std)
         chunks.append(extractor(pixels).half())
-    return torch.cat(chunks)
+    widths = [extractor.backbone.channels[extractor._timm_level(level)] for level in extractor.layers]
+    return dict(zip(extractor.layers, torch.cat(chunks).split(widths, dim=1)))
 
 
-def variant(features: torch.Tensor, layers: tuple[int, ...], pooled: bool) -> torch.Tensor:
-    maps = torch.cat([features[:, slice(*LEVEL_CHANNELS[layer])] for layer in layers], dim=1).float()
+def variant(features: dict[int, torch.Tensor], layers: tuple[int, ...], pooled: bool) -> torch.Tensor:
+    maps = torch.cat([features[layer] for layer in layers], dim=1).float()
     if pooled:
         maps = F.avg_pool2d(maps, 3, stride=1, padding=1, count_include_pad=False)
     return maps
@@ -151,14 +143,13 @@ def main() -> None:
     backbone = pretrained_backbone(args.backbone)
     mean, std = backbone_normalization(backbone.config)
     extractor = PatchFeatureExtractor(backbone, [2, 3, 4], aggregate=False).eval()
-    LEVEL_CHANNELS.update(level_channels(extractor))
     train = normal_only(load_anomaly_split(args.repo, args.config, "train"), "train")
     generator = np.random.default_rng(args.seed)
     train = [train[i] for i in sorted(generator.permutation(len(train))[: args.bank_images])]
     validation = load_anomaly_split(args.repo, args.config, "validation")
     rows, started = [], time.perf_counter()
     print(f"{len(train)} train normals in the bank, {len(validation)} validation images", flush=True)
-    cached: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    cached: dict[int, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
     for size in args.sizes:
         cached[size] = (
             raw_features(extractor, [s.image for s in train], size, mean, std),
