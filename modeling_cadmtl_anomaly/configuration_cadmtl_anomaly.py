@@ -74,6 +74,8 @@ class PatchMemoryConfig(PreTrainedConfig):
         k (`int`): distance to the nearest (k = 1) or mean over the k nearest bank entries.
         memory_bank_size (`int`): rows of the memory bank (the `memory_bank` buffer of the weights).
         search_dtype, search_projection_dim, num_candidates: approximate nearest-neighbour search (None: exact).
+        query_stride (`int`): the patch grid is averaged over `query_stride` x `query_stride` cells before the
+            search (the bank keeps every cell): `query_stride`^2 fewer searches for a coarser map. 1: every cell.
         search_num_lists, search_num_probes: inverted-file approximate search (see `NearestNeighborIndex`): the
             bank is split into `search_num_lists` k-means lists (seeded by `seed`, built when the model first
             scores) and each patch searches its `search_num_probes` nearest lists. None (default): exact. The
@@ -112,6 +114,7 @@ class PatchMemoryConfig(PreTrainedConfig):
     search_dtype: str | None = None
     search_projection_dim: int | None = None
     num_candidates: int = 16
+    query_stride: int = 1
     search_num_lists: int | None = None
     search_num_probes: int = 8
     coreset_fraction: float = 0.1
@@ -137,6 +140,8 @@ class PatchMemoryConfig(PreTrainedConfig):
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}; got {self.metric!r}")
         check_ivf_arguments(self.search_num_lists, self.search_num_probes)
+        if not isinstance(self.query_stride, int) or self.query_stride < 1:
+            raise ValueError(f"query_stride must be a positive integer; got {self.query_stride!r}")
         self.layers = [int(layer) for layer in self.layers] if self.layers is not None else None
         self.image_size = [int(v) for v in self.image_size] if self.image_size is not None else None
         self.image_mean = [float(v) for v in (self.image_mean or IMAGENET_MEAN)]

@@ -301,6 +301,11 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
             pixel_values = pixel_values[None]
         height, width = pixel_values.shape[-2:]
         features = self.patch_features(pixel_values)  # (B, C, h, w)
+        if (
+            self.config.query_stride > 1
+        ):  # neighbouring cells share most of their context: search fewer of them
+            stride = self.config.query_stride
+            features = F.avg_pool2d(features, stride, ceil_mode=True)  # (B, C, ceil(h / s), ceil(w / s))
         batch, channels, grid_h, grid_w = features.shape
         queries = features.permute(0, 2, 3, 1).reshape(-1, channels)
         distances = index.search(queries, self.config.k).view(batch, grid_h, grid_w)

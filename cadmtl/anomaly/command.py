@@ -192,6 +192,7 @@ def fit(args: argparse.Namespace) -> int:
         search_num_lists=args.search_lists,
         search_num_probes=args.search_probes,
         num_candidates=args.search_candidates,
+        query_stride=args.query_stride,
         **settings,
     )
     # Fitted on tiles, the bank holds patches at the scale the tiles are scored at (a small defect stays visible);
@@ -439,6 +440,14 @@ def fit_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=16,
         help="candidates re-ranked exactly per patch with --search-projection-dim",
+    )
+    parser.add_argument(
+        "--query-stride",
+        type=positive_int,
+        default=1,
+        help="score the patch grid averaged over STRIDE x STRIDE cells (the bank keeps every cell): STRIDE^2 "
+        "fewer searches for a coarser map; 2 doubles onnxruntime speed on the tiles for ~1 AUPRO (BENCHMARKS.md); "
+        "saved in config.json (query_stride), where it can be changed without refitting",
     )
     add_tile_options(
         parser,

@@ -113,6 +113,7 @@ class PatchMemoryScorer(PatchMemoryModel):
         num_candidates: int = 16,
         search_num_lists: int | None = None,
         search_num_probes: int = 8,
+        query_stride: int = 1,
     ) -> PatchMemoryScorer:
         """A scorer with an empty memory bank on `backbone` (a DINOv3 ViT / ConvNeXt model or backbone, or a
         transformers `TimmBackbone` such as `cadmtl.pretrained.pretrained_backbone("efficientnet-lite0")`).
@@ -132,6 +133,8 @@ class PatchMemoryScorer(PatchMemoryModel):
                 `NearestNeighborIndex`), e.g. "bfloat16" and 128; None (default) searches exactly in float32.
             search_num_lists, search_num_probes: inverted-file approximate search (k-means lists, seeded by
                 `seed`; ~sqrt(bank size) lists); None (default) searches exactly.
+            query_stride: score the patch grid averaged over `query_stride` x `query_stride` cells (the bank
+                keeps every cell): `query_stride`^2 fewer searches, a coarser map; 1 (default): every cell.
         """
         default_mean, default_std = backbone_normalization(backbone.config)
         config = PatchMemoryConfig(
@@ -151,6 +154,7 @@ class PatchMemoryScorer(PatchMemoryModel):
             num_candidates=num_candidates,
             search_num_lists=search_num_lists,
             search_num_probes=search_num_probes,
+            query_stride=query_stride,
             coreset_fraction=coreset_fraction,
             seed=seed,
             projection_dim=projection_dim,

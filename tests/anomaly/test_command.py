@@ -144,10 +144,13 @@ def test_fit_saves_the_approximate_search_options_and_refuses_bad_ones(repo: Pat
         == 2
     )
     assert "num_probes must be between 1 and num_lists (2); got 3" in capsys.readouterr().err
-    projected = ["--search-projection-dim", "16", "--search-candidates", "4"]
+    projected = ["--search-projection-dim", "16", "--search-candidates", "4", "--query-stride", "2"]
     assert main([*argv, "--output-dir", str(tmp_path / "projected"), *projected]) == 0
     config = json.loads((tmp_path / "projected" / "model" / "config.json").read_text())
-    assert (config["search_projection_dim"], config["num_candidates"]) == (16, 4)
+    assert (config["search_projection_dim"], config["num_candidates"], config["query_stride"]) == (16, 4, 2)
+    with pytest.raises(SystemExit):
+        main([*argv, "--output-dir", str(tmp_path / "bad"), "--query-stride", "0"])
+    assert "--query-stride: must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*argv, "--output-dir", str(tmp_path / "bad"), "--search-projection-dim", "-1"])
     assert "--search-projection-dim: must be >= 0, got -1" in capsys.readouterr().err

@@ -255,3 +255,32 @@ def test_inverted_file_search_is_configured_saved_and_loaded(backbone, tmp_path)
     assert torch.equal(loaded.score(query)[1], ivf.score(query)[1])
     with pytest.raises(ValueError, match="num_probes must be between 1 and num_lists"):
         PatchMemoryScorer.from_backbone(backbone, layers=[1, 2], search_num_lists=4, search_num_probes=5)
+
+
+def test_query_stride_searches_the_averaged_grid_and_is_saved(backbone, tmp_path):
+    # 96 px / patch 16 = a 6 x 6 grid; stride 4 averages 4 x 4 cells, the last window only its 2 x 2 real cells
+    size = 96
+    images, query = normal_images(3, size=size), normal_images(2, seed=3, size=size)
+    query[1, :, 40:72, 40:72] = 3.0
+    kwargs = {"layers": [1, 2], "coreset_fraction": 1.0, "image_size": (size, size)}
+    every_cell = PatchMemoryScorer.from_backbone(backbone, **kwargs).fit(images)
+    strided = PatchMemoryScorer.from_backbone(backbone, query_stride=4, **kwargs).fit(images)
+    torch.testing.assert_close(strided.memory_bank, every_cell.memory_bank)  # the bank keeps every cell
+
+    features = every_cell.patch_features(query)  # (2, C, 6, 6)
+    pooled = torch.stack(
+        [
+            torch.stack([features[..., r : r + 4, c : c + 4].mean(dim=(-2, -1)) for c in (0, 4)], dim=-1)
+            for r in (0, 4)
+        ],
+        dim=-2,
+    )  # (2, C, 2, 2): windows rows / cols 0-3 and 4-5
+    distances = every_cell.index().search(pooled.permute(0, 2, 3, 1).reshape(-1, pooled.shape[1]))
+    expected = distances.view(2, 4).topk(1, dim=1).values.mean(dim=1)  # top 1 % of 4 cells: the max
+    maps, scores = strided.score(query)
+    torch.testing.assert_close(scores, expected)
+    assert maps.shape == (2, size, size) and scores[1] > scores[0]
+    strided.save_pretrained(tmp_path)
+    assert PatchMemoryScorer.from_pretrained(tmp_path).config.query_stride == 4
+    with pytest.raises(ValueError, match="query_stride must be a positive integer; got 0"):
+        PatchMemoryScorer.from_backbone(backbone, query_stride=0, **kwargs)

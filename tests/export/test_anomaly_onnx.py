@@ -185,6 +185,21 @@ def test_scorer_export_keeps_the_projected_search(tmp_path: Path) -> None:
     assert (graph_maps - exact_maps).abs().max() > 1e-3  # one candidate on 4 dims misses true neighbours
 
 
+def test_scorer_export_keeps_the_query_stride(tmp_path: Path) -> None:
+    # a 4 x 4 grid averaged over 3 x 3 windows: the graph's AveragePool (ceil mode) averages the partial windows'
+    # real cells only, as PyTorch does
+    scorer = fitted_scorer(tmp_path / "model")
+    scorer.config.query_stride = 3
+    scorer.save_pretrained(tmp_path / "strided")
+    strided = PatchMemoryScorer.from_pretrained(tmp_path / "strided")
+    assert cadmtl(["export", "onnx", str(tmp_path / "strided"), str(tmp_path / "onnx")]) == 0
+    assert json.loads((tmp_path / "onnx" / "config.json").read_text())["query_stride"] == 3
+    assert_parity(strided, tmp_path / "onnx", pictures())
+    pixel_values = AnomalyImageProcessor.from_pretrained(tmp_path / "onnx")(pictures())["pixel_values"]
+    every_cell = PatchMemoryScorer.from_pretrained(tmp_path / "model").predict(pixel_values).anomaly_maps
+    assert (strided.predict(pixel_values).anomaly_maps - every_cell).abs().max() > 1e-3
+
+
 @pytest.mark.slow
 def test_learner_export_matches_pytorch(tmp_path: Path) -> None:
     torch.manual_seed(0)
