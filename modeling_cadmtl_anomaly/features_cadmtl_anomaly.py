@@ -311,10 +311,8 @@ class NearestNeighborIndex:
         if self.num_lists is not None:
             return self._ivf_candidates(search_queries, keep)
         best_values = best_indices = None
-        # An exported graph searches the whole bank in one block: one GEMM and one TopK, no merge of blocks.
-        bank_chunk_size = self.search_bank.shape[0] if torch.compiler.is_exporting() else self.bank_chunk_size
-        for bank_start in range(0, self.search_bank.shape[0], bank_chunk_size):
-            stop = bank_start + bank_chunk_size
+        for bank_start in range(0, self.search_bank.shape[0], self.bank_chunk_size):
+            stop = bank_start + self.bank_chunk_size
             block = _ranking_distances(
                 search_queries, self.search_bank[bank_start:stop], self.search_norms[bank_start:stop]
             )
