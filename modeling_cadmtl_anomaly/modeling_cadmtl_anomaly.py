@@ -301,11 +301,9 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
             pixel_values = pixel_values[None]
         height, width = pixel_values.shape[-2:]
         features = self.patch_features(pixel_values)  # (B, C, h, w)
-        if (
-            self.config.query_stride > 1
-        ):  # neighbouring cells share most of their context: search fewer of them
-            stride = self.config.query_stride
-            features = F.avg_pool2d(features, stride, ceil_mode=True)  # (B, C, ceil(h / s), ceil(w / s))
+        # Neighbouring cells share most of their context: search their average, (B, C, ceil(h / s), ceil(w / s)).
+        if self.config.query_stride > 1:
+            features = F.avg_pool2d(features, self.config.query_stride, ceil_mode=True)
         batch, channels, grid_h, grid_w = features.shape
         queries = features.permute(0, 2, 3, 1).reshape(-1, channels)
         distances = index.search(queries, self.config.k).view(batch, grid_h, grid_w)

@@ -446,8 +446,8 @@ def fit_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         help="score the patch grid averaged over STRIDE x STRIDE cells (the bank keeps every cell): STRIDE^2 "
-        "fewer searches for a coarser map; 2 doubles onnxruntime speed on the tiles for ~1 AUPRO (BENCHMARKS.md); "
-        "saved in config.json (query_stride), where it can be changed without refitting",
+        "fewer searches for a coarser map; 2 gave 1.5-2x the onnxruntime speed on the tiles for 0.2-1.0 "
+        "AUPRO (BENCHMARKS.md); saved in config.json (query_stride), where it can be changed without refitting",
     )
     add_tile_options(
         parser,

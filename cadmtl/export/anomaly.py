@@ -6,7 +6,9 @@ reuse the PyTorch pre- and post-processing.
   the fields of `AnomalyOutput`. The patch-memory scorer's memory bank is a constant of the graph and its nearest
   neighbours are searched in float32: exactly, or, with the model's `search_projection_dim`, on the seeded
   projection with `num_candidates` re-ranked exactly (as the PyTorch model does; a reduced `search_dtype` or an
-  inverted file, `search_num_lists`, is not carried over: the graph then searches exactly); the learner's four inpainting / rotation passes and its normal statistics are in the graph too. Beside it:
+  inverted file, `search_num_lists`, is not carried over: the graph then searches exactly), on the grid averaged
+  over `query_stride` cells where that is set; the learner's four inpainting / rotation passes and its normal
+  statistics are in the graph too. Beside it:
   `config.json` (with the calibrated thresholds) and `preprocessor_config.json` (`AnomalyImageProcessor`).
   `AnomalyOnnxPredictor` gives the maps at each image's size, the score, the OK / NG verdict and the defect mask.
 - **Reference localiser** (the `localizer.json` of `cadmtl reference localize`, or its output folder): `model.onnx`
