@@ -48,7 +48,7 @@ from .converters import (
 from .converters.anomaly import DEFAULT_NORMAL_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, has_split_folders
 from .images import DEFAULT_MAX_PIXELS
 from .mapping import load_mapping
-from .options import add_output_dir_option, add_seed_option
+from .options import add_output_dir_option, add_seed_option, exit_status
 from .report import ValidationError
 from .schema import task_of_config
 from .taxonomy import load_taxonomy
@@ -261,22 +261,19 @@ def run(args: argparse.Namespace) -> dict[str, ConversionResult]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def convert_and_report() -> None:
         results = run(args)
-    except ValidationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for result in results.values():
-        print(result.report.to_markdown())
-    for split, result in results.items():
-        written = result.written
-        print(
-            f"wrote {written.num_rows} rows in {len(written.files)} shard(s) to {args.output_dir / args.config} ({split})"
-        )
-    return 0
+        for result in results.values():
+            print(result.report.to_markdown())
+        for split, result in results.items():
+            written = result.written
+            print(
+                f"wrote {written.num_rows} rows in {len(written.files)} shard(s) to {args.output_dir / args.config} ({split})"
+            )
+
+    user_errors = (ValidationError, ValueError, FileExistsError, FileNotFoundError)
+    return exit_status(convert_and_report, user_errors, error_status=1)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np
 
 from .card import write_card
 from .images import encode_jpeg
-from .options import add_seed_option
+from .options import add_seed_option, exit_status
 from .procedural import make_surface
 from .schema import AD, CONFIG_SCHEMAS, ConfigSchema, Instance, features_for, task_of_config
 from .synthetic import DefectSpec, PlacedDefect, place_defects
@@ -255,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-shards", type=int, default=2)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
+
+    def run() -> None:
         written = build_demo_dataset(
             args.out_dir,
             train=args.train,
@@ -266,13 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_shards=args.train_shards,
             eval_shards=args.eval_shards,
         )
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for config, splits in written.items():
-        print(f"{config:16s} " + "  ".join(f"{s} {n}" for s, n in splits.items()))
-    print(f"wrote {args.out_dir} in {time.perf_counter() - start:.1f} s")
-    return 0
+        for config, splits in written.items():
+            print(f"{config:16s} " + "  ".join(f"{s} {n}" for s, n in splits.items()))
+        print(f"wrote {args.out_dir} in {time.perf_counter() - start:.1f} s")
+
+    return exit_status(run, (ValueError,), error_status=1)
 
 
 if __name__ == "__main__":

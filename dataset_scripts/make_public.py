@@ -60,7 +60,7 @@ from .converters import read_coco, read_folders
 from .converters.anomaly import DEFAULT_NORMAL_TEST_FRACTION, assign_ad_splits
 from .images import encode_png, read_image
 from .mapping import LabelMapping, load_mapping
-from .options import add_seed_option
+from .options import add_seed_option, exit_status
 from .raster import draw_polygons
 from .report import ValidationReport
 from .schema import GOOD
@@ -378,7 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
+
+    def run() -> None:
         results = build_public(
             args.out_dir,
             args.data,
@@ -388,18 +389,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             configs=args.configs,
             show_progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print("| config | split | seen | written | issues |")
-    print("|---|---|---:|---:|---|")
-    for (config, split), result in results.items():
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(result.report.counts().items())) or "-"
-        print(f"| {config} | {split} | {result.report.rows_seen} | {result.report.rows_written} | {counts} |")
-    if (CARS_AD, "test") in results:
-        print(f"\n{CARS_AD}: {results[(CARS_AD, 'test')].report.source['description']}")
-    print(f"\nwrote {args.out_dir} in {time.perf_counter() - start:.1f} s")
-    return 0
+        print("| config | split | seen | written | issues |")
+        print("|---|---|---:|---:|---|")
+        for (config, split), result in results.items():
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(result.report.counts().items())) or "-"
+            print(
+                f"| {config} | {split} | {result.report.rows_seen} | {result.report.rows_written} | {counts} |"
+            )
+        if (CARS_AD, "test") in results:
+            print(f"\n{CARS_AD}: {results[(CARS_AD, 'test')].report.source['description']}")
+        print(f"\nwrote {args.out_dir} in {time.perf_counter() - start:.1f} s")
+
+    return exit_status(run, (ValueError, FileNotFoundError), error_status=1)
 
 
 if __name__ == "__main__":

@@ -54,14 +54,16 @@ def exit_status(
     run: Callable[[], object],
     user_errors: tuple[type[Exception], ...] = (FileNotFoundError, ValueError),
     prefix: str = "error",
+    error_status: int = 2,
 ) -> int:
-    """A command's exit status: what `run()` returns when that is an int, else 0; 2 with one `PREFIX: ...` line on
-    stderr (no traceback) when it raises one of `user_errors` (a missing file, an unusable config or split)."""
+    """A command's exit status: what `run()` returns when that is an int, else 0; `error_status` with one
+    `PREFIX: ...` line on stderr (no traceback) when it raises one of `user_errors` (a missing file, an unusable
+    config or split). The dataset commands exit 1 on such errors, the model commands 2."""
     try:
         status = run()
     except user_errors as error:
         print(f"{prefix}: {error}", file=sys.stderr)
-        return 2
+        return error_status
     return status if isinstance(status, int) else 0
 
 

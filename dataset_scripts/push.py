@@ -24,6 +24,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from tqdm.auto import tqdm
 
 from .card import RepoLayoutError, scan_repo, write_card
+from .options import exit_status
 
 UPLOAD_PATTERNS = ["README.md", "*/*.parquet", "reports/*/*.json", "reports/*/*.md"]
 FILES_PER_COMMIT = 50
@@ -140,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--files-per-commit", type=int, default=FILES_PER_COMMIT)
     parser.add_argument("--max-commit-gb", type=float, default=MAX_COMMIT_BYTES / 1024**3)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         url = push_repo(
             args.repo_dir,
             args.repo_id,
@@ -151,11 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             files_per_commit=args.files_per_commit,
             max_commit_bytes=int(args.max_commit_gb * 1024**3),
         )
-    except (ValueError, FileNotFoundError, PushRefusedError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"pushed {args.repo_dir} to https://huggingface.co/datasets/{args.repo_id} ({url})")
-    return 0
+        print(f"pushed {args.repo_dir} to https://huggingface.co/datasets/{args.repo_id} ({url})")
+
+    return exit_status(run, (ValueError, FileNotFoundError, PushRefusedError), error_status=1)
 
 
 if __name__ == "__main__":

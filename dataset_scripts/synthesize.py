@@ -37,7 +37,7 @@ from .images import (
     relative_key,
     stored_from_array,
 )
-from .options import add_seed_option
+from .options import add_seed_option, exit_status
 from .report import ValidationError, ValidationReport
 from .schema import CONFIG_SCHEMAS, Instance, task_of_config
 from .synthetic import DefectSpec, PlacedDefect, place_defects
@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """`cadmtl data synthesize`."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         result = synthesize(
             args.normal_dir,
             args.output_dir,
@@ -291,12 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             taxonomy=load_taxonomy(args.taxonomy),
             show_progress=not args.no_progress,
         )
-    except (ValidationError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(result.report.to_markdown())
-    print(f"split {args.config}/{args.split} now has {result.written.num_rows} rows")
-    return 0
+        print(result.report.to_markdown())
+        print(f"split {args.config}/{args.split} now has {result.written.num_rows} rows")
+
+    return exit_status(run, (ValidationError, ValueError, FileNotFoundError), error_status=1)
 
 
 if __name__ == "__main__":
