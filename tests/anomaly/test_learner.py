@@ -306,9 +306,6 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
     from cadmtl.anomaly.learner_training import main, train
     from dataset_scripts.make_demo import build_demo_dataset
 
-    def reset() -> None:
-        reset_accelerate_state()
-
     repo = tmp_path / "repo"
     build_demo_dataset(
         repo, train=20, validation=6, test=6, configs=["chassis_cls"], ad_configs=["exterior_ad"]
@@ -350,7 +347,7 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
             "select",
         ]
     )
-    reset()
+    reset_accelerate_state()
     assert summary["fusion"]["method"] == "select" and summary["fusion"]["images"] == "validation (6 images)"
     assert sum(summary["fusion"]["weights"].values()) == pytest.approx(1.0)
     assert len(set(summary["weights"].values())) == 3  # CoBa moved the weights: its state is part of resume
@@ -370,7 +367,7 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
 
     shutil.copytree(full / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
     assert main([*common, "--output-dir", str(resumed), "--resume-from-checkpoint", "latest"]) == 0
-    reset()
+    reset_accelerate_state()
     expected, got = (
         load_file(full / "model" / "model.safetensors"),
         load_file(resumed / "model" / "model.safetensors"),
