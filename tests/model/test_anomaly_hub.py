@@ -40,10 +40,19 @@ def saved(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     scorer.fit(to_pixel_values(pictures(), SIZE))
     scorer.image_threshold, scorer.pixel_threshold = 1.0, 2.0
     scorer.save_pretrained(root / "scorer")
+    # the approximate search and the query stride are Hub-file code too: a 4 x 4 grid averaged 3 x 3 (ceil mode)
+    strided = PatchMemoryScorer.from_pretrained(root / "scorer")
+    strided.config.search_projection_dim, strided.config.num_candidates, strided.config.query_stride = 4, 2, 3
+    strided.save_pretrained(root / "scorer-strided")
+    strided = PatchMemoryScorer.from_pretrained(root / "scorer-strided")
     learner = AnomalyLearner(AnomalyLearnerConfig(preset="tiny", image_size=32, image_threshold=0.5)).eval()
     learner.fit_normal_statistics([to_pixel_values(pictures(), 32)])
     learner.save_pretrained(root / "learner")
-    return {"scorer": (scorer, root / "scorer"), "learner": (learner, root / "learner")}
+    return {
+        "scorer": (scorer, root / "scorer"),
+        "scorer-strided": (strided, root / "scorer-strided"),
+        "learner": (learner, root / "learner"),
+    }
 
 
 def test_the_processor_is_the_fitting_pipeline(saved) -> None:
@@ -113,7 +122,7 @@ torch.save({{"module": type(model).__module__, "maps": outputs.anomaly_maps, "sc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["scorer", "learner"])
+@pytest.mark.parametrize("name", ["scorer", "scorer-strided", "learner"])
 @pytest.mark.parametrize("by_repo_id", [False, True], ids=["local-folder", "repo-id-offline-cache"])
 def test_remote_code_load_without_cadmtl(saved, tmp_path, name: str, by_repo_id: bool) -> None:
     model, folder = saved[name]
