@@ -39,10 +39,10 @@ from .features_cadmtl_anomaly import (
     NearestNeighborIndex,
     PatchFeatureExtractor,
     backbone_depth,
-    gaussian_blur,
     image_scores,
     is_timm_config,
     is_vit_config,
+    upsample_blur,
 )
 
 # Written into config.json so AutoConfig / AutoModel resolve to the classes in the repo's flat code files.
@@ -307,8 +307,7 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         batch, channels, grid_h, grid_w = features.shape
         queries = features.permute(0, 2, 3, 1).reshape(-1, channels)
         distances = index.search(queries, self.config.k).view(batch, grid_h, grid_w)
-        maps = F.interpolate(distances[:, None], size=(height, width), mode="bilinear", align_corners=False)
-        maps = gaussian_blur(maps[:, 0], self.config.sigma)
+        maps = upsample_blur(distances, (height, width), self.config.sigma)  # (B, H, W)
         scores = image_scores(distances, self.config.image_score, self.config.top_fraction)
         return AnomalyOutput(anomaly_maps=maps, image_scores=scores, **self._decisions(maps, scores))
 

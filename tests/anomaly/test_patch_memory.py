@@ -17,6 +17,7 @@ from cadmtl.features import (
     backbone_from_preset,
 )
 from modeling_cadmtl import CadMtlConfig, CadMtlModel
+from modeling_cadmtl_anomaly.features_cadmtl_anomaly import upsample_blur
 
 SIZE = 64
 
@@ -208,6 +209,24 @@ def test_gaussian_blur_keeps_mass_and_constants():
     torch.testing.assert_close(
         gaussian_blur(torch.full((2, 20, 30), 3.0), sigma=4), torch.full((2, 20, 30), 3.0)
     )
+
+
+@pytest.mark.parametrize(
+    ("grid", "size", "sigma"),
+    [
+        ((14, 14), (224, 224), 4.0),
+        ((28, 20), (224, 160), 4.0),
+        ((12, 40), (100, 333), 2.5),
+        ((14, 14), (224, 224), 0.0),
+        ((3, 5), (7, 9), 4.0),  # output smaller than the blur radius: replicate padding, as gaussian_blur
+    ],
+)
+def test_upsample_blur_equals_upsampling_then_blurring(grid, size, sigma):
+    maps = torch.rand(3, *grid, generator=torch.Generator().manual_seed(0)) * 10
+    upsampled = torch.nn.functional.interpolate(
+        maps[:, None], size=size, mode="bilinear", align_corners=False
+    )
+    torch.testing.assert_close(upsample_blur(maps, size, sigma), gaussian_blur(upsampled[:, 0], sigma))
 
 
 def test_convnext_scorer_round_trip(tmp_path):
