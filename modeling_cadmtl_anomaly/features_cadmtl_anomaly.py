@@ -23,14 +23,20 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 
+def gaussian_kernel(sigma: float, like: torch.Tensor) -> torch.Tensor:
+    """The normalised 1-D Gaussian of radius round(4 sigma), in `like`'s dtype and device."""
+    radius = int(4 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=like.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    return (kernel / kernel.sum()).to(like.dtype)
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, H, W) maps, kernel radius 4 sigma, reflect padding (as anomalib)."""
     if sigma <= 0:
         return maps
-    radius = int(4 * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=maps.device)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = (kernel / kernel.sum()).to(maps.dtype)
+    kernel = gaussian_kernel(sigma, maps)
+    radius = kernel.numel() // 2
     x = maps[:, None]
     # Reflect padding needs pad < size; fall back to replicate on tiny maps.
     mode = "reflect" if min(maps.shape[-2:]) > radius else "replicate"
@@ -49,10 +55,8 @@ def _upsample_blur_operator(
     units = torch.eye(length_in, dtype=like.dtype, device=like.device)[:, None, None, :]  # (n, 1, 1, n)
     rows = F.interpolate(units, size=(1, length_out), mode="bilinear", align_corners=False)  # (n, 1, 1, L)
     if sigma > 0:
-        radius = int(4 * sigma + 0.5)
-        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=like.device)
-        kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-        kernel = (kernel / kernel.sum()).to(like.dtype)
+        kernel = gaussian_kernel(sigma, like)
+        radius = kernel.numel() // 2
         rows = F.conv2d(F.pad(rows, (radius, radius, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
     return rows[:, 0, 0]
 
