@@ -20,7 +20,7 @@ from cadmtl.anomaly.data import load_anomaly_split
 from cadmtl.anomaly.metrics import auroc_sorted, split_scores
 from cadmtl.anomaly.models import anomaly_processor, load_anomaly_model
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import image_scores, stitch, tile_canvas
-from modeling_cadmtl_anomaly.image_processing_cadmtl_anomaly import _model_outputs, image_size_of
+from modeling_cadmtl_anomaly.image_processing_cadmtl_anomaly import image_size_of
 
 REDUCTIONS = (
     "stitched top 1 %",
@@ -53,7 +53,8 @@ def main() -> None:
     with torch.no_grad():
         for sample in tqdm(samples, desc=f"scoring {args.split}"):
             pixel_values, boxes = processor.tiles(sample.image)
-            tile_maps, tile_scores = _model_outputs(model(pixel_values))
+            outputs = model(pixel_values)  # AnomalyOutput: maps (n, h, w), scores (n,)
+            tile_maps, tile_scores = outputs.anomaly_maps, outputs.image_scores
             height, width = image_size_of(sample.image)
             placed, canvas = tile_canvas(boxes, height, width, tuple(tile_maps.shape[-2:]))
             stitched = stitch(tile_maps, placed, canvas)
