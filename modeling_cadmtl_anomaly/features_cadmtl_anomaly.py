@@ -48,14 +48,13 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def _upsample_blur_operator(
-    length_in: int, length_out: int, sigma: float, mode: str, like: torch.Tensor
+    length_in: int, length_out: int, kernel: torch.Tensor | None, mode: str, like: torch.Tensor
 ) -> torch.Tensor:
-    """(length_in, length_out): row i is unit cell i upsampled (linear, half-pixel centres) to `length_out` and
-    blurred along the axis exactly as `gaussian_blur`'s 1-D pass with padding `mode`."""
+    """(length_in, length_out): row i is unit cell i upsampled (linear, half-pixel centres) to `length_out` and,
+    with a `kernel`, blurred along the axis exactly as `gaussian_blur`'s 1-D pass with padding `mode`."""
     units = torch.eye(length_in, dtype=like.dtype, device=like.device)[:, None, None, :]  # (n, 1, 1, n)
     rows = F.interpolate(units, size=(1, length_out), mode="bilinear", align_corners=False)  # (n, 1, 1, L)
-    if sigma > 0:
-        kernel = gaussian_kernel(sigma, like)
+    if kernel is not None:
         radius = kernel.numel() // 2
         rows = F.conv2d(F.pad(rows, (radius, radius, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
     return rows[:, 0, 0]
@@ -66,10 +65,11 @@ def upsample_blur(maps: torch.Tensor, size: tuple[int, int], sigma: float) -> to
     as two small matrix products. Both steps are linear and separable, so the result is the same (to float
     rounding) at a fraction of the cost: no (H, W) convolution runs."""
     height, width = size
-    radius = int(4 * sigma + 0.5) if sigma > 0 else 0
+    kernel = gaussian_kernel(sigma, maps) if sigma > 0 else None
+    radius = 0 if kernel is None else kernel.numel() // 2
     mode = "reflect" if min(height, width) > radius else "replicate"  # as gaussian_blur decides on the output
-    rows = _upsample_blur_operator(maps.shape[-2], height, sigma, mode, maps)  # (h, H)
-    columns = _upsample_blur_operator(maps.shape[-1], width, sigma, mode, maps)  # (w, W)
+    rows = _upsample_blur_operator(maps.shape[-2], height, kernel, mode, maps)  # (h, H)
+    columns = _upsample_blur_operator(maps.shape[-1], width, kernel, mode, maps)  # (w, W)
     return rows.transpose(0, 1) @ maps @ columns  # (H, h) @ (B, h, w) @ (w, W)
 
 
