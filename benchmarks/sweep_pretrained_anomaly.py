@@ -36,6 +36,13 @@ from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import backbone_normal
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import gaussian_blur, image_scores
 
 
+def bank_images(repo: str, config: str, count: int, seed: int) -> list:
+    """A seeded draw of `count` train normals (in split order): the bank of the sweeps."""
+    train = normal_only(load_anomaly_split(repo, config, "train"), "train")
+    order = np.random.default_rng(seed).permutation(len(train))
+    return [train[i] for i in sorted(order[:count])]
+
+
 @torch.no_grad()
 def raw_features(
     extractor: PatchFeatureExtractor, images, size: int, mean, std, batch_size: int = 16
@@ -143,9 +150,7 @@ def main() -> None:
     backbone = pretrained_backbone(args.backbone)
     mean, std = backbone_normalization(backbone.config)
     extractor = PatchFeatureExtractor(backbone, [2, 3, 4], aggregate=False).eval()
-    train = normal_only(load_anomaly_split(args.repo, args.config, "train"), "train")
-    generator = np.random.default_rng(args.seed)
-    train = [train[i] for i in sorted(generator.permutation(len(train))[: args.bank_images])]
+    train = bank_images(args.repo, args.config, args.bank_images, args.seed)
     validation = load_anomaly_split(args.repo, args.config, "validation")
     rows, started = [], time.perf_counter()
     print(f"{len(train)} train normals in the bank, {len(validation)} validation images", flush=True)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.sweep_pretrained_anomaly import flat, image_auroc, pixel_auroc, variant
-from cadmtl.anomaly.data import load_anomaly_split, normal_only, to_pixel_values
+from benchmarks.sweep_pretrained_anomaly import bank_images, flat, image_auroc, pixel_auroc, variant
+from cadmtl.anomaly.data import load_anomaly_split, to_pixel_values
 from cadmtl.anomaly.memory_bank import NearestNeighborIndex
+from cadmtl.anomaly.metrics import defect_type_subsets
 from cadmtl.pretrained import pretrained_backbone
 from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import backbone_normalization
 
@@ -69,9 +69,7 @@ def main() -> None:
 
     backbone = pretrained_backbone(args.backbone, out_indices=(1, 2, 3, 4)).eval()
     mean, std = backbone_normalization(backbone.config)
-    train = normal_only(load_anomaly_split(args.repo, args.config, "train"), "train")
-    order = np.random.default_rng(args.seed).permutation(len(train))
-    train = [train[i] for i in sorted(order[: args.bank_images])]
+    train = bank_images(args.repo, args.config, args.bank_images, args.seed)
     validation = load_anomaly_split(args.repo, args.config, "validation")[: args.max_validation]
     started = time.perf_counter()
     features = tuple(
@@ -82,8 +80,8 @@ def main() -> None:
         f"features of {len(train)} + {len(validation)} images: {time.perf_counter() - started:.0f} s",
         flush=True,
     )
-    normals = [i for i, s in enumerate(validation) if s.is_normal]
-    types = sorted({s.defect_type for s in validation if not s.is_normal})
+    subsets = defect_type_subsets([None if s.is_normal else s.defect_type for s in validation])
+    types = list(subsets)
     print("\n| levels | image AUROC | pixel AUROC | " + " / ".join(types) + " image AUROC |")
     print("|---|---:|---:|---|")
     for name, layers in VARIANTS.items():
@@ -93,10 +91,10 @@ def main() -> None:
         index = NearestNeighborIndex(bank[keep[: bank.shape[0] // 10]], projection_dim=64, seed=args.seed)
         batch, _, grid_h, grid_w = query_maps.shape
         distances = index.search(flat(query_maps)).view(batch, grid_h, grid_w)
-        per_type = []
-        for defect in types:
-            chosen = normals + [i for i, s in enumerate(validation) if s.defect_type == defect]
-            per_type.append(image_auroc(distances[chosen], [validation[i] for i in chosen], "top_mean"))
+        per_type = [
+            image_auroc(distances[chosen], [validation[i] for i in chosen], "top_mean")
+            for chosen in subsets.values()
+        ]
         print(
             f"| {name} | {image_auroc(distances, validation, 'top_mean'):.1f} "
             f"| {pixel_auroc(distances, validation, args.size, 4.0):.1f} | {' / '.join(f'{v:.1f}' for v in per_type)} |",

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from cadmtl.anomaly.data import load_anomaly_split
-from cadmtl.anomaly.metrics import auroc_sorted, split_scores
+from cadmtl.anomaly.metrics import auroc_sorted, defect_type_subsets, split_scores
 from cadmtl.anomaly.models import anomaly_processor, load_anomaly_model
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import image_scores, stitch, tile_canvas
 from modeling_cadmtl_anomaly.image_processing_cadmtl_anomaly import image_size_of
@@ -68,15 +68,15 @@ def main() -> None:
                 ]
             )
             labels.append(not sample.is_normal)
-            types.append(sample.defect_type)
+            types.append(None if sample.is_normal else sample.defect_type)
     scores, labels = np.array(values, dtype=np.float64), np.array(labels)
-    defect_types = sorted({t for t, anomalous in zip(types, labels) if anomalous})
+    subsets = defect_type_subsets(types)
+    defect_types = list(subsets)
     print(f"| image score | all | {' | '.join(defect_types)} |")
     print("|---|---:|" + "---:|" * len(defect_types))
     for column, name in enumerate(REDUCTIONS):
         cells = [100 * auroc_sorted(*split_scores(scores[:, column], labels))]
-        for defect_type in defect_types:
-            keep = np.array([not anomalous or t == defect_type for t, anomalous in zip(types, labels)])
+        for keep in subsets.values():
             cells.append(100 * auroc_sorted(*split_scores(scores[keep, column], labels[keep])))
         print(f"| {name} | " + " | ".join(f"{cell:.1f}" for cell in cells) + " |")
 

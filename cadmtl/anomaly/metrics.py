@@ -217,6 +217,16 @@ def compute_anomaly_metrics(
     return {key: 100.0 * value for key, value in results.items()}
 
 
+def defect_type_subsets(defect_types: Sequence[str | None]) -> dict[str, list[int]]:
+    """Each defect type scored against ALL normal images: {type: indices of every normal image (None) followed by
+    that type's images}, types sorted."""
+    normal = [i for i, t in enumerate(defect_types) if t is None]
+    return {
+        defect_type: normal + [i for i, t in enumerate(defect_types) if t == defect_type]
+        for defect_type in sorted({t for t in defect_types if t is not None})
+    }
+
+
 @dataclass
 class AnomalyMetrics:
     """Accumulates per-image maps, masks and labels; `compute()` returns the metrics in percent.
@@ -271,12 +281,10 @@ class AnomalyMetrics:
         Each defect type is scored against all normal images (its images + every normal image).
         """
         results: dict = self._subset(range(len(self.maps)))
-        normal = [i for i, flag in enumerate(self.is_normal) if flag]
-        per_type = {}
-        for defect_type in sorted({t for t in self.defect_types if t is not None}):
-            indices = [i for i, t in enumerate(self.defect_types) if t == defect_type]
-            per_type[defect_type] = self._subset(normal + indices)
-        results["per_defect_type"] = per_type
+        results["per_defect_type"] = {
+            defect_type: self._subset(keep)
+            for defect_type, keep in defect_type_subsets(self.defect_types).items()
+        }
         return results
 
 
