@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from cadmtl.anomaly.data import load_anomaly_split, normal_only, to_pixel_values
 from cadmtl.anomaly.memory_bank import NearestNeighborIndex, greedy_coreset
-from cadmtl.anomaly.metrics import auroc_sorted, split_scores
+from cadmtl.anomaly.metrics import auroc_sorted, binary_auroc
 from cadmtl.features import PatchFeatureExtractor
 from cadmtl.pretrained import pretrained_backbone
 from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import backbone_normalization
@@ -71,7 +71,7 @@ def image_auroc(distances: torch.Tensor, samples, score: str) -> float:
     """distances (N, h, w) -> image AUROC (percent) of the image score `score` ("max" / "top_mean")."""
     scores = image_scores(distances, score, 0.01).numpy()
     labels = np.array([not s.is_normal for s in samples])
-    return 100 * auroc_sorted(*split_scores(scores.astype(np.float64), labels))
+    return 100 * binary_auroc(scores.astype(np.float64), labels)
 
 
 def pixel_auroc(distances: torch.Tensor, samples, size: int, sigma: float) -> float:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from cadmtl.anomaly.data import load_anomaly_split
-from cadmtl.anomaly.metrics import auroc_sorted, defect_type_subsets, split_scores
+from cadmtl.anomaly.metrics import binary_auroc, defect_type_subsets
 from cadmtl.anomaly.models import anomaly_processor, load_anomaly_model
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import image_scores, stitch, tile_canvas
 from modeling_cadmtl_anomaly.image_processing_cadmtl_anomaly import image_size_of
@@ -75,9 +75,9 @@ def main() -> None:
     print(f"| image score | all | {' | '.join(defect_types)} |")
     print("|---|---:|" + "---:|" * len(defect_types))
     for column, name in enumerate(REDUCTIONS):
-        cells = [100 * auroc_sorted(*split_scores(scores[:, column], labels))]
+        cells = [100 * binary_auroc(scores[:, column], labels)]
         for keep in subsets.values():
-            cells.append(100 * auroc_sorted(*split_scores(scores[keep, column], labels[keep])))
+            cells.append(100 * binary_auroc(scores[keep, column], labels[keep]))
         print(f"| {name} | " + " | ".join(f"{cell:.1f}" for cell in cells) + " |")
 
 
