@@ -2,16 +2,17 @@
 `tile_size`): the patch-memory scorer end to end (tiling, features, nearest neighbours, stitching, the map at the
 photo's size, the score), eager PyTorch and onnxruntime.
 
-The scorer is the pretrained one (`efficientnet-lite0`, `cadmtl anomaly fit`'s CPU default settings: 256 px
-input, feature levels 2 + 3) where the `pretrained` extra is installed, else the random `tiny` preset. Its bank
+The scorer is the pretrained one (`efficientnet-lite0` with `cadmtl anomaly fit`'s EfficientNet-Lite defaults,
+`PRETRAINED_DEFAULTS`: 384 px input, feature levels 2 + 3 + 4, the projected search, the maps averaged over three
+flips) where the `pretrained` extra is installed, else the random `tiny` preset. Its bank
 is fitted on the tiles of synthetic textured normal photos (1 % coreset), so only the cost is measured. Prints a
 Markdown table: tile size, overlap, tiles per megapixel, seconds per megapixel (eager, onnxruntime).
 
 Examples:
     # the table in BENCHMARKS.md (one thread)
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_tiles.py --threads 1
-    # quicker, eager only
-    PYTHONPATH=. python benchmarks/bench_tiles.py --settings 512:64 --no-onnx
+    # quicker, eager only; the upright view only (no map flips)
+    PYTHONPATH=. python benchmarks/bench_tiles.py --settings 512:64 --no-onnx --map-flips
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def textured(height: int, width: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
 
 
-def build_scorer(backbone_name: str | None) -> tuple[PatchMemoryScorer, str]:
+def build_scorer(
+    backbone_name: str | None, map_flips: list[str] | None = None
+) -> tuple[PatchMemoryScorer, str]:
     if backbone_name is None:
         try:
             from cadmtl.pretrained import require_timm, wheel_weights_path
@@ -51,6 +54,8 @@ def build_scorer(backbone_name: str | None) -> tuple[PatchMemoryScorer, str]:
             backbone_name = "tiny"
     defaults = PRETRAINED_DEFAULTS if backbone_name.startswith("efficientnet") else RANDOM_INIT_DEFAULTS
     settings = {**defaults, "image_size": (defaults["image_size"],) * 2}
+    if map_flips is not None:
+        settings["map_flips"] = map_flips
     return PatchMemoryScorer.from_backbone(load_backbone(backbone_name, 0)[0], **settings), backbone_name
 
 
@@ -80,11 +85,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
     parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads")
     parser.add_argument("--no-onnx", action="store_true")
+    parser.add_argument(
+        "--map-flips",
+        nargs="*",
+        default=None,
+        help="override the defaults' map flips (h v hv); the option alone: the upright view only",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    scorer, backbone_name = build_scorer(args.backbone)
+    scorer, backbone_name = build_scorer(args.backbone, args.map_flips)
     height, width = args.photo
     megapixels = height * width / 1e6
     photo = textured(height, width, seed=1)
@@ -94,7 +105,8 @@ def main() -> None:
     print(
         f"scorer: {backbone_name} at {scorer.image_size[0]} px, bank {scorer.memory_bank.shape[0]} patches "
         f"(fitted on the 256:32 tiles of two 1024 x 1024 photos in {time.perf_counter() - started:.1f} s); "
-        f"photo {width} x {height} ({megapixels:.2f} MP), {torch.get_num_threads()} torch thread(s)\n"
+        f"photo {width} x {height} ({megapixels:.2f} MP), map flips {scorer.config.map_flips or 'none'}, "
+        f"{torch.get_num_threads()} torch thread(s)\n"
     )
 
     onnx_folder = None

@@ -34,6 +34,9 @@ def backbone_normalization(backbone_config: PreTrainedConfig) -> tuple[list[floa
 
 
 IMAGE_SCORE_MODES = ("max", "top_mean")
+# Flipped views whose maps a patch-memory scorer may average with the upright view's: name -> the flipped dims of an
+# (..., H, W) tensor.
+MAP_FLIPS = {"h": (-1,), "v": (-2,), "hv": (-2, -1)}
 METRICS = ("l2", "cosine")
 SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext", "timm_backbone")
 
@@ -48,6 +51,15 @@ LEARNER_PRESETS = {
     "small": {"channels": [32, 64, 160], "expert_hidden": 320},
 }
 ENCODER_STRIDE = 8
+
+
+def check_map_flips(flips: Sequence[str] | None) -> list[str]:
+    """`map_flips` as a list of distinct names of `MAP_FLIPS`; a clear error for anything else."""
+    flips = [str(flip) for flip in (flips or [])]
+    unknown = [flip for flip in flips if flip not in MAP_FLIPS]
+    if unknown or len(set(flips)) != len(flips):
+        raise ValueError(f"map_flips must be distinct names among {sorted(MAP_FLIPS)}; got {flips}")
+    return flips
 
 
 class PatchMemoryConfig(PreTrainedConfig):
@@ -88,6 +100,12 @@ class PatchMemoryConfig(PreTrainedConfig):
             stitched over the whole image (overlaps averaged); the image score comes from the stitched map. The
             settings the bank was fitted with (`cadmtl anomaly fit --tile-size`), the default of every scoring
             path (`AnomalyImageProcessor.predict`); None: the whole image at `image_size`.
+        map_flips (`list[str]`, *optional*): test-time augmentation of the maps: each named flip of the input
+            (`"h"` horizontal, `"v"` vertical, `"hv"` both) is scored too and its distance grid, flipped back, is
+            averaged with the upright one into the anomaly map. The image score stays the upright view's (on
+            magnetic tile the flips sharpen the maps but blur the image ranking, RESULTS.md); with tiles it comes
+            from the stitched map, so from the averaged views. Each flip costs one more pass of the backbone and
+            the search. None / []: the upright view only.
     """
 
     model_type = "cadmtl_patch_memory"
@@ -126,6 +144,7 @@ class PatchMemoryConfig(PreTrainedConfig):
     pixel_threshold: float | None = None
     tile_size: int | None = None
     tile_overlap: int = 0
+    map_flips: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -142,6 +161,7 @@ class PatchMemoryConfig(PreTrainedConfig):
         check_ivf_arguments(self.search_num_lists, self.search_num_probes)
         if not isinstance(self.query_stride, int) or self.query_stride < 1:
             raise ValueError(f"query_stride must be a positive integer; got {self.query_stride!r}")
+        self.map_flips = check_map_flips(self.map_flips)
         self.layers = [int(layer) for layer in self.layers] if self.layers is not None else None
         self.image_size = [int(v) for v in self.image_size] if self.image_size is not None else None
         self.image_mean = [float(v) for v in (self.image_mean or IMAGENET_MEAN)]

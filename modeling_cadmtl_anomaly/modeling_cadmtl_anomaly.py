@@ -34,7 +34,7 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_cadmtl_anomaly import TIMM_INSTALL_HINT, PatchMemoryConfig
+from .configuration_cadmtl_anomaly import MAP_FLIPS, TIMM_INSTALL_HINT, PatchMemoryConfig
 from .features_cadmtl_anomaly import (
     NearestNeighborIndex,
     PatchFeatureExtractor,
@@ -294,21 +294,32 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         self.config.memory_bank_size = int(bank.shape[0])
         self._export_index = None  # drawn again for the new bank by the next export
 
-    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> AnomalyOutput:
-        """(B, 3, H, W) normalised images -> maps (B, H, W) at the input size, image scores (B,), decisions."""
-        index = self.index()
-        if pixel_values.ndim == 3:
-            pixel_values = pixel_values[None]
-        height, width = pixel_values.shape[-2:]
+    def distance_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, h, w) distances of their patches to the nearest normal ones."""
         features = self.patch_features(pixel_values)  # (B, C, h, w)
         # Neighbouring cells share most of their context: search their average, (B, C, ceil(h / s), ceil(w / s)).
         if self.config.query_stride > 1:
             features = F.avg_pool2d(features, self.config.query_stride, ceil_mode=True)
         batch, channels, grid_h, grid_w = features.shape
         queries = features.permute(0, 2, 3, 1).reshape(-1, channels)
-        distances = index.search(queries, self.config.k).view(batch, grid_h, grid_w)
-        maps = upsample_blur(distances, (height, width), self.config.sigma)  # (B, H, W)
-        scores = image_scores(distances, self.config.image_score, self.config.top_fraction)
+        return self.index().search(queries, self.config.k).view(batch, grid_h, grid_w)
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> AnomalyOutput:
+        """(B, 3, H, W) normalised images -> maps (B, H, W) at the input size, image scores (B,), decisions."""
+        if pixel_values.ndim == 3:
+            pixel_values = pixel_values[None]
+        batch, height, width = pixel_values.shape[0], *pixel_values.shape[-2:]
+        flips = [MAP_FLIPS[name] for name in self.config.map_flips or []]
+        # The upright view and every flipped view in one pass: (B * (1 + flips), h, w).
+        views = torch.cat([pixel_values] + [pixel_values.flip(dims) for dims in flips])
+        grids = self.distance_grid(views)
+        upright = grids[:batch]
+        map_grid = upright
+        if flips:  # each flipped view's grid flipped back onto the upright one, then averaged
+            flipped = [grids[batch * (i + 1) : batch * (i + 2)].flip(dims) for i, dims in enumerate(flips)]
+            map_grid = torch.stack([upright, *flipped]).mean(0)
+        maps = upsample_blur(map_grid, (height, width), self.config.sigma)  # (B, H, W)
+        scores = image_scores(upright, self.config.image_score, self.config.top_fraction)
         return AnomalyOutput(anomaly_maps=maps, image_scores=scores, **self._decisions(maps, scores))
 
     @torch.no_grad()

@@ -66,6 +66,7 @@ from dataset_scripts.options import (
 from dataset_scripts.provenance import training_data_record
 from dataset_scripts.safe_paths import SafeOutputPaths, safe_output_path
 from modeling_cadmtl_anomaly import AnomalyImageProcessor
+from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import MAP_FLIPS
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import check_tile_settings
 
 logger = logging.getLogger("cadmtl.anomaly")
@@ -161,6 +162,7 @@ def scorer_settings(backbone: str, args: argparse.Namespace) -> dict:
         "image_score": args.image_score,
         "aggregate": False if args.no_pooling else None,
         "search_projection_dim": args.search_projection_dim,
+        "map_flips": args.map_flips,
     }
     settings = {**defaults, **{key: value for key, value in given.items() if value is not None}}
     size = settings["image_size"]
@@ -448,6 +450,17 @@ def fit_parser() -> argparse.ArgumentParser:
         help="score the patch grid averaged over STRIDE x STRIDE cells (the bank keeps every cell): STRIDE^2 "
         "fewer searches for a coarser map; 2 gave 1.5-2x the onnxruntime speed on the tiles for 0.2-1.0 "
         "AUPRO (BENCHMARKS.md); saved in config.json (query_stride), where it can be changed without refitting",
+    )
+    parser.add_argument(
+        "--map-flips",
+        nargs="*",
+        choices=sorted(MAP_FLIPS),
+        default=None,
+        metavar="FLIP",
+        help="test-time augmentation of the maps: also score the input flipped (h: horizontally, v: vertically, "
+        "hv: both) and average the flipped-back distances into the map; the image score stays the upright "
+        "view's. Each flip is one more backbone pass. Default none (`--map-flips` alone: none); saved in "
+        "config.json (map_flips), where it can be changed without refitting",
     )
     add_tile_options(
         parser,

@@ -148,6 +148,12 @@ def test_fit_saves_the_approximate_search_options_and_refuses_bad_ones(repo: Pat
     assert main([*argv, "--output-dir", str(tmp_path / "projected"), *projected]) == 0
     config = json.loads((tmp_path / "projected" / "model" / "config.json").read_text())
     assert (config["search_projection_dim"], config["num_candidates"], config["query_stride"]) == (16, 4, 2)
+    assert config["map_flips"] == []  # the default: the upright view only
+    assert main([*argv, "--output-dir", str(tmp_path / "flips"), "--map-flips", "h", "v"]) == 0
+    assert json.loads((tmp_path / "flips" / "model" / "config.json").read_text())["map_flips"] == ["h", "v"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--output-dir", str(tmp_path / "bad"), "--map-flips", "x"])
+    assert "invalid choice: 'x'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*argv, "--output-dir", str(tmp_path / "bad"), "--query-stride", "0"])
     assert "--query-stride: must be >= 1, got 0" in capsys.readouterr().err

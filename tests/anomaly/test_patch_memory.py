@@ -303,3 +303,35 @@ def test_query_stride_searches_the_averaged_grid_and_is_saved(backbone, tmp_path
     assert PatchMemoryScorer.from_pretrained(tmp_path).config.query_stride == 4
     with pytest.raises(ValueError, match="query_stride must be a positive integer; got 0"):
         PatchMemoryScorer.from_backbone(backbone, query_stride=0, **kwargs)
+
+
+def test_map_flips_average_the_flipped_back_grids_and_keep_the_upright_score(backbone, tmp_path):
+    size = 64
+    images, query = normal_images(3, size=size), normal_images(2, seed=3, size=size)
+    query[1, :, 8:24, 40:56] = 3.0  # off-centre, so a flip that is not undone would move the peak
+    kwargs = {"layers": [1, 2], "coreset_fraction": 1.0, "image_size": (size, size)}
+    # the bank holds the flipped normals too, so only the defect is far from it in every view
+    bank_images = torch.cat([images, images.flip(-1), images.flip(-2, -1)])
+    upright = PatchMemoryScorer.from_backbone(backbone, **kwargs).fit(bank_images)
+    flipped = PatchMemoryScorer.from_backbone(backbone, map_flips=["h", "hv"], **kwargs)
+    flipped.set_memory_bank(upright.memory_bank)
+
+    grid = upright.distance_grid(query)  # (2, 4, 4)
+    expected_grid = (grid + upright.distance_grid(query.flip(-1)).flip(-1)) / 2
+    expected_grid = (2 * expected_grid + upright.distance_grid(query.flip(-2, -1)).flip(-2, -1)) / 3
+    maps, scores = flipped.score(query)
+    upright_maps, upright_scores = upright.score(query)
+    torch.testing.assert_close(scores, upright_scores)  # the image score is the upright view's
+    torch.testing.assert_close(maps, upsample_blur(expected_grid, (size, size), flipped.config.sigma))
+    assert not torch.allclose(maps, upright_maps)
+    peak = maps[1].flatten().argmax()
+    assert peak // size < size // 2 <= peak % size  # the peak stays in the defect's (top right) quarter
+
+    flipped.save_pretrained(tmp_path)
+    assert PatchMemoryScorer.from_pretrained(tmp_path).config.map_flips == ["h", "hv"]
+    with pytest.raises(
+        ValueError, match=r"map_flips must be distinct names among \['h', 'hv', 'v'\]; got \['d'\]"
+    ):
+        PatchMemoryScorer.from_backbone(backbone, map_flips=["d"], **kwargs)
+    with pytest.raises(ValueError, match="map_flips must be distinct"):
+        PatchMemoryScorer.from_backbone(backbone, map_flips=["h", "h"], **kwargs)

@@ -200,6 +200,22 @@ def test_scorer_export_keeps_the_query_stride(tmp_path: Path) -> None:
     assert (strided.predict(pixel_values).anomaly_maps - every_cell).abs().max() > 1e-3
 
 
+def test_scorer_export_keeps_the_map_flips(tmp_path: Path) -> None:
+    # the flipped views are scored in the graph too, and their grids flipped back before the average
+    scorer = fitted_scorer(tmp_path / "model")
+    scorer.config.map_flips = ["h", "v", "hv"]
+    scorer.save_pretrained(tmp_path / "flipped")
+    flipped = PatchMemoryScorer.from_pretrained(tmp_path / "flipped")
+    assert cadmtl(["export", "onnx", str(tmp_path / "flipped"), str(tmp_path / "onnx")]) == 0
+    assert json.loads((tmp_path / "onnx" / "config.json").read_text())["map_flips"] == ["h", "v", "hv"]
+    assert_parity(flipped, tmp_path / "onnx", pictures())
+    pixel_values = AnomalyImageProcessor.from_pretrained(tmp_path / "onnx")(pictures())["pixel_values"]
+    upright = PatchMemoryScorer.from_pretrained(tmp_path / "model").predict(pixel_values)
+    outputs = flipped.predict(pixel_values)
+    torch.testing.assert_close(outputs.image_scores, upright.image_scores)
+    assert (outputs.anomaly_maps - upright.anomaly_maps).abs().max() > 1e-3
+
+
 @pytest.mark.slow
 def test_learner_export_matches_pytorch(tmp_path: Path) -> None:
     torch.manual_seed(0)

@@ -40,9 +40,11 @@ def saved(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     scorer.fit(to_pixel_values(pictures(), SIZE))
     scorer.image_threshold, scorer.pixel_threshold = 1.0, 2.0
     scorer.save_pretrained(root / "scorer")
-    # the approximate search and the query stride are Hub-file code too: a 4 x 4 grid averaged 3 x 3 (ceil mode)
+    # the approximate search, the query stride and the map flips are Hub-file code too: a 4 x 4 grid averaged
+    # 3 x 3 (ceil mode), its maps averaged with the horizontally flipped view's
     strided = PatchMemoryScorer.from_pretrained(root / "scorer")
     strided.config.search_projection_dim, strided.config.num_candidates, strided.config.query_stride = 4, 2, 3
+    strided.config.map_flips = ["h"]
     strided.save_pretrained(root / "scorer-strided")
     strided = PatchMemoryScorer.from_pretrained(root / "scorer-strided")
     learner = AnomalyLearner(AnomalyLearnerConfig(preset="tiny", image_size=32, image_threshold=0.5)).eval()

@@ -369,6 +369,11 @@ def test_the_cpu_default_is_the_pretrained_scorer_or_tiny_with_a_notice(monkeypa
         ["repo", "--config", "c_ad", "--output-dir", "o", "--search-projection-dim", "0"]
     )
     assert scorer_settings(NAME, exact)["search_projection_dim"] is None
+    assert settings["map_flips"] == ["h", "v", "hv"] and scorer_settings("tiny", args)["map_flips"] is None
+    upright = command.fit_parser().parse_args(
+        ["repo", "--config", "c_ad", "--output-dir", "o", "--map-flips"]
+    )
+    assert scorer_settings(NAME, upright)["map_flips"] == []
 
     def missing() -> None:
         raise ImportError("the EfficientNet-Lite backbones need timm, which is not installed")
