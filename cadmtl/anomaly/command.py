@@ -459,7 +459,8 @@ def fit_parser() -> argparse.ArgumentParser:
         metavar="FLIP",
         help="test-time augmentation of the maps: also score the input flipped (h: horizontally, v: vertically, "
         "hv: both) and average the flipped-back distances into the map; the image score stays the upright "
-        "view's. Each flip is one more backbone pass. Default none (`--map-flips` alone: none); saved in "
+        "view's. Each flip is one more backbone pass. Default h v hv for the EfficientNet-Lite presets (tile "
+        "validation pixel AUROC 92.8 -> 95.8, RESULTS.md), else none; `--map-flips` alone: none. Saved in "
         "config.json (map_flips), where it can be changed without refitting",
     )
     add_tile_options(
