@@ -311,7 +311,9 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         batch, height, width = pixel_values.shape[0], *pixel_values.shape[-2:]
         flips = [MAP_FLIPS[name] for name in self.config.map_flips or []]
         # The upright view and every flipped view in one pass: (B * (1 + flips), h, w).
-        views = torch.cat([pixel_values] + [pixel_values.flip(dims) for dims in flips])
+        views = (
+            torch.cat([pixel_values] + [pixel_values.flip(dims) for dims in flips]) if flips else pixel_values
+        )
         grids = self.distance_grid(views)
         upright = grids[:batch]
         map_grid = upright
