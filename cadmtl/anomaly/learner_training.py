@@ -51,6 +51,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from cadmtl.precision import MIXED_PRECISIONS, resolve_mixed_precision
 from cadmtl.training.checkpoint import LoopState, find_checkpoint, register_stateful, save_checkpoint
 from cadmtl.training.tracking import JsonlTracker
 from cadmtl.training.weighting import build_weighting
@@ -113,7 +114,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16", "fp16"])
+    parser.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=MIXED_PRECISIONS,
+        help="auto (default): bf16 where the CPU / GPU computes it natively, else float32 (bf16 is emulated, "
+        "20-60x slower, on CPUs without AMX / AVX512-BF16)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--synthesis",
@@ -380,7 +387,9 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     command_started = time.perf_counter()
     output_dir = Path(args.output_dir)
     tracker = JsonlTracker("learner", output_dir / "logs")
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=[tracker])
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision), log_with=[tracker]
+    )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
@@ -532,6 +541,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_images": len(train_index),
         "held_out_images": len(held_index),
         "train_seconds": train_seconds,
+        "mixed_precision": accelerator.mixed_precision,  # what "auto" resolved to on this machine
         "weights": weighting.weights,
     }
     accelerator.wait_for_everyone()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cadmtl.evaluation.model_evaluation import evaluate_model
 from cadmtl.model_kinds import ModelLoadError
+from cadmtl.precision import MIXED_PRECISIONS
 from dataset_scripts.options import (
     add_batch_size_option,
     add_device_option,
@@ -72,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num-workers", type=int, default=0)
     add_device_option(parser, help="cpu forces the CPU (default: CUDA when there is one, through accelerate)")
-    parser.add_argument("--mixed-precision", default="bf16", choices=["bf16", "fp16", "no"])
+    parser.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=MIXED_PRECISIONS,
+        help="auto (default, as train_accelerate.py): bf16 where the CPU / GPU computes it natively, else float32",
+    )
     parser.add_argument(
         "--no-domain-conditioning",
         action="store_true",

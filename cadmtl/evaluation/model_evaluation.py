@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from cadmtl.precision import autocast_dtype, resolve_mixed_precision
 from cadmtl.tasks import CADMTL_TASKS, TASKS
 
 __all__ = ["evaluate_model", "evaluate_verdict"]
@@ -29,7 +30,7 @@ def evaluate_model(
     max_batches: int | None = None,
     num_workers: int = 0,
     device: str | None = None,
-    mixed_precision: str = "bf16",
+    mixed_precision: str = "auto",
     domain_conditioning: bool = True,
     verdict: bool = True,
 ) -> dict[str, Any]:
@@ -70,8 +71,10 @@ def evaluate_model(
         rank=state.process_index,
         world_size=state.num_processes,
     )
-    # bf16 by default, as train_accelerate.py evaluates, so both report the same numbers for the same model.
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[mixed_precision]
+    # "auto" by default, resolved as train_accelerate.py resolves it, so both report the same numbers for the
+    # same model on the same machine.
+    mixed_precision = resolve_mixed_precision(mixed_precision, state.device.type)
+    autocast = autocast_dtype(mixed_precision)
     labels = {task: model.config.labels_for(task) for task in sources}
     results = evaluate_sources(
         model,

@@ -236,7 +236,12 @@ class TrainingArguments:
         default=None, metadata={"help": "A checkpoint folder, or 'latest' for the newest in output_dir."}
     )
     seed: int = 0
-    mixed_precision: str = field(default="bf16", metadata={"help": "bf16, fp16 or no."})
+    mixed_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (bf16 where the GPU / CPU computes it natively, else float32), bf16, fp16 or no."
+        },
+    )
     torch_compile: bool = field(default=False, metadata={"help": "Compile the backbone (static shapes)."})
     ddp_unused: str = field(
         default="find_unused",

@@ -48,6 +48,7 @@ from cadmtl.data.sources import (
     discover_sources,
     merged_labels,
 )
+from cadmtl.precision import resolve_mixed_precision
 from cadmtl.training.arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
 from cadmtl.training.balancer import TaskBalancer
 from cadmtl.training.best import (
@@ -160,7 +161,7 @@ def make_accelerator(train_args: TrainingArguments, recipe: Recipe) -> Accelerat
         broadcast_buffers=False,  # the only buffers are RoPE constants
     )
     accelerator = Accelerator(
-        mixed_precision=train_args.mixed_precision,
+        mixed_precision=resolve_mixed_precision(train_args.mixed_precision),
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         log_with=make_trackers(train_args) or None,
         project_config=ProjectConfiguration(
@@ -301,8 +302,11 @@ def set_up(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
             max_grad_norm=train_args.max_grad_norm,
             zero_touch=train_args.ddp_unused == "zero_touch",
         ),
-        settings=FinishSettings.from_arguments(
-            model_args, data_args, train_args, data.configs_by_task, balancer.name, balancer.temperature
+        settings=replace(
+            FinishSettings.from_arguments(
+                model_args, data_args, train_args, data.configs_by_task, balancer.name, balancer.temperature
+            ),
+            mixed_precision=accelerator.mixed_precision,  # what "auto" resolved to, for the model card
         ),
         processor=CadMtlImageProcessor(
             size={"height": data.image_sizes["det"], "width": data.image_sizes["det"]},

@@ -45,6 +45,7 @@ WING_RANKS = {
     "testing": 0,
     "presets": 0,
     "model_kinds": 0,
+    "precision": 0,  # which mixed precision a run computes in (auto: bf16 only where it is native)
     "tasks": 0,  # the heads as training and evaluation see them (Hub definitions + data, metric, reports)
     "features": 1,
     "data": 1,
