@@ -185,6 +185,9 @@ class AnomalyLearnerConfig(PreTrainedConfig):
             the fusion but its map is still returned); ``None`` = equal weights. ``fusion`` records the rule
             that chose them (:data:`FUSIONS`).
         image_threshold, pixel_threshold, threshold_method: stored calibration (anomalous: value >= threshold).
+        tile_size, tile_overlap: trained and scored on overlapping ``tile_size`` square tiles of the original
+            images (pixels), each at ``image_size``, the maps stitched over the whole image (the processor's
+            ``predict``); None: whole images resized to ``image_size``.
     """
 
     model_type = "cadmtl_anomaly_learner"
@@ -214,6 +217,8 @@ class AnomalyLearnerConfig(PreTrainedConfig):
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
         threshold_method: str | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int = 0,
         **kwargs,
     ):
         if preset not in LEARNER_PRESETS:
@@ -262,6 +267,9 @@ class AnomalyLearnerConfig(PreTrainedConfig):
         self.image_threshold = image_threshold
         self.pixel_threshold = pixel_threshold
         self.threshold_method = threshold_method
+        check_tile_settings(tile_size, tile_overlap)
+        self.tile_size = tile_size
+        self.tile_overlap = int(tile_overlap or 0)
         super().__init__(**kwargs)
 
     @property

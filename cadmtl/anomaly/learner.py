@@ -55,7 +55,7 @@ from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import (
     TASKS,
     check_task_weights,
 )
-from modeling_cadmtl_anomaly.features_cadmtl_anomaly import image_scores
+from modeling_cadmtl_anomaly.features_cadmtl_anomaly import image_scores, tile_boxes
 from modeling_cadmtl_anomaly.learner_cadmtl_anomaly import (
     TaskMoE,
     fuse_task_maps,
@@ -406,6 +406,19 @@ def images_to_uint8(images: Sequence, size: int) -> torch.Tensor:
         )[0]
         tensors.append(resized.round().clamp(0, 255).to(torch.uint8))
     return torch.stack(tensors)
+
+
+def tile_crops(images: Sequence, tile_size: int | None, overlap: int = 0) -> list:
+    """The images as the learner sees them: with ``tile_size``, every image cut into the overlapping square tiles
+    the processor scores (``tile_boxes``: pixels of the original, one scale for every image), in order; None: the
+    images themselves."""
+    if tile_size is None:
+        return list(images)
+    return [
+        image.crop(box)
+        for image in images
+        for box in tile_boxes(image.height, image.width, tile_size, overlap)
+    ]
 
 
 def choose_task_weights(

@@ -300,6 +300,11 @@ def run_protocol(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # The training options (held-out images, image size, ...) as `cadmtl anomaly train` reads them.
     train_args = parse_train_args([args.repo, "--config", args.config, "--output-dir", "unused", *extra])
+    if train_args.tile_size is not None:
+        raise ValueError(
+            "cadmtl anomaly protocol tunes and scores whole images and cannot take --tile-size yet; a learner trained "
+            "on tiles is reported per defect type by `cadmtl anomaly evaluate MODEL REPO --config C --split test`"
+        )
     validation = load_anomaly_split(args.repo, args.config, "validation")
     test = load_anomaly_split(args.repo, args.config, "test")
     types = sorted({s.defect_type for s in validation if not s.is_normal})

@@ -46,8 +46,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -55,7 +57,8 @@ from cadmtl.precision import MIXED_PRECISIONS, resolve_mixed_precision
 from cadmtl.training.checkpoint import LoopState, find_checkpoint, register_stateful, save_checkpoint
 from cadmtl.training.tracking import JsonlTracker
 from cadmtl.training.weighting import build_weighting
-from dataset_scripts.options import exit_status
+from dataset_scripts.options import add_tile_options, exit_status
+from modeling_cadmtl_anomaly.features_cadmtl_anomaly import check_tile_settings
 
 from .data import AnomalySample, iter_anomaly_split, load_anomaly_split, normal_only
 from .learner import (
@@ -68,8 +71,10 @@ from .learner import (
     images_to_uint8,
     make_proxy_batch,
     normalize,
+    tile_crops,
 )
 from .metrics import AnomalyMetrics
+from .models import anomaly_processor, score_images
 from .patch_memory import calibrate_f1, calibrate_fpr
 
 logger = logging.getLogger("cadmtl.anomaly.learner_training")
@@ -159,9 +164,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-train-images", type=int, default=None, help="use only the first N train images"
     )
+    add_tile_options(
+        parser,
+        "train on the tiles of the normal images, one scale for images of any size and shape, and score by tiles "
+        "stitched (saved in the model's config: evaluate, predict and the app tile alike); default: whole images "
+        "resized to --image-size",
+    )
     args = parser.parse_args(argv)
     if args.held_out_images < MIN_HELD_OUT:
         parser.error(f"--held-out-images must be >= {MIN_HELD_OUT} (statistics and calibration halves)")
+    try:
+        check_tile_settings(args.tile_size, args.tile_overlap)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.tile_size is not None and args.fusion in ("auroc", "select"):
+        parser.error(
+            f"--fusion {args.fusion} weighs whole validation images; with --tile-size use normal_variance or mean"
+        )
     return args
 
 
@@ -257,7 +276,13 @@ def fit_fusion(
     else:
         samples = [s for s in validation or [] if s.is_normal]
         samples = samples if len(samples) >= 2 else []  # too few: the calibration normals instead
-    if samples:
+    if samples and config.tile_size is not None:  # normal images only here: weighed on their tiles
+        pixels = images_to_uint8(
+            tile_crops([s.image for s in samples], config.tile_size, config.tile_overlap), config.image_size
+        )
+        labels = None
+        where = f"validation ({len(samples)} images, {pixels.shape[0]} tiles)"
+    elif samples:
         pixels = images_to_uint8([s.image for s in samples], config.image_size)
         labels = [not s.is_normal for s in samples]
         where = f"validation ({len(samples)} images)"
@@ -270,9 +295,38 @@ def fit_fusion(
     return {"method": method, "weights": config.task_weights, "images": where}
 
 
+@torch.no_grad()
+def scores_and_maps(
+    model: AnomalyLearner, images: Sequence[Image.Image], batch_size: int = 8
+) -> tuple[list[float], list[torch.Tensor]]:
+    """Image scores and fused maps at each image's own size: the whole image resized to the model size, or, for a
+    model trained on tiles, its tiles through the processor's one scoring path, stitched."""
+    config = model.config
+    if config.tile_size is not None:
+        scores, maps = score_images(model, images, anomaly_processor(model), batch_size)
+        return scores, [torch.from_numpy(amap) for amap in maps]
+    scores, maps = [], []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        out = model.predict(
+            normalize(images_to_uint8(chunk, config.image_size), config.image_mean, config.image_std)
+        )
+        for i, image in enumerate(chunk):
+            scores.append(float(out.image_scores[i]))
+            maps.append(
+                F.interpolate(
+                    out.anomaly_maps[i][None, None],
+                    size=(image.height, image.width),
+                    mode="bilinear",
+                    align_corners=False,
+                )[0, 0]
+            )
+    return scores, maps
+
+
 def calibrate(
     model: AnomalyLearner,
-    calibration_normals: torch.Tensor,
+    calibration_images: Sequence[Image.Image],
     validation: list[AnomalySample] | None,
     target_fpr: float,
     batch_size: int = 8,
@@ -281,34 +335,18 @@ def calibrate(
     the held-out normal images. Returns what was done."""
     config = model.config
     if validation:
-        scores, labels, pixels, pixel_labels = [], [], [], []
-        for start in range(0, len(validation), batch_size):
-            chunk = validation[start : start + batch_size]
-            out = model.predict(
-                normalize(
-                    images_to_uint8([s.image for s in chunk], config.image_size),
-                    config.image_mean,
-                    config.image_std,
-                )
-            )
-            for i, sample in enumerate(chunk):
-                scores.append(float(out.image_scores[i]))
-                labels.append(0 if sample.is_normal else 1)
-                height, width = sample.size
-                fused = torch.nn.functional.interpolate(
-                    out.anomaly_maps[i][None, None],
-                    size=(height, width),
-                    mode="bilinear",
-                    align_corners=False,
-                )[0, 0]
-                keep = sample.mask != 255
-                pixels.append(fused.numpy()[keep])
-                pixel_labels.append(sample.mask[keep] == 1)
+        scores, maps = scores_and_maps(model, [s.image for s in validation], batch_size)
+        labels = [0 if sample.is_normal else 1 for sample in validation]
+        pixels, pixel_labels = [], []
+        for sample, fused in zip(validation, maps):
+            keep = sample.mask != 255
+            pixels.append(fused.numpy()[keep])
+            pixel_labels.append(sample.mask[keep] == 1)
         config.image_threshold = calibrate_f1(scores, labels)
         config.pixel_threshold = calibrate_f1(np.concatenate(pixels), np.concatenate(pixel_labels))
         config.threshold_method = "f1_max:validation"
         return {"method": config.threshold_method, "images": len(validation)}
-    if calibration_normals.shape[0] == 0:
+    if not calibration_images:
         config.image_threshold = config.pixel_threshold = None
         config.threshold_method = "uncalibrated"
         logger.warning(
@@ -320,19 +358,24 @@ def calibrate(
         logger.warning(
             "no validation split with defects: the thresholds come from %d held-out normal train image(s) at the "
             "target false-positive rate %s; no anomalous image checked them",
-            calibration_normals.shape[0],
+            len(calibration_images),
             target_fpr,
         )
-    maps, scores = [], []
-    for start in range(0, calibration_normals.shape[0], batch_size):
-        chunk = calibration_normals[start : start + batch_size]
-        out = model.predict(normalize(chunk, config.image_mean, config.image_std))
-        maps.append(out.anomaly_maps.flatten())
-        scores.append(out.image_scores)
-    config.image_threshold = calibrate_fpr(torch.cat(scores), target_fpr)
-    config.pixel_threshold = calibrate_fpr(torch.cat(maps), target_fpr)
+    if config.tile_size is not None:  # the stitched maps the tiled model is judged by
+        scores, maps = scores_and_maps(model, calibration_images, batch_size)
+        all_scores, all_pixels = torch.tensor(scores), torch.cat([amap.flatten() for amap in maps])
+    else:  # the maps at the model size, as whole images are scored
+        normals = images_to_uint8(calibration_images, config.image_size)
+        outputs = [
+            model.predict(normalize(normals[start : start + batch_size], config.image_mean, config.image_std))
+            for start in range(0, normals.shape[0], batch_size)
+        ]
+        all_scores = torch.cat([out.image_scores for out in outputs])
+        all_pixels = torch.cat([out.anomaly_maps.flatten() for out in outputs])
+    config.image_threshold = calibrate_fpr(all_scores, target_fpr)
+    config.pixel_threshold = calibrate_fpr(all_pixels, target_fpr)
     config.threshold_method = f"fpr:{target_fpr}:held_out_normals"
-    return {"method": config.threshold_method, "images": int(calibration_normals.shape[0])}
+    return {"method": config.threshold_method, "images": len(calibration_images)}
 
 
 @torch.no_grad()
@@ -342,28 +385,19 @@ def evaluate(
     """AnomalyMetrics of `split` (maps at each image's own size) and the CPU scoring time per image."""
     metrics = AnomalyMetrics()
     seconds, count, pending = 0.0, 0, []
-    cfg = model.config
+    threshold = model.config.image_threshold
     decisions = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
 
     def flush() -> None:
         nonlocal seconds, count
         started = time.perf_counter()
-        pixels = normalize(
-            images_to_uint8([s.image for s in pending], cfg.image_size), cfg.image_mean, cfg.image_std
-        )
-        out = model.predict(pixels)
+        scores, maps = scores_and_maps(model, [s.image for s in pending], batch_size)
         seconds += time.perf_counter() - started
         count += len(pending)
-        for i, sample in enumerate(pending):
-            height, width = sample.size
-            fused = torch.nn.functional.interpolate(
-                out.anomaly_maps[i][None, None], size=(height, width), mode="bilinear", align_corners=False
-            )[0, 0]
-            metrics.update(
-                fused, sample.mask, sample.is_normal, sample.defect_type, float(out.image_scores[i])
-            )
-            if out.is_anomalous is not None:
-                predicted = bool(out.is_anomalous[i])
+        for sample, score, fused in zip(pending, scores, maps):
+            metrics.update(fused, sample.mask, sample.is_normal, sample.defect_type, score)
+            if threshold is not None:
+                predicted = score >= threshold
                 key = ("tp" if predicted else "fn") if not sample.is_normal else ("fp" if predicted else "tn")
                 decisions[key] += 1
         pending.clear()
@@ -409,9 +443,18 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
             args.config,
             len(held_index),
         )
-    images = images_to_uint8([train[i].image for i in train_index], args.image_size)
-    held_out = images_to_uint8([train[i].image for i in held_index], args.image_size)
-    statistics_normals, calibration_normals = held_out[0::2], held_out[1::2]
+    # With --tile-size every image becomes its tiles (one scale whatever the image's size and shape); the held-out
+    # images' first half fits the normal statistics, the second half calibrates (on the whole images).
+    tile_size, tile_overlap = args.tile_size, args.tile_overlap or 0
+
+    def as_uint8(pictures: Sequence[Image.Image]) -> torch.Tensor:
+        return images_to_uint8(tile_crops(pictures, tile_size, tile_overlap), args.image_size)
+
+    held_images = [train[i].image for i in held_index]
+    images = as_uint8([train[i].image for i in train_index])
+    held_out = as_uint8(held_images)
+    statistics_normals, calibration_images = as_uint8(held_images[0::2]), held_images[1::2]
+    calibration_normals = as_uint8(calibration_images)
 
     config = AnomalyLearnerConfig(
         preset=args.backbone,
@@ -421,6 +464,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         num_experts_per_tok=args.top_k,
         vflip=args.vflip,
         standardization=args.standardization,
+        tile_size=tile_size,
+        tile_overlap=tile_overlap,
         **({"tasks": args.tasks} if args.tasks else {}),
     )
     model = AnomalyLearner(config)
@@ -458,12 +503,13 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         logger.info("resumed from %s at step %d", checkpoint, state.step)
     accelerator.init_trackers("learner", config={k: str(v) for k, v in vars(args).items()})
     logger.info(
-        "training the %s learner on %s/%s: %d train + %d held-out normals, tasks %s, weighting %s, %d steps",
+        "training the %s learner on %s/%s: %d train + %d held-out normal %s, tasks %s, weighting %s, %d steps",
         args.backbone,
         args.repo,
         args.config,
         images.shape[0],
         held_out.shape[0],
+        f"tiles of {tile_size} px" if tile_size is not None else "images",
         tasks,
         weighting.name,
         args.max_steps,
@@ -540,6 +586,9 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "stopped_early": stopped_early,
         "train_images": len(train_index),
         "held_out_images": len(held_index),
+        "tiles": {"tile_size": tile_size, "tile_overlap": tile_overlap, "train_tiles": int(images.shape[0])}
+        if tile_size is not None
+        else None,
         "train_seconds": train_seconds,
         "mixed_precision": accelerator.mixed_precision,  # what "auto" resolved to on this machine
         "weights": weighting.weights,
@@ -565,7 +614,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
             except (ValueError, KeyError, FileNotFoundError):
                 fusion_validation = None
         summary["fusion"] = fit_fusion(unwrapped, args.fusion, fusion_validation, calibration_normals)
-        summary["calibration"] = calibrate(unwrapped, calibration_normals, validation, args.target_fpr)
+        summary["calibration"] = calibrate(unwrapped, calibration_images, validation, args.target_fpr)
         summary["thresholds"] = {"image": config.image_threshold, "pixel": config.pixel_threshold}
         unwrapped.save_pretrained(output_dir / "model")  # OUTPUT_DIR/model, as `cadmtl anomaly fit` saves
         # The whole command up to the saved model (data, training, statistics, fusion, calibration): what a

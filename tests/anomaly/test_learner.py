@@ -18,6 +18,7 @@ from cadmtl.anomaly.learner import (
     choose_task_weights,
     fuse_task_maps,
     image_scores,
+    images_to_uint8,
     inpaint_pattern,
     load_balancing_loss,
     make_proxy_batch,
@@ -380,3 +381,114 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
     # The default fusion needs normal images only: the validation split's 3 normal images here.
     assert resumed_summary["fusion"]["method"] == "normal_variance"
     assert resumed_summary["fusion"]["images"] == "validation (3 images)"
+
+
+def test_tile_crops_cut_each_image_into_the_processor_tiles():
+    from PIL import Image
+
+    from cadmtl.anomaly.learner import tile_crops
+    from modeling_cadmtl_anomaly.features_cadmtl_anomaly import tile_boxes
+
+    wide, small = Image.new("RGB", (200, 90)), Image.new("RGB", (40, 30))
+    wide.putpixel((199, 89), (255, 0, 0))
+    crops = tile_crops([wide, small], 64, 16)
+    boxes = tile_boxes(90, 200, 64, 16)
+    assert len(crops) == len(boxes) + 1  # the small image is one tile: itself
+    assert [c.size for c in crops[: len(boxes)]] == [(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes]
+    assert crops[len(boxes) - 1].getpixel((63, 63)) == (255, 0, 0)  # the last tile ends at the corner
+    assert crops[-1].size == (40, 30)
+    assert tile_crops([wide, small], None) == [wide, small]
+
+
+def test_tile_settings_of_the_learner_config_round_trip_and_are_checked(tmp_path):
+    config = small_config(tile_size=64, tile_overlap=16)
+    config.save_pretrained(tmp_path)
+    loaded = AnomalyLearnerConfig.from_pretrained(tmp_path)
+    assert (loaded.tile_size, loaded.tile_overlap) == (64, 16)
+    assert (small_config().tile_size, small_config().tile_overlap) == (None, 0)
+    with pytest.raises(ValueError, match="tile-overlap"):
+        small_config(tile_size=64, tile_overlap=64)
+
+
+def test_train_options_refuse_bad_tile_settings(capsys):
+    from cadmtl.anomaly.learner_training import parse_args
+
+    base = ["repo", "--config", "tile_ad", "--output-dir", "out"]
+    args = parse_args([*base, "--tile-size", "128", "--tile-overlap", "32"])
+    assert (args.tile_size, args.tile_overlap) == (128, 32)
+    for extra, message in [
+        (["--tile-overlap", "8"], "needs --tile-size"),
+        (["--tile-size", "16"], "at least 32"),
+        (["--tile-size", "128", "--fusion", "auroc"], "--fusion auroc weighs whole validation images"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args([*base, *extra])
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_main_trains_on_tiles_and_scores_by_tiles(tmp_path, fresh_accelerate_state):
+    from cadmtl.anomaly.data import load_anomaly_split
+    from cadmtl.anomaly.learner_training import carve_held_out, scores_and_maps, train
+    from cadmtl.anomaly.models import anomaly_processor, score_images
+    from dataset_scripts.make_demo import build_demo_dataset
+    from modeling_cadmtl_anomaly.features_cadmtl_anomaly import tile_boxes
+
+    repo = tmp_path / "repo"
+    build_demo_dataset(
+        repo, train=12, validation=6, test=6, configs=["chassis_cls"], ad_configs=["exterior_ad"]
+    )
+    train_samples = load_anomaly_split(str(repo), "exterior_ad", "train")
+    height, width = train_samples[0].size
+    tile, overlap = min(height, width) // 2, 8
+    summary = train(
+        [
+            str(repo),
+            "--config",
+            "exterior_ad",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--held-out-images",
+            "4",
+            "--max-steps",
+            "2",
+            "--mixed-precision",
+            "no",
+            "--tile-size",
+            str(tile),
+            "--tile-overlap",
+            str(overlap),
+            "--eval-split",
+            "test",
+        ]
+    )
+    reset_accelerate_state()
+    tiles_per_image = [len(tile_boxes(*s.size, tile, overlap)) for s in train_samples]
+    assert min(tiles_per_image) >= 4
+    train_index, _ = carve_held_out(len(train_samples), 4)
+    train_tiles = sum(tiles_per_image[i] for i in train_index)
+    assert summary["tiles"] == {"tile_size": tile, "tile_overlap": overlap, "train_tiles": train_tiles}
+    assert summary["fusion"]["method"] == "normal_variance" and "tiles)" in summary["fusion"]["images"]
+    assert summary["calibration"]["method"] == "f1_max:validation"
+    assert {"image_auroc", "pixel_auroc", "aupro"} <= set(summary["evaluation"])
+
+    learner = AnomalyLearner.from_pretrained(tmp_path / "run" / "model")
+    assert (learner.config.tile_size, learner.config.tile_overlap) == (tile, overlap)
+    processor = anomaly_processor(learner)
+    assert processor.tile_size == tile  # evaluate, predict and the app tile as it was trained
+    test = load_anomaly_split(str(repo), "exterior_ad", "test")
+    scores, maps = scores_and_maps(learner, [s.image for s in test])
+    expected_scores, expected_maps = score_images(learner, [s.image for s in test], processor)
+    assert scores == pytest.approx(expected_scores)
+    for sample, amap, expected in zip(test, maps, expected_maps):
+        assert tuple(amap.shape) == sample.size
+        np.testing.assert_allclose(amap.numpy(), expected, rtol=1e-5, atol=1e-5)
+    # One tile's map is the model's map of that crop: the stitched map is not the whole image squashed.
+    squashed = learner.predict(
+        normalize(images_to_uint8([test[0].image], 32), learner.config.image_mean, learner.config.image_std)
+    )
+    assert float(squashed.image_scores[0]) != pytest.approx(scores[0])

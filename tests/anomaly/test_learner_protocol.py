@@ -168,3 +168,21 @@ def test_protocol_trains_once_per_seed_and_reports_every_fold(demo_repo, tmp_pat
     ]
     with pytest.raises(SystemExit):
         main(bad)
+
+
+def test_protocol_refuses_tiles_it_cannot_score_yet(demo_repo, tmp_path):
+    from cadmtl.anomaly.learner_protocol import run_protocol
+
+    argv = [
+        str(demo_repo),
+        "--config",
+        "exterior_ad",
+        "--output-dir",
+        str(tmp_path),
+        *TINY,
+        "--tile-size",
+        "64",
+    ]
+    with pytest.raises(ValueError, match=r"cannot take --tile-size yet.*cadmtl anomaly evaluate"):
+        run_protocol(argv)
+    assert not (tmp_path / "seed-0").exists()  # refused before any training
