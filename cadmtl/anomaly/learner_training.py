@@ -297,15 +297,22 @@ def fit_fusion(
 
 @torch.no_grad()
 def scores_and_maps(
-    model: AnomalyLearner, images: Sequence[Image.Image], batch_size: int = 8
+    model: AnomalyLearner, images: Sequence[Image.Image], batch_size: int = 8, desc: str | None = None
 ) -> tuple[list[float], list[torch.Tensor]]:
     """Image scores and fused maps at each image's own size: the whole image resized to the model size, or, for a
-    model trained on tiles, its tiles through the processor's one scoring path, stitched."""
+    model trained on tiles, its tiles through the processor's one scoring path, stitched (minutes for a few hundred
+    images: with `desc`, a progress bar)."""
     config = model.config
-    if config.tile_size is not None:
-        scores, maps = score_images(model, images, anomaly_processor(model), batch_size)
-        return scores, [torch.from_numpy(amap) for amap in maps]
     scores, maps = [], []
+    if config.tile_size is not None:
+        processor = anomaly_processor(model)
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False):
+            chunk_scores, chunk_maps = score_images(
+                model, images[start : start + batch_size], processor, batch_size
+            )
+            scores.extend(chunk_scores)
+            maps.extend(torch.from_numpy(amap) for amap in chunk_maps)
+        return scores, maps
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         out = model.predict(
@@ -335,7 +342,7 @@ def calibrate(
     the held-out normal images. Returns what was done."""
     config = model.config
     if validation:
-        scores, maps = scores_and_maps(model, [s.image for s in validation], batch_size)
+        scores, maps = scores_and_maps(model, [s.image for s in validation], batch_size, "calibrating")
         labels = [0 if sample.is_normal else 1 for sample in validation]
         pixels, pixel_labels = [], []
         for sample, fused in zip(validation, maps):
@@ -362,7 +369,7 @@ def calibrate(
             target_fpr,
         )
     if config.tile_size is not None:  # the stitched maps the tiled model is judged by
-        scores, maps = scores_and_maps(model, calibration_images, batch_size)
+        scores, maps = scores_and_maps(model, calibration_images, batch_size, "calibrating")
         all_scores, all_pixels = torch.tensor(scores), torch.cat([amap.flatten() for amap in maps])
     else:  # the maps at the model size, as whole images are scored
         normals = images_to_uint8(calibration_images, config.image_size)
@@ -402,7 +409,7 @@ def evaluate(
                 decisions[key] += 1
         pending.clear()
 
-    for sample in iter_anomaly_split(repo, config_name, split):
+    for sample in tqdm(iter_anomaly_split(repo, config_name, split), desc=f"scoring {split}", leave=False):
         pending.append(sample)
         if len(pending) == batch_size:
             flush()
