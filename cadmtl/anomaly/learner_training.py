@@ -256,11 +256,18 @@ def standardised_task_maps(
     return {task: torch.cat(values) for task, values in collected.items()}
 
 
+def as_seen(
+    pictures: Sequence[Image.Image], image_size: int, tile_size: int | None, tile_overlap: int
+) -> torch.Tensor:
+    """(N, 3, S, S) uint8: the images, or with `tile_size` their tiles, as the learner trains and weighs them."""
+    return images_to_uint8(tile_crops(pictures, tile_size, tile_overlap), image_size)
+
+
 def fit_fusion(
     model: AnomalyLearner,
     method: str,
     validation: list[AnomalySample] | None,
-    calibration_normals: torch.Tensor,
+    calibration_images: Sequence[Image.Image],
 ) -> dict[str, Any]:
     """Set ``model.config.task_weights`` by ``method`` (see ``choose_task_weights``) from held-out images:
     the validation split (with defects for ``auroc`` / ``select``; its normal images, else the calibration
@@ -276,19 +283,16 @@ def fit_fusion(
     else:
         samples = [s for s in validation or [] if s.is_normal]
         samples = samples if len(samples) >= 2 else []  # too few: the calibration normals instead
-    if samples and config.tile_size is not None:  # normal images only here: weighed on their tiles
-        pixels = images_to_uint8(
-            tile_crops([s.image for s in samples], config.tile_size, config.tile_overlap), config.image_size
-        )
-        labels = None
-        where = f"validation ({len(samples)} images, {pixels.shape[0]} tiles)"
-    elif samples:
-        pixels = images_to_uint8([s.image for s in samples], config.image_size)
-        labels = [not s.is_normal for s in samples]
-        where = f"validation ({len(samples)} images)"
-    else:
-        pixels, labels = calibration_normals, None
-        where = f"held-out normals ({calibration_normals.shape[0]} images)"
+    settings = (config.image_size, config.tile_size, config.tile_overlap)
+    if samples:
+        pixels = as_seen([s.image for s in samples], *settings)
+        if config.tile_size is not None:  # normal images only here (parse_args): weighed on their tiles
+            labels, where = None, f"validation ({len(samples)} images, {pixels.shape[0]} tiles)"
+        else:
+            labels, where = [not s.is_normal for s in samples], f"validation ({len(samples)} images)"
+    else:  # converted only here, where they are used
+        pixels, labels = as_seen(calibration_images, *settings), None
+        where = f"held-out normals ({pixels.shape[0]} images)"
     maps = standardised_task_maps(model, normalize(pixels, config.image_mean, config.image_std))
     config.task_weights = choose_task_weights(maps, labels, method, config.image_score, config.top_fraction)
     config.fusion = method
@@ -453,15 +457,11 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # With --tile-size every image becomes its tiles (one scale whatever the image's size and shape); the held-out
     # images' first half fits the normal statistics, the second half calibrates (on the whole images).
     tile_size, tile_overlap = args.tile_size, args.tile_overlap or 0
-
-    def as_uint8(pictures: Sequence[Image.Image]) -> torch.Tensor:
-        return images_to_uint8(tile_crops(pictures, tile_size, tile_overlap), args.image_size)
-
+    settings = (args.image_size, tile_size, tile_overlap)
     held_images = [train[i].image for i in held_index]
-    images = as_uint8([train[i].image for i in train_index])
-    held_out = as_uint8(held_images)
-    statistics_normals, calibration_images = as_uint8(held_images[0::2]), held_images[1::2]
-    calibration_normals = as_uint8(calibration_images)
+    images = as_seen([train[i].image for i in train_index], *settings)
+    held_out = as_seen(held_images, *settings)
+    statistics_normals, calibration_images = as_seen(held_images[0::2], *settings), held_images[1::2]
 
     config = AnomalyLearnerConfig(
         preset=args.backbone,
@@ -620,7 +620,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 fusion_validation = load_anomaly_split(args.repo, args.config, "validation")
             except (ValueError, KeyError, FileNotFoundError):
                 fusion_validation = None
-        summary["fusion"] = fit_fusion(unwrapped, args.fusion, fusion_validation, calibration_normals)
+        summary["fusion"] = fit_fusion(unwrapped, args.fusion, fusion_validation, calibration_images)
         summary["calibration"] = calibrate(unwrapped, calibration_images, validation, args.target_fpr)
         summary["thresholds"] = {"image": config.image_threshold, "pixel": config.pixel_threshold}
         unwrapped.save_pretrained(output_dir / "model")  # OUTPUT_DIR/model, as `cadmtl anomaly fit` saves
