@@ -168,6 +168,9 @@ def _check_pair(
         anomaly_map = anomaly_map[0]
     if anomaly_map.ndim != 2:
         raise ValueError(f"anomaly maps must be (H, W); got shape {anomaly_map.shape}")
+    if not np.isfinite(anomaly_map).all():  # NaN would break the sort-based curves without saying why
+        bad = int((~np.isfinite(anomaly_map)).sum())
+        raise ValueError(f"an anomaly map of shape {anomaly_map.shape} holds {bad} NaN or infinite values")
     if mask is None:
         fill = 0 if is_normal else IGNORE_INDEX
         return anomaly_map, np.full(anomaly_map.shape, fill, dtype=np.uint8)
@@ -201,6 +204,11 @@ def compute_anomaly_metrics(
     if image_scores is None:
         image_scores = [float(m.max()) for m, _ in checked]
     image_labels = ~np.asarray(is_normal, dtype=bool)
+    if not np.isfinite(np.asarray(image_scores, dtype=np.float64)).all():
+        bad = [i for i, score in enumerate(image_scores) if not np.isfinite(score)]
+        raise ValueError(
+            f"{len(bad)} of {len(image_scores)} image scores are NaN or infinite (the first is image {bad[0]})"
+        )
     image_pos, image_neg = split_scores(np.asarray(image_scores, dtype=np.float64), image_labels)
     pixel_pos = np.concatenate([m[k == 1] for m, k in checked] or [np.zeros(0, np.float32)])
     pixel_neg = np.concatenate([m[k == 0] for m, k in checked] or [np.zeros(0, np.float32)])

@@ -266,6 +266,18 @@ def test_mask_values_and_shapes_are_checked():
         compute_anomaly_metrics([np.zeros((2, 2))], [np.zeros((3, 2), np.uint8)], [True])
 
 
+def test_nan_maps_and_scores_are_refused_by_name():
+    masks = [np.zeros((2, 2), np.uint8), np.ones((2, 2), np.uint8)]
+    broken = np.zeros((2, 2))
+    broken[0, 1] = np.nan
+    with pytest.raises(ValueError, match="holds 1 NaN or infinite values"):
+        compute_anomaly_metrics([np.zeros((2, 2)), broken], masks, [True, False])
+    with pytest.raises(
+        ValueError, match="1 of 2 image scores are NaN or infinite \\(the first is image 1\\)"
+    ):
+        compute_anomaly_metrics([np.zeros((2, 2))] * 2, masks, [True, False], image_scores=[0.5, np.inf])
+
+
 def test_accumulator_keys_per_defect_type_and_table():
     items = _random_dataset()
     metrics = AnomalyMetrics()
