@@ -56,6 +56,7 @@ def nearest_image_grids(
     count, channels, height, width = bank.shape
     descriptors = bank.float().mean((2, 3))  # (N, C): one vector per train image
     patches = bank.permute(0, 2, 3, 1).reshape(count, height * width, channels)  # (N, h*w, C)
+    neighbours = sorted(set(neighbours))
     grids: dict[int, list[np.ndarray]] = {k: [] for k in neighbours}
     for sample in tqdm(queries, desc="scoring"):
         features = patch_features(scorer, sample)
@@ -63,7 +64,7 @@ def nearest_image_grids(
         query = features.permute(1, 2, 0).reshape(-1, channels)
         best = torch.full((height * width,), float("inf"))
         done = 0
-        for k in sorted(neighbours):  # each K extends the previous one's images: one search per new image
+        for k in neighbours:  # each K only searches the images it adds to the previous K's
             candidates = patches[order[done:k]].reshape(-1, channels).float()
             best = torch.minimum(best, torch.cdist(query, candidates).min(1).values)
             done = k
