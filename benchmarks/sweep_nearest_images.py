@@ -10,8 +10,8 @@ normals: each ring of cells (0 = the outermost, `--border-rings` rings) divided 
 to the interior's before the top 1 % is taken; the maps are left as they are.
 
 Everything else is the scorer's own: its features (levels, pooling), its input size, its blur (sigma), its top-1 %
-image score, and maps resized to each image's original size as `AnomalyImageProcessor.post_process_anomaly_maps`
-does. Validation and test splits are scored; the test split is only read for the report.
+image score, and maps resized to each image's original size by `AnomalyImageProcessor.post_process_anomaly_maps`.
+Validation and test splits are scored; the test split is only read for the report.
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/sweep_nearest_images.py out/tile-lite2-s0/model data/tile \
         --config tile_ad --neighbours 10 20 40 --output out/nearest-images.json
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, to_pixel_values
 from cadmtl.anomaly.metrics import AnomalyMetrics
+from cadmtl.anomaly.models import anomaly_processor
 from cadmtl.anomaly.patch_memory import PatchMemoryScorer
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import image_scores, upsample_blur
 
@@ -100,10 +100,17 @@ def split_metrics(
         grid_tensor / torch.from_numpy(score_scale).float(), config.image_score, config.top_fraction
     )
     maps = upsample_blur(grid_tensor, tuple(config.image_size), config.sigma)
+    outputs = {"anomaly_maps": maps, "image_scores": scores}
+    results = anomaly_processor(scorer).post_process_anomaly_maps(outputs, [s.size for s in samples])
     metrics = AnomalyMetrics()
-    for sample, amap, score in zip(samples, maps, scores):
-        full = F.interpolate(amap[None, None], size=sample.size, mode="bilinear", align_corners=False)[0, 0]
-        metrics.update(full, sample.mask, sample.is_normal, sample.defect_type, image_score=float(score))
+    for sample, result in zip(samples, results):
+        metrics.update(
+            result["anomaly_map"],
+            sample.mask,
+            sample.is_normal,
+            sample.defect_type,
+            image_score=result["score"],
+        )
     return metrics.compute()
 
 

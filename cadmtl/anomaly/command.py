@@ -85,14 +85,7 @@ def _scores_and_maps(
 ) -> tuple[list[float], list[np.ndarray]]:
     """Image scores and anomaly maps at each image's original size, through `processor` (default: the scorer's
     own, with the tile settings it was fitted with)."""
-    processor = anomaly_processor(scorer) if processor is None else processor
-    scores, maps = [], []
-    for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
-        batch = samples[start : start + batch_size]
-        batch_scores, batch_maps = score_images(scorer, [s.image for s in batch], processor, batch_size)
-        scores.extend(batch_scores)
-        maps.extend(batch_maps)
-    return scores, maps
+    return score_images(scorer, [s.image for s in samples], processor, batch_size, desc)
 
 
 def bank_pixel_values(

@@ -307,16 +307,10 @@ def scores_and_maps(
     model trained on tiles, its tiles through the processor's one scoring path, stitched (minutes for a few hundred
     images: with `desc`, a progress bar)."""
     config = model.config
-    scores, maps = [], []
     if config.tile_size is not None:
-        processor = anomaly_processor(model)
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False):
-            chunk_scores, chunk_maps = score_images(
-                model, images[start : start + batch_size], processor, batch_size
-            )
-            scores.extend(chunk_scores)
-            maps.extend(torch.from_numpy(amap) for amap in chunk_maps)
-        return scores, maps
+        scores, maps = score_images(model, images, anomaly_processor(model), batch_size, desc)
+        return scores, [torch.from_numpy(amap) for amap in maps]
+    scores, maps = [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         out = model.predict(

@@ -204,12 +204,13 @@ def compute_anomaly_metrics(
     if image_scores is None:
         image_scores = [float(m.max()) for m, _ in checked]
     image_labels = ~np.asarray(is_normal, dtype=bool)
-    if not np.isfinite(np.asarray(image_scores, dtype=np.float64)).all():
-        bad = [i for i, score in enumerate(image_scores) if not np.isfinite(score)]
+    scores = np.asarray(image_scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        bad = np.flatnonzero(~np.isfinite(scores))
         raise ValueError(
-            f"{len(bad)} of {len(image_scores)} image scores are NaN or infinite (the first is image {bad[0]})"
+            f"{len(bad)} of {len(scores)} image scores are NaN or infinite (the first is image {bad[0]})"
         )
-    image_pos, image_neg = split_scores(np.asarray(image_scores, dtype=np.float64), image_labels)
+    image_pos, image_neg = split_scores(scores, image_labels)
     pixel_pos = np.concatenate([m[k == 1] for m, k in checked] or [np.zeros(0, np.float32)])
     pixel_neg = np.concatenate([m[k == 0] for m, k in checked] or [np.zeros(0, np.float32)])
     pixel_pos.sort()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from cadmtl.anomaly.learner import AnomalyLearner
 from cadmtl.anomaly.patch_memory import PatchMemoryScorer
@@ -93,25 +94,29 @@ def score_images(
     images: Sequence[Image.Image],
     processor: AnomalyImageProcessor | None = None,
     batch_size: int = 8,
+    desc: str | None = None,
 ) -> tuple[list[float], list[np.ndarray]]:
     """Image scores and anomaly maps (float32, at each image's own size) of `images` through the processor's one
-    scoring path (`AnomalyImageProcessor.predict`: whole images, or tiles stitched when it has a `tile_size`)."""
+    scoring path (`AnomalyImageProcessor.predict`: whole images, or tiles stitched when it has a `tile_size`),
+    `batch_size` images at a time; with `desc`, a progress bar (minutes for a few hundred tiled images)."""
     processor = anomaly_processor(model) if processor is None else processor
     config = model.config
-    outputs = processor.predict(
-        model.predict,
-        list(images),
-        image_score=config.image_score,
-        top_fraction=config.top_fraction,
-        batch_size=batch_size,
-    )
     scores, maps = [], []
-    for image, amap, score in zip(images, outputs["anomaly_maps"], outputs["image_scores"]):
-        size = (image.height, image.width)
-        if tuple(amap.shape) != size:
-            amap = F.interpolate(amap[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-        maps.append(amap.numpy().astype(np.float32))
-        scores.append(float(score))
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False):
+        chunk = list(images[start : start + batch_size])
+        outputs = processor.predict(
+            model.predict,
+            chunk,
+            image_score=config.image_score,
+            top_fraction=config.top_fraction,
+            batch_size=batch_size,
+        )
+        for image, amap, score in zip(chunk, outputs["anomaly_maps"], outputs["image_scores"]):
+            size = (image.height, image.width)
+            if tuple(amap.shape) != size:
+                amap = F.interpolate(amap[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+            maps.append(amap.numpy().astype(np.float32))
+            scores.append(float(score))
     return scores, maps
 
 
