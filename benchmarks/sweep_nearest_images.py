@@ -34,7 +34,12 @@ from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, to_pixel_valu
 from cadmtl.anomaly.metrics import AnomalyMetrics
 from cadmtl.anomaly.models import anomaly_processor
 from cadmtl.anomaly.patch_memory import PatchMemoryScorer
-from modeling_cadmtl_anomaly.features_cadmtl_anomaly import image_scores, upsample_blur
+from modeling_cadmtl_anomaly.features_cadmtl_anomaly import (
+    border_profile,
+    image_scores,
+    ring_scale,
+    upsample_blur,
+)
 
 SPLITS = ("validation", "test")
 
@@ -70,23 +75,6 @@ def nearest_image_grids(
             done = k
             grids[k].append(best.view(height, width).numpy().copy())
     return {k: np.stack(v) for k, v in grids.items()}
-
-
-def rings(height: int, width: int) -> np.ndarray:
-    """(h, w): each cell's distance in cells to the nearest edge of the grid (0 = the outermost ring)."""
-    rows, columns = np.mgrid[:height, :width]
-    return np.minimum.reduce([rows, columns, height - 1 - rows, width - 1 - columns])
-
-
-def border_profile(normal_grids: np.ndarray, count: int) -> np.ndarray:
-    """(count + 1,): the mean normal distance of rings 0..count-1 over that of the interior; the last entry is 1."""
-    ring = rings(*normal_grids.shape[1:])
-    if not (ring >= count).any():
-        raise SystemExit(
-            f"--border-rings {count} leaves no interior in a {normal_grids.shape[1:]} grid of cells"
-        )
-    interior = normal_grids[:, ring >= count].mean()
-    return np.array([normal_grids[:, ring == r].mean() / interior for r in range(count)] + [1.0])
 
 
 def split_metrics(
@@ -146,10 +134,17 @@ def main() -> None:
     validation_normal = np.array([s.is_normal for s in splits["validation"]])
     report: dict = {"model": args.model, "train_images": len(train), "rows": []}
     for k, grid in grids.items():
-        profile = border_profile(grid[:num_validation][validation_normal], args.border_rings)
-        scale = profile[np.minimum(rings(*grid.shape[1:]), args.border_rings)]
+        # the scorer's own profile (`cadmtl anomaly fit --neighbour-images`): fewer rings where the grid is small
+        profile = border_profile(
+            torch.from_numpy(grid[:num_validation][validation_normal]), args.border_rings
+        )
+        if profile is None:
+            raise SystemExit(
+                f"--border-rings {args.border_rings}: a {grid.shape[1:]} grid of cells has no interior"
+            )
+        scale = ring_scale(*grid.shape[1:], profile, torch.zeros(())).numpy()
         print(
-            f"K={k}: border profile (rings 0..{args.border_rings - 1}, interior) {np.round(profile, 3).tolist()}"
+            f"K={k}: border profile (rings 0..{len(profile) - 2}, interior) {np.round(profile, 3).tolist()}"
         )
         variants = (
             ("dense memory", np.ones_like(scale)),
@@ -164,7 +159,7 @@ def main() -> None:
                         "neighbours": k,
                         "variant": variant,
                         "split": name,
-                        "profile": profile.tolist(),
+                        "profile": profile,
                         **results,
                     }
                 )

@@ -106,6 +106,16 @@ class PatchMemoryConfig(PreTrainedConfig):
             magnetic tile the flips sharpen the maps but blur the image ranking, RESULTS.md); with tiles it comes
             from the stitched map, so from the averaged views. Each flip costs one more pass of the backbone and
             the search. None / []: the upright view only.
+        neighbour_images (`int`, *optional*): a dense memory searched SPADE-style instead of the bank's nearest
+            entries (`NearestImageMemory`): the bank holds every patch of every fitted image (float16, no coreset)
+            with one descriptor per image (`image_descriptors`, the mean of its patches), and each query image is
+            compared only with the patches of its `neighbour_images` nearest fitted images. None: the bank.
+        memory_images (`int`): fitted images in a dense memory (rows of `image_descriptors`).
+        border_profile (`list[float]`, *optional*): the image score is taken on the distance grid divided, ring
+            by ring from its edge, by these factors (rings 0 .. R-1, then 1.0 for the interior): the mean normal
+            distance of each ring over the interior's, fitted on held-out normal images when the scorer is fitted.
+            A dense memory makes a grid's border stand out on normal images (its patches have fewer similar ones);
+            the maps are not changed. None: the grid as it is.
     """
 
     model_type = "cadmtl_patch_memory"
@@ -145,6 +155,9 @@ class PatchMemoryConfig(PreTrainedConfig):
     tile_size: int | None = None
     tile_overlap: int = 0
     map_flips: list[str] | None = None
+    neighbour_images: int | None = None
+    memory_images: int = 0
+    border_profile: list[float] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -162,6 +175,18 @@ class PatchMemoryConfig(PreTrainedConfig):
         if not isinstance(self.query_stride, int) or self.query_stride < 1:
             raise ValueError(f"query_stride must be a positive integer; got {self.query_stride!r}")
         self.map_flips = check_map_flips(self.map_flips)
+        if self.neighbour_images is not None and (
+            not isinstance(self.neighbour_images, int) or self.neighbour_images < 1
+        ):
+            raise ValueError(
+                f"neighbour_images must be a positive integer or None; got {self.neighbour_images!r}"
+            )
+        if self.border_profile is not None:
+            self.border_profile = [float(v) for v in self.border_profile]
+            if not self.border_profile or not all(math.isfinite(v) and v > 0 for v in self.border_profile):
+                raise ValueError(
+                    f"border_profile must hold positive finite factors; got {self.border_profile}"
+                )
         self.layers = [int(layer) for layer in self.layers] if self.layers is not None else None
         self.image_size = [int(v) for v in self.image_size] if self.image_size is not None else None
         self.image_mean = [float(v) for v in (self.image_mean or IMAGENET_MEAN)]

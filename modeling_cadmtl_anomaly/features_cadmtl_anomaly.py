@@ -425,6 +425,141 @@ class NearestNeighborIndex:
         return torch.where(found, self.list_ids[sorted_rows.clamp(min=0)], -1)
 
 
+class NearestImageMemory:
+    """A dense memory searched SPADE-style: every patch of every fitted image, and each query image compared only
+    with the patches of its `num_images` nearest fitted images (by the mean of their patch features).
+
+    A coreset's nearest distances sit near its covering radius everywhere, coarser than a hairline defect against
+    a surface's own texture; the full patches of the few most similar normal images keep that detail at a bounded
+    cost per query (on magnetic tile: image AUROC 95.3 -> 97.0, RESULTS.md).
+
+    Args:
+        patches: (N, P, C) the patch features of the N fitted images (any float dtype; float16 halves the memory).
+        descriptors: (N, C) one vector per fitted image, the mean of its patches.
+        num_images: K, the fitted images each query is compared with (clamped to N).
+        metric: "l2" or "cosine" (1 - cosine similarity).
+        projection_matrix: (C, p) search candidates on this projection, `num_candidates` re-ranked exactly
+            (approximate, ~C / p times cheaper); None: exact.
+        chunk_size: queries per distance block in eager mode (bounds memory: chunk x K * P float32).
+    """
+
+    def __init__(
+        self,
+        patches: torch.Tensor,
+        descriptors: torch.Tensor,
+        num_images: int,
+        metric: str = "l2",
+        projection_matrix: torch.Tensor | None = None,
+        num_candidates: int = 16,
+        chunk_size: int = 1024,
+    ):
+        if patches.ndim != 3 or patches.shape[0] == 0:
+            raise ValueError("the memory is empty: fit the scorer on at least one image first")
+        if descriptors.shape != (patches.shape[0], patches.shape[2]):
+            raise ValueError(
+                f"descriptors must be (images, channels) = {(patches.shape[0], patches.shape[2])}; "
+                f"got {tuple(descriptors.shape)}"
+            )
+        if metric not in ("l2", "cosine"):
+            raise ValueError(f"metric must be 'l2' or 'cosine'; got {metric!r}")
+        self.patches = patches
+        self.descriptors = descriptors.float()
+        self.descriptor_norms = self.descriptors.pow(2).sum(dim=1)
+        self.num_images = max(1, min(int(num_images), patches.shape[0]))
+        self.metric = metric
+        self.projection_matrix = projection_matrix
+        self.num_candidates = num_candidates
+        self.chunk_size = chunk_size
+
+    def nearest_images(self, descriptors: torch.Tensor) -> torch.Tensor:
+        """(B, C) query descriptors -> (B, K) indices of the nearest fitted images."""
+        # ranked by ||d||^2 - 2 q.d (the query's own norm is a constant per row; torch.cdist's size-dependent
+        # algorithm choice would also stop an export's symbolic batch)
+        ranking = torch.addmm(self.descriptor_norms[None], descriptors.float(), self.descriptors.T, alpha=-2)
+        return ranking.topk(self.num_images, dim=1, largest=False).indices
+
+    def _gather(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(b, K) image indices -> their patches (b, K * P, C) float32, prepared for the metric, and their search
+        representation (b, K * P, p) when projected."""
+        bank = self.patches[images].flatten(1, 2).float()
+        if self.metric == "cosine":
+            bank = F.normalize(bank, dim=-1)
+        search = None if self.projection_matrix is None else bank @ self.projection_matrix
+        return bank, search
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, descriptors: torch.Tensor, k: int = 1) -> torch.Tensor:
+        """(B, Q, C) query patches and (B, C) query descriptors -> (B, Q) float32 distance of each patch to its
+        nearest patch among the query's K nearest images (mean over the k nearest if k > 1)."""
+        images = self.nearest_images(descriptors)
+        queries = queries.float()
+        if self.metric == "cosine":
+            queries = F.normalize(queries, dim=-1)
+        if torch.compiler.is_exporting():  # symbolic batch: one block, no Python loop
+            return self._search_block(queries, *self._gather(images), k)
+        rows = []
+        for b in range(queries.shape[0]):
+            bank, search = self._gather(images[b : b + 1])
+            rows.append(
+                torch.cat(
+                    [
+                        self._search_block(
+                            queries[b : b + 1, start : start + self.chunk_size], bank, search, k
+                        )
+                        for start in range(0, queries.shape[1], self.chunk_size)
+                    ],
+                    dim=1,
+                )
+            )
+        return torch.cat(rows)
+
+    def _search_block(
+        self, queries: torch.Tensor, bank: torch.Tensor, search: torch.Tensor | None, k: int
+    ) -> torch.Tensor:
+        """(b, q, C) prepared queries against their own (b, M, C) patches -> (b, q) distances."""
+        search_queries, search_bank = (
+            (queries, bank) if search is None else (queries @ self.projection_matrix, search)
+        )
+        # ||b||^2 - 2 a.b ranks like the squared distance (the query's own norm is a constant per row).
+        ranking = torch.baddbmm(
+            search_bank.pow(2).sum(-1)[:, None, :], search_queries, search_bank.transpose(1, 2), alpha=-2
+        )
+        keep = min(bank.shape[1], max(k, self.num_candidates) if search is not None else k)
+        candidates = ranking.topk(keep, dim=2, largest=False).indices  # (b, q, keep)
+        batch, count, channels = queries.shape
+        rows = bank.gather(1, candidates.reshape(batch, -1, 1).expand(-1, -1, channels))
+        exact = (queries[:, :, None, :] - rows.view(batch, count, keep, channels)).norm(dim=-1)
+        exact = exact.topk(min(k, keep), dim=2, largest=False).values
+        if self.metric == "cosine":
+            exact = exact.pow(2) / 2  # ||a - b||^2 / 2 = 1 - cos on unit vectors
+        return exact.mean(dim=2)
+
+
+def ring_scale(height: int, width: int, profile: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """(h, w): each grid cell's entry of a border `profile` (rings 0 .. R-1 from the outermost, then the interior's
+    value for every cell R or more cells from the edge)."""
+    rows = torch.arange(height, device=like.device)[:, None]
+    columns = torch.arange(width, device=like.device)[None, :]
+    ring = torch.minimum(torch.minimum(rows, height - 1 - rows), torch.minimum(columns, width - 1 - columns))
+    values = torch.tensor(list(profile), dtype=like.dtype, device=like.device)
+    return values[ring.clamp(max=len(profile) - 1)]
+
+
+def border_profile(normal_grids: torch.Tensor, rings: int) -> list[float] | None:
+    """(N, h, w) distance grids of held-out normal images -> the mean distance of rings 0 .. rings-1 (0 = the
+    outermost) over the interior's, then 1.0 for the interior; `rings` is reduced to leave an interior, None if
+    the grid has none. Dividing a grid by `ring_scale` of it evens out normal distances across the grid."""
+    height, width = normal_grids.shape[-2:]
+    rings = min(rings, (min(height, width) - 1) // 2)
+    if rings < 1 or normal_grids.shape[0] == 0:
+        return None
+    cells = ring_scale(height, width, list(range(rings + 1)), normal_grids).long()
+    interior = normal_grids[:, cells == rings].mean()
+    if not interior > 0:
+        return None
+    return [float(normal_grids[:, cells == r].mean() / interior) for r in range(rings)] + [1.0]
+
+
 def check_ivf_arguments(num_lists: int | None, num_probes: int) -> None:
     """A ValueError for inverted-file settings that cannot work (see `NearestNeighborIndex`)."""
     if num_lists is None:

@@ -36,12 +36,15 @@ from transformers.utils import ModelOutput
 
 from .configuration_cadmtl_anomaly import MAP_FLIPS, TIMM_INSTALL_HINT, PatchMemoryConfig
 from .features_cadmtl_anomaly import (
+    NearestImageMemory,
     NearestNeighborIndex,
     PatchFeatureExtractor,
     backbone_depth,
     image_scores,
     is_timm_config,
     is_vit_config,
+    random_projection_matrix,
+    ring_scale,
     upsample_blur,
 )
 
@@ -207,10 +210,15 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         if config.layers is None:
             config.layers = default_layers(backbone.config)
         self.extractor = PatchFeatureExtractor(backbone, config.layers, config.aggregate, config.layer_norm)
-        self.register_buffer("memory_bank", torch.zeros(config.memory_bank_size, self.extractor.num_channels))
-        self._index: NearestNeighborIndex | None = None
+        channels = self.extractor.num_channels
+        # A dense memory keeps every fitted patch, so it is stored in float16 (searched in float32).
+        bank_dtype = torch.float16 if config.neighbour_images else torch.float32
+        self.register_buffer("memory_bank", torch.zeros(config.memory_bank_size, channels, dtype=bank_dtype))
+        if config.neighbour_images:
+            self.register_buffer("image_descriptors", torch.zeros(config.memory_images, channels))
+        self._index: NearestNeighborIndex | NearestImageMemory | None = None
         self._index_bank: torch.Tensor | None = None
-        self._export_index: NearestNeighborIndex | None = None
+        self._export_index: NearestNeighborIndex | NearestImageMemory | None = None
         self.post_init()
         self.eval()
 
@@ -245,9 +253,9 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         param = next(self.backbone.parameters())
         return self.extractor(pixel_values.to(device=param.device, dtype=param.dtype)).float()
 
-    def index(self) -> NearestNeighborIndex:
+    def index(self) -> NearestNeighborIndex | NearestImageMemory:
         """The search index of the current memory bank, built once per bank (rebuilt after a new bank; the
-        inverted file's k-means runs here, seeded). While exporting, the one `export_index` built (built here if it
+        inverted file's k-means runs here, seeded; a `NearestImageMemory` for a dense memory). While exporting, the one `export_index` built (built here if it
         was not): exact float32, or the float32 projected search with exact re-ranking (`search_projection_dim`); a
         reduced `search_dtype` and the inverted file are not exported."""
         if self.memory_bank.shape[0] == 0:
@@ -256,6 +264,10 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         if torch.compiler.is_exporting():
             return self._export_index if self._export_index is not None else self.export_index()
         if self._index is None or self._index_bank is not self.memory_bank:
+            if config.neighbour_images:
+                self._index = self._image_memory()
+                self._index_bank = self.memory_bank
+                return self._index
             dtype = getattr(torch, config.search_dtype) if config.search_dtype else None
             self._index = NearestNeighborIndex(
                 self.memory_bank,
@@ -270,11 +282,34 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
             self._index_bank = self.memory_bank
         return self._index
 
-    def export_index(self) -> NearestNeighborIndex:
+    def _image_memory(self) -> NearestImageMemory:
+        """The dense memory's search: exact, or on the seeded `search_projection_dim` projection with
+        `num_candidates` re-ranked exactly."""
+        config = self.config
+        channels = self.extractor.num_channels
+        projection_dim = config.search_projection_dim
+        projection = (
+            random_projection_matrix(channels, projection_dim, config.seed).to(self.memory_bank.device)
+            if projection_dim and projection_dim < channels
+            else None
+        )
+        return NearestImageMemory(
+            self.memory_bank.view(config.memory_images, -1, channels),
+            self.image_descriptors,
+            config.neighbour_images,
+            config.metric,
+            projection,
+            config.num_candidates,
+        )
+
+    def export_index(self) -> NearestNeighborIndex | NearestImageMemory:
         """The index an exported graph searches with, built before tracing (its projection matrix is a seeded
         random draw, which a graph cannot hold) and kept for the export: float32, projected to
         `search_projection_dim` dims with `num_candidates` re-ranked exactly when that is set, else exact."""
         config = self.config
+        if config.neighbour_images:
+            self._export_index = self._image_memory()
+            return self._export_index
         self._export_index = NearestNeighborIndex(
             self.memory_bank,
             config.metric,
@@ -284,25 +319,49 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         )
         return self._export_index
 
-    def set_memory_bank(self, bank: torch.Tensor) -> None:
-        """Replace the memory bank (M, C) of normal patch features (the search index is rebuilt)."""
-        if bank.ndim != 2 or bank.shape[1] != self.extractor.num_channels:
-            raise ValueError(
-                f"a memory bank must be (entries, {self.extractor.num_channels}); got {tuple(bank.shape)}"
-            )
-        self.memory_bank = bank.to(self.memory_bank.device, torch.float32).contiguous()
+    def set_memory_bank(self, bank: torch.Tensor, image_descriptors: torch.Tensor | None = None) -> None:
+        """Replace the memory bank (M, C) of normal patch features (the search index is rebuilt). A dense memory
+        (`neighbour_images`) also takes the (N, C) descriptors of its N images, whose patches are the bank's rows
+        in order (M = N * patches per image)."""
+        channels = self.extractor.num_channels
+        if bank.ndim != 2 or bank.shape[1] != channels:
+            raise ValueError(f"a memory bank must be (entries, {channels}); got {tuple(bank.shape)}")
+        if self.config.neighbour_images:
+            if (
+                image_descriptors is None
+                or image_descriptors.shape[-1] != channels
+                or image_descriptors.ndim != 2
+            ):
+                raise ValueError(f"a dense memory needs image descriptors (images, {channels}) with its bank")
+            count = image_descriptors.shape[0]
+            if count == 0 or bank.shape[0] % count:
+                raise ValueError(
+                    f"a dense memory of {count} images cannot hold {bank.shape[0]} patches (not a multiple)"
+                )
+            self.image_descriptors = image_descriptors.to(self.memory_bank.device, torch.float32).contiguous()
+            self.config.memory_images = int(count)
+        self.memory_bank = bank.to(self.memory_bank.device, self.memory_bank.dtype).contiguous()
         self.config.memory_bank_size = int(bank.shape[0])
         self._export_index = None  # drawn again for the new bank by the next export
 
     def distance_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, h, w) distances of their patches to the nearest normal ones."""
         features = self.patch_features(pixel_values)  # (B, C, h, w)
+        descriptors = features.mean(dim=(2, 3))  # (B, C): what a dense memory retrieves its images by
         # Neighbouring cells share most of their context: search their average, (B, C, ceil(h / s), ceil(w / s)).
         if self.config.query_stride > 1:
             features = F.avg_pool2d(features, self.config.query_stride, ceil_mode=True)
         batch, channels, grid_h, grid_w = features.shape
+        if self.config.neighbour_images:
+            queries = features.permute(0, 2, 3, 1).reshape(batch, grid_h * grid_w, channels)
+            return self.index().search(queries, descriptors, self.config.k).view(batch, grid_h, grid_w)
         queries = features.permute(0, 2, 3, 1).reshape(-1, channels)
         return self.index().search(queries, self.config.k).view(batch, grid_h, grid_w)
+
+    def score_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) distances -> the grid the image score is taken on: divided by the border profile, if any."""
+        profile = self.config.border_profile
+        return grid if not profile else grid / ring_scale(*grid.shape[-2:], profile, grid)
 
     def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> AnomalyOutput:
         """(B, 3, H, W) normalised images -> maps (B, H, W) at the input size, image scores (B,), decisions."""
@@ -321,7 +380,7 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
             flipped = [grids[batch * (i + 1) : batch * (i + 2)].flip(dims) for i, dims in enumerate(flips)]
             map_grid = torch.stack([upright, *flipped]).mean(0)
         maps = upsample_blur(map_grid, (height, width), self.config.sigma)  # (B, H, W)
-        scores = image_scores(upright, self.config.image_score, self.config.top_fraction)
+        scores = image_scores(self.score_grid(upright), self.config.image_score, self.config.top_fraction)
         return AnomalyOutput(anomaly_maps=maps, image_scores=scores, **self._decisions(maps, scores))
 
     @torch.no_grad()

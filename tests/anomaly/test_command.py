@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
+from cadmtl.anomaly.command import fit_parser, scorer_settings
 from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, normal_only
 from cadmtl.cli import main
 from dataset_scripts.make_demo import build_demo_dataset
@@ -165,3 +168,40 @@ def test_fit_saves_the_approximate_search_options_and_refuses_bad_ones(repo: Pat
         json.loads((tmp_path / "exact" / "model" / "config.json").read_text())["search_projection_dim"]
         is None
     )
+
+
+def test_fit_with_neighbour_images_keeps_every_patch_and_a_border_profile(repo: Path, tmp_path) -> None:
+    output = tmp_path / "dense"
+    argv = ["anomaly", "fit", str(repo), "--config", "exterior_ad", "--output-dir", str(output)]
+    assert main([*argv, "--backbone", "tiny", "--image-size", "96", "--neighbour-images", "3"]) == 0
+    summary = json.loads((output / "fit_results.json").read_text())
+    # every patch of the 12 normal train images (a 6 x 6 grid at 96 px), float16, no coreset
+    assert summary["memory_bank_patches"] == 12 * 36 and summary["settings"]["neighbour_images"] == 3
+    bank = load_file(output / "model" / "model.safetensors")["memory_bank"]
+    assert bank.dtype == torch.float16 and bank.shape[0] == 12 * 36
+    assert summary["memory_bank_mb"] == pytest.approx(bank.numel() * 2 / 2**20)
+    config = json.loads((output / "model" / "config.json").read_text())
+    assert (
+        config["neighbour_images"] == 3
+        and config["memory_images"] == 12
+        and config["coreset_fraction"] == 1.0
+    )
+    # fitted on the validation split's normal images: rings 0 and 1 of the 6 x 6 grid, then the interior
+    assert summary["border_profile"] == config["border_profile"] and len(config["border_profile"]) == 3
+    assert config["border_profile"][-1] == 1.0 and config["image_threshold"] is not None
+    out = tmp_path / "eval"
+    evaluate = ["anomaly", "evaluate", str(output / "model"), str(repo), "--config", "exterior_ad"]
+    assert main([*evaluate, "--output-dir", str(out)]) == 0
+    assert json.loads((out / "eval_results.json").read_text())["images"] == 8
+
+
+def test_pretrained_defaults_use_the_dense_memory_except_by_tiles() -> None:
+    base = ["repo", "--config", "tile_ad", "--output-dir", "out"]
+    assert scorer_settings("efficientnet-lite2", fit_parser().parse_args(base))["neighbour_images"] == 20
+    tiled = fit_parser().parse_args([*base, "--tile-size", "256"])
+    assert scorer_settings("efficientnet-lite2", tiled)["neighbour_images"] is None
+    asked = fit_parser().parse_args([*base, "--tile-size", "256", "--neighbour-images", "5"])
+    assert scorer_settings("efficientnet-lite2", asked)["neighbour_images"] == 5
+    coreset = fit_parser().parse_args([*base, "--neighbour-images", "0"])
+    assert scorer_settings("efficientnet-lite2", coreset)["neighbour_images"] is None
+    assert scorer_settings("tiny", fit_parser().parse_args(base))["neighbour_images"] is None

@@ -17,7 +17,13 @@ from cadmtl.features import (
     backbone_from_preset,
 )
 from modeling_cadmtl import CadMtlConfig, CadMtlModel
-from modeling_cadmtl_anomaly.features_cadmtl_anomaly import upsample_blur
+from modeling_cadmtl_anomaly.features_cadmtl_anomaly import (
+    NearestImageMemory,
+    border_profile,
+    image_scores,
+    ring_scale,
+    upsample_blur,
+)
 
 SIZE = 64
 
@@ -335,3 +341,101 @@ def test_map_flips_average_the_flipped_back_grids_and_keep_the_upright_score(bac
         PatchMemoryScorer.from_backbone(backbone, map_flips=["d"], **kwargs)
     with pytest.raises(ValueError, match="map_flips must be distinct"):
         PatchMemoryScorer.from_backbone(backbone, map_flips=["h", "h"], **kwargs)
+
+
+def brute_force_nearest_images(bank, descriptors, queries, query_descriptors, num_images):
+    """(B, Q) distances of each query patch to its nearest patch among its K nearest images, by plain loops."""
+    rows = []
+    for query, descriptor in zip(queries, query_descriptors):
+        nearest = ((descriptors - descriptor).norm(dim=1)).argsort()[:num_images]
+        patches = bank[nearest].reshape(-1, bank.shape[-1]).float()
+        rows.append(torch.stack([(patches - patch).norm(dim=1).min() for patch in query]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("projection_dim", [None, 8])
+def test_nearest_image_memory_matches_brute_force(projection_dim):
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(7, 20, 16, generator=generator)  # 7 images of 20 patches
+    descriptors = bank.mean(1)
+    queries = torch.randn(3, 12, 16, generator=generator)
+    query_descriptors = bank[[1, 4, 6]].mean(1) + 0.01 * torch.randn(3, 16, generator=generator)
+    projection = None if projection_dim is None else torch.randn(16, projection_dim, generator=generator)
+    # 40 candidates out of 3 * 20 patches: the projected search is then exact in practice
+    memory = NearestImageMemory(
+        bank, descriptors, 3, projection_matrix=projection, num_candidates=40, chunk_size=5
+    )
+    assert memory.nearest_images(query_descriptors)[:, 0].tolist() == [1, 4, 6]
+    expected = brute_force_nearest_images(bank, descriptors, queries, query_descriptors, 3)
+    torch.testing.assert_close(memory.search(queries, query_descriptors), expected, rtol=1e-5, atol=1e-5)
+    # K clamped to the images held: every patch is a candidate
+    everything = NearestImageMemory(bank, descriptors, 100)
+    torch.testing.assert_close(
+        everything.search(queries, query_descriptors),
+        brute_force_nearest_images(bank, descriptors, queries, query_descriptors, 7),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    with pytest.raises(
+        ValueError, match=r"descriptors must be \(images, channels\) = \(7, 16\); got \(6, 16\)"
+    ):
+        NearestImageMemory(bank, descriptors[:6], 3)
+
+
+def test_border_profile_and_ring_scale():
+    grids = torch.ones(4, 7, 9)
+    grids[:, 0, :] = grids[:, -1, :] = grids[:, :, 0] = grids[:, :, -1] = 3.0  # ring 0
+    grids[:, 1:-1, 1] = grids[:, 1:-1, -2] = grids[:, 1, 1:-1] = grids[:, -2, 1:-1] = 2.0  # ring 1
+    profile = border_profile(grids, rings=5)  # 7 cells high: only 3 rings leave an interior
+    assert profile == pytest.approx([3.0, 2.0, 1.0, 1.0])
+    scale = ring_scale(7, 9, profile, grids)
+    torch.testing.assert_close(grids / scale, torch.ones(4, 7, 9))
+    assert border_profile(torch.ones(2, 2, 2), rings=5) is None  # no interior
+    assert border_profile(torch.zeros(2, 9, 9), rings=2) is None  # nothing to divide by
+
+
+def test_dense_memory_scorer_fits_every_patch_in_float16_saves_and_flags_defects(backbone, tmp_path):
+    images, held_out = normal_images(5), normal_images(3, seed=7)
+    query = normal_images(2, seed=3)
+    query[1, :, 16:32, 16:32] = 3.0
+    kwargs = {"layers": [1, 2], "image_size": (SIZE, SIZE), "coreset_fraction": 0.1}
+    dense = PatchMemoryScorer.from_backbone(backbone, neighbour_images=2, **kwargs).fit(images)
+    grid_cells = (SIZE // 16) ** 2
+    assert dense.memory_bank.shape == (5 * grid_cells, 64) and dense.memory_bank.dtype == torch.float16
+    assert dense.image_descriptors.shape == (5, 64) and dense.config.memory_images == 5
+    assert dense.config.coreset_fraction == 1.0  # no coreset: every patch is kept
+    # the same as brute force over the query's 2 nearest images
+    features = dense.patch_features(query)
+    expected = brute_force_nearest_images(
+        dense.memory_bank.view(5, grid_cells, 64),
+        dense.image_descriptors,
+        features.flatten(2).transpose(1, 2),
+        features.mean((2, 3)),
+        2,
+    )
+    torch.testing.assert_close(dense.distance_grid(query).flatten(1), expected, rtol=1e-4, atol=1e-4)
+    assert dense.distance_grid(images[:1]).abs().max() < 1e-2  # a fitted image finds itself (float16 bank)
+    maps, scores = dense.score(query)
+    assert scores[1] > scores[0] and maps[1, 16:32, 16:32].mean() > maps[1, 40:, 40:].mean()
+
+    profile = dense.fit_border_profile(held_out)  # 4 x 4 grid: one ring and the interior
+    assert len(profile) == 2 and profile[-1] == 1.0 and profile[0] > 0
+    grid = dense.distance_grid(query)
+    torch.testing.assert_close(
+        dense.score(query)[1], image_scores(grid / ring_scale(4, 4, profile, grid), "top_mean", 0.01)
+    )
+    dense.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert weights["memory_bank"].dtype == torch.float16 and weights["image_descriptors"].shape == (5, 64)
+    loaded = PatchMemoryScorer.from_pretrained(tmp_path)
+    assert loaded.memory_bank.dtype == torch.float16 and loaded.config.border_profile == profile
+    loaded_maps, loaded_scores = loaded.score(query)
+    assert torch.equal(loaded_maps, dense.score(query)[0]) and torch.equal(
+        loaded_scores, dense.score(query)[1]
+    )
+    with pytest.raises(ValueError, match="a dense memory needs image descriptors"):
+        dense.set_memory_bank(dense.memory_bank)
+    with pytest.raises(ValueError, match="a dense memory of 3 images cannot hold 80 patches"):
+        dense.set_memory_bank(dense.memory_bank, dense.image_descriptors[:3])
+    with pytest.raises(ValueError, match="neighbour_images must be a positive integer or None; got -1"):
+        PatchMemoryScorer.from_backbone(backbone, neighbour_images=-1, **kwargs)

@@ -216,6 +216,35 @@ def test_scorer_export_keeps_the_map_flips(tmp_path: Path) -> None:
     assert (outputs.anomaly_maps - upright.anomaly_maps).abs().max() > 1e-3
 
 
+def test_scorer_export_keeps_the_dense_memory_and_border_profile(tmp_path: Path) -> None:
+    # the nearest images' retrieval (TopK) and their patches' gather run in the graph, projected as in PyTorch; the
+    # image score is taken on the border profile there too
+    torch.manual_seed(0)
+    scorer = PatchMemoryScorer.from_backbone(
+        backbone_from_config(tiny_vit_config()),
+        layers=[1, 2],
+        image_size=(SIZE, SIZE),
+        neighbour_images=2,
+        search_projection_dim=8,
+        num_candidates=4,
+        map_flips=["h"],
+    )
+    scorer.fit(to_pixel_values(pictures(4, seed=1)[:3], SIZE))
+    scorer.config.border_profile = [1.5, 1.0]
+    maps, scores = scorer.score(to_pixel_values(pictures(), SIZE))
+    scorer.image_threshold, scorer.pixel_threshold = float(scores.median()), float(maps.quantile(0.9))
+    scorer.save_pretrained(tmp_path / "model")
+    dense = PatchMemoryScorer.from_pretrained(tmp_path / "model")
+    assert cadmtl(["export", "onnx", str(tmp_path / "model"), str(tmp_path / "onnx")]) == 0
+    saved = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert (
+        saved["neighbour_images"] == 2
+        and saved["memory_images"] == 3
+        and saved["border_profile"] == [1.5, 1.0]
+    )
+    assert_parity(dense, tmp_path / "onnx", pictures())
+
+
 @pytest.mark.slow
 def test_learner_export_matches_pytorch(tmp_path: Path) -> None:
     torch.manual_seed(0)
