@@ -53,7 +53,8 @@ def build_scorer(
         except (ImportError, ValueError):
             backbone_name = "tiny"
     defaults = PRETRAINED_DEFAULTS if backbone_name.startswith("efficientnet") else RANDOM_INIT_DEFAULTS
-    settings = {**defaults, "image_size": (defaults["image_size"],) * 2}
+    # by tiles `cadmtl anomaly fit` keeps the coreset bank (its dense memory is for whole images)
+    settings = {**defaults, "image_size": (defaults["image_size"],) * 2, "neighbour_images": None}
     if map_flips is not None:
         settings["map_flips"] = map_flips
     return PatchMemoryScorer.from_backbone(load_backbone(backbone_name, 0)[0], **settings), backbone_name

@@ -497,21 +497,20 @@ class NearestImageMemory:
             queries = F.normalize(queries, dim=-1)
         if torch.compiler.is_exporting():  # symbolic batch: one block, no Python loop
             return self._search_block(queries, *self._gather(images), k)
-        rows = []
-        for b in range(queries.shape[0]):
-            bank, search = self._gather(images[b : b + 1])
-            rows.append(
-                torch.cat(
-                    [
-                        self._search_block(
-                            queries[b : b + 1, start : start + self.chunk_size], bank, search, k
-                        )
-                        for start in range(0, queries.shape[1], self.chunk_size)
-                    ],
-                    dim=1,
-                )
-            )
-        return torch.cat(rows)
+        # Queries that retrieve the same images (an image's flipped views, usually) share one gather.
+        rows_of: dict[tuple[int, ...], list[int]] = {}
+        for row, retrieved in enumerate(images.tolist()):
+            rows_of.setdefault(tuple(retrieved), []).append(row)
+        distances = queries.new_empty(queries.shape[:2])
+        for rows in rows_of.values():
+            bank, search = self._gather(images[rows[0] : rows[0] + 1])
+            for row in rows:
+                for start in range(0, queries.shape[1], self.chunk_size):
+                    block = queries[row : row + 1, start : start + self.chunk_size]
+                    distances[row, start : start + block.shape[1]] = self._search_block(
+                        block, bank, search, k
+                    )[0]
+        return distances
 
     def _search_block(
         self, queries: torch.Tensor, bank: torch.Tensor, search: torch.Tensor | None, k: int

@@ -358,14 +358,15 @@ def test_nearest_image_memory_matches_brute_force(projection_dim):
     generator = torch.Generator().manual_seed(0)
     bank = torch.randn(7, 20, 16, generator=generator)  # 7 images of 20 patches
     descriptors = bank.mean(1)
-    queries = torch.randn(3, 12, 16, generator=generator)
+    queries = torch.randn(4, 12, 16, generator=generator)
     query_descriptors = bank[[1, 4, 6]].mean(1) + 0.01 * torch.randn(3, 16, generator=generator)
+    query_descriptors = torch.cat([query_descriptors, query_descriptors[:1]])  # rows 0 and 3 share one gather
     projection = None if projection_dim is None else torch.randn(16, projection_dim, generator=generator)
     # 40 candidates out of 3 * 20 patches: the projected search is then exact in practice
     memory = NearestImageMemory(
         bank, descriptors, 3, projection_matrix=projection, num_candidates=40, chunk_size=5
     )
-    assert memory.nearest_images(query_descriptors)[:, 0].tolist() == [1, 4, 6]
+    assert memory.nearest_images(query_descriptors)[:, 0].tolist() == [1, 4, 6, 1]
     expected = brute_force_nearest_images(bank, descriptors, queries, query_descriptors, 3)
     torch.testing.assert_close(memory.search(queries, query_descriptors), expected, rtol=1e-5, atol=1e-5)
     # K clamped to the images held: every patch is a candidate
