@@ -181,6 +181,12 @@ class PatchMemoryConfig(PreTrainedConfig):
             raise ValueError(
                 f"neighbour_images must be a positive integer or None; got {self.neighbour_images!r}"
             )
+        if self.neighbour_images and (self.search_num_lists is not None or self.search_dtype is not None):
+            raise ValueError(
+                "search_num_lists / search_dtype search a coreset bank; a dense memory (neighbour_images) searches "
+                "its nearest images' patches instead (search_projection_dim applies): set neighbour_images to None "
+                "(--neighbour-images 0) or drop them"
+            )
         if self.border_profile is not None:
             self.border_profile = [float(v) for v in self.border_profile]
             if not self.border_profile or not all(math.isfinite(v) and v > 0 for v in self.border_profile):

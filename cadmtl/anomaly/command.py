@@ -371,10 +371,13 @@ def fit_parser() -> argparse.ArgumentParser:
         "Build the patch-memory scorer (PatchCore / AnomalyDINO family) from the train split's normal images and "
         "calibrate its thresholds: F1-max on a validation split with defects, else a target false-positive rate on "
         "held-out normal images (validation normals, or --calibration-fraction of the train split kept out of the "
-        "bank). A scorer left without thresholds is saved with a warning; its verdict reads `uncalibrated`.",
+        "bank). A scorer left without thresholds is saved with a warning; its verdict reads `uncalibrated`. With "
+        "the EfficientNet-Lite presets the bank is a dense memory searched through each image's nearest train images "
+        "(--neighbour-images).",
         [
             "cadmtl anomaly fit data/cad100k-mini --config exterior_ad --output-dir outputs/ad --backbone tiny",
-            "cadmtl anomaly fit data/cad100k-mini --config exterior_ad --output-dir outputs/ad --search-lists 316",
+            "cadmtl anomaly fit data/cad100k-mini --config exterior_ad --output-dir outputs/ad --neighbour-images 0 "
+            "--search-lists 316",
         ],
     )
     parser.add_argument("repo", help="dataset repo folder or Hub id")

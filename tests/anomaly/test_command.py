@@ -147,6 +147,10 @@ def test_fit_saves_the_approximate_search_options_and_refuses_bad_ones(repo: Pat
         == 2
     )
     assert "num_probes must be between 1 and num_lists (2); got 3" in capsys.readouterr().err
+    # the inverted file searches a coreset bank, never a dense memory: refused, not ignored
+    dense = ["--neighbour-images", "2", "--search-lists", "8"]
+    assert main([*argv, "--output-dir", str(tmp_path / "dense"), *dense]) == 2
+    assert "search_num_lists / search_dtype search a coreset bank" in capsys.readouterr().err
     projected = ["--search-projection-dim", "16", "--search-candidates", "4", "--query-stride", "2"]
     assert main([*argv, "--output-dir", str(tmp_path / "projected"), *projected]) == 0
     config = json.loads((tmp_path / "projected" / "model" / "config.json").read_text())

@@ -243,7 +243,9 @@ def test_scorer_export_keeps_the_dense_memory_and_border_profile(tmp_path: Path)
         and saved["border_profile"] == [1.5, 1.0]
     )
     assert_parity(dense, tmp_path / "onnx", pictures())
-    initializers = {t.name: t.data_type for t in onnx.load(tmp_path / "onnx" / "model.onnx").graph.initializer}
+    initializers = {
+        t.name: t.data_type for t in onnx.load(tmp_path / "onnx" / "model.onnx").graph.initializer
+    }
     assert onnx.TensorProto.FLOAT16 in initializers.values()  # the memory is kept in float16
 
 
