@@ -7,6 +7,11 @@ weights, searched in memory-bounded chunks) -> bilinear upsampling to the input 
 anomaly map; the image score is the maximum or the mean of the top 1 % of the patch distances, so it does not
 depend on the input resolution. Maps are never normalised per image: a normal image keeps low values.
 
+With `neighbour_images` set the bank is a dense memory instead (SPADE-style): every patch of every fitted image in
+float16, each query image searched only among the patches of its nearest fitted images by mean feature
+(`NearestImageMemory`), and the image score taken on the grid divided by a `border_profile` (normal distances per
+ring of cells from the edge, fitted on held-out normals), since a dense memory makes a grid's border stand out.
+
 Fitting the bank (greedy coreset selection of normal patches) is done by `cadmtl anomaly fit`; this file only
 scores, so a saved scorer runs with torch + transformers alone:
 
@@ -255,9 +260,10 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
 
     def index(self) -> NearestNeighborIndex | NearestImageMemory:
         """The search index of the current memory bank, built once per bank (rebuilt after a new bank; the
-        inverted file's k-means runs here, seeded; a `NearestImageMemory` for a dense memory). While exporting, the one `export_index` built (built here if it
-        was not): exact float32, or the float32 projected search with exact re-ranking (`search_projection_dim`); a
-        reduced `search_dtype` and the inverted file are not exported."""
+        inverted file's k-means runs here, seeded), or a `NearestImageMemory` for a dense memory. While exporting,
+        the one `export_index` built (built here if it was not): exact float32, or the float32 projected search with
+        exact re-ranking (`search_projection_dim`); a reduced `search_dtype` and the inverted file are not
+        exported."""
         if self.memory_bank.shape[0] == 0:
             raise ValueError("the memory bank is empty: fit the scorer (cadmtl anomaly fit) before scoring")
         config = self.config
