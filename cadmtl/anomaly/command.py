@@ -167,6 +167,8 @@ def scorer_settings(backbone: str, args: argparse.Namespace) -> dict:
     settings["image_size"] = (size, size)
     settings["search_projection_dim"] = settings["search_projection_dim"] or None  # 0: exact
     settings["neighbour_images"] = settings["neighbour_images"] or None  # 0: the coreset bank
+    if settings["neighbour_images"]:
+        settings["coreset_fraction"] = 1.0  # a dense memory keeps every patch
     return settings
 
 

@@ -181,6 +181,7 @@ def test_fit_with_neighbour_images_keeps_every_patch_and_a_border_profile(repo: 
     summary = json.loads((output / "fit_results.json").read_text())
     # every patch of the 12 normal train images (a 6 x 6 grid at 96 px), float16, no coreset
     assert summary["memory_bank_patches"] == 12 * 36 and summary["settings"]["neighbour_images"] == 3
+    assert summary["settings"]["coreset_fraction"] == 1.0  # the record says no coreset was drawn
     bank = load_file(output / "model" / "model.safetensors")["memory_bank"]
     assert bank.dtype == torch.float16 and bank.shape[0] == 12 * 36
     assert summary["memory_bank_mb"] == pytest.approx(bank.numel() * 2 / 2**20)
