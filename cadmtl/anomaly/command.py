@@ -168,6 +168,11 @@ def scorer_settings(backbone: str, args: argparse.Namespace) -> dict:
     settings["search_projection_dim"] = settings["search_projection_dim"] or None  # 0: exact
     settings["neighbour_images"] = settings["neighbour_images"] or None  # 0: the coreset bank
     if settings["neighbour_images"]:
+        if args.coreset_fraction is not None:
+            raise ValueError(
+                f"--coreset-fraction reduces a coreset bank, but this fit keeps a dense memory (--neighbour-images "
+                f"{settings['neighbour_images']}): add --neighbour-images 0 for a coreset"
+            )
         settings["coreset_fraction"] = 1.0  # a dense memory keeps every patch
     return settings
 
@@ -400,7 +405,10 @@ def fit_parser() -> argparse.ArgumentParser:
         "default: the backbone's (see --backbone); 2 3 4 for efficientnet-lite",
     )
     parser.add_argument(
-        "--coreset-fraction", type=float, default=None, help="default 0.1; 0.01 for efficientnet-lite"
+        "--coreset-fraction",
+        type=float,
+        default=None,
+        help="default 0.1; 0.01 for efficientnet-lite where it keeps a coreset (--neighbour-images 0, or tiles)",
     )
     parser.add_argument("--image-size", type=int, default=None, help="default 224; 384 for efficientnet-lite")
     parser.add_argument(

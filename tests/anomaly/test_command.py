@@ -210,3 +210,15 @@ def test_pretrained_defaults_use_the_dense_memory_except_by_tiles() -> None:
     coreset = fit_parser().parse_args([*base, "--neighbour-images", "0"])
     assert scorer_settings("efficientnet-lite2", coreset)["neighbour_images"] is None
     assert scorer_settings("tiny", fit_parser().parse_args(base))["neighbour_images"] is None
+    both = fit_parser().parse_args([*base, "--coreset-fraction", "0.05"])  # refused, never silently dropped
+    with pytest.raises(
+        ValueError, match=r"--coreset-fraction reduces a coreset bank.*--neighbour-images 20\)"
+    ):
+        scorer_settings("efficientnet-lite2", both)
+    assert (
+        scorer_settings(
+            "efficientnet-lite2",
+            fit_parser().parse_args([*base, "--coreset-fraction", "0.05", "--neighbour-images", "0"]),
+        )["coreset_fraction"]
+        == 0.05
+    )
