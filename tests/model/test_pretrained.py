@@ -361,7 +361,8 @@ def test_the_cpu_default_is_the_pretrained_scorer_or_tiny_with_a_notice(monkeypa
     args = command.fit_parser().parse_args(["repo", "--config", "c_ad", "--output-dir", "o", "--k", "3"])
     settings = scorer_settings(NAME, args)
     assert settings["k"] == 3 and settings["layers"] == [2, 3, 4] and settings["image_size"] == (384, 384)
-    assert settings["image_score"] == "top_mean" and settings["coreset_fraction"] == 0.01
+    assert settings["image_score"] == "top_mean" and settings["neighbour_images"] == 20
+    assert settings["coreset_fraction"] == 1.0  # a dense memory: every patch kept
     assert settings["search_projection_dim"] == 64  # approximate search, exact re-ranking
     assert scorer_settings("tiny", args)["image_size"] == (224, 224)
     assert scorer_settings("tiny", args)["search_projection_dim"] is None
@@ -459,12 +460,15 @@ def test_anomaly_fit_without_backbone_fits_the_pretrained_scorer(tmp_path: Path)
 
     build_demo_dataset(tmp_path / "mini", train=6, validation=4, test=4)
     argv = [str(tmp_path / "mini"), "--config", "exterior_ad", "--output-dir", str(tmp_path / "fit")]
-    assert fit_main([*argv, "--image-size", "64", "--coreset-fraction", "0.5"]) == 0
+    assert fit_main([*argv, "--image-size", "64"]) == 0
     summary = json.loads((tmp_path / "fit" / "fit_results.json").read_text())
     assert summary["backbone"] == DEFAULT_BACKBONE
     assert summary["settings"]["layers"] == [2, 3, 4] and summary["settings"]["image_size"] == [64, 64]
-    assert summary["memory_bank_patches"] == 6 * 8 * 8 // 2  # stride 8 at 64 px, half kept
+    # the dense memory: every patch (stride 8 at 64 px), the 20 nearest of the 6 images (all of them) per query
+    assert summary["memory_bank_patches"] == 6 * 8 * 8 and summary["settings"]["neighbour_images"] == 20
     config = json.loads((tmp_path / "fit" / "model" / "config.json").read_text())
+    # fitted on the validation normals: 3 rings leave an interior in the 8 x 8 grid
+    assert len(config["border_profile"]) == 4 and config["border_profile"][-1] == 1.0
     assert (
         config["backbone_config"]["backbone"] == "tf_efficientnet_lite2" and config["image_mean"] == [0.5] * 3
     )
