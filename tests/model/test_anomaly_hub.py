@@ -47,12 +47,27 @@ def saved(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     strided.config.map_flips = ["h"]
     strided.save_pretrained(root / "scorer-strided")
     strided = PatchMemoryScorer.from_pretrained(root / "scorer-strided")
+    # the dense memory of the nearest images (retrieval, float16 patches, projected search, border profile) too
+    dense = PatchMemoryScorer.from_backbone(
+        backbone_from_config(tiny_vit_config()),
+        layers=[1, 2],
+        image_size=(SIZE, SIZE),
+        neighbour_images=2,
+        search_projection_dim=8,
+        map_flips=["h"],
+    )
+    dense.fit(to_pixel_values(pictures(), SIZE))
+    dense.config.border_profile = [1.5, 1.0]
+    dense.image_threshold, dense.pixel_threshold = 1.0, 2.0
+    dense.save_pretrained(root / "scorer-dense")
+    dense = PatchMemoryScorer.from_pretrained(root / "scorer-dense")
     learner = AnomalyLearner(AnomalyLearnerConfig(preset="tiny", image_size=32, image_threshold=0.5)).eval()
     learner.fit_normal_statistics([to_pixel_values(pictures(), 32)])
     learner.save_pretrained(root / "learner")
     return {
         "scorer": (scorer, root / "scorer"),
         "scorer-strided": (strided, root / "scorer-strided"),
+        "scorer-dense": (dense, root / "scorer-dense"),
         "learner": (learner, root / "learner"),
     }
 
@@ -124,7 +139,7 @@ torch.save({{"module": type(model).__module__, "maps": outputs.anomaly_maps, "sc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["scorer", "scorer-strided", "learner"])
+@pytest.mark.parametrize("name", ["scorer", "scorer-strided", "scorer-dense", "learner"])
 @pytest.mark.parametrize("by_repo_id", [False, True], ids=["local-folder", "repo-id-offline-cache"])
 def test_remote_code_load_without_cadmtl(saved, tmp_path, name: str, by_repo_id: bool) -> None:
     model, folder = saved[name]
