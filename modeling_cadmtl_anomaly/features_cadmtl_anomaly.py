@@ -541,14 +541,18 @@ class NearestImageMemory:
         return exact.mean(dim=2)
 
 
+def grid_rings(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(h, w) long: each grid cell's distance in cells to the nearest edge of the grid (0 = the outermost ring)."""
+    rows = torch.arange(height, device=device)[:, None]
+    columns = torch.arange(width, device=device)[None, :]
+    return torch.minimum(torch.minimum(rows, height - 1 - rows), torch.minimum(columns, width - 1 - columns))
+
+
 def ring_scale(height: int, width: int, profile: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """(h, w): each grid cell's entry of a border `profile` (rings 0 .. R-1 from the outermost, then the interior's
     value for every cell R or more cells from the edge)."""
-    rows = torch.arange(height, device=like.device)[:, None]
-    columns = torch.arange(width, device=like.device)[None, :]
-    ring = torch.minimum(torch.minimum(rows, height - 1 - rows), torch.minimum(columns, width - 1 - columns))
     values = torch.tensor(list(profile), dtype=like.dtype, device=like.device)
-    return values[ring.clamp(max=len(profile) - 1)]
+    return values[grid_rings(height, width, like.device).clamp(max=len(profile) - 1)]
 
 
 def border_profile(normal_grids: torch.Tensor, rings: int) -> list[float] | None:
@@ -559,7 +563,7 @@ def border_profile(normal_grids: torch.Tensor, rings: int) -> list[float] | None
     rings = min(rings, (min(height, width) - 1) // 2)
     if rings < 1 or normal_grids.shape[0] == 0:
         return None
-    cells = ring_scale(height, width, list(range(rings + 1)), normal_grids).long()
+    cells = grid_rings(height, width, normal_grids.device).clamp(max=rings)
     interior = normal_grids[:, cells == rings].mean()
     if not interior > 0:
         return None

@@ -208,9 +208,11 @@ class PatchMemoryScorer(PatchMemoryModel):
         features, descriptors = [], []
         for batch in iter_batches(images, batch_size):
             maps = self.patch_features(batch)  # (B, C, h, w)
-            descriptors.append(maps.mean(dim=(2, 3)).cpu())
             patches = maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).cpu()
-            features.append(patches.half() if dense else patches)  # a dense memory keeps float16
+            if dense:  # float16 patches, and each image's descriptor to retrieve them by
+                patches = patches.half()
+                descriptors.append(maps.mean(dim=(2, 3)).cpu())
+            features.append(patches)
         if not features:
             raise ValueError("fit needs at least one normal image")
         bank = torch.cat(features)

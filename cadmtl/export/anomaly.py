@@ -116,9 +116,8 @@ def export_anomaly_onnx(
         ModelLoadError: the folder does not exist, holds no weights or another kind of model.
     """
     model = load_anomaly_model(model_dir).float().eval()
-    if getattr(
-        model.config, "neighbour_images", None
-    ):  # a dense memory stays float16 in the graph: half the file
+    # a dense memory stays float16 in the graph: half the file
+    if getattr(model.config, "neighbour_images", None):
         model.memory_bank = model.memory_bank.half()
     height, width = model.image_size
     out_dir = Path(out_dir)
