@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,22 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         self._export_index: NearestNeighborIndex | NearestImageMemory | None = None
         self.post_init()
         self.eval()
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PatchMemoryModel:
+        """`.to()`, `.float()`, `.half()`, `.cuda()`: a dense memory moves to the new device but stays float16
+        (a `.float()` would otherwise copy the GBs of a dense memory into float32, twice the size)."""
+        if not self.config.neighbour_images or self.memory_bank.dtype != torch.float16:
+            return super()._apply(fn, recurse)
+        bank = self.memory_bank
+        self._buffers["memory_bank"] = bank[
+            :0
+        ]  # the cast applies to an empty placeholder: its device is taken
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = self._buffers["memory_bank"].device
+            self._buffers["memory_bank"] = bank.to(device)
+        return self
 
     @property
     def backbone(self) -> nn.Module:

@@ -115,10 +115,8 @@ def export_anomaly_onnx(
     Raises:
         ModelLoadError: the folder does not exist, holds no weights or another kind of model.
     """
+    # a dense memory stays float16 through `.float()` (`PatchMemoryModel._apply`), so in the graph: half the file
     model = load_anomaly_model(model_dir).float().eval()
-    # a dense memory stays float16 in the graph: half the file
-    if getattr(model.config, "neighbour_images", None):
-        model.memory_bank = model.memory_bank.half()
     height, width = model.image_size
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

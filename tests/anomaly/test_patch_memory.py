@@ -434,6 +434,18 @@ def test_dense_memory_scorer_fits_every_patch_in_float16_saves_and_flags_defects
     assert torch.equal(loaded_maps, dense.score(query)[0]) and torch.equal(
         loaded_scores, dense.score(query)[1]
     )
+    # a dtype cast leaves the dense memory float16 and uncopied (a float32 copy of a tile model is 3 GB); the
+    # backbone and the descriptors follow the cast, and the scores do not change
+    bank_storage = loaded.memory_bank.data_ptr()
+    loaded.double().float()
+    assert loaded.memory_bank.dtype == torch.float16 and loaded.memory_bank.data_ptr() == bank_storage
+    assert loaded.image_descriptors.dtype == torch.float32
+    assert next(loaded.backbone.parameters()).dtype == torch.float32
+    memory_keys = [key for key in loaded.state_dict() if key in ("memory_bank", "image_descriptors")]
+    assert memory_keys == ["memory_bank", "image_descriptors"]  # the saved order is kept
+    torch.testing.assert_close(loaded.score(query)[1], loaded_scores)
+    loaded.to(torch.bfloat16)
+    assert loaded.memory_bank.dtype == torch.float16 and loaded.image_descriptors.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="a dense memory needs image descriptors"):
         dense.set_memory_bank(dense.memory_bank)
     with pytest.raises(ValueError, match="a dense memory of 3 images cannot hold 80 patches"):
