@@ -67,7 +67,7 @@ from dataset_scripts.provenance import training_data_record
 from dataset_scripts.safe_paths import SafeOutputPaths, safe_output_path
 from modeling_cadmtl_anomaly import AnomalyImageProcessor
 from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import MAP_FLIPS
-from modeling_cadmtl_anomaly.features_cadmtl_anomaly import check_tile_settings
+from modeling_cadmtl_anomaly.features_cadmtl_anomaly import check_tile_settings, tile_boxes
 
 logger = logging.getLogger("cadmtl.anomaly")
 # The scorer's backbone where the `pretrained` extra is installed (see `resolve_backbone`): Lite2 beat Lite0 on the
@@ -177,6 +177,27 @@ def scorer_settings(backbone: str, args: argparse.Namespace) -> dict:
     return settings
 
 
+def _readable_bytes(size: float) -> str:
+    for unit in ("bytes", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.3g} {unit}"
+        size /= 1024
+    return f"{size:.3g} GB"
+
+
+def dense_memory_bytes(
+    scorer: PatchMemoryScorer, sizes: Sequence[tuple[int, int]], tile_size: int | None, tile_overlap: int
+) -> tuple[int, int]:
+    """(patches, bytes) of the dense memory of images of `sizes` ((height, width) each): their tiles' (or their
+    own) patch grids at the scorer's size, float16; the grid comes from one forward pass of a blank image."""
+    height, width = scorer.image_size
+    with torch.no_grad():
+        grid = scorer.patch_features(torch.zeros(1, 3, height, width))
+    cells, channels = grid.shape[-2] * grid.shape[-1], grid.shape[1]
+    units = sum(len(tile_boxes(h, w, tile_size, tile_overlap)) if tile_size else 1 for h, w in sizes)
+    return units * cells, units * cells * channels * 2
+
+
 def fit(args: argparse.Namespace) -> int:
     train = normal_only(
         load_anomaly_split(args.repo, args.config, "train", args.max_train), f"{args.config}/train"
@@ -207,6 +228,18 @@ def fit(args: argparse.Namespace) -> int:
     # the settings are saved in the config so every scoring path tiles alike.
     scorer.config.tile_size, scorer.config.tile_overlap = args.tile_size, args.tile_overlap or 0
     processor = anomaly_processor(scorer)
+    if (
+        scorer.config.neighbour_images
+    ):  # refused before the features are computed, not by running out of memory
+        patches, size = dense_memory_bytes(
+            scorer, [s.size for s in bank_images], args.tile_size, args.tile_overlap or 0
+        )
+        if size > args.max_memory_gb * 2**30:
+            raise ValueError(
+                f"the dense memory of {len(bank_images)} {args.config}/train images ({patches:,} patches, float16) "
+                f"would take {_readable_bytes(size)}, over --max-memory-gb {args.max_memory_gb:g}: fit a coreset "
+                "with --neighbour-images 0, use fewer images (--max-train) or raise --max-memory-gb"
+            )
     started = time.perf_counter()
     images = tqdm([s.image for s in bank_images], desc="bank features", leave=False)
     pixel_values = bank_pixel_values(images, processor)
@@ -492,6 +525,13 @@ def fit_parser() -> argparse.ArgumentParser:
         "score taken on a border profile fitted on the held-out normals (tile test image AUROC 95.3 -> 97.0, "
         "RESULTS.md); 0: the coreset bank. Default 20 for the EfficientNet-Lite presets without --tile-size, else 0. "
         "Memory: images x patches x channels x 2 bytes (666 tiles at 384 px with Lite2: 1.6 GB)",
+    )
+    parser.add_argument(
+        "--max-memory-gb",
+        type=float,
+        default=4.0,
+        help="refuse, before any feature is computed, a dense memory (--neighbour-images) larger than this; the "
+        "fit holds it in RAM and the model file is as large (default 4: about 1,800 images at 384 px with Lite2)",
     )
     add_tile_options(
         parser,

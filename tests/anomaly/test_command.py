@@ -12,10 +12,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cadmtl.anomaly.command import fit_parser, scorer_settings
+from cadmtl.anomaly.command import dense_memory_bytes, fit_parser, scorer_settings
 from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, normal_only
+from cadmtl.anomaly.patch_memory import PatchMemoryScorer
 from cadmtl.cli import main
+from cadmtl.features import load_backbone
 from dataset_scripts.make_demo import build_demo_dataset
+from modeling_cadmtl_anomaly.features_cadmtl_anomaly import tile_boxes
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +177,21 @@ def test_fit_saves_the_approximate_search_options_and_refuses_bad_ones(repo: Pat
     )
 
 
-def test_fit_with_neighbour_images_keeps_every_patch_and_a_border_profile(repo: Path, tmp_path) -> None:
+def test_dense_memory_bytes_counts_every_patch_of_every_tile() -> None:
+    scorer = PatchMemoryScorer.from_backbone(
+        load_backbone("tiny")[0], image_size=(96, 96), neighbour_images=3
+    )
+    channels = scorer.extractor.num_channels
+    sizes = [(96, 96), (300, 500)]
+    assert dense_memory_bytes(scorer, sizes, None, 0) == (2 * 36, 2 * 36 * channels * 2)  # a 6 x 6 grid each
+    tiles = 1 + len(tile_boxes(300, 500, 128, 32))
+    assert tiles > 2 and dense_memory_bytes(scorer, sizes[1:], 128, 32)[0] == (tiles - 1) * 36
+    assert dense_memory_bytes(scorer, sizes, 128, 32) == (tiles * 36, tiles * 36 * channels * 2)
+
+
+def test_fit_with_neighbour_images_keeps_every_patch_and_a_border_profile(
+    repo: Path, tmp_path, capsys
+) -> None:
     output = tmp_path / "dense"
     argv = ["anomaly", "fit", str(repo), "--config", "exterior_ad", "--output-dir", str(output)]
     assert main([*argv, "--backbone", "tiny", "--image-size", "96", "--neighbour-images", "3"]) == 0
@@ -198,6 +215,19 @@ def test_fit_with_neighbour_images_keeps_every_patch_and_a_border_profile(repo: 
     evaluate = ["anomaly", "evaluate", str(output / "model"), str(repo), "--config", "exterior_ad"]
     assert main([*evaluate, "--output-dir", str(out)]) == 0
     assert json.loads((out / "eval_results.json").read_text())["images"] == 8
+    # a dense memory over --max-memory-gb is refused before any feature is computed, its size named
+    limit = bank.numel() * 2 / 2**30 / 2
+    refused = tmp_path / "refused"
+    tiny = ["--backbone", "tiny", "--image-size", "96", "--neighbour-images", "3"]
+    assert main([*argv[:-1], str(refused), *tiny, "--max-memory-gb", str(limit)]) == 2
+    error = capsys.readouterr().err
+    size_kb = bank.numel() * 2 / 1024
+    assert (
+        f"the dense memory of 12 exterior_ad/train images (432 patches, float16) would take {size_kb:.3g} KB"
+        in error
+    )
+    assert "fit a coreset with --neighbour-images 0, use fewer images (--max-train)" in error
+    assert not refused.exists()
 
 
 def test_pretrained_defaults_use_the_dense_memory_except_by_tiles() -> None:
