@@ -234,9 +234,8 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         if not self.config.neighbour_images or self.memory_bank.dtype != torch.float16:
             return super()._apply(fn, recurse)
         bank = self.memory_bank
-        self._buffers["memory_bank"] = bank[
-            :0
-        ]  # the cast applies to an empty placeholder: its device is taken
+        # the cast applies to an empty placeholder, whose new device the memory then moves to
+        self._buffers["memory_bank"] = bank[:0]
         try:
             super()._apply(fn, recurse)
         finally:

@@ -228,9 +228,8 @@ def fit(args: argparse.Namespace) -> int:
     # the settings are saved in the config so every scoring path tiles alike.
     scorer.config.tile_size, scorer.config.tile_overlap = args.tile_size, args.tile_overlap or 0
     processor = anomaly_processor(scorer)
-    if (
-        scorer.config.neighbour_images
-    ):  # refused before the features are computed, not by running out of memory
+    if scorer.config.neighbour_images:
+        # refused before the features are computed, not by running out of memory after them
         patches, size = dense_memory_bytes(
             scorer, [s.size for s in bank_images], args.tile_size, args.tile_overlap or 0
         )
