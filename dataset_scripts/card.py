@@ -160,9 +160,10 @@ def _size_category(rows: int) -> str:
     return "1M<n<10M"
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+def format_bytes(n: float) -> str:
+    """A size in binary units for people: "512 B", "13.5 kB", "1.6 GB"."""
+    for unit in ("B", "kB", "MB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
@@ -181,7 +182,7 @@ def _statistics_section(configs: dict[str, ConfigSummary], order: list[str]) -> 
             sources = ", ".join(f"{k} {v}" for k, v in sorted(s.sources.items()))
             lines.append(
                 f"| `{name}` | {summary.task} | {len(summary.label_names)} | {split} | {s.num_rows} | {s.normal} "
-                f"| {sources} | {s.num_shards} | {_fmt_bytes(s.download_size)} |"
+                f"| {sources} | {s.num_shards} | {format_bytes(s.download_size)} |"
             )
     lines += ["", "## Classes", ""]
     for name in order:

@@ -52,6 +52,7 @@ from cadmtl.features import load_backbone
 from cadmtl.pictures.overlays import draw_anomaly_map
 from cadmtl.pictures.predict import collect_images, load_image
 from cadmtl.pretrained import INSTALL_HINT, PRETRAINED_PRESETS, require_timm, wheel_weights_path
+from dataset_scripts.card import format_bytes
 from dataset_scripts.options import (
     ERROR_VERDICT,
     SCORE_COLUMNS,
@@ -177,14 +178,6 @@ def scorer_settings(backbone: str, args: argparse.Namespace) -> dict:
     return settings
 
 
-def _readable_bytes(size: float) -> str:
-    for unit in ("bytes", "KB", "MB"):
-        if size < 1024:
-            return f"{size:.3g} {unit}"
-        size /= 1024
-    return f"{size:.3g} GB"
-
-
 def dense_memory_bytes(
     scorer: PatchMemoryScorer, sizes: Sequence[tuple[int, int]], tile_size: int | None, tile_overlap: int
 ) -> tuple[int, int]:
@@ -236,7 +229,7 @@ def fit(args: argparse.Namespace) -> int:
         if size > args.max_memory_gb * 2**30:
             raise ValueError(
                 f"the dense memory of {len(bank_images)} {args.config}/train images ({patches:,} patches, float16) "
-                f"would take {_readable_bytes(size)}, over --max-memory-gb {args.max_memory_gb:g}: fit a coreset "
+                f"would take {format_bytes(size)}, over --max-memory-gb {args.max_memory_gb:g}: fit a coreset "
                 "with --neighbour-images 0, use fewer images (--max-train) or raise --max-memory-gb"
             )
     started = time.perf_counter()

@@ -223,7 +223,7 @@ def test_fit_with_neighbour_images_keeps_every_patch_and_a_border_profile(
     error = capsys.readouterr().err
     size_kb = bank.numel() * 2 / 1024
     assert (
-        f"the dense memory of 12 exterior_ad/train images (432 patches, float16) would take {size_kb:.3g} KB"
+        f"the dense memory of 12 exterior_ad/train images (432 patches, float16) would take {size_kb:.1f} kB"
         in error
     )
     assert "fit a coreset with --neighbour-images 0, use fewer images (--max-train)" in error
