@@ -49,7 +49,7 @@ from dataset_scripts.synthesize import DEFAULT_RADIUS, defect_specs
 from dataset_scripts.synthetic import place_defects
 from dataset_scripts.taxonomy import load_taxonomy
 from modeling_cadmtl_anomaly import AnomalyImageProcessor
-from modeling_cadmtl_anomaly.features_cadmtl_anomaly import gaussian_blur, image_scores
+from modeling_cadmtl_anomaly.features_cadmtl_anomaly import gaussian_blur, image_scores, stitch
 
 POSITIVE_SHARE = 0.25  # a training cell counts as a defect where at least this share of it is painted
 NEGATIVE_KEEP = 0.05  # share of the clean cells kept as negatives
@@ -146,13 +146,7 @@ def head_map(
 ) -> np.ndarray:
     """The head's probabilities on each tile's cells, stitched at the photo's size (overlaps averaged), blurred."""
     probabilities = head(features.float().permute(0, 2, 3, 1))  # (T, h, w)
-    canvas, count = torch.zeros(size), torch.zeros(size)
-    for tile, (x0, y0, x1, y1) in enumerate(boxes):
-        canvas[y0:y1, x0:x1] += F.interpolate(
-            probabilities[tile][None, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False
-        )[0, 0]
-        count[y0:y1, x0:x1] += 1
-    return gaussian_blur((canvas / count)[None], sigma)[0].numpy()
+    return gaussian_blur(stitch(probabilities, boxes, size)[None], sigma)[0].numpy()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
