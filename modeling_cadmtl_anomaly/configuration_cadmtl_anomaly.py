@@ -116,6 +116,14 @@ class PatchMemoryConfig(PreTrainedConfig):
             distance of each ring over the interior's, fitted on held-out normal images when the scorer is fitted.
             A dense memory makes a grid's border stand out on normal images (its patches have fewer similar ones);
             the maps are not changed. None: the grid as it is.
+        defect_head_hidden (`int`, *optional*): a small per-cell defect head on the same patch features (an MLP
+            with this many hidden units, `PatchMemoryModel.defect_head`), trained on synthetic anomalies of the
+            normal images (`cadmtl anomaly fit --defect-head`); its probability grid is fused with the distance
+            grid. None: no head, the distances alone.
+        defect_head_weight (`float`): the head's share of the fused map, `(1 - w) * z(distance) + w * z(head)`.
+        defect_head_statistics (`list[float]`, *optional*): `[distance mean, distance std, head mean, head std]`
+            of the two maps on held-out normal images, the `z` of the fusion (so the fused map is in standard
+            deviations of normal pixels); None: unstandardised.
     """
 
     model_type = "cadmtl_patch_memory"
@@ -158,6 +166,9 @@ class PatchMemoryConfig(PreTrainedConfig):
     neighbour_images: int | None = None
     memory_images: int = 0
     border_profile: list[float] | None = None
+    defect_head_hidden: int | None = None
+    defect_head_weight: float = 0.25
+    defect_head_statistics: list[float] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -193,6 +204,23 @@ class PatchMemoryConfig(PreTrainedConfig):
                 raise ValueError(
                     f"border_profile must hold positive finite factors; got {self.border_profile}"
                 )
+        if self.defect_head_hidden is not None and (
+            not isinstance(self.defect_head_hidden, int) or self.defect_head_hidden < 1
+        ):
+            raise ValueError(
+                f"defect_head_hidden must be a positive integer or None; got {self.defect_head_hidden!r}"
+            )
+        if not 0.0 <= float(self.defect_head_weight) <= 1.0:
+            raise ValueError(f"defect_head_weight must lie in [0, 1]; got {self.defect_head_weight!r}")
+        self.defect_head_weight = float(self.defect_head_weight)
+        if self.defect_head_statistics is not None:
+            statistics = [float(v) for v in self.defect_head_statistics]
+            if len(statistics) != 4 or not all(map(math.isfinite, statistics)) or min(statistics[1::2]) <= 0:
+                raise ValueError(
+                    "defect_head_statistics must be [distance mean, distance std, head mean, head std] with "
+                    f"positive finite stds; got {self.defect_head_statistics}"
+                )
+            self.defect_head_statistics = statistics
         self.layers = [int(layer) for layer in self.layers] if self.layers is not None else None
         self.image_size = [int(v) for v in self.image_size] if self.image_size is not None else None
         self.image_mean = [float(v) for v in (self.image_mean or IMAGENET_MEAN)]

@@ -12,6 +12,11 @@ float16, each query image searched only among the patches of its nearest fitted 
 (`NearestImageMemory`), and the image score taken on the grid divided by a `border_profile` (normal distances per
 ring of cells from the edge, fitted on held-out normals), since a dense memory makes a grid's border stand out.
 
+With `defect_head_hidden` set, a small per-cell MLP (`DefectHead`, trained by cad-mtl on synthetic anomalies of the
+normal images) also reads the same features, and the map is `(1 - w) * z(distance) + w * z(head probability)`, each
+standardised by its mean and std on held-out normal pixels (`defect_head_statistics`), averaged over the flips like
+the distances; the image score is taken on the fused upright grid.
+
 Fitting the bank (greedy coreset selection of normal patches) is done by `cadmtl anomaly fit`; this file only
 scores, so a saved scorer runs with torch + transformers alone:
 
@@ -198,6 +203,29 @@ class AnomalyPreTrainedModel(PreTrainedModel):
                 shutil.copyfile(code, Path(save_directory) / code.name)
 
 
+class DefectHead(nn.Module):
+    """A per-cell defect classifier on the scorer's patch features: (B, C, h, w) -> probabilities (B, h, w).
+
+    Standardised inputs (`input_mean` / `input_std`, buffers fitted with the head) -> Linear(C, hidden) -> GELU ->
+    Linear(hidden, 1) -> sigmoid. Trained by cad-mtl on synthetic anomalies of normal images; it sees only the
+    features the memory is searched with, so it adds no backbone pass."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.register_buffer("input_mean", torch.zeros(channels))
+        self.register_buffer("input_std", torch.ones(channels))
+        self.hidden = nn.Linear(channels, hidden)
+        self.output = nn.Linear(hidden, 1)
+
+    def logits(self, cells: torch.Tensor) -> torch.Tensor:
+        """(..., C) patch features -> (...) logits."""
+        cells = (cells - self.input_mean) / self.input_std
+        return self.output(F.gelu(self.hidden(cells)))[..., 0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(features.permute(0, 2, 3, 1)))
+
+
 class PatchMemoryModel(AnomalyPreTrainedModel):
     """Patch-memory anomaly scorer: `forward(pixel_values)` -> `AnomalyOutput` (see the module docstring).
 
@@ -222,6 +250,9 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         self.register_buffer("memory_bank", torch.zeros(config.memory_bank_size, channels, dtype=bank_dtype))
         if config.neighbour_images:
             self.register_buffer("image_descriptors", torch.zeros(config.memory_images, channels))
+        self.defect_head = (
+            DefectHead(channels, config.defect_head_hidden) if config.defect_head_hidden else None
+        )
         self._index: NearestNeighborIndex | NearestImageMemory | None = None
         self._index_bank: torch.Tensor | None = None
         self._export_index: NearestNeighborIndex | NearestImageMemory | None = None
@@ -368,17 +399,59 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
 
     def distance_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, h, w) distances of their patches to the nearest normal ones."""
-        features = self.patch_features(pixel_values)  # (B, C, h, w)
+        return self.distances_of(self.patch_features(pixel_values))
+
+    def distances_of(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) patch features -> (B, h', w') distances to the nearest normal patches (h' = h without a
+        `query_stride`)."""
         descriptors = features.mean(dim=(2, 3))  # (B, C): what a dense memory retrieves its images by
         # Neighbouring cells share most of their context: search their average, (B, C, ceil(h / s), ceil(w / s)).
-        if self.config.query_stride > 1:
-            features = F.avg_pool2d(features, self.config.query_stride, ceil_mode=True)
+        features = self._query_pool(features)
         batch, channels, grid_h, grid_w = features.shape
         if self.config.neighbour_images:
             queries = features.permute(0, 2, 3, 1).reshape(batch, grid_h * grid_w, channels)
             return self.index().search(queries, descriptors, self.config.k).view(batch, grid_h, grid_w)
         queries = features.permute(0, 2, 3, 1).reshape(-1, channels)
         return self.index().search(queries, self.config.k).view(batch, grid_h, grid_w)
+
+    def _query_pool(self, grid: torch.Tensor) -> torch.Tensor:
+        stride = self.config.query_stride
+        return F.avg_pool2d(grid, stride, ceil_mode=True) if stride > 1 else grid
+
+    def component_grids(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The unfused grids of (B, 3, H, W) images, each averaged over the upright and flipped views:
+        `{"distance": (B, h, w)}`, plus `{"defect_head": (B, h, w)}` probabilities with a defect head, and the
+        upright views alone under `"upright_distance"` / `"upright_defect_head"` (what the image score is taken
+        on)."""
+        batch = pixel_values.shape[0]
+        flips = [MAP_FLIPS[name] for name in self.config.map_flips or []]
+        # The upright view and every flipped view in one pass: (B * (1 + flips), ...).
+        views = (
+            torch.cat([pixel_values] + [pixel_values.flip(dims) for dims in flips]) if flips else pixel_values
+        )
+        features = self.patch_features(views)
+        grids = {"distance": self.distances_of(features)}
+        if self.defect_head is not None:
+            grids["defect_head"] = self._query_pool(self.defect_head(features)[:, None])[:, 0]
+        averaged = {}
+        for name, grid in grids.items():
+            upright = grid[:batch]
+            averaged[f"upright_{name}"] = upright
+            # each flipped view's grid flipped back onto the upright one, then averaged
+            flipped = [grid[batch * (i + 1) : batch * (i + 2)].flip(dims) for i, dims in enumerate(flips)]
+            averaged[name] = torch.stack([upright, *flipped]).mean(0) if flips else upright
+        return averaged
+
+    def fuse(self, distance: torch.Tensor, defect_head: torch.Tensor | None) -> torch.Tensor:
+        """The anomaly grid: the distances alone, or with a defect head `(1 - w) * z(distance) + w * z(head)`,
+        each standardised by `defect_head_statistics` (normal pixels' mean and std of each map)."""
+        if defect_head is None:
+            return distance
+        distance_mean, distance_std, head_mean, head_std = self.config.defect_head_statistics or (0, 1, 0, 1)
+        weight = self.config.defect_head_weight
+        return (1 - weight) * (distance - distance_mean) / distance_std + weight * (
+            defect_head - head_mean
+        ) / head_std
 
     def score_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """(B, h, w) distances -> the grid the image score is taken on: divided by the border profile, if any."""
@@ -389,20 +462,12 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         """(B, 3, H, W) normalised images -> maps (B, H, W) at the input size, image scores (B,), decisions."""
         if pixel_values.ndim == 3:
             pixel_values = pixel_values[None]
-        batch, height, width = pixel_values.shape[0], *pixel_values.shape[-2:]
-        flips = [MAP_FLIPS[name] for name in self.config.map_flips or []]
-        # The upright view and every flipped view in one pass: (B * (1 + flips), h, w).
-        views = (
-            torch.cat([pixel_values] + [pixel_values.flip(dims) for dims in flips]) if flips else pixel_values
-        )
-        grids = self.distance_grid(views)
-        upright = grids[:batch]
-        map_grid = upright
-        if flips:  # each flipped view's grid flipped back onto the upright one, then averaged
-            flipped = [grids[batch * (i + 1) : batch * (i + 2)].flip(dims) for i, dims in enumerate(flips)]
-            map_grid = torch.stack([upright, *flipped]).mean(0)
+        height, width = pixel_values.shape[-2:]
+        grids = self.component_grids(pixel_values)
+        map_grid = self.fuse(grids["distance"], grids.get("defect_head"))
         maps = upsample_blur(map_grid, (height, width), self.config.sigma)  # (B, H, W)
-        scores = image_scores(self.score_grid(upright), self.config.image_score, self.config.top_fraction)
+        score_grid = self.fuse(self.score_grid(grids["upright_distance"]), grids.get("upright_defect_head"))
+        scores = image_scores(score_grid, self.config.image_score, self.config.top_fraction)
         return AnomalyOutput(anomaly_maps=maps, image_scores=scores, **self._decisions(maps, scores))
 
     @torch.no_grad()
@@ -410,4 +475,4 @@ class PatchMemoryModel(AnomalyPreTrainedModel):
         return self(pixel_values)
 
 
-__all__ = ["AnomalyOutput", "AnomalyPreTrainedModel", "PatchMemoryModel"]
+__all__ = ["AnomalyOutput", "AnomalyPreTrainedModel", "DefectHead", "PatchMemoryModel"]

@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, normal_only
+from cadmtl.anomaly.defect_head import fit_defect_head
 from cadmtl.anomaly.learner import AnomalyLearner
 from cadmtl.anomaly.metrics import AnomalyMetrics, f1_max, metrics_table
 from cadmtl.anomaly.models import (
@@ -232,12 +233,33 @@ def fit(args: argparse.Namespace) -> int:
                 f"would take {format_bytes(size)}, over --max-memory-gb {args.max_memory_gb:g}: fit a coreset "
                 "with --neighbour-images 0, use fewer images (--max-train) or raise --max-memory-gb"
             )
+    calibration_normals = [s for s in calibration if s.is_normal]
+    if not 0.0 <= args.defect_head_weight <= 1.0:
+        raise ValueError(f"--defect-head-weight must lie in [0, 1]; got {args.defect_head_weight:g}")
+    if args.defect_head and not calibration_normals:
+        raise ValueError(
+            f"--defect-head puts its map on the memory's scale with held-out normal images, and {args.config} has "
+            f"no normal image in its {args.calibration_split!r} split nor a held-out train image"
+        )
     started = time.perf_counter()
     images = tqdm([s.image for s in bank_images], desc="bank features", leave=False)
     pixel_values = bank_pixel_values(images, processor)
     scorer.fit(pixel_values, batch_size=args.batch_size, few_shot=bool(args.few_shot))
+    defect_head_info = None
+    if args.defect_head:
+        scorer.config.defect_head_weight = args.defect_head_weight
+        defect_head_info = fit_defect_head(
+            scorer,
+            bank_pixel_values(
+                tqdm([s.image for s in bank_images], desc="defect head cells", leave=False), processor
+            ),
+            bank_pixel_values(
+                tqdm([s.image for s in calibration_normals], desc="defect head statistics", leave=False),
+                processor,
+            ),
+            args.seed,
+        )
     fit_seconds = time.perf_counter() - started
-    calibration_normals = [s for s in calibration if s.is_normal]
     if scorer.config.neighbour_images and calibration_normals and not args.tile_size:
         # A tiled scorer's image score comes from the stitched map, where tile borders are not image borders.
         images = tqdm([s.image for s in calibration_normals], desc="border profile", leave=False)
@@ -277,6 +299,7 @@ def fit(args: argparse.Namespace) -> int:
         "memory_bank_patches": int(scorer.memory_bank.shape[0]),
         "memory_bank_mb": scorer.memory_bank.numel() * scorer.memory_bank.element_size() / 2**20,
         "border_profile": scorer.config.border_profile,
+        "defect_head": defect_head_info,
         "fit_seconds": fit_seconds,
         "calibration": calibration_info,
     }
@@ -524,6 +547,22 @@ def fit_parser() -> argparse.ArgumentParser:
         default=4.0,
         help="refuse, before any feature is computed, a dense memory (--neighbour-images) larger than this; the "
         "fit holds it in RAM and the model file is as large (default 4: about 1,800 images at 384 px with Lite2)",
+    )
+    parser.add_argument(
+        "--defect-head",
+        action="store_true",
+        help="also train a small defect head on the same patch features, on synthetic anomalies (texture blends, "
+        "cut-paste, uneven brightness, strokes, edge damage; never the car-defect painter) pasted into the bank "
+        "images, and fuse its map with the memory's, both standardised on the held-out normals. Saved in the "
+        "model (defect_head weights; config defect_head_*)",
+    )
+    parser.add_argument(
+        "--defect-head-weight",
+        type=float,
+        default=0.25,
+        metavar="W",
+        help="the head's share of the fused map, (1 - W) * z(distance) + W * z(head) (default 0.25; saved in "
+        "config.json, where it can be changed without refitting)",
     )
     add_tile_options(
         parser,

@@ -235,6 +235,9 @@ def smooth_noise_mask(size: int, rng: np.random.Generator, threshold: float | No
 SYNTHESIS_MIXES: dict[str, dict[str, float]] = {
     "mixed": {"blend": 0.4, "cutpaste": 0.2, "defect": 0.4},
     "varied": {"blend": 0.25, "cutpaste": 0.1, "defect": 0.2, "smooth": 0.15, "strokes": 0.15, "edge": 0.15},
+    # `varied` without the procedural car defects, which also paint the `_ad` configs' synthetic test defects: what
+    # the scorer's defect head trains on (`cadmtl.anomaly.defect_head`)
+    "texture": {"blend": 0.3, "cutpaste": 0.15, "smooth": 0.2, "strokes": 0.2, "edge": 0.15},
 }
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from cadmtl.anomaly import AnomalyLearner, AnomalyLearnerConfig, PatchMemoryScorer
 from cadmtl.anomaly.data import to_pixel_values
+from cadmtl.anomaly.defect_head import fit_defect_head
 from cadmtl.features import backbone_from_config
 from cadmtl.testing import populate_hf_cache, tiny_vit_config
 from modeling_cadmtl_anomaly import AnomalyImageProcessor
@@ -47,7 +48,8 @@ def saved(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     strided.config.map_flips = ["h"]
     strided.save_pretrained(root / "scorer-strided")
     strided = PatchMemoryScorer.from_pretrained(root / "scorer-strided")
-    # the dense memory of the nearest images (retrieval, float16 patches, projected search, border profile) too
+    # the dense memory of the nearest images (retrieval, float16 patches, projected search, border profile) and the
+    # defect head fused with it, too
     dense = PatchMemoryScorer.from_backbone(
         backbone_from_config(tiny_vit_config()),
         layers=[1, 2],
@@ -58,6 +60,9 @@ def saved(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     )
     dense.fit(to_pixel_values(pictures(), SIZE))
     dense.config.border_profile = [1.5, 1.0]
+    fit_defect_head(
+        dense, [to_pixel_values(pictures()[:2], SIZE)], [to_pixel_values(pictures()[2:], SIZE)], 0
+    )
     dense.image_threshold, dense.pixel_threshold = 1.0, 2.0
     dense.save_pretrained(root / "scorer-dense")
     dense = PatchMemoryScorer.from_pretrained(root / "scorer-dense")
