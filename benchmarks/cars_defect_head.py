@@ -1,7 +1,11 @@
-"""A measured direction for the cars (issue 17), not built into the scorer: a small per-cell defect head on the
-scorer's frozen features, trained on the normal train photos with defects painted by the project's painter, its
-map fused with the patch-memory map; every defect type of the evaluation split is held out of the head's training in
-turn (leave-one-type-out), so the head is never trained on the style it is scored on.
+"""A measured direction for the cars (issue 17): a small per-cell defect head on the scorer's frozen features,
+trained on the normal train photos with defects painted by the project's painter, its map fused with the
+patch-memory map; every defect type of the evaluation split is held out of the head's training in turn
+(leave-one-type-out), so the head is never trained on the style it is scored on.
+
+The product's head (`cadmtl anomaly fit --defect-head`, `cadmtl.anomaly.defect_head`) is trained on texture
+anomalies instead, never on this painter, so it needs no leave-one-type-out; this script keeps the painter's
+experiment runnable.
 
 Steps (one run, all on CPU):
 1. The tiled patch-memory scorer exactly as `cadmtl anomaly fit --backbone efficientnet-lite0 --image-size 256

@@ -131,8 +131,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--synthesis",
         default="mixed",
         choices=sorted(SYNTHESIS_MIXES),
-        help="synthetic anomalies of the segmentation task: mixed (blends, cut-paste, procedural defects) or varied "
-        "(also soft brightness changes, thin strokes, edge damage)",
+        help="synthetic anomalies of the segmentation task: mixed (blends, cut-paste, procedural defects), varied "
+        "(also soft brightness changes, thin strokes, edge damage) or texture (varied without the procedural car "
+        "defects, which also paint the _ad configs' synthetic test defects)",
     )
     parser.add_argument("--vflip", action="store_true", help="also flip training images vertically")
     parser.add_argument(
