@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import upsample_blur
 from modeling_cadmtl_anomaly.modeling_cadmtl_anomaly import DefectHead, PatchMemoryModel
 
-from .learner import synthesize_anomalies
+from .learner import normalize, synthesize_anomalies
 
 logger = logging.getLogger("cadmtl.anomaly")
 
@@ -69,9 +69,7 @@ def synthetic_cells(
             )
         images = to_uint8(pixel_values, config.image_mean, config.image_std)
         anomalous, changed = synthesize_anomalies(images, rng, probability=1.0, mix=HEAD_SYNTHESIS)
-        mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(config.image_std).view(1, 3, 1, 1)
-        features = scorer.patch_features((anomalous.float() / 255 - mean) / std).cpu()  # (B, C, h, w)
+        features = scorer.patch_features(normalize(anomalous, config.image_mean, config.image_std)).cpu()
         shares = F.adaptive_avg_pool2d(changed.float()[:, None], features.shape[-2:])[:, 0].reshape(-1)
         features = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
         positive = shares >= POSITIVE_SHARE
@@ -156,7 +154,7 @@ def fit_defect_head(
     held-out normals' (both iterables of (B, 3, S, S)); returns what the fit's summary records."""
     cells, labels = synthetic_cells(scorer, bank_batches, seed)
     head, loss = train_defect_head(cells, labels, seed=seed)
-    scorer.config.defect_head_hidden = HIDDEN_UNITS
+    scorer.config.defect_head_hidden = head.hidden.out_features
     scorer.defect_head = head.to(next(scorer.parameters()).device)
     statistics = fit_head_statistics(scorer, normal_batches)
     logger.info(

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from cadmtl.anomaly.command import dense_memory_bytes, fit_parser, scorer_settings
 from cadmtl.anomaly.data import AnomalySample, load_anomaly_split, normal_only
+from cadmtl.anomaly.defect_head import HIDDEN_UNITS
 from cadmtl.anomaly.patch_memory import PatchMemoryScorer
 from cadmtl.cli import main
 from cadmtl.features import load_backbone
@@ -130,8 +131,9 @@ def test_evaluate_and_predict_also_take_a_saved_learner(repo: Path, tmp_path) ->
     assert all(row["verdict"] == ("NG" if float(row["anomaly_score"]) >= 0.5 else "OK") for row in rows)
 
 
-def test_fit_saves_the_approximate_search_options_and_refuses_bad_ones(repo: Path, tmp_path, capsys) -> None:
-    argv = [
+def tiny_fit_argv(repo: Path) -> list[str]:
+    """`cadmtl anomaly fit` of the generated repo's exterior_ad on the tiny random backbone at 64 px."""
+    return [
         "anomaly",
         "fit",
         str(repo),
@@ -142,6 +144,10 @@ def test_fit_saves_the_approximate_search_options_and_refuses_bad_ones(repo: Pat
         "--image-size",
         "64",
     ]
+
+
+def test_fit_saves_the_approximate_search_options_and_refuses_bad_ones(repo: Path, tmp_path, capsys) -> None:
+    argv = tiny_fit_argv(repo)
     assert main([*argv, "--output-dir", str(tmp_path), "--search-lists", "8", "--search-probes", "3"]) == 0
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert (config["search_num_lists"], config["search_num_probes"]) == (8, 3)
@@ -252,3 +258,25 @@ def test_pretrained_defaults_use_the_dense_memory_except_by_tiles() -> None:
         )["coreset_fraction"]
         == 0.05
     )
+
+
+def test_fit_with_a_defect_head_saves_it_and_evaluates(repo: Path, tmp_path, capsys) -> None:
+    output = tmp_path / "head"
+    argv = tiny_fit_argv(repo)
+    assert main([*argv, "--output-dir", str(output), "--defect-head", "--defect-head-weight", "0.5"]) == 0
+    summary = json.loads((output / "fit_results.json").read_text())
+    head = summary["defect_head"]
+    assert head["synthesis"] == "texture" and 0 < head["anomalous_cells"] < head["cells"]
+    config = json.loads((output / "model" / "config.json").read_text())
+    assert config["defect_head_hidden"] == HIDDEN_UNITS and config["defect_head_weight"] == 0.5
+    assert config["defect_head_statistics"] == head["statistics"] and config["image_threshold"] is not None
+    assert "defect_head.hidden.weight" in load_file(output / "model" / "model.safetensors")
+    evaluation = tmp_path / "eval"
+    evaluate = ["anomaly", "evaluate", str(output / "model"), str(repo), "--config", "exterior_ad"]
+    assert main([*evaluate, "--output-dir", str(evaluation)]) == 0
+    assert json.loads((evaluation / "eval_results.json").read_text())["images"] == 8
+
+    refused = tmp_path / "refused"
+    assert main([*argv, "--output-dir", str(refused), "--defect-head", "--defect-head-weight", "1.5"]) == 2
+    assert "--defect-head-weight must lie in [0, 1]; got 1.5" in capsys.readouterr().err
+    assert not refused.exists()

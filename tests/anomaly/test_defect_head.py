@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -19,10 +16,9 @@ from cadmtl.anomaly.defect_head import (
     to_uint8,
     train_defect_head,
 )
-from cadmtl.cli import main
+from cadmtl.anomaly.learner import normalize
 from cadmtl.evaluation.metrics.binary import binary_auroc
 from cadmtl.features import backbone_from_config
-from dataset_scripts.make_demo import build_demo_dataset
 from modeling_cadmtl_anomaly.features_cadmtl_anomaly import upsample_blur
 
 from .test_patch_memory import normal_images, tiny_vit_config
@@ -57,10 +53,7 @@ def scorer(backbone) -> PatchMemoryScorer:
 def test_to_uint8_inverts_the_normalisation() -> None:
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    normalised = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
-        1, 3, 1, 1
-    )
-    assert torch.equal(to_uint8(normalised, mean, std), images)
+    assert torch.equal(to_uint8(normalize(images, mean, std), mean, std), images)
 
 
 def test_synthetic_cells_hold_both_kinds_and_repeat_with_the_seed(scorer) -> None:
@@ -149,42 +142,3 @@ def test_config_refuses_bad_head_settings(scorer) -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             type(scorer.config).from_dict({**config, key: value})
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ad") / "mini"
-    build_demo_dataset(folder, train=10, validation=6, test=6)
-    return folder
-
-
-def test_fit_with_a_defect_head_saves_it_and_evaluates(repo: Path, tmp_path, capsys) -> None:
-    output = tmp_path / "head"
-    argv = [
-        "anomaly",
-        "fit",
-        str(repo),
-        "--config",
-        "exterior_ad",
-        "--backbone",
-        "tiny",
-        "--image-size",
-        "64",
-    ]
-    assert main([*argv, "--output-dir", str(output), "--defect-head", "--defect-head-weight", "0.5"]) == 0
-    summary = json.loads((output / "fit_results.json").read_text())
-    head = summary["defect_head"]
-    assert head["synthesis"] == "texture" and 0 < head["anomalous_cells"] < head["cells"]
-    config = json.loads((output / "model" / "config.json").read_text())
-    assert config["defect_head_hidden"] == HIDDEN_UNITS and config["defect_head_weight"] == 0.5
-    assert config["defect_head_statistics"] == head["statistics"] and config["image_threshold"] is not None
-    assert "defect_head.hidden.weight" in load_file(output / "model" / "model.safetensors")
-    evaluation = tmp_path / "eval"
-    evaluate = ["anomaly", "evaluate", str(output / "model"), str(repo), "--config", "exterior_ad"]
-    assert main([*evaluate, "--output-dir", str(evaluation)]) == 0
-    assert json.loads((evaluation / "eval_results.json").read_text())["images"] == 6
-
-    refused = tmp_path / "refused"
-    assert main([*argv, "--output-dir", str(refused), "--defect-head", "--defect-head-weight", "1.5"]) == 2
-    assert "--defect-head-weight must lie in [0, 1]; got 1.5" in capsys.readouterr().err
-    assert not refused.exists()
