@@ -17,6 +17,7 @@ from cadmtl.evaluation.verdict import (
     verdict_report,
     verdict_table,
 )
+from cadmtl.precision import autocast_dtype
 from cadmtl.training.finish import FinishSettings
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def calibrate_and_report_verdict(
             num_workers=settings.num_workers,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
-            autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
+            autocast_dtype=autocast_dtype(accelerator.mixed_precision),
             max_batches=settings.max_eval_batches,
             show_progress=accelerator.is_local_main_process,
         )

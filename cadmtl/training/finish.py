@@ -15,6 +15,7 @@ from cadmtl.data.sources import LoaderSettings, TaskSource
 from cadmtl.evaluation.loop import evaluate_sources
 from cadmtl.evaluation.reporting import domain_tables
 from cadmtl.evaluation.verdict import verdict_table
+from cadmtl.precision import autocast_dtype
 from cadmtl.presets import PRESETS
 from cadmtl.training.arguments import DataArguments, ModelArguments, TrainingArguments
 from cadmtl.training.tracking import plot_training_curves
@@ -120,7 +121,7 @@ def evaluate_all(
         labels,
         batch_size=settings.eval_batch_size,
         device=accelerator.device,
-        autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
+        autocast_dtype=autocast_dtype(accelerator.mixed_precision),
         max_batches=settings.max_eval_batches,
         show_progress=accelerator.is_local_main_process,
         domain_conditioning=settings.domain_conditioning,
