@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from cadmtl.testing import tiny_cadmtl_config
+from cadmtl.testing import tiny_cadmtl_config, tiny_vit_config
 from cadmtl.training.launch import reset_accelerate_state
 from modeling_cadmtl import CadMtlConfig
 
@@ -38,6 +39,35 @@ def repo_root() -> Path:
 def shared_data() -> Path:
     """../shared/data beside the checkout: the real datasets (tests that need it skip when it is absent)."""
     return REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_scorer() -> Callable[..., torch.nn.Module]:
+    """A builder of the fullest tiny patch-memory scorer, for the tests that carry every Hub-file feature through
+    a boundary (remote code, ONNX): `build(bank, heldout, size, **options)` fits a dense memory of the nearest 2
+    images (float16, projected search, horizontal flips) on the (N, 3, size, size) `bank`, sets a border profile
+    and fits the defect head (statistics on `heldout`); `options` go to `from_backbone`."""
+    from cadmtl.anomaly import PatchMemoryScorer
+    from cadmtl.anomaly.defect_head import fit_defect_head
+    from cadmtl.features import backbone_from_config
+
+    def build(bank: torch.Tensor, heldout: torch.Tensor, size: int, **options) -> torch.nn.Module:
+        torch.manual_seed(0)
+        scorer = PatchMemoryScorer.from_backbone(
+            backbone_from_config(tiny_vit_config()),
+            layers=[1, 2],
+            image_size=(size, size),
+            neighbour_images=2,
+            search_projection_dim=8,
+            map_flips=["h"],
+            **options,
+        )
+        scorer.fit(bank)
+        scorer.config.border_profile = [1.5, 1.0]
+        fit_defect_head(scorer, [bank], [heldout], seed=0)
+        return scorer
+
+    return build
 
 
 @pytest.fixture

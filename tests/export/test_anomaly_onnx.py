@@ -16,7 +16,6 @@ from PIL import Image
 
 from cadmtl.anomaly import AnomalyLearner, AnomalyLearnerConfig, PatchMemoryScorer
 from cadmtl.anomaly.data import to_pixel_values
-from cadmtl.anomaly.defect_head import fit_defect_head
 from cadmtl.cli import main as cadmtl
 from cadmtl.export.anomaly import (
     ANOMALY_OUTPUTS,
@@ -217,24 +216,14 @@ def test_scorer_export_keeps_the_map_flips(tmp_path: Path) -> None:
     assert (outputs.anomaly_maps - upright.anomaly_maps).abs().max() > 1e-3
 
 
-def test_scorer_export_keeps_the_dense_memory_border_profile_and_defect_head(tmp_path: Path) -> None:
+def test_scorer_export_keeps_the_dense_memory_border_profile_and_defect_head(
+    tmp_path: Path, tiny_dense_scorer
+) -> None:
     # the nearest images' retrieval (TopK) and their patches' gather run in the graph, projected as in PyTorch; the
     # image score is taken on the border profile there too
-    torch.manual_seed(0)
-    scorer = PatchMemoryScorer.from_backbone(
-        backbone_from_config(tiny_vit_config()),
-        layers=[1, 2],
-        image_size=(SIZE, SIZE),
-        neighbour_images=2,
-        search_projection_dim=8,
-        num_candidates=4,
-        map_flips=["h"],
-    )
-    scorer.fit(to_pixel_values(pictures(4, seed=1)[:3], SIZE))
-    scorer.config.border_profile = [1.5, 1.0]
     # the defect head runs in the graph on the same features, its map fused with the memory's
     normals = to_pixel_values(pictures(4, seed=1), SIZE)
-    fit_defect_head(scorer, [normals[:3]], [normals[3:]], seed=0)
+    scorer = tiny_dense_scorer(normals[:3], normals[3:], SIZE, num_candidates=4)
     maps, scores = scorer.score(to_pixel_values(pictures(), SIZE))
     scorer.image_threshold, scorer.pixel_threshold = float(scores.median()), float(maps.quantile(0.9))
     scorer.save_pretrained(tmp_path / "model")

@@ -16,7 +16,6 @@ from PIL import Image
 
 from cadmtl.anomaly import AnomalyLearner, AnomalyLearnerConfig, PatchMemoryScorer
 from cadmtl.anomaly.data import to_pixel_values
-from cadmtl.anomaly.defect_head import fit_defect_head
 from cadmtl.features import backbone_from_config
 from cadmtl.testing import populate_hf_cache, tiny_vit_config
 from modeling_cadmtl_anomaly import AnomalyImageProcessor
@@ -32,7 +31,7 @@ def pictures() -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
+def saved(tmp_path_factory, tiny_dense_scorer) -> dict[str, tuple[torch.nn.Module, Path]]:
     root = tmp_path_factory.mktemp("anomaly-hub")
     torch.manual_seed(0)
     scorer = PatchMemoryScorer.from_backbone(
@@ -50,18 +49,8 @@ def saved(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     strided = PatchMemoryScorer.from_pretrained(root / "scorer-strided")
     # the dense memory of the nearest images (retrieval, float16 patches, projected search, border profile) and the
     # defect head fused with it, too
-    dense = PatchMemoryScorer.from_backbone(
-        backbone_from_config(tiny_vit_config()),
-        layers=[1, 2],
-        image_size=(SIZE, SIZE),
-        neighbour_images=2,
-        search_projection_dim=8,
-        map_flips=["h"],
-    )
-    dense.fit(to_pixel_values(pictures(), SIZE))
-    dense.config.border_profile = [1.5, 1.0]
-    fit_defect_head(
-        dense, [to_pixel_values(pictures()[:2], SIZE)], [to_pixel_values(pictures()[2:], SIZE)], 0
+    dense = tiny_dense_scorer(
+        to_pixel_values(pictures()[:2], SIZE), to_pixel_values(pictures()[2:], SIZE), SIZE
     )
     dense.image_threshold, dense.pixel_threshold = 1.0, 2.0
     dense.save_pretrained(root / "scorer-dense")
