@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.demo_route import car_samples, paint_one_defect, region_of
+from benchmarks.demo_route import car_samples, painted_copy
 from cadmtl.anomaly.data import load_anomaly_split
 from cadmtl.anomaly.models import anomaly_processor, load_anomaly_model, score_images
 from cadmtl.evaluation.metrics.binary import binary_auroc
@@ -69,10 +69,7 @@ def selection_photos(
     photos, not_placed = [], 0
     for rank, sample in enumerate(normals):
         photos.append({"image": sample.image, "mask": None, "type": None})
-        defect_type = CARS_AD_ANOMALIES[rank % len(CARS_AD_ANOMALIES)]
-        source = polygons.get(sample.image_id)
-        region = None if source is None else region_of(source, sample.image.height, sample.image.width)
-        painted = paint_one_defect(sample.image, specs[defect_type], seed, sample.image_id, region)
+        defect_type, _, painted = painted_copy(sample, rank, specs, CARS_AD_ANOMALIES, polygons, seed)
         if painted is None:
             not_placed += 1
             continue

@@ -90,6 +90,23 @@ def paint_one_defect(
     return Image.fromarray(painted), placed[0].mask
 
 
+def painted_copy(
+    sample: Any,
+    rank: int,
+    specs: dict[str, DefectSpec],
+    defect_types: Sequence[str],
+    polygons: dict[str, Any],
+    seed: int,
+) -> tuple[str, bool, tuple[Image.Image, np.ndarray] | None]:
+    """The `rank`-th normal photo's painted copy: its defect type (`defect_types` cycled), whether the defect was
+    centred on the car (the photo has part polygons in `polygons`), and `paint_one_defect`'s result."""
+    defect_type = defect_types[rank % len(defect_types)]
+    source = polygons.get(sample.image_id)
+    region = None if source is None else region_of(source, sample.image.height, sample.image.width)
+    painted = paint_one_defect(sample.image, specs[defect_type], seed, sample.image_id, region)
+    return defect_type, region is not None, painted
+
+
 def peak_on_defect(anomaly_map: np.ndarray, mask: np.ndarray) -> bool:
     """Whether the map's argmax lies inside `mask` dilated by `PEAK_TOLERANCE` of the shorter side."""
     reach = PEAK_TOLERANCE * min(mask.shape)
@@ -136,17 +153,14 @@ def measure(
         normal = inspect_image(scorer, sample.image, processor)
         inspect_seconds += time.perf_counter() - started
         inspections += 1
-        defect_type = defect_types[rank % len(defect_types)]
-        source = polygons.get(sample.image_id)
-        region = None if source is None else region_of(source, sample.image.height, sample.image.width)
+        defect_type, centred_on_car, painted = painted_copy(sample, rank, specs, defect_types, polygons, seed)
         row: dict[str, Any] = {
             "image_id": sample.image_id,
             "normal_score": normal.score,
             "normal_verdict": normal.verdict,
             "defect_type": defect_type,
-            "centred_on_car": region is not None,
+            "centred_on_car": centred_on_car,
         }
-        painted = paint_one_defect(sample.image, specs[defect_type], seed, sample.image_id, region)
         if painted is None:
             row["painted"] = False
         else:
