@@ -18,10 +18,16 @@ fused map of any w is their blend, since the blur, the stitching and the fusion 
   the spread is that of the difference;
 - the pixel AUROC over every photo, on every 4th pixel row and column.
 
+`--against OTHER` scores a second model (fitted with the same `--max-train`) on the same photos at its saved weight
+and reports its image AUROC minus the first model's, paired over the same resampled photos: the comparison of two
+fits (another backbone, other head settings) whose spread is that of the difference, not of either number.
+
     cadmtl anomaly fit data/public --config cars_ad --output-dir out/cars-sel --image-size 256 \\
         --backbone efficientnet-lite0 --tile-size 256 --tile-overlap 0 --defect-head --max-train 250
     PYTHONPATH=. python benchmarks/cars_selection_set.py out/cars-sel/model data/public --held-out-from 250 \\
         --output out/cars-sel/selection.json
+    PYTHONPATH=. python benchmarks/cars_selection_set.py out/cars-sel/model data/public --held-out-from 250 \
+        --against out/cars-sel-lite2/model --output out/cars-sel/against-lite2.json
 """
 
 from __future__ import annotations
@@ -98,29 +104,13 @@ def blend(parts: list[list[np.ndarray]], weight: float, index: int) -> np.ndarra
     return (1 - weight) * parts[0][index].astype(np.float32) + weight * parts[1][index].astype(np.float32)
 
 
-def measure(
-    model_dir: str, repo: str, *, config: str, held_out_from: int, data_dir: Path | None, seed: int
-) -> dict[str, Any]:
-    scorer = load_anomaly_model(model_dir)
-    processor = anomaly_processor(scorer)
-    photos, not_placed = selection_photos(repo, config, held_out_from, data_dir, seed)
-    started = time.perf_counter()
-    parts = part_maps(scorer, [p["image"] for p in photos], processor)
-    seconds = time.perf_counter() - started
-    labels = np.array([p["mask"] is not None for p in photos])
-    truth = np.concatenate(
-        [
-            (np.zeros(m.shape, bool) if p["mask"] is None else p["mask"])[
-                ::PIXEL_STRIDE, ::PIXEL_STRIDE
-            ].ravel()
-            for p, m in zip(photos, parts[0])
-        ]
-    )
-    weights = WEIGHTS if len(parts) == 2 else (0.0,)
-    saved = float(scorer.config.defect_head_weight) if len(parts) == 2 else 0.0
+def weighted_scores(
+    scorer: Any, parts: list[list[np.ndarray]], weights: Sequence[float], truth: np.ndarray
+) -> tuple[dict[float, np.ndarray], dict[float, float]]:
+    """Per weight: every photo's image score (the scorer's own, on the blended map) and the pixel AUROC."""
     image_score, pixel_auroc = {}, {}
-    for weight in sorted({*weights, saved}):
-        maps = [blend(parts, weight, i) for i in range(len(photos))]
+    for weight in weights:
+        maps = [blend(parts, weight, i) for i in range(len(parts[0]))]
         image_score[weight] = np.array(
             [
                 float(
@@ -133,29 +123,67 @@ def measure(
         )
         pixels = np.concatenate([m[::PIXEL_STRIDE, ::PIXEL_STRIDE].ravel() for m in maps])
         pixel_auroc[weight] = 100 * binary_auroc(pixels, truth)
-    # one set of resampled photos (painted and normal drawn apart) for every weight: paired differences
+    return image_score, pixel_auroc
+
+
+def saved_weight(scorer: Any) -> float:
+    return float(scorer.config.defect_head_weight) if scorer.defect_head is not None else 0.0
+
+
+def measure(
+    model_dir: str,
+    repo: str,
+    *,
+    config: str,
+    held_out_from: int,
+    data_dir: Path | None,
+    seed: int,
+    against: str | None = None,
+) -> dict[str, Any]:
+    """The weight sweep of `model_dir` on the selection set; with `against`, a second model scored on the same
+    photos at its saved weight, and its paired difference to the first."""
+    scorer = load_anomaly_model(model_dir)
+    photos, not_placed = selection_photos(repo, config, held_out_from, data_dir, seed)
+    images = [p["image"] for p in photos]
+    started = time.perf_counter()
+    parts = part_maps(scorer, images, anomaly_processor(scorer))
+    seconds = time.perf_counter() - started
+    labels = np.array([p["mask"] is not None for p in photos])
+    truth = np.concatenate(
+        [
+            (np.zeros(m.shape, bool) if p["mask"] is None else p["mask"])[
+                ::PIXEL_STRIDE, ::PIXEL_STRIDE
+            ].ravel()
+            for p, m in zip(photos, parts[0])
+        ]
+    )
+    saved = saved_weight(scorer)
+    weights = sorted({*(WEIGHTS if len(parts) == 2 else (0.0,)), saved})
+    image_score, pixel_auroc = weighted_scores(scorer, parts, weights, truth)
+    # one set of resampled photos (painted and normal drawn apart) for every weight and model: paired differences
     rng = np.random.default_rng(seed)
     positives, negatives = np.where(labels)[0], np.where(~labels)[0]
     draws = [
         np.concatenate([rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives))])
         for _ in range(BOOTSTRAP_DRAWS)
     ]
-    bootstrap = {
-        weight: 100 * np.array([binary_auroc(scores[d], labels[d]) for d in draws])
-        for weight, scores in image_score.items()
-    }
+
+    def bootstrap(scores: np.ndarray) -> np.ndarray:
+        return 100 * np.array([binary_auroc(scores[d], labels[d]) for d in draws])
+
+    resampled = {weight: bootstrap(scores) for weight, scores in image_score.items()}
     rows = [
         {
             "weight": weight,
             "image_auroc": 100 * binary_auroc(image_score[weight], labels),
-            "image_auroc_bootstrap_std": float(bootstrap[weight].std()),
-            "difference_to_saved": float((bootstrap[weight] - bootstrap[saved]).mean()),
-            "difference_to_saved_std": float((bootstrap[weight] - bootstrap[saved]).std()),
+            "image_auroc_bootstrap_std": float(resampled[weight].std()),
+            "difference_to_saved": float((resampled[weight] - resampled[saved]).mean()),
+            "difference_to_saved_std": float((resampled[weight] - resampled[saved]).std()),
             "pixel_auroc": pixel_auroc[weight],
         }
         for weight in image_score
     ]
-    return {
+    summary = {
         "model": model_dir,
         "repo": repo,
         "config": config,
@@ -167,6 +195,22 @@ def measure(
         "scoring_seconds": seconds,
         "rows": rows,
     }
+    if against is not None:
+        other = load_anomaly_model(against)
+        other_weight = saved_weight(other)
+        other_parts = [score_images(other, images, anomaly_processor(other), desc=against)[1]]
+        other_score, other_pixel = weighted_scores(other, other_parts, [0.0], truth)
+        other_resampled = bootstrap(other_score[0.0])
+        summary["against"] = {
+            "model": against,
+            "weight": other_weight,
+            "image_auroc": 100 * binary_auroc(other_score[0.0], labels),
+            "image_auroc_bootstrap_std": float(other_resampled.std()),
+            "difference_to_model": float((other_resampled - resampled[saved]).mean()),
+            "difference_to_model_std": float((other_resampled - resampled[saved]).std()),
+            "pixel_auroc": other_pixel[0.0],
+        }
+    return summary
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -182,6 +226,15 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{r['difference_to_saved']:+.1f} ± {r['difference_to_saved_std']:.1f} | {r['pixel_auroc']:.1f} |"
         for r in summary["rows"]
     ]
+    if "against" in summary:
+        a = summary["against"]
+        lines += [
+            "",
+            f"`{a['model']}` at its saved w {a['weight']:g}: image AUROC {a['image_auroc']:.1f} "
+            f"(bootstrap std {a['image_auroc_bootstrap_std']:.1f}), minus `{summary['model']}` at w "
+            f"{summary['saved_weight']:g} (paired): {a['difference_to_model']:+.1f} ± "
+            f"{a['difference_to_model_std']:.1f}; pixel AUROC {a['pixel_auroc']:.1f}",
+        ]
     return "\n".join(lines)
 
 
@@ -198,6 +251,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--data", type=Path, default=Path("../shared/data"), help="holds carparts_dsmlr's polygons"
     )
+    parser.add_argument(
+        "--against",
+        metavar="MODEL",
+        help="a second model fitted with the same --max-train, scored on the same photos at its saved weight: "
+        "its image AUROC minus the first model's, paired over the same resampled photos",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the painter's and the bootstrap's seed")
     parser.add_argument("--output", type=Path, default=Path("selection.json"))
     args = parser.parse_args(argv)
@@ -208,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         held_out_from=args.held_out_from,
         data_dir=args.data,
         seed=args.seed,
+        against=args.against,
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(summary, indent=2))
