@@ -60,8 +60,9 @@ BOOTSTRAP_DRAWS = 2000
 def selection_photos(
     repo: str, config: str, held_out_from: int, data_dir: Path | None, seed: int
 ) -> tuple[list[dict[str, Any]], int]:
-    """Every held-out normal photo and its painted copy as `{"image", "mask" (None: normal), "type"}`, and how many
-    photos had no room for their defect (kept as normals only)."""
+    """Every held-out normal photo and its painted copy as `{"image", "mask" (None: normal), "type"}` (a painted copy
+    also names its unpainted photo's place, "normal_index"), and how many photos had no room for their defect (kept
+    as normals only)."""
     train = load_anomaly_split(repo, config, "train")
     if len(train) <= held_out_from:
         raise ValueError(
@@ -79,7 +80,9 @@ def selection_photos(
         if painted is None:
             not_placed += 1
             continue
-        photos.append({"image": painted[0], "mask": painted[1], "type": defect_type})
+        photos.append(
+            {"image": painted[0], "mask": painted[1], "type": defect_type, "normal_index": len(photos) - 1}
+        )
     return photos, not_placed
 
 
@@ -124,6 +127,33 @@ def weighted_scores(
         pixels = np.concatenate([m[::PIXEL_STRIDE, ::PIXEL_STRIDE].ravel() for m in maps])
         pixel_auroc[weight] = 100 * binary_auroc(pixels, truth)
     return image_score, pixel_auroc
+
+
+def per_type_diagnostics(
+    photos: list[dict[str, Any]], maps: list[np.ndarray], scores: np.ndarray, labels: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Per defect type, at one weight: the image AUROC of its painted photos against every normal one; the share
+    of its painted photos whose map peaks on the defect (its highest value inside the mask above every value
+    outside); and the median rise of the image score over the same photo unpainted, to set against the normal
+    photos' own spread (`normal_score_std`)."""
+    normal_std = float(scores[~labels].std())
+    rows: dict[str, dict[str, float]] = {}
+    for defect_type in dict.fromkeys(p["type"] for p in photos if p["type"] is not None):
+        painted = [i for i, p in enumerate(photos) if p["type"] == defect_type]
+        chosen = np.array(painted + list(np.where(~labels)[0]))
+        peaks = [
+            float(maps[i][photos[i]["mask"] > 0].max()) > float(maps[i][~(photos[i]["mask"] > 0)].max())
+            for i in painted
+        ]
+        rises = [scores[i] - scores[photos[i]["normal_index"]] for i in painted]
+        rows[defect_type] = {
+            "painted_photos": len(painted),
+            "image_auroc": 100 * binary_auroc(scores[chosen], labels[chosen]),
+            "peak_on_defect_percent": 100 * float(np.mean(peaks)),
+            "median_score_rise": float(np.median(rises)),
+            "normal_score_std": normal_std,
+        }
+    return rows
 
 
 def saved_weight(scorer: Any) -> float:
@@ -194,6 +224,9 @@ def measure(
         "saved_weight": saved,
         "scoring_seconds": seconds,
         "rows": rows,
+        "per_type": per_type_diagnostics(
+            photos, [blend(parts, saved, i) for i in range(len(photos))], image_score[saved], labels
+        ),
     }
     if against is not None:
         other = load_anomaly_model(against)
@@ -226,6 +259,20 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{r['difference_to_saved']:+.1f} ± {r['difference_to_saved_std']:.1f} | {r['pixel_auroc']:.1f} |"
         for r in summary["rows"]
     ]
+    if summary["per_type"]:
+        lines += [
+            "",
+            f"Per defect type at w {summary['saved_weight']:g} (image score std over the normal photos: "
+            f"{next(iter(summary['per_type'].values()))['normal_score_std']:.2f})",
+            "",
+            "| type | painted | image AUROC | map's peak on the defect % | median score rise over the unpainted photo |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {t} | {r['painted_photos']} | {r['image_auroc']:.1f} | {r['peak_on_defect_percent']:.0f} | "
+            f"{r['median_score_rise']:+.2f} |"
+            for t, r in summary["per_type"].items()
+        ]
     if "against" in summary:
         a = summary["against"]
         lines += [

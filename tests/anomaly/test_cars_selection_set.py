@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cadmtl.anomaly.data import load_anomaly_split
@@ -74,7 +75,13 @@ def test_the_set_holds_every_held_out_normal_and_its_painted_copy_and_pairs_two_
     assert against["difference_to_model"] == pytest.approx(
         against["image_auroc"] - row["image_auroc"], abs=3 * against["difference_to_model_std"] + 5
     )
+    per_type = summary["per_type"]
+    assert sum(r["painted_photos"] for r in per_type.values()) == summary["painted_photos"]
+    for rates in per_type.values():
+        assert 0.0 <= rates["peak_on_defect_percent"] <= 100.0 and 0.0 <= rates["image_auroc"] <= 100.0
+        assert rates["normal_score_std"] >= 0.0
     printed = capsys.readouterr().out
+    assert "map's peak on the defect %" in printed
     assert f"`{second}` at its saved w 0" in printed and "(paired)" in printed
 
 
@@ -99,3 +106,26 @@ def test_too_few_train_photos_name_the_repo_and_the_option(repo: Path) -> None:
         ValueError, match=r"exterior_ad/train has \d+ photos: none is left after --held-out-from 99"
     ):
         selection_set.selection_photos(str(repo), "exterior_ad", 99, None, 0)
+
+
+def test_per_type_diagnostics_on_hand_made_maps() -> None:
+    mask = np.zeros((4, 4), bool)
+    mask[0, 0] = True
+    photos = [
+        {"type": None, "mask": None},
+        {"type": "dent", "mask": mask, "normal_index": 0},
+        {"type": None, "mask": None},
+        {"type": "dent", "mask": mask, "normal_index": 2},
+    ]
+    peak_on = np.zeros((4, 4), np.float32)
+    peak_on[0, 0] = 5.0  # the defect holds the map's highest value
+    peak_off = np.zeros((4, 4), np.float32)
+    peak_off[0, 0], peak_off[3, 3] = 1.0, 2.0  # something outside it is higher
+    maps = [np.zeros((4, 4), np.float32), peak_on, np.zeros((4, 4), np.float32), peak_off]
+    scores = np.array([1.0, 3.0, 2.0, 1.5])
+    labels = np.array([False, True, False, True])
+    (row,) = selection_set.per_type_diagnostics(photos, maps, scores, labels).values()
+    assert row["painted_photos"] == 2 and row["peak_on_defect_percent"] == 50.0
+    assert row["median_score_rise"] == pytest.approx(np.median([3.0 - 1.0, 1.5 - 2.0]))
+    assert row["image_auroc"] == pytest.approx(75.0)  # 3 of the 4 painted / normal pairs ordered right
+    assert row["normal_score_std"] == pytest.approx(0.5)
