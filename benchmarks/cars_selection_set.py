@@ -26,7 +26,7 @@ fits (another backbone, other head settings) whose spread is that of the differe
         --backbone efficientnet-lite0 --tile-size 256 --tile-overlap 0 --defect-head --max-train 250
     PYTHONPATH=. python benchmarks/cars_selection_set.py out/cars-sel/model data/public --held-out-from 250 \\
         --output out/cars-sel/selection.json
-    PYTHONPATH=. python benchmarks/cars_selection_set.py out/cars-sel/model data/public --held-out-from 250 \
+    PYTHONPATH=. python benchmarks/cars_selection_set.py out/cars-sel/model data/public --held-out-from 250 \\
         --against out/cars-sel-lite2/model --output out/cars-sel/against-lite2.json
 """
 
@@ -231,6 +231,7 @@ def measure(
     if against is not None:
         other = load_anomaly_model(against)
         other_weight = saved_weight(other)
+        # one pass at the other model's saved weight: its fused maps, scored as a single "part" (weight 0 reads it)
         other_parts = [score_images(other, images, anomaly_processor(other), desc=against)[1]]
         other_score, other_pixel = weighted_scores(other, other_parts, [0.0], truth)
         other_resampled = bootstrap(other_score[0.0])
