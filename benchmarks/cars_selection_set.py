@@ -90,14 +90,14 @@ def part_maps(scorer: Any, images: list, processor: Any) -> list[list[np.ndarray
     """The stitched maps at w 0 and w 1 (one list: the distances alone, for a scorer without a head)."""
     if scorer.defect_head is None:
         return [score_images(scorer, images, processor, desc="scoring")[1]]
-    saved_weight = scorer.config.defect_head_weight
+    kept_weight = scorer.config.defect_head_weight
     parts = []
     for weight in (0.0, 1.0):
         scorer.config.defect_head_weight = weight
         parts.append(
             [m.astype(np.float16) for m in score_images(scorer, images, processor, desc=f"w {weight:g}")[1]]
         )
-    scorer.config.defect_head_weight = saved_weight
+    scorer.config.defect_head_weight = kept_weight
     return parts
 
 
@@ -135,7 +135,9 @@ def per_type_diagnostics(
     """Per defect type, at one weight: the image AUROC of its painted photos against every normal one; the share
     of its painted photos whose map peaks on the defect (its highest value inside the mask above every value
     outside); and the median rise of the image score over the same photo unpainted, to set against the normal
-    photos' own spread (`normal_score_std`)."""
+    photos' own spread (`normal_score_std`). The peak test is stricter than `demo_route.peak_on_defect` (no dilation
+    of the mask): the question here is whether the defect's values exceed everything else the photo holds, since
+    only then can they raise the image score."""
     normal_std = float(scores[~labels].std())
     rows: dict[str, dict[str, float]] = {}
     for defect_type in dict.fromkeys(p["type"] for p in photos if p["type"] is not None):

@@ -4,29 +4,18 @@ scorers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmarks import cars_selection_set as selection_set
 from cadmtl.anomaly.data import load_anomaly_split
 from cadmtl.cli import main as cadmtl_main
 from dataset_scripts.make_demo import build_demo_dataset
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 HELD_OUT_FROM = 6
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-selection_set = _load("cars_selection_set", REPO_ROOT / "benchmarks" / "cars_selection_set.py")
 
 
 @pytest.fixture(scope="module")
