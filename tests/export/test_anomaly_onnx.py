@@ -245,9 +245,17 @@ def test_scorer_export_keeps_the_dense_memory_border_profile_and_defect_head(
 
 
 @pytest.mark.slow
-def test_learner_export_matches_pytorch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("distill", [False, True], ids=["proxy-tasks", "with-distill-teacher"])
+def test_learner_export_matches_pytorch(tmp_path: Path, distill: bool) -> None:
+    if distill:
+        pytest.importorskip("timm", reason="the distill teacher is a timm network (the `pretrained` extra)")
+    teacher = (
+        {"tasks": ["inpaint", "rotation", "segment", "distill"], "teacher_backbone": "tf_efficientnet_lite0"}
+        if distill
+        else {}
+    )
     torch.manual_seed(0)
-    learner = AnomalyLearner(AnomalyLearnerConfig(preset="tiny", image_size=32)).eval()
+    learner = AnomalyLearner(AnomalyLearnerConfig(preset="tiny", image_size=32, **teacher)).eval()
     learner.fit_normal_statistics([to_pixel_values(pictures(4, seed=1)[:3], 32)])
     fused = learner.predict(to_pixel_values(pictures(), 32))
     learner.image_threshold = float(fused.image_scores.median())
