@@ -221,7 +221,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def default_tasks(teacher: str) -> list[str]:
     """The proxy tasks of a run without `--tasks`: the three self-supervised ones plus distill from `teacher` when
-    the `pretrained` extra can build it (on magnetic tile, distill added 7-10 image AUROC on two of three held-out
+    the `pretrained` extra can build it (on magnetic tile, distill added 8.5-9 image AUROC on two of three held-out
     defect types, RESULTS.md), else the three with a warning that says how to add it."""
     if pretrained_available(teacher):
         return [*DEFAULT_TASKS, "distill"]
