@@ -41,7 +41,8 @@ METRICS = ("l2", "cosine")
 SUPPORTED_BACKBONES = ("dinov3_vit", "dinov3_convnext", "timm_backbone")
 
 # The learner's proxy tasks and shapes. `distill` (the seed's "pseudo-labelling" task) regresses a frozen
-# ImageNet teacher's features of normal images, so it needs a teacher (`teacher_backbone`); the default leaves it out.
+# ImageNet teacher's features of normal images, so it needs a teacher (`teacher_backbone`): the config's default
+# leaves it out; `cadmtl anomaly train` adds it where the `pretrained` extra is installed.
 TASKS = ("inpaint", "rotation", "segment", "distill")
 DEFAULT_TASKS = ("inpaint", "rotation", "segment")
 # Teacher feature strides the learner's student heads can match (its decoder at 4, its encoder at 8, pooled beyond).
