@@ -235,12 +235,22 @@ class AnomalyLearnerModel(AnomalyPreTrainedModel):
 
     # -------------------------------------------------------------------------------------------- heads
 
-    def run_task(self, inputs: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 4, S, S) inputs -> (task output, load-balancing loss). Outputs: inpaint (B, 3, S, S) image,
-        rotation (B, 4, g, g) logits per cell, segment (B, 1, S, S) anomaly logits."""
+    def encode(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, 4, S, S) inputs -> the shared encoder's features at strides 2, 4 and 8 (before the task's experts)."""
         f1 = self.stem(inputs)
         f2 = self.down2(f1)
-        f3 = self.down3(f2)
+        return f1, f2, self.down3(f2)
+
+    def run_task(
+        self,
+        inputs: torch.Tensor,
+        task: str,
+        features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 4, S, S) inputs -> (task output, load-balancing loss). Outputs: inpaint (B, 3, S, S) image,
+        rotation (B, 4, g, g) logits per cell, segment (B, 1, S, S) anomaly logits. `features`: `encode(inputs)`
+        when already computed (tasks reading the same inputs share it)."""
+        f1, f2, f3 = features if features is not None else self.encode(inputs)
         routed, aux, _ = self.moe(f3, task)
         if task == "rotation":
             pooled = F.avg_pool2d(routed, self.config.cell_size // ENCODER_STRIDE)
@@ -251,15 +261,18 @@ class AnomalyLearnerModel(AnomalyPreTrainedModel):
         out = self.dense_heads[task](x)
         return F.interpolate(out, size=inputs.shape[-2:], mode="bilinear", align_corners=False), aux
 
-    def distill_errors(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def distill_errors(
+        self,
+        pixels: torch.Tensor,
+        features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(B, 3, S, S) normalised images -> ([(B, h_l, w_l) per teacher level], load-balancing loss): half the
-        squared distance between the L2-normalised teacher and student features at each position (0 .. 2)."""
+        squared distance between the L2-normalised teacher and student features at each position (0 .. 2).
+        `features`: `encode` of the images with their indicator channel, when already computed."""
         with torch.no_grad():
             teacher = self.teacher(self.teacher_pixels(pixels)).feature_maps
-        inputs = self._with_indicator(pixels)
-        f1 = self.stem(inputs)
-        f2 = self.down2(f1)
-        routed, aux, _ = self.moe(self.down3(f2), "distill")
+        _, f2, f3 = features if features is not None else self.encode(self._with_indicator(pixels))
+        routed, aux, _ = self.moe(f3, "distill")
         decoded = None
         errors = []
         for stride, head, target in zip(self.teacher_strides, self.distill_heads, teacher):
@@ -332,11 +345,14 @@ class AnomalyLearnerModel(AnomalyPreTrainedModel):
             maps["rotation"] = (
                 total.div(4).repeat_interleave(config.cell_size, 1).repeat_interleave(config.cell_size, 2)
             )
+        # Segmentation and distillation read the same unmasked images: one encoder pass serves both.
+        clean = self._with_indicator(pixels)
+        clean_features = self.encode(clean) if {"segment", "distill"} & set(config.tasks) else None
         if "segment" in config.tasks:
-            logits, _ = self.run_task(self._with_indicator(pixels), "segment")
+            logits, _ = self.run_task(clean, "segment", clean_features)
             maps["segment"] = logits[:, 0].float().sigmoid()
         if "distill" in config.tasks:
-            errors, _ = self.distill_errors(pixels)
+            errors, _ = self.distill_errors(pixels, clean_features)
             maps["distill"] = sum(
                 F.interpolate(error[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
                 for error in errors

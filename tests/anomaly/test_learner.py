@@ -46,6 +46,27 @@ def normal_uint8(count: int, seed: int = 0, size: int = SIZE) -> torch.Tensor:
     return torch.from_numpy(np.clip(images, 0, 255).round().astype(np.uint8))
 
 
+def two_step_run(repo, output_dir) -> list[str]:
+    """`cadmtl anomaly train` arguments of a 2-step run at 32 px on a demo repo's exterior_ad (4 held-out images)."""
+    return [
+        str(repo),
+        "--config",
+        "exterior_ad",
+        "--output-dir",
+        str(output_dir),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--held-out-images",
+        "4",
+        "--max-steps",
+        "2",
+        "--mixed-precision",
+        "no",
+    ]
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -447,21 +468,7 @@ def test_main_trains_on_tiles_and_scores_by_tiles(tmp_path, fresh_accelerate_sta
     tile, overlap = min(height, width) // 2, 8
     summary = train(
         [
-            str(repo),
-            "--config",
-            "exterior_ad",
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--image-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--held-out-images",
-            "4",
-            "--max-steps",
-            "2",
-            "--mixed-precision",
-            "no",
+            *two_step_run(repo, tmp_path / "run"),
             "--tile-size",
             str(tile),
             "--tile-overlap",

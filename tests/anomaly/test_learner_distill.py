@@ -20,7 +20,7 @@ from cadmtl.anomaly.learner import (
 )
 from cadmtl.training.launch import reset_accelerate_state
 
-from .test_learner import normal_uint8, small_config
+from .test_learner import normal_uint8, small_config, two_step_run
 
 SIZE = 32
 TEACHER = "tf_efficientnet_lite0"
@@ -123,28 +123,7 @@ def test_train_loads_the_imagenet_teacher_and_saves_it(tmp_path, fresh_accelerat
     build_demo_dataset(
         repo, train=12, validation=4, test=4, configs=["chassis_cls"], ad_configs=["exterior_ad"]
     )
-    summary = train(
-        [
-            str(repo),
-            "--config",
-            "exterior_ad",
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--image-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--held-out-images",
-            "4",
-            "--max-steps",
-            "2",
-            "--mixed-precision",
-            "no",
-            "--tasks",
-            "segment",
-            "distill",
-        ]
-    )
+    summary = train([*two_step_run(repo, tmp_path / "run"), "--tasks", "segment", "distill"])
     reset_accelerate_state()
     assert summary["steps"] == 2 and set(summary["weights"]) == {"segment", "distill"}
     learner = AnomalyLearner.from_pretrained(tmp_path / "run" / "model")
